@@ -1,0 +1,32 @@
+"""separify: replace the dense convolutions of a trained network with depthwise-separable approximations.
+
+Public API::
+
+    result = separify.convert(model, example_inputs=x, method="dw-pw", flops=0.5)
+    result.model        # the converted model
+    result.layers       # one LayerRecord per conv: rank, FLOPs before/after, error, or the reason it was skipped
+"""
+
+from .api import ConvertResult, LayerRecord, convert
+from .config import ConvertConfig, LayerRule
+from .errors import BadWeightsError, ConfigError, ModelLoadError, SeparifyError, UnsupportedLayerError
+from .modules import DwPwConv2d, PwDwPwConv2d, SeparableConv2d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "convert",
+    "ConvertConfig",
+    "ConvertResult",
+    "LayerRecord",
+    "LayerRule",
+    "DwPwConv2d",
+    "PwDwPwConv2d",
+    "SeparableConv2d",
+    "SeparifyError",
+    "ConfigError",
+    "ModelLoadError",
+    "BadWeightsError",
+    "UnsupportedLayerError",
+    "__version__",
+]

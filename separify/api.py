@@ -1,0 +1,373 @@
+"""``separify.convert``: a trained model in, the same model with separable convs out, plus a record per layer."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from . import fx_pass, measure, ranks
+from .config import ConvertConfig, LayerRule
+from .decompose import check_weight
+from .errors import BadWeightsError, SeparifyError
+from .modules import FORMS, why_not_convertible
+
+__all__ = ["convert", "ConvertResult", "LayerRecord"]
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one conv.
+
+    ``status`` is ``"converted"`` or ``"skipped"``; a skipped layer always has a ``reason``. FLOPs are counted by
+    ``FlopCounterMode`` at the layer's real input shape(s) on the example input (FLOPs = 2 × MACs); ``rel_error`` is
+    ``‖W − Ŵ‖ / ‖W‖`` of the (BatchNorm-folded) kernel.
+    """
+
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    groups: int
+    input_shape: tuple[int, ...] | None
+    status: str = "skipped"
+    reason: str | None = None
+    method: str | None = None
+    rank: int | None = None
+    exact_rank: int | None = None
+    rank_source: str | None = None
+    flops_before: int = 0
+    flops_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    rel_error: float | None = None
+    bn_folded: str | None = None
+    note: str | None = None
+
+    @property
+    def converted(self) -> bool:
+        return self.status == "converted"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ConvertResult:
+    """The converted model and what was done.
+
+    Attributes:
+        model: the converted model (a ``torch.fx.GraphModule`` on the fx path, the model's own class otherwise).
+        layers: one :class:`LayerRecord` per conv module, in graph (or module-tree) order.
+        path: ``"fx"`` or ``"module-tree"``.
+        trace_error: why torch.fx tracing failed when the module-tree path was used.
+        flops_before, flops_after: whole-model FLOPs on the example input (FlopCounterMode; FLOPs = 2 × MACs).
+        params_before, params_after: parameter counts.
+        flops_budget: the FLOPs the target allowed (``flops`` selection only).
+        warnings: messages worth showing the user (also issued with ``warnings.warn``).
+    """
+
+    model: nn.Module
+    layers: list[LayerRecord]
+    path: str
+    config: ConvertConfig
+    trace_error: str | None = None
+    flops_before: int = 0
+    flops_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    flops_budget: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[LayerRecord]:
+        return [r for r in self.layers if r.converted]
+
+    @property
+    def skipped(self) -> list[LayerRecord]:
+        return [r for r in self.layers if not r.converted]
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops_after / self.flops_before if self.flops_before else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready) without the model."""
+        return {
+            "path": self.path,
+            "trace_error": self.trace_error,
+            "config": dataclasses.asdict(self.config),
+            "flops_before": self.flops_before,
+            "flops_after": self.flops_after,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "flops_budget": self.flops_budget,
+            "warnings": list(self.warnings),
+            "layers": [r.to_dict() for r in self.layers],
+        }
+
+
+def _as_inputs(example_inputs) -> tuple:
+    if example_inputs is None:
+        raise SeparifyError("convert() needs example_inputs (e.g. torch.randn(1, 3, 224, 224)) to count FLOPs")
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def convert(
+    model: nn.Module,
+    config: ConvertConfig | None = None,
+    *,
+    example_inputs: Any,
+    inplace: bool = False,
+    progress: bool | Callable[[str], None] = False,
+    **options: Any,
+) -> ConvertResult:
+    """Replace the dense convs of ``model`` with depthwise-separable approximations.
+
+    Every plain ``nn.Conv2d`` with ``groups == 1`` and a kernel larger than 1×1 is decomposed (after folding a
+    following BatchNorm2d in eval mode, on the fx path) and replaced by :class:`~separify.DwPwConv2d` or
+    :class:`~separify.PwDwPwConv2d` at a rank chosen by ``config``. Everything else is kept, with the reason.
+
+    Args:
+        model: a trained model. Put it in eval mode first if its BatchNorms should be folded.
+        config: a :class:`ConvertConfig`; or pass its fields as keyword ``options`` (they override ``config``).
+        example_inputs: a tensor or tuple of tensors the model accepts; used to count FLOPs at the real shapes.
+        inplace: skip the defensive deep copy. The input model may then be modified (module-tree path) or share
+            submodules with the result; use the returned model either way. Default: the input is never touched.
+        progress: ``True`` shows a progress bar over layers; a callable is called with each layer name.
+        options: ``ConvertConfig`` fields, e.g. ``method="pw-dw-pw", flops=0.5, exclude=("layer4.*",)``.
+
+    Returns:
+        :class:`ConvertResult` with the new model and one :class:`LayerRecord` per conv.
+
+    Example::
+
+        >>> import torch, torchvision, separify
+        >>> net = torchvision.models.resnet18().eval()
+        >>> res = separify.convert(net, example_inputs=torch.randn(1, 3, 224, 224), flops=0.5)
+        >>> res.flops_after / res.flops_before  # doctest: +SKIP
+        0.49...
+    """
+    if options:
+        if "rules" in options and isinstance(options["rules"], dict):
+            options["rules"] = tuple(LayerRule(p, **dict(s)) for p, s in options["rules"].items())
+        config = (config or ConvertConfig()).replace(**options) if config else ConvertConfig(**options)
+    cfg = config or ConvertConfig()
+    inputs = _as_inputs(example_inputs)
+    if not isinstance(model, nn.Module):
+        raise SeparifyError(f"convert() takes an nn.Module, got {type(model).__name__}")
+    work = model if inplace else copy.deepcopy(model)
+
+    # Trace (or fall back to the module tree) and find the convs.
+    trace_error = None
+    gm: fx.GraphModule | None = None
+    if cfg.tracer != "module":
+        try:
+            gm = fx_pass.trace(work)
+        except fx_pass.TraceFailed as exc:
+            if cfg.tracer == "fx":
+                raise SeparifyError(f"torch.fx could not trace the model: {exc}") from exc
+            trace_error = str(exc)
+    root = gm if gm is not None else work
+    sites = fx_pass.match_fx(gm) if gm is not None else fx_pass.match_modules(work)
+    path = "fx" if gm is not None else "module-tree"
+
+    # One forward pass for the whole-model FLOPs and every conv's input shape(s).
+    flops_before = measure.count_flops(root, inputs)
+    params_before = measure.count_params(root)
+    shapes = measure.conv_input_shapes(root, inputs, [s.name for s in sites])
+
+    records: list[LayerRecord] = []
+    todo: list[tuple[fx_pass.ConvSite, LayerRecord, nn.Conv2d, LayerRule | None]] = []
+    for site in sites:
+        conv = site.module
+        rec = LayerRecord(
+            site.name, conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
+            conv.groups, shapes[site.name][0] if shapes[site.name] else None,
+        )
+        records.append(rec)
+        if shapes[site.name]:
+            rec.flops_before = rec.flops_after = measure.module_flops(conv, shapes[site.name])
+        rec.params_before = rec.params_after = measure.count_params(conv)
+        rule = cfg.rule_for(site.name)
+        reason = _check(site, rule, shapes[site.name])
+        if reason is not None:
+            rec.reason = reason
+            continue
+        rec.method = (rule.method if rule and rule.method else None) or cfg.method
+        todo.append((site, rec, conv, rule))
+
+    # Fold BatchNorms (fx path) and check the kernels.
+    modules = dict(root.named_modules())
+    folded: dict[str, str] = {}
+    kernels: dict[str, nn.Conv2d] = {}
+    for site, rec, conv, _ in todo:
+        source = conv
+        if site.bn_name is not None and cfg.fold_bn:
+            bn = modules[site.bn_name]
+            why = fx_pass.bn_fold_reason(bn)
+            if why is None:
+                source = copy.deepcopy(conv)
+                source.weight, source.bias = fuse_conv_bn_weights(
+                    conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+                )
+                folded[site.name] = site.bn_name
+                rec.bn_folded = site.bn_name
+            else:
+                rec.note = f"BatchNorm {site.bn_name} not folded: {why}"
+        elif path == "module-tree" and cfg.fold_bn:
+            rec.note = "no BatchNorm folding on the module-tree path"
+        try:
+            check_weight(source.weight)
+        except BadWeightsError as exc:
+            raise BadWeightsError(f"layer {site.name!r}: {exc}") from None
+        kernels[site.name] = source
+
+    # Ranks.
+    budget, rank_warnings = _choose_ranks(cfg, todo, kernels, shapes, flops_before)
+
+    # Build the replacements.
+    replacements: dict[str, nn.Module] = {}
+    items = [(site, rec) for site, rec, _, _ in todo if rec.rank is not None]
+    iterator = items
+    if progress is True:
+        from rich.progress import track
+
+        iterator = track(items, description="decomposing", transient=True)
+    for site, rec in iterator:
+        if callable(progress):
+            progress(site.name)
+        cls = FORMS[rec.method]
+        extra = dict(max_iter=cfg.cp_max_iter, tol=cfg.cp_tol, seed=cfg.seed) if rec.method == "pw-dw-pw" else {}
+        new = cls.from_conv(kernels[site.name], rec.rank, **extra)
+        new.train(site.module.training)
+        replacements[site.name] = new
+        rec.status = "converted"
+        rec.rel_error = new.decomposition_error
+        rec.flops_after = measure.module_flops(new, shapes[site.name])
+        rec.params_after = measure.count_params(new)
+
+    # Folded BNs whose conv was kept dense stay in the graph.
+    folded = {c: b for c, b in folded.items() if c in replacements}
+    for rec in records:
+        if rec.bn_folded and rec.name not in replacements:
+            rec.bn_folded = None
+
+    if gm is not None:
+        training = work.training
+        new_model: nn.Module = fx_pass.rewrite_fx(gm, replacements, folded)
+        new_model.training = training
+    else:
+        new_model = fx_pass.rewrite_modules(work, replacements, {s.name: s.aliases for s in sites})
+
+    result = ConvertResult(
+        new_model, records, path, cfg, trace_error, flops_before, measure.count_flops(new_model, inputs),
+        params_before, measure.count_params(new_model), budget,
+    )
+    _warn(result, rank_warnings)
+    return result
+
+
+def _check(site: fx_pass.ConvSite, rule: LayerRule | None, shapes: list) -> str | None:
+    """Why this conv is not converted, or ``None``."""
+    reason = why_not_convertible(site.module)
+    if reason is not None:
+        return reason
+    if rule is not None and rule.exclude:
+        return f"excluded by pattern {rule.pattern!r}"
+    if site.blocker is not None:
+        return site.blocker
+    if not shapes:
+        return "not called by the model's forward on the example input"
+    return None
+
+
+def _choose_ranks(cfg, todo, kernels, shapes, flops_before) -> tuple[int | None, list[str]]:
+    """Set ``rec.rank`` (or ``rec.reason``) on every record in ``todo``; returns the FLOPs budget and warnings."""
+    costs: dict[str, ranks.LayerCost] = {}
+    for site, rec, _conv, rule in todo:
+        kernel = kernels[site.name]
+        cls = FORMS[rec.method]
+        meta_kw = dict(stride=kernel.stride, padding=kernel.padding, dilation=kernel.dilation,
+                       bias=kernel.bias is not None, padding_mode=kernel.padding_mode, device="meta",
+                       dtype=kernel.weight.dtype)
+
+        def build(rank, _cls=cls, _k=kernel, _kw=meta_kw):
+            return _cls(_k.in_channels, _k.out_channels, _k.kernel_size, rank, **_kw)
+
+        rec.exact_rank = cls.max_rank(kernel)
+        costs[site.name] = ranks.LayerCost(
+            site.name, rec.flops_before, measure.affine_flops(build, shapes[site.name]), rec.exact_rank,
+            lambda r, _m=rec.method, _w=kernel.weight: ranks.error_curve(_m, _w, r),
+        )
+
+    planned = []
+    for site, rec, _conv, rule in todo:
+        fixed, source = None, cfg.selection
+        if rule is not None and rule.rank is not None:
+            fixed, source = rule.rank, f"rule {rule.pattern!r}"
+        elif rule is not None and rule.energy is not None:
+            fixed = ranks.rank_for_energy(rec.method, kernels[site.name].weight, rule.energy)
+            source = f"rule {rule.pattern!r}"
+        elif cfg.rank is not None:
+            fixed = cfg.rank
+        elif cfg.energy is not None:
+            fixed = ranks.rank_for_energy(rec.method, kernels[site.name].weight, cfg.energy)
+        rec.rank_source = source
+        if fixed is None:
+            planned.append(rec)
+            continue
+        if fixed > rec.exact_rank:
+            rec.note = _join(rec.note, f"rank {fixed} clamped to the exact rank {rec.exact_rank}")
+            fixed = rec.exact_rank
+        cost = costs[rec.name].flops(fixed)
+        if cost >= rec.flops_before and cfg.require_saving:
+            rec.reason = f"no FLOPs saved at rank {fixed} ({cost:,} ≥ {rec.flops_before:,} dense)"
+        else:
+            rec.rank = fixed
+
+    if not planned:
+        return None, []
+    converted_fixed = [r for _, r, _, _ in todo if r.rank is not None]
+    fixed_after = sum(costs[r.name].flops(r.rank) for r in converted_fixed)
+    # FLOPs outside the allocation: non-conv ops, skipped convs, and fixed-rank layers' dense cost they replace
+    rest = flops_before - sum(r.flops_before for r in planned) - sum(r.flops_before for r in converted_fixed)
+    total_budget = int(cfg.flops * flops_before)
+    alloc = ranks.allocate([costs[r.name] for r in planned], total_budget - rest - fixed_after)
+    for rec in planned:
+        rank = alloc.ranks[rec.name]
+        if rank is not None:
+            rec.rank = rank
+        elif len(costs[rec.name].saving_ranks()) == 0:
+            rec.reason = "no FLOPs saved at any rank"
+        else:
+            rec.reason = "kept dense by the FLOPs allocation (converting it cost more error per FLOP saved than other layers)"
+    msgs = []
+    if not alloc.feasible:
+        lowest = (rest + fixed_after + alloc.flops) / flops_before
+        msgs.append(f"the FLOPs target {cfg.flops:g} cannot be reached: with every convertible layer at rank 1 the "
+                    f"model keeps {lowest:.3f} of its FLOPs")
+    return total_budget, msgs
+
+
+def _join(a: str | None, b: str) -> str:
+    return b if not a else f"{a}; {b}"
+
+
+def _warn(result: ConvertResult, msgs: list[str]) -> None:
+    msgs = list(msgs)
+    if not result.layers:
+        msgs.append("the model has no conv layers; nothing was converted")
+    elif not result.converted:
+        reasons = sorted({r.reason for r in result.layers if r.reason})
+        msgs.append("no layer was converted (" + "; ".join(reasons[:3]) + (" ..." if len(reasons) > 3 else "") + ")")
+    for m in msgs:
+        warnings.warn(m, stacklevel=3)
+    result.warnings.extend(msgs)

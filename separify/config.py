@@ -1,0 +1,160 @@
+"""Conversion settings: one frozen dataclass, validated on construction, with per-layer rules by name pattern."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+__all__ = ["ConvertConfig", "LayerRule", "METHODS"]
+
+METHODS = ("dw-pw", "pw-dw-pw")
+TRACERS = ("auto", "fx", "module")
+
+
+def _check_rank(value: Any, what: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+
+
+def _check_fraction(value: Any, what: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
+        raise ConfigError(f"{what} must be a number in (0, 1], got {value!r}")
+
+
+def _check_method(value: Any) -> None:
+    if value is not None and value not in METHODS:
+        raise ConfigError(f"unknown method {value!r}; choose one of: {', '.join(METHODS)}")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Settings for the layers whose qualified name matches ``pattern`` (``fnmatch`` syntax, e.g. ``layer4.*``).
+
+    The first matching rule wins. A rule with ``exclude=True`` leaves the layers dense. A rule with ``rank`` or
+    ``energy`` fixes those layers' rank; the global FLOPs target is then met with the remaining layers.
+    """
+
+    pattern: str
+    method: str | None = None
+    rank: int | None = None
+    energy: float | None = None
+    exclude: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ConfigError(f"a layer rule needs a non-empty name pattern, got {self.pattern!r}")
+        _check_method(self.method)
+        _check_rank(self.rank, f"rank for layers {self.pattern!r}")
+        _check_fraction(self.energy, f"energy for layers {self.pattern!r}")
+        if self.rank is not None and self.energy is not None:
+            raise ConfigError(f"layer rule {self.pattern!r}: give rank or energy, not both")
+
+    def matches(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """How :func:`separify.convert` chooses and builds the replacements.
+
+    Rank selection (at most one of the three; with none, ``flops=0.5``):
+        rank: one fixed rank for every layer (dw-pw: channel multiplier ``K``, clamped per layer to the exact rank
+            ``min(out, kh·kw)``; pw-dw-pw: intermediate channels ``R``).
+        energy: per layer, the smallest rank keeping this fraction of the kernel's energy ``‖W‖²``.
+        flops: keep this fraction of the whole model's FLOPs; ranks allocated across layers (see
+            :mod:`separify.ranks`).
+
+    Other settings:
+        method: ``"dw-pw"`` (depthwise + pointwise, per-channel SVD) or ``"pw-dw-pw"`` (CP form).
+        exclude: name patterns of layers to leave dense.
+        rules: per-layer :class:`LayerRule` overrides, first match wins.
+        fold_bn: fold a BatchNorm2d (eval mode) that only follows a conv into that conv before decomposing.
+        require_saving: skip layers whose replacement would cost at least the dense conv's FLOPs (set False to
+            convert anyway, e.g. to check exactness at full rank).
+        cp_max_iter, cp_tol, seed: controls of the CP solver (pw-dw-pw).
+        tracer: ``"auto"`` (torch.fx, falling back to the module tree), ``"fx"`` (fail if tracing fails) or
+            ``"module"`` (module tree only; keeps the model's own class, no BatchNorm folding).
+    """
+
+    method: str = "dw-pw"
+    rank: int | None = None
+    energy: float | None = None
+    flops: float | None = None
+    exclude: tuple[str, ...] = ()
+    rules: tuple[LayerRule, ...] = ()
+    fold_bn: bool = True
+    require_saving: bool = True
+    cp_max_iter: int = 25
+    cp_tol: float = 1e-4
+    seed: int = 0
+    tracer: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_method(self.method)
+        _check_rank(self.rank, "rank")
+        _check_fraction(self.energy, "energy")
+        _check_fraction(self.flops, "the FLOPs target")
+        given = [n for n in ("rank", "energy", "flops") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"give only one of rank, energy and flops (got {', '.join(given)})")
+        if self.tracer not in TRACERS:
+            raise ConfigError(f"tracer must be one of {', '.join(TRACERS)}, got {self.tracer!r}")
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "rules", tuple(self.rules))
+        for rule in self.rules:
+            if not isinstance(rule, LayerRule):
+                raise ConfigError(f"rules must be LayerRule objects, got {type(rule).__name__}")
+        if isinstance(self.cp_max_iter, bool) or not isinstance(self.cp_max_iter, int) or self.cp_max_iter < 0:
+            raise ConfigError(f"cp_max_iter must be a non-negative integer, got {self.cp_max_iter!r}")
+        if not given:
+            object.__setattr__(self, "flops", 0.5)
+
+    @property
+    def selection(self) -> str:
+        """Which rank selection is active: ``"rank"``, ``"energy"`` or ``"flops"``."""
+        return "rank" if self.rank is not None else "energy" if self.energy is not None else "flops"
+
+    def rule_for(self, name: str) -> LayerRule | None:
+        """The first rule whose pattern matches ``name``, with ``exclude`` patterns turned into rules."""
+        for pattern in self.exclude:
+            if fnmatch.fnmatchcase(name, pattern):
+                return LayerRule(pattern, exclude=True)
+        for rule in self.rules:
+            if rule.matches(name):
+                return rule
+        return None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ConvertConfig":
+        """Build from plain data, e.g. parsed JSON; ``rules`` may map patterns to dicts of rule fields."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        data = dict(data)
+        rules = data.get("rules", ())
+        if isinstance(rules, Mapping):
+            data["rules"] = tuple(LayerRule(pattern, **dict(spec)) for pattern, spec in rules.items())
+        else:
+            data["rules"] = tuple(r if isinstance(r, LayerRule) else LayerRule(**dict(r)) for r in rules)
+        if "exclude" in data:
+            data["exclude"] = tuple(data["exclude"]) if not isinstance(data["exclude"], str) else (data["exclude"],)
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "ConvertConfig":
+        """A copy with ``changes``; setting one rank selection clears the others."""
+        if any(k in changes for k in ("rank", "energy", "flops")):
+            base = {k: None for k in ("rank", "energy", "flops")}
+            base.update(changes)
+            changes = base
+        return replace(self, **changes)
+

@@ -1,0 +1,465 @@
+"""Pure decomposition math: a conv kernel in, separable factors out. No ``nn.Module`` here.
+
+Notation: a conv weight ``W`` has shape ``(N, M, kh, kw)`` (N output channels, M input channels) and ``P = kh·kw``
+spatial taps. A dense conv costs ``P·M·N`` multiply-adds per output pixel.
+
+**dw-pw** (depthwise then pointwise; "Network Decoupling", Guo et al. 2018). For each input channel ``m`` the slice
+``W[:, m]`` is an ``N×P`` matrix with SVD ``U Σ Vᵀ``. Keeping ``K`` terms::
+
+    W[n, m, p] ≈ Σ_k  (U[n,k]·√σ_k) · (√σ_k·V[p,k])
+                 ╰── pointwise ──╯   ╰─ depthwise ─╯
+
+gives a depthwise conv with channel multiplier ``K`` (``M·K`` filters of size kh×kw, filter ``m·K + k`` reads input
+channel ``m``) followed by a ``1×1`` conv from ``M·K`` to ``N`` channels. Cost ``P·M·K + M·K·N`` per pixel; exact at
+``K = min(N, P)``; the relative error is ``sqrt(Σ_m Σ_{k>K} σ²_{m,k}) / ‖W‖`` (Eckart–Young, per channel).
+
+**pw-dw-pw** (CP form). Reshape ``W`` to a 3-way tensor ``T (N, M, P)`` and fit a rank-``R`` CP model
+``T[n, m, p] ≈ Σ_r A[n,r]·B[m,r]·D[p,r]``: a ``1×1`` conv ``M→R`` (weights ``Bᵀ``), a depthwise conv on ``R`` channels
+(filter ``r`` is ``D[:, r]`` reshaped to kh×kw), and a ``1×1`` conv ``R→N`` (weights ``A``). Cost ``R·(M + P + N)``.
+Three closed-form constructions are exact CP models of ``T`` at finite rank and serve as deterministic starts:
+per input channel (the dw-pw SVD above with the first 1×1 copying channels, ``R = M·min(N, P)``), per output channel
+(``R = N·min(M, P)``) and per spatial tap (``R = P·min(N, M)``, one-hot depthwise filters). Their minimum is
+:func:`cp_exact_rank`; at or above it :func:`cp_decompose` returns an exact factorisation. Below it the best truncated
+construction (or the SVD-of-unfoldings start, whichever fits better) is refined by alternating least squares (ALS,
+Kolda & Bader 2009, §3.4). ALS never increases the fit error, so the CP result is never worse than the truncated
+constructions, in particular never worse than dw-pw at ``K = R // M``.
+
+Why ALS is written here rather than calling ``tensorly.decomposition.parafac``: tensorly's MTTKRP materialises the
+Khatri–Rao product of the two other factors, which for the spatial mode is an ``(N·M)×R`` matrix (1.2 GB for a
+512-channel layer at R = 1100) and dominates its run time (measured in ``benchmarks/bench_convert.py``). Here each
+ALS sweep contracts the kernel with one factor at a time (two ``N·M·P·R`` matrix products per sweep, ``O(M·P·R)``
+memory). tests/test_decompose.py checks this solver against tensorly's on the same tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BadWeightsError, ConfigError
+
+__all__ = [
+    "DwPwFactors",
+    "CPFactors",
+    "check_weight",
+    "dwpw_max_rank",
+    "dwpw_spectra",
+    "dwpw_error",
+    "dwpw_rank_for_energy",
+    "dwpw_decompose",
+    "cp_exact_rank",
+    "cp_error_lower_bound",
+    "cp_rank_for_energy",
+    "cp_decompose",
+    "dwpw_reconstruct",
+    "cp_reconstruct",
+]
+
+
+@dataclass(frozen=True)
+class DwPwFactors:
+    """Factors of the dw-pw form.
+
+    Attributes:
+        depthwise: ``(M·K, 1, kh, kw)``; filter ``m·K + k`` applies to input channel ``m``.
+        pointwise: ``(N, M·K, 1, 1)``.
+        rank: ``K``, the depthwise channel multiplier.
+        rel_error: ``‖W − Ŵ‖ / ‖W‖`` of the reconstructed kernel.
+    """
+
+    depthwise: torch.Tensor
+    pointwise: torch.Tensor
+    rank: int
+    rel_error: float
+
+
+@dataclass(frozen=True)
+class CPFactors:
+    """Factors of the pw-dw-pw (CP) form.
+
+    Attributes:
+        pw_in: ``(R, M, 1, 1)``, the first 1×1 conv (``Bᵀ``).
+        depthwise: ``(R, 1, kh, kw)`` (columns of ``D``).
+        pw_out: ``(N, R, 1, 1)``, the last 1×1 conv (``A``).
+        rank: ``R``.
+        rel_error: ``‖W − Ŵ‖ / ‖W‖``, always computed from the reconstructed kernel.
+        init: which start won (``"in-channel"``, ``"out-channel"``, ``"spatial"``, ``"svd"`` or ``"warm"``).
+        iterations: ALS sweeps run (0 when a closed form was already exact).
+    """
+
+    pw_in: torch.Tensor
+    depthwise: torch.Tensor
+    pw_out: torch.Tensor
+    rank: int
+    rel_error: float
+    init: str
+    iterations: int
+
+
+def check_weight(weight: torch.Tensor) -> None:
+    """Raise :class:`BadWeightsError` unless ``weight`` is a finite 4-D conv kernel."""
+    if weight.dim() != 4:
+        raise ConfigError(f"expected a 4-D conv weight (N, M, kh, kw), got shape {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
+        raise BadWeightsError(f"the conv weight contains {bad} NaN or inf value(s); it cannot be decomposed")
+
+
+def _work_dtype(weight: torch.Tensor) -> torch.dtype:
+    # float64 stays float64; everything else (fp32, fp16, bf16) is decomposed in float32.
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def _check_rank(rank: object, name: str = "rank") -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ConfigError(f"{name} must be a positive integer, got {rank!r}")
+    if rank <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {rank}")
+    return rank
+
+
+# ----------------------------------------------------------------------------------------------------------- dw-pw
+
+
+def dwpw_max_rank(weight_shape: torch.Size | tuple[int, ...]) -> int:
+    """The dw-pw rank at which the factorisation is exact: ``min(N, kh·kw)``."""
+    n, _, kh, kw = weight_shape
+    return min(n, kh * kw)
+
+
+def dwpw_spectra(weight: torch.Tensor) -> torch.Tensor:
+    """Singular values of every input channel's ``N×P`` slice, float64, shape ``(M, min(N, P))``, descending."""
+    check_weight(weight)
+    n, m, kh, kw = weight.shape
+    slices = weight.detach().to(torch.float64).permute(1, 0, 2, 3).reshape(m, n, kh * kw)  # (M, N, P)
+    return torch.linalg.svdvals(slices)
+
+
+def dwpw_error(spectra: torch.Tensor, rank: int) -> float:
+    """Relative kernel error of dw-pw at ``rank``, from :func:`dwpw_spectra` (exact, no reconstruction needed)."""
+    total = float((spectra**2).sum())
+    if total == 0.0:
+        return 0.0
+    tail = float((spectra[:, rank:] ** 2).sum())
+    return math.sqrt(tail / total)
+
+
+def dwpw_rank_for_energy(spectra: torch.Tensor, energy: float) -> int:
+    """Smallest ``K`` whose kept energy ``Σ_m Σ_{k≤K} σ²`` is at least ``energy·‖W‖²``."""
+    sq = (spectra**2).sum(0)  # (q,) energy of the k-th term summed over channels
+    total = float(sq.sum())
+    if total == 0.0:
+        return 1
+    kept = torch.cumsum(sq, 0) / total
+    hits = (kept >= energy - 1e-12).nonzero()
+    return int(hits[0]) + 1 if len(hits) else int(spectra.shape[1])
+
+
+def dwpw_decompose(weight: torch.Tensor, rank: int) -> DwPwFactors:
+    """Per-input-channel SVD of ``weight`` truncated to ``rank`` terms.
+
+    Args:
+        weight: ``(N, M, kh, kw)`` conv kernel of any float dtype.
+        rank: ``K`` in ``[1, min(N, kh·kw)]``.
+
+    Returns:
+        :class:`DwPwFactors` in ``weight``'s dtype and device; computed in float64.
+    """
+    check_weight(weight)
+    k = _check_rank(rank)
+    n, m, kh, kw = weight.shape
+    q = dwpw_max_rank(weight.shape)
+    if k > q:
+        raise ConfigError(
+            f"dw-pw rank {k} is impossible for a {n}×{m}×{kh}×{kw} kernel: the largest useful rank is "
+            f"min(out_channels, kh·kw) = {q}, where the factorisation is already exact"
+        )
+    slices = weight.detach().to(torch.float64).permute(1, 0, 2, 3).reshape(m, n, kh * kw)  # (M, N, P)
+    u, s, vh = torch.linalg.svd(slices, full_matrices=False)  # (M, N, q), (M, q), (M, q, P)
+    root = s[:, :k].sqrt()  # (M, K): split each σ evenly between the two convs
+    dw = (root[:, :, None] * vh[:, :k, :]).reshape(m * k, 1, kh, kw)  # (M·K, 1, kh, kw)
+    pw = (u[:, :, :k] * root[:, None, :]).permute(1, 0, 2).reshape(n, m * k, 1, 1)  # (N, M·K, 1, 1)
+    err = dwpw_error(s, k)
+    return DwPwFactors(dw.to(weight), pw.to(weight), k, err)
+
+
+def dwpw_reconstruct(depthwise: torch.Tensor, pointwise: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Dense kernel ``(N, M, kh, kw)`` of depthwise ``(M·K, 1, kh, kw)`` followed by pointwise ``(N, M·K, 1, 1)``."""
+    mk, _, kh, kw = depthwise.shape
+    k = mk // in_channels
+    n = pointwise.shape[0]
+    pw = pointwise.reshape(n, in_channels, k)  # (N, M, K)
+    dw = depthwise.reshape(in_channels, k, kh * kw)  # (M, K, P)
+    return torch.einsum("nmk,mkp->nmp", pw, dw).reshape(n, in_channels, kh, kw)
+
+
+# ---------------------------------------------------------------------------------------------------------- pw-dw-pw
+
+
+def cp_exact_rank(weight_shape: torch.Size | tuple[int, ...]) -> int:
+    """Smallest rank at which one of the closed-form constructions is an exact CP model of the kernel."""
+    n, m, kh, kw = weight_shape
+    p = kh * kw
+    return min(m * min(n, p), n * min(m, p), p * min(n, m))
+
+
+def _unfolding_spectra(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n, m, p = t.shape
+    s0 = torch.linalg.svdvals(t.reshape(n, m * p))
+    s1 = torch.linalg.svdvals(t.permute(1, 0, 2).reshape(m, n * p))
+    return s0, s1
+
+
+def cp_error_lower_bound(weight: torch.Tensor, ranks: list[int]) -> list[float]:
+    """A cheap lower bound on the relative error of any rank-``R`` CP model, for each ``R`` in ``ranks``.
+
+    A rank-``R`` CP tensor has mode-0 and mode-1 unfoldings of rank ``≤ R``, so its error is at least the tail energy
+    of either unfolding's spectrum beyond ``R`` (Eckart–Young). Used as the error proxy when ranks are allocated,
+    because running ALS at every candidate rank of every layer would cost far more than the conversion itself.
+    """
+    check_weight(weight)
+    n, m, kh, kw = weight.shape
+    t = weight.detach().to(torch.float64).reshape(n, m, kh * kw)
+    s0, s1 = _unfolding_spectra(t)
+    total = float((t**2).sum())
+    if total == 0.0:
+        return [0.0 for _ in ranks]
+    out = []
+    for r in ranks:
+        tail = max(float((s0[r:] ** 2).sum()), float((s1[r:] ** 2).sum()))
+        out.append(math.sqrt(tail / total))
+    return out
+
+
+def cp_rank_for_energy(weight: torch.Tensor, energy: float) -> int:
+    """Smallest ``R`` at which both the mode-0 and mode-1 unfoldings keep ``energy`` of ``‖W‖²``.
+
+    This is a necessary condition for a rank-``R`` CP model to keep that energy (see :func:`cp_error_lower_bound`);
+    the fit actually reached is reported by :func:`cp_decompose`.
+    """
+    check_weight(weight)
+    n, m, kh, kw = weight.shape
+    t = weight.detach().to(torch.float64).reshape(n, m, kh * kw)
+    total = float((t**2).sum())
+    if total == 0.0:
+        return 1
+    ranks = []
+    for s in _unfolding_spectra(t):
+        kept = torch.cumsum(s**2, 0) / total
+        hits = (kept >= energy - 1e-12).nonzero()
+        ranks.append(int(hits[0]) + 1 if len(hits) else len(s))
+    return max(ranks)
+
+
+def _svd_columns(mats: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched thin SVD truncated to ``count`` terms: ``(B, r, c)`` → U ``(B, r, k)``, √σ ``(B, k)``, Vᵀ ``(B, k, c)``."""
+    u, s, vh = torch.linalg.svd(mats, full_matrices=False)
+    return u[..., :count], s[..., :count].sqrt(), vh[..., :count, :]
+
+
+def _closed_form_starts(t: torch.Tensor, rank: int, gen: torch.Generator) -> list[tuple[str, tuple]]:
+    """The closed-form CP constructions that fit in ``rank`` channels, each as ``(name, (A, B, D))``.
+
+    Unused channels get zero in ``A`` (so they add nothing) and small random ``B``/``D`` (so that ALS can use them).
+    """
+    n, m, p = t.shape
+    starts = []
+
+    def padded(a_used, b_used, d_used):
+        used = a_used.shape[1]
+        extra = rank - used
+        if extra == 0:
+            return a_used, b_used, d_used
+        a = torch.cat([a_used, t.new_zeros(n, extra)], 1)
+        b = torch.cat([b_used, torch.randn(m, extra, generator=gen, dtype=t.dtype) * 0.01], 1)
+        d = torch.cat([d_used, torch.randn(p, extra, generator=gen, dtype=t.dtype) * 0.01], 1)
+        return a, b, d
+
+    # per input channel: T[:, m, :] (N×P) ≈ U √σ · √σ Vᵀ, channel (m, k); B selects input m
+    k = min(rank // m, n, p)
+    if k >= 1:
+        u, r, vh = _svd_columns(t.permute(1, 0, 2), k)  # (M, N, k), (M, k), (M, k, P)
+        a = (u * r[:, None, :]).permute(1, 0, 2).reshape(n, m * k)
+        d = (r[:, :, None] * vh).reshape(m * k, p).T
+        b = torch.eye(m, dtype=t.dtype).repeat_interleave(k, dim=1)  # (M, M·k)
+        starts.append(("in-channel", padded(a, b, d)))
+    # per output channel: T[n] (M×P) ≈ U √σ · √σ Vᵀ, channel (n, k); A selects output n
+    k = min(rank // n, m, p)
+    if k >= 1:
+        u, r, vh = _svd_columns(t, k)  # (N, M, k), (N, k), (N, k, P)
+        b = (u * r[:, None, :]).permute(1, 0, 2).reshape(m, n * k)
+        d = (r[:, :, None] * vh).reshape(n * k, p).T
+        a = torch.eye(n, dtype=t.dtype).repeat_interleave(k, dim=1)
+        starts.append(("out-channel", padded(a, b, d)))
+    # per spatial tap: T[:, :, p] (N×M) ≈ U √σ · √σ Vᵀ, channel (p, j); depthwise filter is one-hot at p
+    k = min(rank // p, n, m)
+    if k >= 1:
+        u, r, vh = _svd_columns(t.permute(2, 0, 1), k)  # (P, N, k), (P, k), (P, k, M)
+        a = (u * r[:, None, :]).permute(1, 0, 2).reshape(n, p * k)
+        b = (r[:, :, None] * vh).permute(2, 0, 1).reshape(m, p * k)
+        d = torch.eye(p, dtype=t.dtype).repeat_interleave(k, dim=1)
+        starts.append(("spatial", padded(a, b, d)))
+    return starts
+
+
+def _svd_start(t: torch.Tensor, rank: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leading singular vectors of the mode-1 and mode-2 unfoldings for ``B`` and ``D`` (random columns past their
+    rank), ``A`` left for the first least-squares step; the usual "svd" initialisation of CP-ALS."""
+    n, m, p = t.shape
+
+    def lead(unfolded: torch.Tensor) -> torch.Tensor:
+        rows = unfolded.shape[0]
+        u = torch.linalg.svd(unfolded, full_matrices=False)[0][:, :rank]
+        if u.shape[1] < rank:
+            u = torch.cat([u, torch.randn(rows, rank - u.shape[1], generator=gen, dtype=t.dtype)], 1)
+        return u
+
+    b = lead(t.permute(1, 0, 2).reshape(m, n * p))
+    d = lead(t.permute(2, 0, 1).reshape(p, n * m))
+    return t.new_zeros(n, rank), b, d
+
+
+class _ALS:
+    """CP-ALS on a fixed tensor ``T (N, M, P)`` with the contractions arranged to avoid any ``(N·M)×R`` matrix."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        n, m, p = t.shape
+        self.shape = (n, m, p)
+        self.t_np_m = t.permute(0, 2, 1).reshape(n * p, m)  # rows (n, p)
+        self.t_n_mp = t.reshape(n, m * p)
+        self.norm2 = float((t**2).sum())
+
+    @staticmethod
+    def _solve(rhs: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+        """Least-squares factor update ``rhs · gram⁻¹`` for a symmetric PSD ``gram`` (tiny ridge for stability)."""
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+        ridge = (gram.diagonal().mean().clamp_min(1e-30)) * (1e-12 if gram.dtype == torch.float64 else 1e-6)
+        chol, info = torch.linalg.cholesky_ex(gram + ridge * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs.T, chol).T
+        return rhs @ torch.linalg.pinv(gram, hermitian=True)
+
+    def update_a(self, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        n, m, p = self.shape
+        y = (self.t_np_m @ b).reshape(n, p, -1)  # (N, P, R) = Σ_m T[n,m,p] B[m,r]
+        mttkrp = (y * d[None]).sum(1)  # (N, R)
+        return self._solve(mttkrp, (b.T @ b) * (d.T @ d))
+
+    def sweep(self, a, b, d):
+        """One ALS sweep (A, then B, then D); returns the new factors and the squared error."""
+        n, m, p = self.shape
+        a = self.update_a(b, d)
+        w = (self.t_n_mp.T @ a).reshape(m, p, -1)  # (M, P, R) = Σ_n T[n,m,p] A[n,r]
+        ata = a.T @ a
+        b = self._solve((w * d[None]).sum(1), ata * (d.T @ d))  # (M, R)
+        mttkrp_d = (w * b[:, None, :]).sum(0)  # (P, R)
+        d = self._solve(mttkrp_d, ata * (b.T @ b))
+        inner = float((mttkrp_d * d).sum())
+        model2 = float((ata * (b.T @ b) * (d.T @ d)).sum())
+        return a, b, d, max(self.norm2 - 2 * inner + model2, 0.0)
+
+
+def _balance(a, b, d):
+    """Give the three factors equal column norms (same product), so no conv carries all the scale."""
+    na, nb, nd = a.norm(dim=0), b.norm(dim=0), d.norm(dim=0)
+    target = (na * nb * nd).clamp_min(0).pow(1 / 3)
+    safe = lambda x: torch.where(x > 0, x, torch.ones_like(x))  # noqa: E731
+    return a * (target / safe(na)), b * (target / safe(nb)), d * (target / safe(nd))
+
+
+def cp_reconstruct(pw_in: torch.Tensor, depthwise: torch.Tensor, pw_out: torch.Tensor) -> torch.Tensor:
+    """Dense kernel ``(N, M, kh, kw)`` of pw ``(R, M, 1, 1)`` → dw ``(R, 1, kh, kw)`` → pw ``(N, R, 1, 1)``."""
+    kh, kw = depthwise.shape[-2:]
+    a = pw_out[:, :, 0, 0]  # (N, R)
+    b = pw_in[:, :, 0, 0].T  # (M, R)
+    d = depthwise.reshape(depthwise.shape[0], kh * kw).T  # (P, R)
+    return _cp_dense(a, b, d).reshape(a.shape[0], b.shape[0], kh, kw)
+
+
+def _cp_dense(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``Σ_r A[n,r] B[m,r] D[p,r]`` as ``(N, M, P)``, via the small ``(M·P)×R`` Khatri–Rao product."""
+    m, p, r = b.shape[0], d.shape[0], b.shape[1]
+    kr = (b[:, None, :] * d[None, :, :]).reshape(m * p, r)  # (M·P, R)
+    return (a @ kr.T).reshape(a.shape[0], m, p)
+
+
+def cp_decompose(
+    weight: torch.Tensor, rank: int, *, max_iter: int = 25, tol: float = 1e-4, seed: int = 0,
+    warm_start: CPFactors | None = None,
+) -> CPFactors:
+    """Rank-``R`` CP factorisation of a conv kernel as pw → dw → pw.
+
+    Args:
+        weight: ``(N, M, kh, kw)`` kernel of any float dtype (fitted in float64 if it is float64, else float32).
+        rank: ``R ≥ 1``. At ``R ≥ cp_exact_rank(weight.shape)`` the result is exact (closed form, no iterations).
+        max_iter: bound on ALS sweeps.
+        tol: stop when a sweep lowers the relative error by less than ``tol`` (relative to the current error).
+        seed: seeds the only random numbers used (padding columns of the starts), so results are reproducible.
+        warm_start: factors of the same kernel at a rank ``≤ R`` (e.g. the previous rank of a sweep), used as one
+            more start (padded with inactive columns). Because ALS never increases the error, a sweep over ranks
+            that passes each result on is non-increasing in error; independent fits at neighbouring ranks can
+            differ by the ALS convergence slack.
+
+    Returns:
+        :class:`CPFactors` in ``weight``'s dtype and device, with the relative error of the reconstructed kernel.
+    """
+    check_weight(weight)
+    rank = _check_rank(rank)
+    n, m, kh, kw = weight.shape
+    p = kh * kw
+    dtype = _work_dtype(weight)
+    t = weight.detach().to(device="cpu", dtype=dtype).reshape(n, m, p)
+    gen = torch.Generator().manual_seed(seed)
+    als = _ALS(t)
+    norm2 = als.norm2 if als.norm2 > 0 else 1.0
+
+    # Score every start by its squared error and keep the best; ALS refines it.
+    exact_floor = (1e-24 if dtype == torch.float64 else 1e-12) * norm2
+    best = None
+    for name, (a, b, d) in _closed_form_starts(t, rank, gen):
+        err2 = _sq_error(t, a, b, d)
+        if best is None or err2 < best[1]:
+            best = (name, err2, (a, b, d))
+    if warm_start is not None:
+        if warm_start.rank > rank or warm_start.pw_out.shape[0] != n or warm_start.pw_in.shape[1] != m:
+            raise ConfigError(f"warm_start has rank {warm_start.rank} or a shape that does not fit rank {rank}")
+        a_w = warm_start.pw_out.reshape(n, -1).to(dtype=dtype, device="cpu")
+        b_w = warm_start.pw_in.reshape(-1, m).T.to(dtype=dtype, device="cpu")
+        d_w = warm_start.depthwise.reshape(-1, p).T.to(dtype=dtype, device="cpu")
+        extra = rank - warm_start.rank
+        a_w = torch.cat([a_w, t.new_zeros(n, extra)], 1)
+        b_w = torch.cat([b_w, torch.randn(m, extra, generator=gen, dtype=dtype) * 0.01], 1)
+        d_w = torch.cat([d_w, torch.randn(p, extra, generator=gen, dtype=dtype) * 0.01], 1)
+        err2 = _sq_error(t, a_w, b_w, d_w)
+        if best is None or err2 < best[1]:
+            best = ("warm", err2, (a_w, b_w, d_w))
+    if best is None or best[1] > exact_floor:
+        _, b, d = _svd_start(t, rank, gen)
+        a = als.update_a(b, d)
+        err2 = _sq_error(t, a, b, d)
+        if best is None or err2 < best[1]:
+            best = ("svd", err2, (a, b, d))
+    init, err2, (a, b, d) = best
+    iters = 0
+    while iters < max_iter and err2 > exact_floor:
+        a2, b2, d2, new2 = als.sweep(a, b, d)
+        iters += 1
+        if not math.isfinite(new2) or new2 > err2 * (1 + 1e-6):
+            break  # numerical trouble: keep the previous factors (ALS is monotone in exact arithmetic)
+        improvement = math.sqrt(err2 / norm2) - math.sqrt(new2 / norm2)
+        a, b, d, err2 = a2, b2, d2, new2
+        if improvement < tol * math.sqrt(err2 / norm2):
+            break
+    a, b, d = _balance(a, b, d)
+    pw_in = b.T.reshape(rank, m, 1, 1)
+    dw = d.T.reshape(rank, 1, kh, kw)
+    pw_out = a.reshape(n, rank, 1, 1)
+    rel = math.sqrt(_sq_error(t, a, b, d) / norm2) if als.norm2 > 0 else 0.0
+    cast = dict(dtype=weight.dtype, device=weight.device)
+    return CPFactors(pw_in.to(**cast), dw.to(**cast), pw_out.to(**cast), rank, rel, init, iters)
+
+
+def _sq_error(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> float:
+    return float(((_cp_dense(a, b, d) - t) ** 2).sum())

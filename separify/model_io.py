@@ -1,0 +1,291 @@
+"""Model I/O: load what users have (``torch.export`` programs, state dicts + architecture, pickled modules) and
+write converted models atomically in a form they can load back.
+
+Inputs, told apart by content, not by extension:
+
+* ``.pt2`` — a ``torch.export`` archive (``torch.export.save``). Safe to load (no code runs). Its convs are
+  ``aten.conv2d`` calls, which :func:`separify.fx_pass.lift_aten_convs` turns back into modules.
+* state dict — ``torch.save(model.state_dict())``, loaded with ``weights_only=True``; needs ``arch="module:callable"``
+  (e.g. ``torchvision.models:resnet18``) to build the network.
+* pickled module — ``torch.save(model)``. Unpickling runs code from the file, so it is refused unless the caller
+  opts in (``allow_pickle=True``, CLI ``--allow-pickle``).
+
+Outputs, by extension: ``.pt2`` (``torch.export``; load with ``torch.export.load(path).module()``, no separify
+needed) or ``.pt``/``.pth`` (the whole module pickled; load with ``torch.load(path, weights_only=False)`` with
+separify installed). Files are written to a temporary file in the target folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError, SeparifyError
+
+__all__ = ["LoadedModel", "load_model", "save_model", "check_output_path", "atomic_write", "parse_shape",
+           "OUTPUT_SUFFIXES"]
+
+OUTPUT_SUFFIXES = (".pt2", ".pt", ".pth")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for :func:`separify.convert`.
+
+    Attributes:
+        model: the module, in eval mode where that is possible.
+        example_inputs: inputs stored with the model (``.pt2``), else ``None``.
+        kind: ``"pt2"``, ``"state-dict"``, ``"pickle"`` or ``"embedded"``.
+    """
+
+    model: nn.Module
+    example_inputs: tuple | None
+    kind: str
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` → ``(1, 3, 224, 224)``; :class:`SeparifyError` on anything else."""
+    try:
+        shape = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(s <= 0 for s in shape):
+        raise SeparifyError(f"--input-shape must be positive integers separated by commas (e.g. 1,3,224,224), got {text!r}")
+    return shape
+
+
+def _sniff(path: Path) -> str:
+    """``"pt2"``, ``"torch-zip"``, ``"torch-legacy"``, ``"onnx"`` or ``"unknown"``."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ModelLoadError(f"{path}: corrupt or truncated archive ({exc})") from None
+        if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
+            return "pt2"
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch-zip"
+        return "unknown"
+    if head[:1] == b"\x80":
+        return "torch-legacy"
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    return "unknown"
+
+
+def _check_input_file(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, expected a model file")
+    if not os.access(path, os.R_OK):
+        raise ModelLoadError(f"{path}: not readable")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: empty file")
+
+
+def _import_arch(arch: str) -> Callable[[], nn.Module]:
+    module_name, sep, attr = arch.partition(":")
+    if not sep or not module_name or not attr:
+        raise ModelLoadError(f"--arch must look like 'package.module:callable' (e.g. torchvision.models:resnet18), got {arch!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ModelLoadError(f"--arch {arch!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelLoadError(f"--arch {arch!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelLoadError(f"--arch {arch!r} is not callable")
+    return obj
+
+
+def _unwrap_state_dict(obj) -> dict[str, torch.Tensor] | None:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return obj
+    return None
+
+
+def _eval(model: nn.Module) -> nn.Module:
+    try:
+        return model.eval()
+    except (NotImplementedError, RuntimeError):  # exported GraphModules refuse .eval(); they are inference graphs
+        return model
+
+
+def load_model(path: str | os.PathLike, *, arch: str | None = None, allow_pickle: bool = False) -> LoadedModel:
+    """Load a model file (see the module docstring for the formats). Raises :class:`ModelLoadError` with one clear
+    sentence for missing, corrupt, unknown or mismatched files. The file is only read."""
+    path = Path(path)
+    _check_input_file(path)
+    kind = _sniff(path)
+    if kind == "onnx":
+        raise ModelLoadError(f"{path}: ONNX models are not supported yet; give a .pt2, a state dict with --arch, "
+                             "or a pickled module")
+    if kind == "unknown":
+        raise ModelLoadError(f"{path}: unknown format; expected a torch.export .pt2 archive or a torch.save file")
+    if kind == "pt2":
+        if arch:
+            raise ModelLoadError(f"{path} is a torch.export program; it carries its own architecture, drop --arch")
+        try:
+            ep = torch.export.load(str(path))
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: cannot load the torch.export program ({type(exc).__name__}: {exc})") from None
+        from .fx_pass import lift_aten_convs
+
+        gm = ep.module()
+        lift_aten_convs(gm)
+        example = getattr(ep, "example_inputs", None)
+        inputs = tuple(example[0]) if example else None
+        return LoadedModel(gm, inputs, "pt2")
+
+    # torch.save file: a state dict (safe) or a pickled module (runs code).
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise ModelLoadError(f"{path}: corrupt or truncated torch file ({_first_line(exc)})") from None
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{path} is a pickled Python object (e.g. torch.save(model)); loading it runs code stored in the file. "
+                "If you trust its source, pass --allow-pickle (library: allow_pickle=True); otherwise save a "
+                "state dict and pass --arch, or export a .pt2 with torch.export"
+            ) from None
+        if arch:
+            raise ModelLoadError(f"{path} is a pickled module, not a state dict; drop --arch") from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:
+            raise ModelLoadError(f"{path}: cannot unpickle ({type(exc2).__name__}: {_first_line(exc2)})") from None
+        if not isinstance(obj, nn.Module):
+            raise ModelLoadError(f"{path}: the pickle holds a {type(obj).__name__}, not an nn.Module")
+        return LoadedModel(_eval(obj), None, "pickle")
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: corrupt or truncated torch file ({type(exc).__name__}: {_first_line(exc)})") from None
+
+    state = _unwrap_state_dict(obj)
+    if state is None:
+        raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+    if not arch:
+        raise ModelLoadError(f"{path} is a state dict; pass --arch package.module:callable to build the network "
+                             "(e.g. --arch torchvision.models:resnet18)")
+    factory = _import_arch(arch)
+    try:
+        model = factory()
+    except Exception as exc:
+        raise ModelLoadError(f"--arch {arch!r}: calling it failed ({type(exc).__name__}: {exc})") from None
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"--arch {arch!r} returned a {type(model).__name__}, not an nn.Module")
+    own = model.state_dict()
+    shape_errors = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                    if k in own and own[k].shape != v.shape]
+    if shape_errors:
+        raise ModelLoadError(f"{path} does not match --arch {arch!r}: shape mismatch for {_few(shape_errors)}")
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"missing {_few(result.missing_keys)}")
+        if result.unexpected_keys:
+            parts.append(f"unexpected {_few(result.unexpected_keys)}")
+        raise ModelLoadError(f"{path} does not match --arch {arch!r}: " + "; ".join(parts))
+    return LoadedModel(_eval(model), None, "state-dict")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def check_output_path(out: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (), force: bool = False) -> Path:
+    """Refuse an output that would overwrite an input, that exists (unless ``force``), has an unsupported extension,
+    or whose folder is missing or not writable. Call before any work so that no time is wasted."""
+    out = Path(out)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise SeparifyError(f"output {out}: use a .pt2 (torch.export) or .pt/.pth (pickled module) file name")
+    for src in inputs:
+        src = Path(src)
+        same = out.resolve() == src.resolve() or (src.exists() and out.exists() and os.path.samefile(src, out))
+        if same:
+            raise SeparifyError(f"output {out} is the input file; choose another name (the input is never overwritten)")
+    if out.is_dir():
+        raise SeparifyError(f"output {out} is a directory")
+    if out.exists() and not force:
+        raise SeparifyError(f"output {out} exists; pass --force to replace it")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise SeparifyError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SeparifyError(f"output folder {folder} is not writable")
+    return out
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _export(model: nn.Module, inputs: tuple) -> "torch.export.ExportedProgram":
+    """``torch.export`` with a dynamic batch dimension when the model allows it, else at the exact example shapes.
+
+    A batch of 1 would be specialised by the exporter, so the examples are repeated to a batch of 2 first.
+    """
+    tensors = all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in inputs)
+    if tensors:
+        batched = tuple(t.expand(2, *t.shape[1:]).clone() if t.shape[0] == 1 else t for t in inputs)
+        batch = torch.export.Dim("batch")
+        try:
+            return torch.export.export(model, batched, dynamic_shapes=tuple({0: batch} for _ in batched))
+        except Exception:  # noqa: BLE001 - e.g. a model that fixes its batch size; fall back to static shapes
+            pass
+    return torch.export.export(model, inputs)
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, example_inputs: tuple) -> None:
+    """Write ``model`` to ``path``: ``.pt2`` via ``torch.export`` (batch dimension dynamic where possible), ``.pt``/``.pth``
+    as a pickled module. Atomic: on any failure the target is untouched."""
+    path = Path(path)
+    if path.suffix.lower() == ".pt2":
+        try:
+            ep = _export(model, tuple(example_inputs))
+        except Exception as exc:
+            raise SeparifyError(f"torch.export could not export the converted model ({type(exc).__name__}: "
+                                f"{_first_line(exc)}); save as .pt instead") from None
+        atomic_write(path, lambda tmp: torch.export.save(ep, tmp))
+    else:
+        try:
+            atomic_write(path, lambda tmp: torch.save(model, tmp))
+        except (pickle.PicklingError, AttributeError, TypeError) as exc:
+            raise SeparifyError(f"cannot pickle the converted model ({_first_line(exc)}); write a .pt2 instead") from None

@@ -1,0 +1,266 @@
+"""The replacement modules: depthwise-separable stand-ins for a dense ``nn.Conv2d``.
+
+Both forms look like a conv to the code around them (``in_channels``, ``out_channels``, ``kernel_size``, ``stride``,
+``padding``, ``dilation``, ``groups``, ``padding_mode``, ``bias``) and are built from a trained conv by
+``from_conv``. The spatial part of the original conv (kernel, stride, padding incl. ``'same'``, padding mode,
+dilation) lives entirely in the depthwise conv; the 1×1 convs carry no padding and no stride, so the replacement has
+exactly the original's output shape and, at full rank, its exact output:
+
+* padding commutes with a 1×1 conv that has no bias (zeros map to zeros; reflect/replicate/circular copy pixels,
+  and a per-pixel linear map commutes with copying), so the first 1×1 of pw-dw-pw may run before the padding;
+* the original bias goes on the last 1×1 conv.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import decompose as dec
+from .errors import ConfigError, UnsupportedLayerError
+
+__all__ = ["SeparableConv2d", "DwPwConv2d", "PwDwPwConv2d", "FORMS", "register_form", "why_not_convertible"]
+
+FORMS: dict[str, type["SeparableConv2d"]] = {}
+
+
+def register_form(name: str) -> Callable[[type], type]:
+    """Register a replacement form under ``name`` (used by ``method=`` and ``--method``); duplicates raise."""
+
+    def wrap(cls: type) -> type:
+        if name in FORMS:
+            raise ValueError(f"a separable form named {name!r} is already registered ({FORMS[name].__name__})")
+        FORMS[name] = cls
+        cls.method = name
+        return cls
+
+    return wrap
+
+
+def why_not_convertible(conv: nn.Module) -> str | None:
+    """``None`` if ``conv`` can be replaced exactly by a separable form, else the reason it cannot."""
+    if isinstance(conv, nn.Conv2d) and nn.utils.parametrize.is_parametrized(conv):
+        return "weight is parametrized (torch.nn.utils.parametrize); remove the parametrization first"
+    if type(conv) is not nn.Conv2d:
+        if isinstance(conv, nn.Conv2d):
+            return f"{type(conv).__name__} subclasses nn.Conv2d and may change its forward; only plain nn.Conv2d is converted"
+        if isinstance(conv, nn.modules.conv._ConvNd):
+            return f"{type(conv).__name__} is not a 2-D convolution"
+        return f"{type(conv).__name__} is not an nn.Conv2d"
+    if conv.transposed:
+        return "transposed convolution"
+    if conv.groups != 1:
+        if conv.groups == conv.in_channels:
+            return f"already depthwise (groups={conv.groups})"
+        return f"grouped conv (groups={conv.groups})"
+    if tuple(conv.kernel_size) == (1, 1):
+        return "1×1 conv (already pointwise)"
+    if not conv.weight.is_floating_point() or conv.weight.is_complex():
+        return f"weight dtype {conv.weight.dtype} is not a real floating-point type"
+    return None
+
+
+class SeparableConv2d(nn.Module):
+    """Common conv-like interface of the separable forms. Subclasses set ``method`` and build the convs."""
+
+    method: str = ""
+
+    def _set_conv_attrs(self, conv_dw: nn.Conv2d, in_channels: int, out_channels: int, rank: int) -> None:
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.rank = rank
+        self.kernel_size = conv_dw.kernel_size
+        self.stride = conv_dw.stride
+        self.padding = conv_dw.padding
+        self.dilation = conv_dw.dilation
+        self.padding_mode = conv_dw.padding_mode
+        self.groups = 1
+        self.transposed = False
+        self.output_padding = (0, 0)
+        self.decomposition_error: float | None = None  # ‖W − Ŵ‖/‖W‖, set by from_conv
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        """The bias of the whole layer (it lives on the last 1×1 conv)."""
+        return self._last().bias
+
+    def _last(self) -> nn.Conv2d:
+        raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent dense kernel ``(out_channels, in_channels, kh, kw)``."""
+        raise NotImplementedError
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing exactly what this module computes."""
+        ref = self._last()
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
+            device=ref.weight.device, dtype=ref.weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}"
+        if self.stride != (1, 1):
+            s += f", stride={self.stride}"
+        if self.padding not in ((0, 0), "valid"):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s
+
+    @staticmethod
+    def _require_convertible(conv: nn.Module) -> nn.Conv2d:
+        reason = why_not_convertible(conv)
+        if reason is not None:
+            raise UnsupportedLayerError(f"cannot make a separable replacement: {reason}")
+        return conv  # type: ignore[return-value]
+
+
+def _dw_conv(channels_in: int, channels_out: int, kernel_size, stride, padding, dilation, padding_mode, **kw):
+    return nn.Conv2d(
+        channels_in, channels_out, kernel_size, stride=stride, padding=padding, dilation=dilation,
+        groups=channels_in, bias=False, padding_mode=padding_mode, **kw,
+    )
+
+
+@register_form("dw-pw")
+class DwPwConv2d(SeparableConv2d):
+    """Depthwise kh×kw conv with channel multiplier ``rank`` (K), then a 1×1 conv: ``(B, M, H, W) → (B, N, H', W')``.
+
+    ``conv_dw``: ``M → M·K`` channels, groups ``M``, with the original stride/padding/dilation/padding mode.
+    ``conv_pw``: ``M·K → N``, 1×1, carrying the original bias. Multiply-adds per output pixel: ``K·M·(kh·kw + N)``.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size, rank: int, *, stride=1, padding=0, dilation=1,
+        bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None,
+    ) -> None:
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.conv_dw = _dw_conv(in_channels, in_channels * rank, kernel_size, stride, padding, dilation, padding_mode, **kw)
+        self.conv_pw = nn.Conv2d(in_channels * rank, out_channels, 1, bias=bias, **kw)
+        self._set_conv_attrs(self.conv_dw, in_channels, out_channels, rank)
+
+    def _last(self) -> nn.Conv2d:
+        return self.conv_pw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_pw(self.conv_dw(x))  # (B, M, H, W) → (B, M·K, H', W') → (B, N, H', W')
+
+    def dense_weight(self) -> torch.Tensor:
+        return dec.dwpw_reconstruct(self.conv_dw.weight, self.conv_pw.weight, self.in_channels)
+
+    @staticmethod
+    def max_rank(conv: nn.Conv2d) -> int:
+        """Rank at which the factorisation is exact: ``min(out_channels, kh·kw)``."""
+        return dec.dwpw_max_rank(conv.weight.shape)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank: int | None = None) -> "DwPwConv2d":
+        """Replace ``conv`` by its rank-``rank`` per-input-channel SVD (exact when ``rank`` is None or maximal).
+
+        Args:
+            conv: a plain ``nn.Conv2d`` with ``groups == 1`` and a kernel larger than 1×1.
+            rank: channel multiplier ``K`` in ``[1, min(out_channels, kh·kw)]``; ``None`` means the exact maximum.
+        """
+        conv = cls._require_convertible(conv)
+        w = conv.weight
+        rank = cls.max_rank(conv) if rank is None else rank
+        factors = dec.dwpw_decompose(w, rank)
+        mod = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, factors.rank, stride=conv.stride,
+            padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+            device=w.device, dtype=w.dtype,
+        )
+        with torch.no_grad():
+            mod.conv_dw.weight.copy_(factors.depthwise)
+            mod.conv_pw.weight.copy_(factors.pointwise)
+            if conv.bias is not None:
+                mod.conv_pw.bias.copy_(conv.bias)
+        mod.decomposition_error = factors.rel_error
+        return mod
+
+
+@register_form("pw-dw-pw")
+class PwDwPwConv2d(SeparableConv2d):
+    """1×1 conv ``M → R``, depthwise kh×kw on ``R`` channels, 1×1 conv ``R → N`` (CP form, rank ``R``).
+
+    ``conv_pw_in`` has no bias (so it commutes with the padding), ``conv_dw`` carries the original
+    stride/padding/dilation/padding mode, ``conv_pw_out`` the original bias. Multiply-adds: ``R·M`` per input pixel
+    plus ``R·(kh·kw + N)`` per output pixel.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size, rank: int, *, stride=1, padding=0, dilation=1,
+        bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None,
+    ) -> None:
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.conv_pw_in = nn.Conv2d(in_channels, rank, 1, bias=False, **kw)
+        self.conv_dw = _dw_conv(rank, rank, kernel_size, stride, padding, dilation, padding_mode, **kw)
+        self.conv_pw_out = nn.Conv2d(rank, out_channels, 1, bias=bias, **kw)
+        self._set_conv_attrs(self.conv_dw, in_channels, out_channels, rank)
+
+    def _last(self) -> nn.Conv2d:
+        return self.conv_pw_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, M, H, W) → (B, R, H, W) → (B, R, H', W') → (B, N, H', W')
+        return self.conv_pw_out(self.conv_dw(self.conv_pw_in(x)))
+
+    def dense_weight(self) -> torch.Tensor:
+        return dec.cp_reconstruct(self.conv_pw_in.weight, self.conv_dw.weight, self.conv_pw_out.weight)
+
+    @staticmethod
+    def max_rank(conv: nn.Conv2d) -> int:
+        """Smallest rank with an exact closed-form factorisation (see :func:`separify.decompose.cp_exact_rank`)."""
+        return dec.cp_exact_rank(conv.weight.shape)
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, rank: int | None = None, *, max_iter: int = 25,
+        tol: float = 1e-4, seed: int = 0,
+    ) -> "PwDwPwConv2d":
+        """Replace ``conv`` by a rank-``rank`` CP factorisation (exact when ``rank`` is None or ≥ :meth:`max_rank`).
+
+        Args:
+            conv: a plain ``nn.Conv2d`` with ``groups == 1`` and a kernel larger than 1×1.
+            rank: number ``R`` of intermediate channels (≥ 1); ``None`` means :meth:`max_rank`.
+            max_iter, tol, seed: ALS controls, see :func:`separify.decompose.cp_decompose`.
+        """
+        conv = cls._require_convertible(conv)
+        w = conv.weight
+        rank = cls.max_rank(conv) if rank is None else rank
+        factors = dec.cp_decompose(w, rank, max_iter=max_iter, tol=tol, seed=seed)
+        mod = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, factors.rank, stride=conv.stride,
+            padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+            device=w.device, dtype=w.dtype,
+        )
+        with torch.no_grad():
+            mod.conv_pw_in.weight.copy_(factors.pw_in)
+            mod.conv_dw.weight.copy_(factors.depthwise)
+            mod.conv_pw_out.weight.copy_(factors.pw_out)
+            if conv.bias is not None:
+                mod.conv_pw_out.bias.copy_(conv.bias)
+        mod.decomposition_error = factors.rel_error
+        return mod
+
+
+def form(method: str) -> type[SeparableConv2d]:
+    """The module class registered for ``method``."""
+    try:
+        return FORMS[method]
+    except KeyError:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(sorted(FORMS))}") from None

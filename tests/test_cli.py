@@ -1,0 +1,235 @@
+"""``separify convert``: a round trip for every input format, and every bad input gives one clear error, a non-zero
+exit, and leaves the input file byte-identical."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from separify.cli import app
+from separify.embedded import FashionResNet, load_default_model
+
+ARCH = "separify.embedded:FashionResNet"
+SHAPE = "1,1,28,28"
+runner = CliRunner()
+
+
+def _run(*args: str):
+    return runner.invoke(app, ["convert", *map(str, args)])
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("models")
+    model = load_default_model()
+    x = torch.randn(1, 1, 28, 28)
+    out = {"state": d / "state.pt", "pickle": d / "whole.pt", "pt2": d / "model.pt2"}
+    torch.save(model.state_dict(), out["state"])
+    torch.save(model, out["pickle"])
+    torch.export.save(torch.export.export(model, (x,)), out["pt2"])
+    return out
+
+
+def _check_converted(path: Path, reference: nn.Module, max_rel: float = 0.5, batch: int = 3) -> None:
+    x = torch.randn(batch, 1, 28, 28)
+    if path.suffix == ".pt2":
+        model = torch.export.load(str(path)).module()
+    else:
+        model = torch.load(path, weights_only=False)
+    n_sep = sum(type(m).__name__ in ("DwPwConv2d", "PwDwPwConv2d") for m in model.modules()) if path.suffix != ".pt2" \
+        else None
+    with torch.no_grad():
+        ref, out = reference(x), model(x)
+    assert out.shape == ref.shape
+    assert float((out - ref).norm() / ref.norm()) < max_rel
+    if n_sep is not None:
+        assert n_sep > 0
+
+
+@pytest.mark.parametrize("kind, extra, suffix", [
+    ("pt2", [], ".pt2"),
+    ("state", ["--arch", ARCH, "--input-shape", SHAPE], ".pt2"),
+    ("state", ["--arch", ARCH, "--input-shape", SHAPE], ".pt"),
+    ("pickle", ["--allow-pickle", "--input-shape", SHAPE], ".pt2"),
+    ("pickle", ["--allow-pickle", "--input-shape", SHAPE], ".pth"),
+], ids=["pt2-to-pt2", "state-dict-to-pt2", "state-dict-to-pt", "pickle-to-pt2", "pickle-to-pth"])
+def test_round_trip(files, tmp_path, kind, extra, suffix):
+    src = files[kind]
+    digest = _digest(src)
+    out = tmp_path / f"converted{suffix}"
+    res = _run(src, "-o", out, "--method", "pw-dw-pw", "--flops", "0.5", *extra)
+    assert res.exit_code == 0, res.output
+    assert "Whole model" in res.stdout and "converted via fx" in res.stdout
+    assert "layer1.conv1" in res.stdout  # the per-layer table names the layers
+    assert _digest(src) == digest
+    # a .pt2 exported at batch 1 stays static; from a module, the batch dimension of a .pt2 output is dynamic
+    _check_converted(out, load_default_model(), batch=1 if kind == "pt2" else 3)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_embedded_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = _run("--method", "pw-dw-pw")
+    assert res.exit_code == 0, res.output
+    assert "top-1 accuracy (held-out)" in res.stdout
+    assert (tmp_path / "fashion_resnet_separable.pt2").is_file()
+    _check_converted(tmp_path / "fashion_resnet_separable.pt2", load_default_model())
+    res = _run("--method", "pw-dw-pw")  # a second run must not overwrite silently
+    assert res.exit_code == 1 and "exists; pass --force" in res.stderr
+
+
+def test_console_script_entry_point(tmp_path):
+    exe = Path(sys.executable).with_name("separify")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "separify.cli"]
+    proc = subprocess.run([*cmd, "convert", "/nonexistent/model.pt2", "-o", str(tmp_path / "o.pt2")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == ["error: /nonexistent/model.pt2: no such file"]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def _bad(files_or_path, *args, match: str, code: int = 1):
+    res = _run(*args)
+    assert res.exit_code == code, res.output
+    text = res.stderr if code == 1 else res.output
+    assert match in text, text
+    assert "Traceback" not in res.output
+    return res
+
+
+def test_missing_file_and_directory(tmp_path):
+    _bad(None, tmp_path / "nope.pt2", "-o", tmp_path / "o.pt2", match="no such file")
+    _bad(None, tmp_path, "-o", tmp_path / "o.pt2", match="is a directory")
+
+
+def test_truncated_and_unknown_files(files, tmp_path):
+    for kind in ("pt2", "state"):
+        cut = tmp_path / f"cut_{kind}{files[kind].suffix}"
+        data = files[kind].read_bytes()
+        cut.write_bytes(data[: len(data) // 2])
+        digest = _digest(cut)
+        _bad(None, cut, "-o", tmp_path / "o.pt2", "--arch", ARCH, match="corrupt or truncated")
+        assert _digest(cut) == digest
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"hello, this is not a model")
+    _bad(None, junk, "-o", tmp_path / "o.pt2", match="unknown format")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    _bad(None, empty, "-o", tmp_path / "o.pt2", match="empty file")
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"\x08\x07\x12\x04test")
+    _bad(None, onnx, "-o", tmp_path / "o.pt2", match="ONNX models are not supported yet")
+
+
+def test_pt2_input_needs_pt2_output(files, tmp_path):
+    _bad(None, files["pt2"], "-o", tmp_path / "o.pt", match="can only be written as .pt2")
+
+
+def test_pickle_needs_opt_in(files, tmp_path):
+    digest = _digest(files["pickle"])
+    res = _bad(None, files["pickle"], "-o", tmp_path / "o.pt2", match="--allow-pickle")
+    assert "runs code" in res.stderr
+    assert _digest(files["pickle"]) == digest and not (tmp_path / "o.pt2").exists()
+
+
+def test_state_dict_needs_matching_arch(files, tmp_path):
+    src, out = files["state"], tmp_path / "o.pt2"
+    _bad(None, src, "-o", out, match="pass --arch")
+    _bad(None, src, "-o", out, "--arch", "no_such_package_xyz:net", match="cannot import 'no_such_package_xyz'")
+    _bad(None, src, "-o", out, "--arch", "separify.embedded:NoSuchNet", match="has no attribute 'NoSuchNet'")
+    _bad(None, src, "-o", out, "--arch", "separify.embedded", match="must look like")
+    _bad(None, src, "-o", out, "--arch", "torchvision.models:resnet18", match="does not match --arch")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, match, code", [
+    (["--rank", "0"], "rank must be a positive integer", 1),
+    (["--rank", "-3"], "rank must be a positive integer", 1),
+    (["--rank", "1.5"], "Invalid value for '--rank'", 2),
+    (["--energy", "0"], "energy must be a number in (0, 1]", 1),
+    (["--energy", "1.2"], "energy must be a number in (0, 1]", 1),
+    (["--flops", "0"], "the FLOPs target must be a number in (0, 1]", 1),
+    (["--flops", "3"], "the FLOPs target must be a number in (0, 1]", 1),
+    (["--rank", "2", "--flops", "0.5"], "give only one of", 1),
+    (["--method", "tucker"], "unknown method", 1),
+    (["--input-shape", "1,x,28"], "--input-shape must be positive integers", 1),
+    (["--input-shape", "1,0,28"], "--input-shape must be positive integers", 1),
+    (["--input-shape", "1,3,224,224"], "does not run on the example input", 1),
+], ids=["rank0", "rank-neg", "rank-float", "energy0", "energy>1", "flops0", "flops>1", "two", "method", "shape-bad", "shape-zero",
+        "shape-mismatch"])
+def test_bad_options(files, tmp_path, args, match, code):
+    digest = _digest(files["pt2"])
+    _bad(None, files["pt2"], "-o", tmp_path / "o.pt2", *args, match=match, code=code)
+    assert _digest(files["pt2"]) == digest and not (tmp_path / "o.pt2").exists()
+
+
+def test_exclusions_leaving_nothing_warn_but_succeed(files, tmp_path):
+    res = _run(files["pt2"], "-o", tmp_path / "o.pt2", "--exclude", "*")
+    assert res.exit_code == 0, res.output
+    assert "warning:" in res.stdout and "no layer was converted" in res.stdout
+    assert "excluded by pattern '*'" in res.stdout
+
+
+def test_model_without_convs(tmp_path):
+    src = tmp_path / "mlp.pt"
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).state_dict(), src)
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(12, 4)), src)
+    _bad(None, src, "-o", tmp_path / "o.pt", "--allow-pickle", "--input-shape", "1,3,2,2", match="no Conv2d layers")
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_nan_weights(tmp_path):
+    model = FashionResNet()
+    with torch.no_grad():
+        model.layer2.conv2.weight[0, 0, 1, 1] = float("nan")
+    src = tmp_path / "nan.pt"
+    torch.save(model.state_dict(), src)
+    _bad(None, src, "-o", tmp_path / "o.pt2", "--arch", ARCH, "--input-shape", SHAPE,
+         match="layer 'layer2.conv2': the conv weight contains 1 NaN or inf value(s)")
+
+
+def test_output_checks(files, tmp_path, monkeypatch):
+    src = files["pt2"]
+    digest = _digest(src)
+    _bad(None, src, "-o", src, "--force", match="is the input file")
+    existing = tmp_path / "exists.pt2"
+    existing.write_bytes(b"keep me")
+    _bad(None, src, "-o", existing, match="exists; pass --force")
+    assert existing.read_bytes() == b"keep me"
+    _bad(None, src, "-o", tmp_path / "missing_dir" / "o.pt2", match="does not exist")
+    _bad(None, src, "-o", tmp_path / "o.onnx", match="use a .pt2")
+    # root ignores permission bits, so make the folder look unwritable to the check itself
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr("separify.model_io.os.access",
+                        lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    _bad(None, src, "-o", locked / "o.pt2", match="is not writable")
+    assert _digest(src) == digest
+    res = _run(src, "-o", existing, "--force", "--rank", "2")
+    assert res.exit_code == 0 and existing.read_bytes() != b"keep me"
+
+
+def test_failed_write_leaves_no_partial_output(files, tmp_path, monkeypatch):
+    out = tmp_path / "o.pt"
+
+    def boom(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("separify.model_io.torch.save", boom)
+    res = _run(files["state"], "-o", out, "--rank", "2", "--arch", ARCH, "--input-shape", SHAPE)
+    assert res.exit_code == 1 and "disk full" in res.stderr
+    assert list(tmp_path.iterdir()) == []
