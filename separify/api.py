@@ -295,12 +295,9 @@ def _choose_ranks(cfg, todo, kernels, shapes, flops_before) -> tuple[int | None,
     for site, rec, _conv, rule in todo:
         kernel = kernels[site.name]
         cls = FORMS[rec.method]
-        meta_kw = dict(stride=kernel.stride, padding=kernel.padding, dilation=kernel.dilation,
-                       bias=kernel.bias is not None, padding_mode=kernel.padding_mode, device="meta",
-                       dtype=kernel.weight.dtype)
 
-        def build(rank, _cls=cls, _k=kernel, _kw=meta_kw):
-            return _cls(_k.in_channels, _k.out_channels, _k.kernel_size, rank, **_kw)
+        def build(rank, _cls=cls, _k=kernel):
+            return _cls.like(_k, rank, device="meta")
 
         rec.exact_rank = cls.max_rank(kernel)
         costs[site.name] = ranks.LayerCost(
@@ -348,7 +345,7 @@ def _choose_ranks(cfg, todo, kernels, shapes, flops_before) -> tuple[int | None,
         elif len(costs[rec.name].saving_ranks()) == 0:
             rec.reason = "no FLOPs saved at any rank"
         else:
-            rec.reason = "kept dense by the FLOPs allocation (converting it cost more error per FLOP saved than other layers)"
+            rec.reason = "kept dense by the global FLOPs allocation"
     msgs = []
     if not alloc.feasible:
         lowest = (rest + fixed_after + alloc.flops) / flops_before

@@ -56,7 +56,7 @@ def convert(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write the converted model: .pt2 "
                                           f"(torch.export) or .pt/.pth (pickled module). Default for the embedded "
                                           f"model: {DEFAULT_OUTPUT}."),
-    method: str = typer.Option("dw-pw", "--method", "-m", help=f"Replacement form: {' | '.join(METHODS)}."),
+    method: str = typer.Option("pw-dw-pw", "--method", "-m", help=f"Replacement form: {' | '.join(METHODS)}."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Fixed rank for every layer (dw-pw: depthwise "
                                        "multiplier K; pw-dw-pw: intermediate channels R)."),
     energy: Optional[float] = typer.Option(None, "--energy", help="Per layer, keep this fraction of the kernel "

@@ -72,7 +72,8 @@ class ConvertConfig:
             :mod:`separify.ranks`).
 
     Other settings:
-        method: ``"dw-pw"`` (depthwise + pointwise, per-channel SVD) or ``"pw-dw-pw"`` (CP form).
+        method: ``"pw-dw-pw"`` (CP form, the default: at equal FLOPs it keeps far more accuracy on trained networks)
+            or ``"dw-pw"`` (depthwise + pointwise, per-channel SVD).
         exclude: name patterns of layers to leave dense.
         rules: per-layer :class:`LayerRule` overrides, first match wins.
         fold_bn: fold a BatchNorm2d (eval mode) that only follows a conv into that conv before decomposing.
@@ -83,7 +84,7 @@ class ConvertConfig:
             ``"module"`` (module tree only; keeps the model's own class, no BatchNorm folding).
     """
 
-    method: str = "dw-pw"
+    method: str = "pw-dw-pw"
     rank: int | None = None
     energy: float | None = None
     flops: float | None = None

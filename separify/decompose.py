@@ -310,8 +310,10 @@ def _svd_start(t: torch.Tensor, rank: int, gen: torch.Generator) -> tuple[torch.
     n, m, p = t.shape
 
     def lead(unfolded: torch.Tensor) -> torch.Tensor:
+        # left singular vectors of a wide (rows × cols) matrix = eigenvectors of its small rows × rows Gram matrix
         rows = unfolded.shape[0]
-        u = torch.linalg.svd(unfolded, full_matrices=False)[0][:, :rank]
+        _, vecs = torch.linalg.eigh(unfolded @ unfolded.T)  # ascending eigenvalues
+        u = vecs.flip(1)[:, :rank]
         if u.shape[1] < rank:
             u = torch.cat([u, torch.randn(rows, rank - u.shape[1], generator=gen, dtype=t.dtype)], 1)
         return u

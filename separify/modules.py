@@ -119,6 +119,23 @@ class SeparableConv2d(nn.Module):
             s += f", padding_mode={self.padding_mode!r}"
         return s
 
+    @classmethod
+    def like(cls, conv: nn.Conv2d, rank: int, *, device=None) -> "SeparableConv2d":
+        """An untrained replacement with ``conv``'s shape, stride, padding, dilation, padding mode, bias and dtype
+        (on ``conv``'s device unless ``device`` is given, e.g. ``"meta"`` to count FLOPs)."""
+        return cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, rank, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+            device=conv.weight.device if device is None else device, dtype=conv.weight.dtype,
+        )
+
+    def _finish_from(self, conv: nn.Conv2d, rel_error: float) -> "SeparableConv2d":
+        if conv.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(conv.bias)
+        self.decomposition_error = rel_error
+        return self
+
     @staticmethod
     def _require_convertible(conv: nn.Module) -> nn.Conv2d:
         reason = why_not_convertible(conv)
@@ -175,21 +192,12 @@ class DwPwConv2d(SeparableConv2d):
             rank: channel multiplier ``K`` in ``[1, min(out_channels, kh·kw)]``; ``None`` means the exact maximum.
         """
         conv = cls._require_convertible(conv)
-        w = conv.weight
-        rank = cls.max_rank(conv) if rank is None else rank
-        factors = dec.dwpw_decompose(w, rank)
-        mod = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, factors.rank, stride=conv.stride,
-            padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            device=w.device, dtype=w.dtype,
-        )
+        factors = dec.dwpw_decompose(conv.weight, cls.max_rank(conv) if rank is None else rank)
+        mod = cls.like(conv, factors.rank)
         with torch.no_grad():
             mod.conv_dw.weight.copy_(factors.depthwise)
             mod.conv_pw.weight.copy_(factors.pointwise)
-            if conv.bias is not None:
-                mod.conv_pw.bias.copy_(conv.bias)
-        mod.decomposition_error = factors.rel_error
-        return mod
+        return mod._finish_from(conv, factors.rel_error)
 
 
 @register_form("pw-dw-pw")
@@ -240,22 +248,14 @@ class PwDwPwConv2d(SeparableConv2d):
             max_iter, tol, seed: ALS controls, see :func:`separify.decompose.cp_decompose`.
         """
         conv = cls._require_convertible(conv)
-        w = conv.weight
         rank = cls.max_rank(conv) if rank is None else rank
-        factors = dec.cp_decompose(w, rank, max_iter=max_iter, tol=tol, seed=seed)
-        mod = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, factors.rank, stride=conv.stride,
-            padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            device=w.device, dtype=w.dtype,
-        )
+        factors = dec.cp_decompose(conv.weight, rank, max_iter=max_iter, tol=tol, seed=seed)
+        mod = cls.like(conv, factors.rank)
         with torch.no_grad():
             mod.conv_pw_in.weight.copy_(factors.pw_in)
             mod.conv_dw.weight.copy_(factors.depthwise)
             mod.conv_pw_out.weight.copy_(factors.pw_out)
-            if conv.bias is not None:
-                mod.conv_pw_out.bias.copy_(conv.bias)
-        mod.decomposition_error = factors.rel_error
-        return mod
+        return mod._finish_from(conv, factors.rel_error)
 
 
 def form(method: str) -> type[SeparableConv2d]:

@@ -165,7 +165,7 @@ def test_grouped_and_depthwise_convs_are_skipped_with_reason():
 def test_exclusions_rules_and_records():
     model = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 32, 32)
-    cfg = ConvertConfig(rank=2, exclude=("layer4.*",), rules=(LayerRule("layer3.*", method="pw-dw-pw", rank=64),))
+    cfg = ConvertConfig(method="dw-pw", rank=2, exclude=("layer4.*",), rules=(LayerRule("layer3.*", method="pw-dw-pw", rank=64),))
     res = separify.convert(model, cfg, example_inputs=x)
     by = {r.name: r for r in res.layers}
     assert by["layer4.1.conv2"].reason == "excluded by pattern 'layer4.*'"
@@ -208,12 +208,12 @@ def test_unreachable_flops_target_warns():
 def test_energy_selection_and_no_saving_skip():
     model = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 32, 32)
-    res = separify.convert(model, example_inputs=x, energy=0.5)
+    res = separify.convert(model, example_inputs=x, method="dw-pw", energy=0.5)
     assert len(res.converted) == 17
     for r in res.converted:
         assert r.rank_source == "energy" and 1 - r.rel_error ** 2 >= 0.5 - 1e-9
     # nearly all the energy needs ranks that cost more than the dense conv: those layers are skipped, with the reason
-    res = separify.convert(model, example_inputs=x, energy=0.999)
+    res = separify.convert(model, example_inputs=x, method="dw-pw", energy=0.999)
     assert res.converted == []
     assert all(r.reason.startswith(("no FLOPs saved at rank", "1×1")) for r in res.skipped)
 
@@ -229,7 +229,7 @@ def test_shared_conv_is_replaced_everywhere():
 
     model = Shared().double()
     x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
-    res = separify.convert(model, example_inputs=x, rank=9, require_saving=False)
+    res = separify.convert(model, example_inputs=x, method="dw-pw", rank=9, require_saving=False)
     torch.testing.assert_close(res.model(x), model(x), rtol=1e-10, atol=1e-10)
     assert res.layers[0].flops_before == 2 * 2 * 4 * 4 * 9 * 64  # two calls
 
@@ -239,7 +239,7 @@ def test_inplace_and_default_copy():
     x = torch.randn(1, 3, 8, 8)
     res = separify.convert(model, example_inputs=x, rank=1)
     assert type(model.conv1) is nn.Conv2d and res.model is not model
-    res = separify.convert(model, example_inputs=x, rank=1, inplace=True)
+    res = separify.convert(model, example_inputs=x, method="dw-pw", rank=1, inplace=True)
     assert res.model is model and isinstance(model.conv1, DwPwConv2d)
 
 
@@ -290,6 +290,6 @@ def test_embedded_default_model_converts_and_stays_accurate():
     assert accuracy(res.model, images, labels) > base - 0.03
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        exact = separify.convert(copy.deepcopy(model).double(), example_inputs=images[:4].double(), rank=9,
-                                 require_saving=False)
+        exact = separify.convert(copy.deepcopy(model).double(), example_inputs=images[:4].double(), method="dw-pw",
+                                 rank=9, require_saving=False)
     torch.testing.assert_close(exact.model(images[:4].double()), model.double()(images[:4].double()))

@@ -77,7 +77,8 @@ def test_error_curves(method):
     w = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(0))
     r = np.arange(1, 200)
     e = ranks.error_curve(method, w, r)
-    assert np.all(np.diff(e) <= 1e-12) and e[0] <= 1.0 and e[-1] < 1e-6
+    floor = 1e-6 if method == "dw-pw" else 1e-3  # pw-dw-pw plans with float32 spectra: √(rounding) ≈ 1e-4 at rank max
+    assert np.all(np.diff(e) <= 1e-12) and e[0] <= 1.0 and e[-1] < floor
     if method == "pw-dw-pw":  # a guaranteed bound: the actual fit is never worse
         from separify.decompose import cp_decompose
 
