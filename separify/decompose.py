@@ -216,8 +216,8 @@ def cp_error_lower_bound(weight: torch.Tensor, ranks: list[int]) -> list[float]:
     """A cheap lower bound on the relative error of any rank-``R`` CP model, for each ``R`` in ``ranks``.
 
     A rank-``R`` CP tensor has mode-0 and mode-1 unfoldings of rank ``≤ R``, so its error is at least the tail energy
-    of either unfolding's spectrum beyond ``R`` (Eckart–Young). Used as the error proxy when ranks are allocated,
-    because running ALS at every candidate rank of every layer would cost far more than the conversion itself.
+    of either unfolding's spectrum beyond ``R`` (Eckart–Young). :func:`separify.ranks.error_curve` gives the matching
+    upper bound (what the closed-form starts guarantee), which is what rank allocation uses.
     """
     check_weight(weight)
     n, m, kh, kw = weight.shape
@@ -259,6 +259,17 @@ def _svd_columns(mats: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Te
     return u[..., :count], s[..., :count].sqrt(), vh[..., :count, :]
 
 
+def _pad_columns(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, rank: int, gen: torch.Generator):
+    """Widen CP factors to ``rank`` columns: zeros in ``A`` (the new channels add nothing yet), small random ``B`` and
+    ``D`` (so that the ALS normal equations stay regular and the channels can be put to use)."""
+    extra = rank - a.shape[1]
+    if extra == 0:
+        return a, b, d
+    small = lambda rows: torch.randn(rows, extra, generator=gen, dtype=a.dtype) * 0.01  # noqa: E731
+    return (torch.cat([a, a.new_zeros(a.shape[0], extra)], 1), torch.cat([b, small(b.shape[0])], 1),
+            torch.cat([d, small(d.shape[0])], 1))
+
+
 def _closed_form_starts(t: torch.Tensor, rank: int, gen: torch.Generator) -> list[tuple[str, tuple]]:
     """The closed-form CP constructions that fit in ``rank`` channels, each as ``(name, (A, B, D))``.
 
@@ -267,15 +278,8 @@ def _closed_form_starts(t: torch.Tensor, rank: int, gen: torch.Generator) -> lis
     n, m, p = t.shape
     starts = []
 
-    def padded(a_used, b_used, d_used):
-        used = a_used.shape[1]
-        extra = rank - used
-        if extra == 0:
-            return a_used, b_used, d_used
-        a = torch.cat([a_used, t.new_zeros(n, extra)], 1)
-        b = torch.cat([b_used, torch.randn(m, extra, generator=gen, dtype=t.dtype) * 0.01], 1)
-        d = torch.cat([d_used, torch.randn(p, extra, generator=gen, dtype=t.dtype) * 0.01], 1)
-        return a, b, d
+    def padded(a, b, d):
+        return _pad_columns(a, b, d, rank, gen)
 
     # per input channel: T[:, m, :] (N×P) ≈ U √σ · √σ Vᵀ, channel (m, k); B selects input m
     k = min(rank // m, n, p)
@@ -304,9 +308,9 @@ def _closed_form_starts(t: torch.Tensor, rank: int, gen: torch.Generator) -> lis
     return starts
 
 
-def _svd_start(t: torch.Tensor, rank: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Leading singular vectors of the mode-1 and mode-2 unfoldings for ``B`` and ``D`` (random columns past their
-    rank), ``A`` left for the first least-squares step; the usual "svd" initialisation of CP-ALS."""
+def _svd_start(t: torch.Tensor, rank: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leading singular vectors of the mode-1 and mode-2 unfoldings as ``B`` and ``D`` (random columns past their
+    rank); ``A`` then comes from the first least-squares step. The usual "svd" initialisation of CP-ALS."""
     n, m, p = t.shape
 
     def lead(unfolded: torch.Tensor) -> torch.Tensor:
@@ -320,7 +324,7 @@ def _svd_start(t: torch.Tensor, rank: int, gen: torch.Generator) -> tuple[torch.
 
     b = lead(t.permute(1, 0, 2).reshape(m, n * p))
     d = lead(t.permute(2, 0, 1).reshape(p, n * m))
-    return t.new_zeros(n, rank), b, d
+    return b, d
 
 
 class _ALS:
@@ -427,18 +431,17 @@ def cp_decompose(
     if warm_start is not None:
         if warm_start.rank > rank or warm_start.pw_out.shape[0] != n or warm_start.pw_in.shape[1] != m:
             raise ConfigError(f"warm_start has rank {warm_start.rank} or a shape that does not fit rank {rank}")
-        a_w = warm_start.pw_out.reshape(n, -1).to(dtype=dtype, device="cpu")
-        b_w = warm_start.pw_in.reshape(-1, m).T.to(dtype=dtype, device="cpu")
-        d_w = warm_start.depthwise.reshape(-1, p).T.to(dtype=dtype, device="cpu")
-        extra = rank - warm_start.rank
-        a_w = torch.cat([a_w, t.new_zeros(n, extra)], 1)
-        b_w = torch.cat([b_w, torch.randn(m, extra, generator=gen, dtype=dtype) * 0.01], 1)
-        d_w = torch.cat([d_w, torch.randn(p, extra, generator=gen, dtype=dtype) * 0.01], 1)
+        a_w, b_w, d_w = _pad_columns(
+            warm_start.pw_out.reshape(n, -1).to(dtype=dtype, device="cpu"),
+            warm_start.pw_in.reshape(-1, m).T.to(dtype=dtype, device="cpu"),
+            warm_start.depthwise.reshape(-1, p).T.to(dtype=dtype, device="cpu"),
+            rank, gen,
+        )
         err2 = _sq_error(t, a_w, b_w, d_w)
         if best is None or err2 < best[1]:
             best = ("warm", err2, (a_w, b_w, d_w))
     if best is None or best[1] > exact_floor:
-        _, b, d = _svd_start(t, rank, gen)
+        b, d = _svd_start(t, rank, gen)
         a = als.update_a(b, d)
         err2 = _sq_error(t, a, b, d)
         if best is None or err2 < best[1]:
