@@ -13,6 +13,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from . import fx_pass, measure, ranks
+from .calibrate import as_batches, refit_pointwise
 from .config import ConvertConfig, LayerRule
 from .decompose import check_weight
 from .errors import BadWeightsError, SeparifyError
@@ -27,7 +28,8 @@ class LayerRecord:
 
     ``status`` is ``"converted"`` or ``"skipped"``; a skipped layer always has a ``reason``. FLOPs are counted by
     ``FlopCounterMode`` at the layer's real input shape(s) on the example input (FLOPs = 2 × MACs); ``rel_error`` is
-    ``‖W − Ŵ‖ / ‖W‖`` of the (BatchNorm-folded) kernel.
+    ``‖W − Ŵ‖ / ‖W‖`` of the (BatchNorm-folded) kernel. With calibration data, ``calib_error_before``/``after`` are
+    the layer's relative output error on that data before and after the least-squares refit.
     """
 
     name: str
@@ -49,6 +51,8 @@ class LayerRecord:
     params_after: int = 0
     rel_error: float | None = None
     bn_folded: str | None = None
+    calib_error_before: float | None = None
+    calib_error_after: float | None = None
     note: str | None = None
 
     @property
@@ -126,6 +130,7 @@ def convert(
     *,
     example_inputs: Any,
     inplace: bool = False,
+    calibration: Any = None,
     progress: bool | Callable[[str], None] = False,
     **options: Any,
 ) -> ConvertResult:
@@ -141,6 +146,9 @@ def convert(
         example_inputs: a tensor or tuple of tensors the model accepts; used to count FLOPs at the real shapes.
         inplace: skip the defensive deep copy. The input model may then be modified (module-tree path) or share
             submodules with the result; use the returned model either way. Default: the input is never touched.
+        calibration: optional input data (a tensor ``(N, ...)`` or an iterable of batches / ``(input, label)``
+            tuples, at most ``config.calib_limit`` samples used). The last 1×1 conv of every replacement is then
+            refitted by least squares to the original layer's outputs on this data (:mod:`separify.calibrate`).
         progress: ``True`` shows a progress bar over layers; a callable is called with each layer name.
         options: ``ConvertConfig`` fields, e.g. ``method="pw-dw-pw", flops=0.5, exclude=("layer4.*",)``.
 
@@ -163,7 +171,12 @@ def convert(
     inputs = _as_inputs(example_inputs)
     if not isinstance(model, nn.Module):
         raise SeparifyError(f"convert() takes an nn.Module, got {type(model).__name__}")
+    batches = None
+    if calibration is not None:
+        batches = as_batches(calibration, limit=cfg.calib_limit)
+        _check_fits(model, batches[0])
     work = model if inplace else copy.deepcopy(model)
+    reference = copy.deepcopy(model) if (inplace and batches is not None) else model
 
     # Trace (or fall back to the module tree) and find the convs.
     trace_error = None
@@ -267,12 +280,31 @@ def convert(
     else:
         new_model = fx_pass.rewrite_modules(work, replacements, {s.name: s.aliases for s in sites})
 
+    if batches is not None:
+        todo_fit = [(r.name, r.bn_folded or r.name) for r in records if r.converted]
+        fits = refit_pointwise(reference, new_model, todo_fit, batches, ridge=cfg.calib_ridge,
+                               progress=progress if callable(progress) else None)
+        by_name = {r.name: r for r in records}
+        for fit in fits:
+            by_name[fit.name].calib_error_before = fit.error_before
+            by_name[fit.name].calib_error_after = fit.error_after
+
     result = ConvertResult(
         new_model, records, path, cfg, trace_error, flops_before, measure.count_flops(new_model, inputs),
         params_before, measure.count_params(new_model), budget,
     )
     _warn(result, rank_warnings)
     return result
+
+
+def _check_fits(model: nn.Module, batch: torch.Tensor) -> None:
+    try:
+        with torch.no_grad(), measure.frozen_mode(model):
+            model(batch[:1])
+    except Exception as exc:  # the model's own error says what does not fit
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SeparifyError(f"calibration data of shape {tuple(batch.shape[1:])} per sample does not fit the model "
+                            f"({type(exc).__name__}: {first})") from None
 
 
 def _check(site: fx_pass.ConvSite, rule: LayerRule | None, shapes: list) -> str | None:

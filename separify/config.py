@@ -80,6 +80,8 @@ class ConvertConfig:
         require_saving: skip layers whose replacement would cost at least the dense conv's FLOPs (set False to
             convert anyway, e.g. to check exactness at full rank).
         cp_max_iter, cp_tol, seed: controls of the CP solver (pw-dw-pw).
+        calib_limit: at most this many calibration samples are used (when ``convert`` gets calibration data).
+        calib_ridge: relative ridge term of the least-squares refit.
         tracer: ``"auto"`` (torch.fx, falling back to the module tree), ``"fx"`` (fail if tracing fails) or
             ``"module"`` (module tree only; keeps the model's own class, no BatchNorm folding).
     """
@@ -96,6 +98,8 @@ class ConvertConfig:
     cp_tol: float = 1e-4
     seed: int = 0
     tracer: str = "auto"
+    calib_limit: int = 1000
+    calib_ridge: float = 1e-6
 
     def __post_init__(self) -> None:
         _check_method(self.method)
@@ -116,6 +120,8 @@ class ConvertConfig:
                 raise ConfigError(f"rules must be LayerRule objects, got {type(rule).__name__}")
         if isinstance(self.cp_max_iter, bool) or not isinstance(self.cp_max_iter, int) or self.cp_max_iter < 0:
             raise ConfigError(f"cp_max_iter must be a non-negative integer, got {self.cp_max_iter!r}")
+        if isinstance(self.calib_limit, bool) or not isinstance(self.calib_limit, int) or self.calib_limit <= 0:
+            raise ConfigError(f"calib_limit must be a positive integer, got {self.calib_limit!r}")
         if not given:
             object.__setattr__(self, "flops", 0.5)
 

@@ -6,24 +6,39 @@ FLOPs follow PyTorch's convention: one multiply-add counts as 2 FLOPs (FLOPs = 2
 from __future__ import annotations
 
 import copy
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_flops", "count_params", "conv_input_shapes", "module_flops", "affine_flops", "accuracy", "output_error"]
+__all__ = ["count_flops", "count_params", "conv_input_shapes", "module_flops", "affine_flops", "accuracy",
+           "output_error", "frozen_mode"]
 
 
 def _as_tuple(example_inputs) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
+@contextmanager
+def frozen_mode(*models: nn.Module):
+    """Eval mode for every submodule while inside (BatchNorm uses, and never updates, its running statistics;
+    dropout is off), then each module's own mode back. Measurement must never change the model it measures."""
+    saved = [(m, m.training) for model in models for m in model.modules()]
+    for m, _ in saved:
+        m.training = False  # set the flag directly: exported graph modules refuse .eval()
+    try:
+        yield
+    finally:
+        for m, mode in saved:
+            m.training = mode
+
+
 def count_flops(model: nn.Module, example_inputs) -> int:
-    """Total FLOPs of one forward pass of ``model`` on ``example_inputs`` (no gradients)."""
+    """Total FLOPs of one forward pass of ``model`` on ``example_inputs`` (no gradients, eval mode)."""
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), frozen_mode(model), counter:
         model(*_as_tuple(example_inputs))
     return int(counter.get_total_flops())
 
@@ -40,7 +55,7 @@ def conv_input_shapes(model: nn.Module, example_inputs, names: Iterable[str]) ->
     """
     shapes: dict[str, list[tuple[int, ...]]] = {}
     modules = dict(model.named_modules(remove_duplicate=False))
-    with ExitStack() as stack, torch.no_grad():
+    with ExitStack() as stack, torch.no_grad(), frozen_mode(model):
         for name in names:
             shapes[name] = []
 
@@ -92,7 +107,7 @@ def _meta_copy(module: nn.Module) -> nn.Module:
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on ``images`` (N, ...) with integer ``labels`` (N,)."""
     correct = 0
-    with torch.no_grad():
+    with torch.no_grad(), frozen_mode(model):
         for i in range(0, len(images), batch_size):
             logits = model(images[i : i + batch_size])
             correct += int((logits.argmax(1) == labels[i : i + batch_size]).sum())
@@ -101,7 +116,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ba
 
 def output_error(reference: nn.Module, candidate: nn.Module, example_inputs) -> float:
     """``‖f'(x) − f(x)‖ / ‖f(x)‖`` of the two models' outputs on ``example_inputs`` (first output if several)."""
-    with torch.no_grad():
+    with torch.no_grad(), frozen_mode(reference, candidate):
         ref = reference(*_as_tuple(example_inputs))
         out = candidate(*_as_tuple(example_inputs))
     ref = ref[0] if isinstance(ref, (tuple, list)) else ref

@@ -293,3 +293,13 @@ def test_embedded_default_model_converts_and_stays_accurate():
         exact = separify.convert(copy.deepcopy(model).double(), example_inputs=images[:4].double(), method="dw-pw",
                                  rank=9, require_saving=False)
     torch.testing.assert_close(exact.model(images[:4].double()), model.double()(images[:4].double()))
+
+
+def test_converting_a_training_mode_model_leaves_its_batchnorm_statistics_alone():
+    model = torchvision.models.resnet18().train()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    res = separify.convert(model, example_inputs=torch.randn(1, 3, 32, 32), rank=2, inplace=True)
+    assert res.model.training
+    for k, v in res.model.state_dict().items():
+        if k in stats:
+            assert torch.equal(v, stats[k]), k
