@@ -21,7 +21,7 @@ from .api import convert as convert_model
 from .config import METHODS, ConvertConfig
 from .errors import SeparifyError
 from .measure import accuracy, output_error
-from .model_io import check_output_path, load_model, parse_shape, save_model
+from .model_io import check_output_path, load_model, load_tensor_file, parse_shape, save_model
 from .report import Evaluation, print_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make trained CNNs cheaper: replace dense "
@@ -74,13 +74,17 @@ def convert(
                                       "code from the file, so only for files you trust."),
     force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
     fold_bn: bool = typer.Option(True, "--fold-bn/--no-fold-bn", help="Fold BatchNorm into the conv before it."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration inputs (.npy/.npz/.pt, shape (N, ...), "
+                                         "preprocessed as the model expects): refit each replacement to the original "
+                                         "layer's outputs on them."),
+    calib_limit: int = typer.Option(1000, "--calib-limit", help="Use at most this many calibration samples."),
     cp_iters: int = typer.Option(25, "--cp-iters", help="ALS sweeps for pw-dw-pw."),
     seed: int = typer.Option(0, "--seed", help="Seed for the example input and the CP solver."),
 ) -> None:
     """Convert the dense k×k convs of MODEL to depthwise-separable form and print the before/after report."""
     try:
         _convert(model, output, method, rank, energy, flops, input_shape, exclude or [], arch, allow_pickle, force,
-                 fold_bn, cp_iters, seed)
+                 fold_bn, cp_iters, seed, calib, calib_limit)
     except SeparifyError as exc:
         _fail(str(exc))
     except (typer.Exit, KeyboardInterrupt):
@@ -92,10 +96,10 @@ def convert(
 
 
 def _convert(model_path, output, method, rank, energy, flops, input_shape, exclude, arch, allow_pickle, force,
-             fold_bn, cp_iters, seed) -> None:
+             fold_bn, cp_iters, seed, calib, calib_limit) -> None:
     console = Console(width=None if sys.stdout.isatty() else 160)
     cfg = ConvertConfig(method=method, rank=rank, energy=energy, flops=flops, exclude=tuple(exclude),
-                        fold_bn=fold_bn, cp_max_iter=cp_iters, seed=seed)
+                        fold_bn=fold_bn, cp_max_iter=cp_iters, seed=seed, calib_limit=calib_limit)
     embedded = model_path is None
     if embedded:
         if arch or allow_pickle:
@@ -136,9 +140,14 @@ def _convert(model_path, output, method, rank, energy, flops, input_shape, exclu
                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
                                 "give --input-shape") from None
 
+    calibration = None
+    if calib is not None:
+        calibration = load_tensor_file(calib)
+        console.print(f"Calibration data: {calib} ({min(len(calibration), calib_limit)} samples of shape "
+                      f"{tuple(calibration.shape[1:])})")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same messages are in result.warnings, printed by the report
-        result = convert_model(model, cfg, example_inputs=inputs, progress=True)
+        result = convert_model(model, cfg, example_inputs=inputs, progress=True, calibration=calibration)
     if not result.layers:
         raise SeparifyError("the model has no Conv2d layers; nothing to convert")
 

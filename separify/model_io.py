@@ -32,7 +32,7 @@ from torch import nn
 from .errors import ModelLoadError, SeparifyError
 
 __all__ = ["LoadedModel", "load_model", "save_model", "check_output_path", "atomic_write", "parse_shape",
-           "OUTPUT_SUFFIXES"]
+           "load_tensor_file", "OUTPUT_SUFFIXES"]
 
 OUTPUT_SUFFIXES = (".pt2", ".pt", ".pth")
 
@@ -289,3 +289,46 @@ def save_model(model: nn.Module, path: str | os.PathLike, example_inputs: tuple)
             atomic_write(path, lambda tmp: torch.save(model, tmp))
         except (pickle.PicklingError, AttributeError, TypeError) as exc:
             raise SeparifyError(f"cannot pickle the converted model ({_first_line(exc)}); write a .pt2 instead") from None
+
+
+def load_tensor_file(path: str | os.PathLike) -> torch.Tensor:
+    """Input samples ``(N, ...)`` from a ``.npy``, ``.npz`` (key ``images``, ``x`` or ``inputs``, or its only array)
+    or ``.pt`` file (a tensor, or a dict with one of those keys; loaded with ``weights_only=True``). The samples must
+    already be preprocessed as the model expects (floating point)."""
+    path = Path(path)
+    _check_input_file(path)
+    keys = ("images", "x", "inputs")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            import numpy as np
+
+            data = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif suffix == ".npz":
+            import numpy as np
+
+            with np.load(path, allow_pickle=False) as archive:
+                names = [k for k in keys if k in archive.files] or (archive.files if len(archive.files) == 1 else [])
+                if not names:
+                    raise ModelLoadError(f"{path}: expected an array named one of {', '.join(keys)} "
+                                         f"(found {', '.join(archive.files) or 'none'})")
+                data = torch.from_numpy(archive[names[0]])
+        elif suffix in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict):
+                obj = next((obj[k] for k in keys if k in obj), None)
+            if not isinstance(obj, torch.Tensor):
+                raise ModelLoadError(f"{path}: expected a tensor or a dict with one of {', '.join(keys)}")
+            data = obj
+        else:
+            raise ModelLoadError(f"{path}: calibration data must be a .npy, .npz or .pt file")
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot read ({type(exc).__name__}: {_first_line(exc)})") from None
+    if data.dim() < 2 or len(data) == 0:
+        raise ModelLoadError(f"{path}: expected samples of shape (N, ...), got {tuple(data.shape)}")
+    if not data.is_floating_point():
+        raise ModelLoadError(f"{path}: holds {data.dtype} values; store the inputs preprocessed as the model expects "
+                             "them (floating point, normalised)")
+    return data.float() if data.dtype == torch.float64 else data

@@ -36,7 +36,7 @@ def layer_table(result: ConvertResult) -> Table:
     for col, kw in (
         ("layer", {}), ("conv", {}), ("method", {}), ("rank", {"justify": "right"}),
         ("MFLOPs before", {"justify": "right"}), ("after", {"justify": "right"}), ("ratio", {"justify": "right"}),
-        ("kernel error", {"justify": "right"}), ("notes", {}),
+        ("kernel error", {"justify": "right"}), ("output error (calib)", {"justify": "right"}), ("notes", {}),
     ):
         table.add_column(col, **kw)
     for r in result.layers:
@@ -49,11 +49,13 @@ def layer_table(result: ConvertResult) -> Table:
         if r.converted:
             ratio = f"{r.flops_after / r.flops_before:.3f}" if r.flops_before else "-"
             notes = "; ".join(x for x in (f"BN {r.bn_folded} folded" if r.bn_folded else None, r.note) if x)
+            calib = ("" if r.calib_error_after is None
+                     else f"{r.calib_error_before:.3f} → {r.calib_error_after:.3f}")
             table.add_row(r.name, conv, r.method, str(r.rank), _mflops(r.flops_before), _mflops(r.flops_after),
-                          ratio, f"{r.rel_error:.3f}", notes)
+                          ratio, f"{r.rel_error:.3f}", calib, notes)
         else:
             table.add_row(r.name, conv, "[dim]kept[/dim]", "", _mflops(r.flops_before), _mflops(r.flops_after),
-                          "", "", f"[yellow]{r.reason}[/yellow]")
+                          "", "", "", f"[yellow]{r.reason}[/yellow]")
     return table
 
 

@@ -233,3 +233,39 @@ def test_failed_write_leaves_no_partial_output(files, tmp_path, monkeypatch):
     res = _run(files["state"], "-o", out, "--rank", "2", "--arch", ARCH, "--input-shape", SHAPE)
     assert res.exit_code == 1 and "disk full" in res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_file(files, tmp_path):
+    from separify.embedded import load_eval_data
+
+    images, _ = load_eval_data(limit=64)
+    calib = tmp_path / "calib.npy"
+    import numpy as np
+
+    np.save(calib, images.numpy())
+    digest = _digest(calib)
+    out = tmp_path / "o.pt2"
+    res = _run(files["state"], "-o", out, "--arch", ARCH, "--input-shape", SHAPE, "--calib", calib,
+               "--calib-limit", "32", "--flops", "0.3")
+    assert res.exit_code == 0, res.output
+    assert "Calibration data:" in res.stdout and "32 samples" in res.stdout and "→" in res.stdout
+    assert _digest(calib) == digest and out.is_file()
+
+
+def test_bad_calibration_files(files, tmp_path):
+    import numpy as np
+
+    src, out = files["state"], tmp_path / "o.pt2"
+    common = ("-o", out, "--arch", ARCH, "--input-shape", SHAPE)
+    _bad(None, src, *common, "--calib", tmp_path / "missing.npy", match="no such file")
+    np.save(tmp_path / "u8.npy", np.zeros((4, 1, 28, 28), dtype=np.uint8))
+    _bad(None, src, *common, "--calib", tmp_path / "u8.npy", match="floating point, normalised")
+    np.save(tmp_path / "shape.npy", np.zeros((4, 3, 32, 32), dtype=np.float32))
+    _bad(None, src, *common, "--calib", tmp_path / "shape.npy", match="does not fit the model")
+    np.save(tmp_path / "empty.npy", np.zeros((0, 1, 28, 28), dtype=np.float32))
+    _bad(None, src, *common, "--calib", tmp_path / "empty.npy", match="expected samples of shape")
+    (tmp_path / "c.txt").write_text("1 2 3")
+    _bad(None, src, *common, "--calib", tmp_path / "c.txt", match="must be a .npy, .npz or .pt")
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    _bad(None, src, *common, "--calib", tmp_path / "bad.npy", match="cannot read")
+    assert not out.exists()
