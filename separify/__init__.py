@@ -9,6 +9,7 @@ Public API::
 
 from .api import ConvertResult, LayerRecord, convert
 from .config import ConvertConfig, LayerRule
+from .finetune import FinetuneResult, distillation_loss, finetune
 from .errors import BadWeightsError, ConfigError, ModelLoadError, SeparifyError, UnsupportedLayerError
 from .modules import DwPwConv2d, PwDwPwConv2d, SeparableConv2d
 
@@ -16,6 +17,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "convert",
+    "finetune",
+    "distillation_loss",
+    "FinetuneResult",
     "ConvertConfig",
     "ConvertResult",
     "LayerRecord",

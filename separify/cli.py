@@ -21,7 +21,7 @@ from .api import convert as convert_model
 from .config import METHODS, ConvertConfig
 from .errors import SeparifyError
 from .measure import accuracy, output_error
-from .model_io import check_output_path, load_model, load_tensor_file, parse_shape, save_model
+from .model_io import check_output_path, load_labeled_file, load_model, load_tensor_file, parse_shape, save_model
 from .report import Evaluation, print_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make trained CNNs cheaper: replace dense "
@@ -78,13 +78,24 @@ def convert(
                                          "preprocessed as the model expects): refit each replacement to the original "
                                          "layer's outputs on them."),
     calib_limit: int = typer.Option(1000, "--calib-limit", help="Use at most this many calibration samples."),
+    finetune_data: Optional[Path] = typer.Option(None, "--finetune", help="Fine-tune the converted model by "
+                                                 "distillation from the original on these inputs (.npy/.npz/.pt; "
+                                                 "labels used when the .npz/.pt has a 'labels' entry)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning epochs (default 1 with --finetune)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Fine-tuning steps, instead of --epochs."),
+    lr: float = typer.Option(1e-4, "--lr", help="Fine-tuning learning rate (AdamW, cosine schedule)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Fine-tuning batch size."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Fine-tuning checkpoint file: saved "
+                                              "periodically, resumed from if it exists."),
     cp_iters: int = typer.Option(25, "--cp-iters", help="ALS sweeps for pw-dw-pw."),
     seed: int = typer.Option(0, "--seed", help="Seed for the example input and the CP solver."),
 ) -> None:
     """Convert the dense k×k convs of MODEL to depthwise-separable form and print the before/after report."""
     try:
         _convert(model, output, method, rank, energy, flops, input_shape, exclude or [], arch, allow_pickle, force,
-                 fold_bn, cp_iters, seed, calib, calib_limit)
+                 fold_bn, cp_iters, seed, calib, calib_limit,
+                 dict(data=finetune_data, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size,
+                      checkpoint=checkpoint))
     except SeparifyError as exc:
         _fail(str(exc))
     except (typer.Exit, KeyboardInterrupt):
@@ -96,7 +107,7 @@ def convert(
 
 
 def _convert(model_path, output, method, rank, energy, flops, input_shape, exclude, arch, allow_pickle, force,
-             fold_bn, cp_iters, seed, calib, calib_limit) -> None:
+             fold_bn, cp_iters, seed, calib, calib_limit, tune) -> None:
     console = Console(width=None if sys.stdout.isatty() else 160)
     cfg = ConvertConfig(method=method, rank=rank, energy=energy, flops=flops, exclude=tuple(exclude),
                         fold_bn=fold_bn, cp_max_iter=cp_iters, seed=seed, calib_limit=calib_limit)
@@ -150,6 +161,10 @@ def _convert(model_path, output, method, rank, energy, flops, input_shape, exclu
         result = convert_model(model, cfg, example_inputs=inputs, progress=True, calibration=calibration)
     if not result.layers:
         raise SeparifyError("the model has no Conv2d layers; nothing to convert")
+    if tune["data"] is not None:
+        _finetune(console, model, result.model, tune, seed)
+    elif tune["epochs"] is not None or tune["steps"] is not None or tune["checkpoint"] is not None:
+        raise SeparifyError("--epochs, --steps and --checkpoint need --finetune DATA")
 
     if embedded:
         evaluations.append(Evaluation("top-1 accuracy (held-out)", accuracy(model, images, labels),
@@ -162,6 +177,26 @@ def _convert(model_path, output, method, rank, energy, flops, input_shape, exclu
     how = ("torch.export.load(path).module()" if out.suffix == ".pt2"
            else "torch.load(path, weights_only=False)  # needs separify installed")
     console.print(f"wrote {out}  (load with: {how})")
+
+
+def _finetune(console, teacher, student, tune, seed) -> None:
+    from .finetune import finetune
+
+    x, y = load_labeled_file(tune["data"])
+    if tune["batch_size"] <= 0:
+        raise SeparifyError(f"--batch-size must be a positive integer, got {tune['batch_size']}")
+    epochs = tune["epochs"] if tune["epochs"] is not None or tune["steps"] is not None else 1
+    batches = [(x[i : i + tune["batch_size"]],) + ((y[i : i + tune["batch_size"]],) if y is not None else ())
+               for i in range(0, len(x), tune["batch_size"])]
+    console.print(f"Fine-tuning on {tune['data']}: {len(x)} samples, {'with' if y is not None else 'without'} labels")
+    res = finetune(student, teacher, batches, epochs=epochs, steps=tune["steps"], lr=tune["lr"], seed=seed,
+                   checkpoint=tune["checkpoint"], progress=True)
+    student.eval()
+    if res.losses:
+        console.print(f"fine-tuned {res.steps} steps" + (f" (resumed at step {res.resumed_from})"
+                      if res.resumed_from is not None else "") + f": loss {res.losses[0]:.4f} → {res.losses[-1]:.4f}")
+    if res.stopped:
+        console.print(f"[yellow]warning:[/yellow] {res.stopped}")
 
 
 def run() -> None:  # console-script entry point

@@ -32,7 +32,7 @@ from torch import nn
 from .errors import ModelLoadError, SeparifyError
 
 __all__ = ["LoadedModel", "load_model", "save_model", "check_output_path", "atomic_write", "parse_shape",
-           "load_tensor_file", "OUTPUT_SUFFIXES"]
+           "load_tensor_file", "load_labeled_file", "OUTPUT_SUFFIXES"]
 
 OUTPUT_SUFFIXES = (".pt2", ".pt", ".pth")
 
@@ -291,6 +291,33 @@ def save_model(model: nn.Module, path: str | os.PathLike, example_inputs: tuple)
             raise SeparifyError(f"cannot pickle the converted model ({_first_line(exc)}); write a .pt2 instead") from None
 
 
+def load_labeled_file(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inputs as :func:`load_tensor_file` plus integer labels ``(N,)`` when the file has them (``.npz`` array or
+    ``.pt`` dict key ``labels``), else ``None``."""
+    x = load_tensor_file(path)
+    path = Path(path)
+    labels = None
+    try:
+        if path.suffix.lower() == ".npz":
+            import numpy as np
+
+            with np.load(path, allow_pickle=False) as archive:
+                if "labels" in archive.files:
+                    labels = torch.from_numpy(archive["labels"])
+        elif path.suffix.lower() in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict) and isinstance(obj.get("labels"), torch.Tensor):
+                labels = obj["labels"]
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot read labels ({type(exc).__name__}: {_first_line(exc)})") from None
+    if labels is not None:
+        if labels.dim() != 1 or len(labels) != len(x) or labels.is_floating_point():
+            raise ModelLoadError(f"{path}: labels must be integers of shape ({len(x)},), got {labels.dtype} "
+                                 f"{tuple(labels.shape)}")
+        labels = labels.long()
+    return x, labels
+
+
 def load_tensor_file(path: str | os.PathLike) -> torch.Tensor:
     """Input samples ``(N, ...)`` from a ``.npy``, ``.npz`` (key ``images``, ``x`` or ``inputs``, or its only array)
     or ``.pt`` file (a tensor, or a dict with one of those keys; loaded with ``weights_only=True``). The samples must
@@ -308,7 +335,8 @@ def load_tensor_file(path: str | os.PathLike) -> torch.Tensor:
             import numpy as np
 
             with np.load(path, allow_pickle=False) as archive:
-                names = [k for k in keys if k in archive.files] or (archive.files if len(archive.files) == 1 else [])
+                inputs = [k for k in archive.files if k != "labels"]
+                names = [k for k in keys if k in archive.files] or (inputs if len(inputs) == 1 else [])
                 if not names:
                     raise ModelLoadError(f"{path}: expected an array named one of {', '.join(keys)} "
                                          f"(found {', '.join(archive.files) or 'none'})")

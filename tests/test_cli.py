@@ -269,3 +269,28 @@ def test_bad_calibration_files(files, tmp_path):
     (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
     _bad(None, src, *common, "--calib", tmp_path / "bad.npy", match="cannot read")
     assert not out.exists()
+
+
+def test_finetune_from_the_command_line(files, tmp_path):
+    import numpy as np
+
+    from separify.embedded import load_eval_data
+
+    images, labels = load_eval_data(limit=64)
+    data = tmp_path / "tune.npz"
+    np.savez(data, images=images.numpy(), labels=labels.numpy())
+    out, ckpt = tmp_path / "o.pt2", tmp_path / "tune.ckpt"
+    args = (files["state"], "-o", out, "--arch", ARCH, "--input-shape", SHAPE, "--flops", "0.3", "--finetune", data,
+            "--steps", "3", "--batch-size", "16", "--checkpoint", ckpt)
+    res = _run(*args)
+    assert res.exit_code == 0, res.output
+    assert "Fine-tuning on" in res.stdout and "with labels" in res.stdout and "fine-tuned 3 steps" in res.stdout
+    assert out.is_file() and ckpt.is_file()
+    res = _run(*args[:-2], "--force")  # no checkpoint: starts afresh
+    assert res.exit_code == 0, res.output
+    _bad(None, files["state"], "-o", tmp_path / "x.pt2", "--arch", ARCH, "--input-shape", SHAPE, "--epochs", "2",
+         match="need --finetune")
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=images.numpy(), labels=np.arange(64) + 5)
+    _bad(None, files["state"], "-o", tmp_path / "x.pt2", "--arch", ARCH, "--input-shape", SHAPE, "--finetune", bad,
+         "--steps", "1", match="labels must be in [0, 9]")

@@ -1,0 +1,143 @@
+"""Distillation fine-tuning: the loss goes down, resume reproduces the uninterrupted run, DDP on 2 CPU processes
+matches 1 process, and bad situations give a clear result or error."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import separify
+from separify.errors import SeparifyError
+from separify.finetune import distillation_loss, finetune
+
+
+def _teacher(dropout: float = 0.1) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(16, 5),
+    ).eval()
+    with torch.no_grad():
+        model[8].weight.mul_(30)  # confident logits, as a trained network has
+    return model
+
+
+def _student(teacher: nn.Module) -> nn.Module:
+    x = torch.randn(1, 3, 8, 8)
+    return separify.convert(teacher, example_inputs=x, method="dw-pw", rank=1).model
+
+
+def _data(n_batches: int = 6, batch: int = 8, labels: bool = True, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        x = torch.randn(batch, 3, 8, 8, generator=g)
+        out.append((x, torch.randint(0, 5, (batch,), generator=g)) if labels else x)
+    return out
+
+
+def _params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_loss_decreases_and_bn_statistics_stay_frozen():
+    teacher = _teacher()
+    student = _student(teacher)
+    bn_before = {k: v.clone() for k, v in student.state_dict().items() if "running" in k}
+    data = _data()
+
+    def mean_kd(model):
+        with torch.no_grad():
+            return sum(float(distillation_loss(model.eval()(x), teacher(x))) for x, _ in data) / len(data)
+
+    before = mean_kd(student)
+    res = finetune(student, teacher, data, epochs=8, lr=5e-3, seed=0)
+    assert res.steps == 48 and res.stopped is None and len(res.losses) == 48
+    assert mean_kd(student) < 0.5 * before
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in bn_before.items())
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    teacher, data = _teacher(), _data()
+    full = _student(teacher)
+    finetune(full, teacher, data, steps=20, seed=3, checkpoint=tmp_path / "full.ckpt", checkpoint_every=5)
+
+    resumed = _student(teacher)
+    ckpt = tmp_path / "run.ckpt"
+
+    def interrupt(step, _loss):
+        if step == 13:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(resumed, teacher, data, steps=20, seed=3, checkpoint=ckpt, checkpoint_every=5, callback=interrupt)
+    fresh = _student(teacher)  # a new process would start from the converted model again
+    res = finetune(fresh, teacher, data, steps=20, seed=3, checkpoint=ckpt, checkpoint_every=5)
+    assert res.resumed_from == 10 and res.steps == 20 and len(res.losses) == 10
+    torch.testing.assert_close(_params(fresh), _params(full), rtol=0, atol=0)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    teacher, data = _teacher(), _data(2)
+    finetune(_student(teacher), teacher, data, steps=2, checkpoint=tmp_path / "c.ckpt", checkpoint_every=1)
+    other = separify.convert(teacher, example_inputs=torch.randn(1, 3, 8, 8), method="pw-dw-pw", rank=4).model
+    with pytest.raises(SeparifyError, match="another model"):
+        finetune(other, teacher, data, steps=4, checkpoint=tmp_path / "c.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SeparifyError, match="cannot read the checkpoint"):
+        finetune(other, teacher, data, steps=4, checkpoint=tmp_path / "junk.ckpt")
+
+
+def test_non_finite_loss_stops_and_restores_last_good_state():
+    teacher = _teacher()
+    student = _student(teacher)
+    data = _data(4)
+    data[3] = (torch.full_like(data[3][0], float("nan")), data[3][1])
+    res = finetune(student, teacher, data, steps=8, checkpoint_every=2)
+    assert res.steps == 3 and "restored the last good state (step 2)" in res.stopped
+    assert torch.isfinite(_params(student)).all()
+
+
+def test_bad_arguments_and_labels():
+    teacher = _teacher()
+    student = _student(teacher)
+    with pytest.raises(SeparifyError, match="exactly one of steps and epochs"):
+        finetune(student, teacher, _data(), steps=2, epochs=1)
+    with pytest.raises(SeparifyError, match="empty"):
+        finetune(student, teacher, [], epochs=1)
+    bad = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 7, 2]))]
+    with pytest.raises(SeparifyError, match=r"labels must be in \[0, 4\]"):
+        finetune(student, teacher, bad, steps=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    teacher = _teacher(dropout=0.0)
+    student = _student(teacher)
+    finetune(student, teacher, _data(labels=True), steps=10, seed=5, lr=5e-3)
+    if rank == 0:
+        torch.save(_params(student), out)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_cpu_processes_match_one(tmp_path):
+    teacher = _teacher(dropout=0.0)  # dropout draws differ between processes by design
+    single = _student(teacher)
+    finetune(single, teacher, _data(labels=True), steps=10, seed=5, lr=5e-3)
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    torch.testing.assert_close(torch.load(out), _params(single), rtol=1e-4, atol=1e-5)
