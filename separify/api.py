@@ -16,7 +16,7 @@ from . import fx_pass, measure, ranks
 from .calibrate import as_batches, refit_pointwise
 from .config import ConvertConfig, LayerRule
 from .decompose import check_weight
-from .errors import BadWeightsError, SeparifyError
+from .errors import BadWeightsError, SeparifyError, first_line
 from .modules import FORMS, why_not_convertible
 
 __all__ = ["convert", "ConvertResult", "LayerRecord"]
@@ -302,9 +302,8 @@ def _check_fits(model: nn.Module, batch: torch.Tensor) -> None:
         with torch.no_grad(), measure.frozen_mode(model):
             model(batch[:1])
     except Exception as exc:  # the model's own error says what does not fit
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SeparifyError(f"calibration data of shape {tuple(batch.shape[1:])} per sample does not fit the model "
-                            f"({type(exc).__name__}: {first})") from None
+                            f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _check(site: fx_pass.ConvSite, rule: LayerRule | None, shapes: list) -> str | None:

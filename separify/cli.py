@@ -19,7 +19,7 @@ from rich.console import Console
 from . import __version__
 from .api import convert as convert_model
 from .config import METHODS, ConvertConfig
-from .errors import SeparifyError
+from .errors import SeparifyError, first_line
 from .measure import accuracy, output_error
 from .model_io import check_output_path, load_labeled_file, load_model, load_tensor_file, parse_shape, save_model
 from .report import Evaluation, print_report
@@ -148,7 +148,7 @@ def _convert(model_path, output, method, rank, energy, flops, input_shape, exclu
                 model(*inputs)
         except Exception as exc:
             raise SeparifyError(f"the model does not run on the example input {shapes} ({type(exc).__name__}: "
-                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+                                f"{first_line(exc)}); "
                                 "give --input-shape") from None
 
     calibration = None

@@ -29,6 +29,7 @@ from torch import nn
 
 from .errors import SeparifyError
 from .measure import frozen_mode
+from .model_io import atomic_write
 
 __all__ = ["distillation_loss", "finetune", "FinetuneResult"]
 
@@ -74,12 +75,6 @@ def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def finetune(
@@ -174,9 +169,10 @@ def finetune(
         nonlocal last_good, last_good_step
         last_good, last_good_step = copy.deepcopy(student.state_dict()), step
         if ckpt_path is not None and rank == 0:
-            _save_atomic({"format": CHECKPOINT_FORMAT, "fingerprint": _fingerprint(student), "student": last_good,
+            payload = {"format": CHECKPOINT_FORMAT, "fingerprint": _fingerprint(student), "student": last_good,
                           "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
-                          "epoch": epoch, "batch": batch_index, "rng": torch.get_rng_state()}, ckpt_path)
+                          "epoch": epoch, "batch": batch_index, "rng": torch.get_rng_state()}
+            atomic_write(ckpt_path, lambda tmp: torch.save(payload, tmp))
         if world > 1:
             torch.distributed.barrier()
 
@@ -225,7 +221,7 @@ def finetune(
                     student.load_state_dict(last_good)
                     result.stopped = (f"the loss became {float(loss)} at step {step + 1}; stopped and restored the "
                                       f"last good state (step {last_good_step})")
-                    return _finish(result, step, None)
+                    return _finish(result, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -246,11 +242,9 @@ def finetune(
         if bar is not None:
             bar.stop()
         student.train(was_training)
-    return _finish(result, step, None)
+    return _finish(result, step)
 
 
-def _finish(result: FinetuneResult, step: int, bar) -> FinetuneResult:
-    if bar is not None:
-        bar.stop()
+def _finish(result: FinetuneResult, step: int) -> FinetuneResult:
     result.steps = step
     return result

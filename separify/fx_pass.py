@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from .errors import first_line
+
 __all__ = ["ConvSite", "TraceFailed", "trace", "match_fx", "match_modules", "bn_fold_reason", "rewrite_fx",
            "rewrite_modules", "lift_aten_convs"]
 
@@ -56,8 +58,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         return fx.symbolic_trace(model)
     except Exception as exc:  # symbolic tracing fails in many ways (TraceError, TypeError, RuntimeError, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise TraceFailed(f"{type(exc).__name__}: {first}") from exc
+        raise TraceFailed(f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def _is_conv(module: nn.Module) -> bool:

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, SeparifyError
+from .errors import ModelLoadError, SeparifyError, first_line
 
 __all__ = ["LoadedModel", "load_model", "save_model", "check_output_path", "atomic_write", "parse_shape",
            "load_tensor_file", "load_labeled_file", "OUTPUT_SUFFIXES"]
@@ -163,7 +163,7 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, allow_pickle
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
-            raise ModelLoadError(f"{path}: corrupt or truncated torch file ({_first_line(exc)})") from None
+            raise ModelLoadError(f"{path}: corrupt or truncated torch file ({first_line(exc)})") from None
         if not allow_pickle:
             raise ModelLoadError(
                 f"{path} is a pickled Python object (e.g. torch.save(model)); loading it runs code stored in the file. "
@@ -175,12 +175,12 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, allow_pickle
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:
-            raise ModelLoadError(f"{path}: cannot unpickle ({type(exc2).__name__}: {_first_line(exc2)})") from None
+            raise ModelLoadError(f"{path}: cannot unpickle ({type(exc2).__name__}: {first_line(exc2)})") from None
         if not isinstance(obj, nn.Module):
             raise ModelLoadError(f"{path}: the pickle holds a {type(obj).__name__}, not an nn.Module")
         return LoadedModel(_eval(obj), None, "pickle")
     except Exception as exc:
-        raise ModelLoadError(f"{path}: corrupt or truncated torch file ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise ModelLoadError(f"{path}: corrupt or truncated torch file ({type(exc).__name__}: {first_line(exc)})") from None
 
     state = _unwrap_state_dict(obj)
     if state is None:
@@ -209,11 +209,6 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, allow_pickle
             parts.append(f"unexpected {_few(result.unexpected_keys)}")
         raise ModelLoadError(f"{path} does not match --arch {arch!r}: " + "; ".join(parts))
     return LoadedModel(_eval(model), None, "state-dict")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _few(keys: list[str]) -> str:
@@ -282,13 +277,13 @@ def save_model(model: nn.Module, path: str | os.PathLike, example_inputs: tuple)
             ep = _export(model, tuple(example_inputs))
         except Exception as exc:
             raise SeparifyError(f"torch.export could not export the converted model ({type(exc).__name__}: "
-                                f"{_first_line(exc)}); save as .pt instead") from None
+                                f"{first_line(exc)}); save as .pt instead") from None
         atomic_write(path, lambda tmp: torch.export.save(ep, tmp))
     else:
         try:
             atomic_write(path, lambda tmp: torch.save(model, tmp))
         except (pickle.PicklingError, AttributeError, TypeError) as exc:
-            raise SeparifyError(f"cannot pickle the converted model ({_first_line(exc)}); write a .pt2 instead") from None
+            raise SeparifyError(f"cannot pickle the converted model ({first_line(exc)}); write a .pt2 instead") from None
 
 
 def load_labeled_file(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -309,7 +304,7 @@ def load_labeled_file(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tens
             if isinstance(obj, dict) and isinstance(obj.get("labels"), torch.Tensor):
                 labels = obj["labels"]
     except Exception as exc:
-        raise ModelLoadError(f"{path}: cannot read labels ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise ModelLoadError(f"{path}: cannot read labels ({type(exc).__name__}: {first_line(exc)})") from None
     if labels is not None:
         if labels.dim() != 1 or len(labels) != len(x) or labels.is_floating_point():
             raise ModelLoadError(f"{path}: labels must be integers of shape ({len(x)},), got {labels.dtype} "
@@ -353,7 +348,7 @@ def load_tensor_file(path: str | os.PathLike) -> torch.Tensor:
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"{path}: cannot read ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise ModelLoadError(f"{path}: cannot read ({type(exc).__name__}: {first_line(exc)})") from None
     if data.dim() < 2 or len(data) == 0:
         raise ModelLoadError(f"{path}: expected samples of shape (N, ...), got {tuple(data.shape)}")
     if not data.is_floating_point():
