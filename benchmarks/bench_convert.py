@@ -12,7 +12,10 @@ Prints a markdown table and writes it to ``--out``. Measured:
 2. The peer: tensorly-torch's ``FactorizedConv.from_conv(conv, rank=R, factorization='cp',
    implementation='mobilenet')`` (the same pw → dw → pw structure) on the six 256-channel 3×3 convs of ``layer3``
    at the ranks separify chose for ``pw-dw-pw, flops=0.75`` (so matched FLOPs), if tensorly-torch is installed.
-3. One CP fit of a 512×512×3×3 kernel at rank 1100 (half the dense FLOPs of that layer): separify's ALS vs
+3. ``separify.convert`` with calibration data (``--calib-images`` random 224² images: the time does not depend
+   on what the images show), one run each: the observing pass over the original model, the data-aware allocation
+   and the one-pass least-squares refit included.
+4. One CP fit of a 512×512×3×3 kernel at rank 1100 (half the dense FLOPs of that layer): separify's ALS vs
    ``tensorly.decomposition.parafac`` (pytorch backend), same number of sweeps; the reason separify has its own ALS.
 
 Nothing here is a test: figures depend on the machine, which the output names.
@@ -62,6 +65,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/convert_resnet50.md"))
     ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--calib-images", type=int, default=64)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -92,6 +96,18 @@ def main() -> None:
         print(lines[-1], flush=True)
         if method == "pw-dw-pw" and sel.get("flops") == 0.75:
             peer_ranks_from = res
+
+    lines += ["", f"With calibration ({args.calib_images} random 1×3×224×224 images; one run each):", "",
+              "| model | method | ranks | FLOPs after / before | convert time without / with calibration (s) |",
+              "|---|---|---|---|---|"]
+    calib = torch.randn(args.calib_images, 3, 224, 224)
+    for method, sel in (("dw-pw", {"rank": 2}), ("pw-dw-pw", {"flops": 0.75})):
+        plain_s, _ = _best(lambda: separify.convert(model, example_inputs=x, method=method, **sel), 1)
+        cal_s, res = _best(lambda: separify.convert(model, example_inputs=x, method=method, calibration=calib,
+                                                    **sel), 1)
+        label = ", ".join(f"{k}={v}" for k, v in sel.items())
+        lines.append(f"| resnet50 | {method} | {label} | {res.flops_ratio:.3f} | {plain_s:.1f} / {cal_s:.1f} |")
+        print(lines[-1], flush=True)
 
     if not args.skip_peers:
         lines += ["", "Peers on the six 256-channel 3×3 convs of resnet50.layer3 (ranks as chosen by separify for "

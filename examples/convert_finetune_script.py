@@ -4,10 +4,12 @@ and data.
 Here the model is separify's embedded Fashion-MNIST network and the data is Debian's ``dataset-fashion-mnist``
 (``apt-get install dataset-fashion-mnist``); run from anywhere::
 
-    python examples/convert_finetune_script.py [--flops 0.25] [--method dw-pw] [--out converted.pt2]
+    python examples/convert_finetune_script.py [--flops 0.25] [--method dw-pw] [--feature-weight 1] [--out converted.pt2]
 
 Your own training loop instead of ``separify.finetune``: use ``separify.distillation_loss(student_logits,
-teacher_logits, labels)`` as the loss, with the original model (eval mode, no gradients) as the teacher.
+teacher_logits, labels)`` as the loss, with the original model (eval mode, no gradients) as the teacher; add
+``separify.feature_loss(student_features, teacher_features)`` over the layer pairs of ``result.feature_pairs()`` for a
+per-layer term.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="pw-dw-pw", choices=["pw-dw-pw", "dw-pw"])
     ap.add_argument("--flops", type=float, default=0.25)
+    ap.add_argument("--feature-weight", type=float, default=0.0, help="weight of the per-layer feature term (0: off)")
     ap.add_argument("--out", type=Path, default=Path("converted.pt2"))
     args = ap.parse_args()
 
@@ -48,7 +51,7 @@ def main() -> None:
 
     # 2. convert, with calibration data (a few hundred inputs) so each layer fits the original outputs
     result = separify.convert(teacher, example_inputs=train_x[:1], method=args.method, flops=args.flops,
-                              calibration=train_x[:512])
+                              calibration=train_x[:1000])
     student = result.model
     print(f"FLOPs {result.flops_ratio:.3f} of the original; top-1 {accuracy(teacher, test_x, test_y):.3f} → "
           f"{accuracy(student, test_x, test_y):.3f} after calibration")
@@ -56,7 +59,7 @@ def main() -> None:
     # 3. distillation fine-tuning; rerunning with the same checkpoint resumes where it stopped
     batches = [(train_x[i : i + 128], train_y[i : i + 128]) for i in range(0, len(train_x), 128)]
     run = separify.finetune(student, teacher, batches, epochs=1, lr=1e-4, checkpoint="finetune.ckpt",
-                            progress=True)
+                            features=result.feature_pairs(), feature_weight=args.feature_weight, progress=True)
     if run.stopped:
         print("fine-tuning stopped early:", run.stopped)
     student.eval()

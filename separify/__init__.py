@@ -9,7 +9,7 @@ Public API::
 
 from .api import ConvertResult, LayerRecord, convert
 from .config import ConvertConfig, LayerRule
-from .finetune import FinetuneResult, distillation_loss, finetune
+from .finetune import FinetuneResult, distillation_loss, feature_loss, finetune
 from .errors import BadWeightsError, ConfigError, ModelLoadError, SeparifyError, UnsupportedLayerError
 from .modules import DwPwConv2d, PwDwPwConv2d, SeparableConv2d
 
@@ -19,6 +19,7 @@ __all__ = [
     "convert",
     "finetune",
     "distillation_loss",
+    "feature_loss",
     "FinetuneResult",
     "ConvertConfig",
     "ConvertResult",

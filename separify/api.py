@@ -13,9 +13,9 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from . import fx_pass, measure, ranks
-from .calibrate import as_batches, refit_pointwise
+from .calibrate import as_batches, observe, refit_pointwise
 from .config import ConvertConfig, LayerRule
-from .decompose import check_weight
+from .decompose import check_weight, whiten
 from .errors import BadWeightsError, SeparifyError, first_line
 from .modules import FORMS, why_not_convertible
 
@@ -29,7 +29,9 @@ class LayerRecord:
     ``status`` is ``"converted"`` or ``"skipped"``; a skipped layer always has a ``reason``. FLOPs are counted by
     ``FlopCounterMode`` at the layer's real input shape(s) on the example input (FLOPs = 2 × MACs); ``rel_error`` is
     ``‖W − Ŵ‖ / ‖W‖`` of the (BatchNorm-folded) kernel. With calibration data, ``calib_error_before``/``after`` are
-    the layer's relative output error on that data before and after the least-squares refit.
+    the layer's relative output error on that data (in the converted model, with every earlier layer already
+    refitted) before and after the least-squares refit; ``rank_source`` says whether ranks were allocated by weight
+    error or by the predicted output error on the data.
     """
 
     name: str
@@ -102,6 +104,11 @@ class ConvertResult:
     def flops_ratio(self) -> float:
         return self.flops_after / self.flops_before if self.flops_before else 1.0
 
+    def feature_pairs(self) -> dict[str, str]:
+        """Converted layer name → name of the original module its output reproduces (the conv, or its folded
+        BatchNorm): the ``features`` argument of :func:`separify.finetune` for a feature-distillation term."""
+        return {r.name: r.bn_folded or r.name for r in self.converted}
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-ready) without the model."""
         return {
@@ -147,8 +154,10 @@ def convert(
         inplace: skip the defensive deep copy. The input model may then be modified (module-tree path) or share
             submodules with the result; use the returned model either way. Default: the input is never touched.
         calibration: optional input data (a tensor ``(N, ...)`` or an iterable of batches / ``(input, label)``
-            tuples, at most ``config.calib_limit`` samples used). The last 1×1 conv of every replacement is then
-            refitted by least squares to the original layer's outputs on this data (:mod:`separify.calibrate`).
+            tuples, at most ``config.calib_limit`` samples used). The input moments of every layer are measured on
+            it; the kernels are decomposed whitened by them and a FLOPs target is allocated by predicted output
+            error (``calib_whiten``, ``calib_ranks``); then the last 1×1 conv of every replacement is refitted by
+            least squares to the original layer's outputs on this data (:mod:`separify.calibrate`).
         progress: ``True`` shows a progress bar over layers; a callable is called with each layer name.
         options: ``ConvertConfig`` fields, e.g. ``method="pw-dw-pw", flops=0.5, exclude=("layer4.*",)``.
 
@@ -176,7 +185,6 @@ def convert(
         batches = as_batches(calibration, limit=cfg.calib_limit)
         _check_fits(model, batches[0])
     work = model if inplace else copy.deepcopy(model)
-    reference = copy.deepcopy(model) if (inplace and batches is not None) else model
 
     # Trace (or fall back to the module tree) and find the convs.
     trace_error = None
@@ -243,8 +251,20 @@ def convert(
             raise BadWeightsError(f"layer {site.name!r}: {exc}") from None
         kernels[site.name] = source
 
+    # Calibration pass over the original model: input moments and target outputs of every candidate.
+    obs = None
+    if batches is not None:
+        targets = {site.name: folded.get(site.name, site.name) for site, _, _, _ in todo}
+        # the input moments are only needed by the whitening and the data-aware FLOPs allocation
+        need_moments = cfg.calib_whiten or (cfg.calib_ranks and cfg.selection == "flops")
+        obs = observe(model, targets, batches, memory_gb=cfg.calib_memory_gb,  # before any rewrite: inplace is safe
+                      moments=need_moments)
+    covs = obs.covariances if obs is not None else {}
+    whitened = {name: whiten(kernels[name].weight, covs[name], rec.method, damp=cfg.calib_damp)
+                for _, rec, _, _ in todo if (name := rec.name) in covs and cfg.calib_ranks}
+
     # Ranks.
-    budget, rank_warnings = _choose_ranks(cfg, todo, kernels, shapes, flops_before)
+    budget, rank_warnings = _choose_ranks(cfg, todo, kernels, shapes, flops_before, whitened)
 
     # Build the replacements.
     replacements: dict[str, nn.Module] = {}
@@ -259,6 +279,8 @@ def convert(
             progress(site.name)
         cls = FORMS[rec.method]
         extra = dict(max_iter=cfg.cp_max_iter, tol=cfg.cp_tol, seed=cfg.seed) if rec.method == "pw-dw-pw" else {}
+        if cfg.calib_whiten and site.name in covs:
+            extra.update(cov=covs[site.name], damp=cfg.calib_damp)
         new = cls.from_conv(kernels[site.name], rec.rank, **extra)
         new.train(site.module.training)
         replacements[site.name] = new
@@ -280,9 +302,9 @@ def convert(
     else:
         new_model = fx_pass.rewrite_modules(work, replacements, {s.name: s.aliases for s in sites})
 
-    if batches is not None:
-        todo_fit = [(r.name, r.bn_folded or r.name) for r in records if r.converted]
-        fits = refit_pointwise(reference, new_model, todo_fit, batches, ridge=cfg.calib_ridge,
+    if obs is not None:
+        fits = refit_pointwise(new_model, [r.name for r in records if r.converted], obs.outputs,
+                               torch.cat(batches), ridge=cfg.calib_ridge,
                                progress=progress if callable(progress) else None)
         by_name = {r.name: r for r in records}
         for fit in fits:
@@ -320,8 +342,12 @@ def _check(site: fx_pass.ConvSite, rule: LayerRule | None, shapes: list) -> str 
     return None
 
 
-def _choose_ranks(cfg, todo, kernels, shapes, flops_before) -> tuple[int | None, list[str]]:
-    """Set ``rec.rank`` (or ``rec.reason``) on every record in ``todo``; returns the FLOPs budget and warnings."""
+def _choose_ranks(cfg, todo, kernels, shapes, flops_before, whitened) -> tuple[int | None, list[str]]:
+    """Set ``rec.rank`` (or ``rec.reason``) on every record in ``todo``; returns the FLOPs budget and warnings.
+
+    ``whitened`` maps layer names to kernels whitened by their calibration inputs; the FLOPs allocation then uses
+    their error curves (predicted relative output error) instead of the weight error.
+    """
     costs: dict[str, ranks.LayerCost] = {}
     for site, rec, _conv, rule in todo:
         kernel = kernels[site.name]
@@ -333,7 +359,7 @@ def _choose_ranks(cfg, todo, kernels, shapes, flops_before) -> tuple[int | None,
         rec.exact_rank = cls.max_rank(kernel)
         costs[site.name] = ranks.LayerCost(
             site.name, rec.flops_before, measure.affine_flops(build, shapes[site.name]), rec.exact_rank,
-            lambda r, _m=rec.method, _w=kernel.weight: ranks.error_curve(_m, _w, r),
+            lambda r, _m=rec.method, _w=whitened.get(site.name, kernel.weight): ranks.error_curve(_m, _w, r),
         )
 
     planned = []
@@ -350,6 +376,7 @@ def _choose_ranks(cfg, todo, kernels, shapes, flops_before) -> tuple[int | None,
             fixed = ranks.rank_for_energy(rec.method, kernels[site.name].weight, cfg.energy)
         rec.rank_source = source
         if fixed is None:
+            rec.rank_source = "flops (output error on calibration data)" if rec.name in whitened else "flops"
             planned.append(rec)
             continue
         if fixed > rec.exact_rank:

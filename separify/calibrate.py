@@ -1,23 +1,29 @@
-"""Calibration-aware initialisation: refit each replacement's last 1×1 conv to the original layer's *outputs*.
+"""Calibration: measure each layer's real inputs, then refit each replacement's last 1×1 conv to the original outputs.
 
 Weight-space decomposition minimises ‖W − Ŵ‖, which treats every input direction as equally likely. On real data
-the inputs of a layer are strongly correlated, and what matters is the error of the layer's output. For a converted
-layer let ``z`` be the input of its last 1×1 conv (``C`` channels: ``M·K`` for dw-pw, ``R`` for pw-dw-pw) in the
-converted model, and ``y`` the output of the original layer (after its folded BatchNorm, if any) in the original
-model, on the same calibration images. The last 1×1 conv is a per-pixel affine map, so the output-optimal weights
-solve a linear least-squares problem over all pixels ``i``::
+the inputs of a layer are strongly correlated, and what matters is the error of the layer's output. Calibration
+works in two passes over the data:
 
-    min_{P, b}  Σ_i ‖y_i − P z_i − b‖²   ⇒   [P b] = H G⁻¹,   G = Σ_i ž_i ž_iᵀ,   H = Σ_i y_i ž_iᵀ,   ž = [z; 1]
+1. :func:`observe` runs the *original* model once over the calibration batches. Forward hooks accumulate, for every
+   candidate conv, the second moments of its real inputs (:class:`~separify.decompose.InputCovariance`: ``M×M`` over
+   pixels and ``M×P×P`` over the patches the conv reads) and keep the output of its target (the conv, or the
+   BatchNorm folded into it). The moments drive the whitened decomposition and the data-aware rank allocation.
+2. :func:`refit_pointwise` runs the *converted* model once, on all calibration samples as one batch. A pre-hook on
+   each replacement's last 1×1 conv fires when the forward reaches it; there ``z`` (its input, ``C`` channels:
+   ``M·K`` for dw-pw, ``R`` for pw-dw-pw) and the kept original output ``y`` give the output-optimal weights by
+   linear least squares over all pixels ``i``::
 
-(with a tiny ridge ``λ‖[P b] − [P₀ b₀]‖²`` towards the weight-space factors, so that directions the calibration
-data does not excite keep their weight-space values). Only ``G`` and ``H`` are accumulated, streaming over batches, so memory
-is ``(C+1)² + N·(C+1)`` float64 numbers for one layer at a time, whatever the amount of data. Layers are refitted in
-forward order, and each layer's ``z`` comes from the converted model whose upstream layers are already refitted, so
-each refit also absorbs the error introduced upstream. At full rank the refit reproduces the original layer exactly
-(the original 1×1 weights are a solution with zero residual).
+       min_{P, b}  Σ_i ‖y_i − P z_i − b‖²   ⇒   [P b] = H G⁻¹,   G = Σ_i ž_i ž_iᵀ,   H = Σ_i y_i ž_iᵀ,   ž = [z; 1]
 
-The calibration batches are kept in memory and each is run once per converted layer (through both models, stopping
-at that layer), so a few hundred images are the intended size.
+   (with a tiny ridge ``λ‖[P b] − [P₀ b₀]‖²`` towards the current factors, so that directions the data does not
+   excite keep their values). The weights are replaced before the conv runs, so the forward continues with the
+   refitted layer: every later layer sees, and corrects, the error left upstream, in one pass instead of one pass
+   per layer. At full rank the refit reproduces the original layer exactly.
+
+Memory: the kept outputs (every converted layer's output for every sample, float32 — float64 for float64 models; bounded by
+``calib_memory_gb``, with a clear error beyond), plus one forward pass of the converted model on all samples at
+once, plus ``(C+1)²`` float64 statistics for one layer at a time. A module called several times in one forward
+pass is calibrated on its first call.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .decompose import InputCovariance
 from .errors import SeparifyError
 from .measure import frozen_mode
 
-__all__ = ["LayerFit", "as_batches", "refit_pointwise"]
+__all__ = ["LayerFit", "Observation", "as_batches", "observe", "refit_pointwise"]
 
 
 @dataclass(frozen=True)
@@ -44,8 +52,59 @@ class LayerFit:
     pixels: int
 
 
-class _Stop(Exception):
-    pass
+@dataclass
+class Observation:
+    """What :func:`observe` measured: per conv name, its input moments and its target's outputs ``(n, N, H, W)``."""
+
+    covariances: dict[str, InputCovariance]
+    outputs: dict[str, torch.Tensor]
+    samples: int
+    output_bytes: int = 0
+
+
+@dataclass
+class _Moments:
+    channel: torch.Tensor | None = None
+    spatial: torch.Tensor | None = None
+    pixels: int = 0
+    patches: int = 0
+
+    def result(self) -> InputCovariance:
+        # on the CPU, where the decomposition runs
+        return InputCovariance((self.channel / max(self.pixels, 1)).cpu(), (self.spatial / max(self.patches, 1)).cpu(),
+                               self.patches)
+
+
+_UNFOLD_BYTES = 1 << 28  # bound on one unfold buffer (256 MiB)
+
+
+def _accumulate(conv: nn.Conv2d, x: torch.Tensor, acc: _Moments) -> None:
+    """Add the channel and patch second moments of ``x (B, M, H, W)``, the input of ``conv``, to ``acc``."""
+    x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    b, m = x.shape[:2]
+    kh, kw = conv.kernel_size
+    p = kh * kw
+    px = x.transpose(0, 1).reshape(m, -1)  # (M, B·H·W)
+    channel = (px @ px.T).double()
+    # the patches exactly as the conv reads them: its own padding (any mode, 'same' included), stride, dilation
+    pad = tuple(conv._reversed_padding_repeated_twice)
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+    spatial = torch.zeros(m, p, p, dtype=torch.float64, device=x.device)
+    per_sample = max(1, x[0].numel() * p * x.element_size())
+    patches = 0
+    for chunk in x.split(max(1, _UNFOLD_BYTES // per_sample)):
+        u = F.unfold(chunk, (kh, kw), dilation=conv.dilation, stride=conv.stride)  # (b, M·P, L)
+        u = u.view(len(chunk), m, p, -1).permute(1, 2, 0, 3).reshape(m, p, -1)  # (M, P, b·L)
+        spatial += torch.bmm(u, u.transpose(1, 2)).double()  # (M, P, P)
+        patches += u.shape[-1]
+    if acc.channel is None:
+        acc.channel, acc.spatial = channel, spatial
+    else:
+        acc.channel += channel
+        acc.spatial += spatial
+    acc.pixels += px.shape[1]
+    acc.patches += patches
 
 
 def as_batches(data: Any, *, limit: int | None = None) -> list[torch.Tensor]:
@@ -77,95 +136,174 @@ def as_batches(data: Any, *, limit: int | None = None) -> list[torch.Tensor]:
     return batches
 
 
-def _run_until(model: nn.Module, module: nn.Module, x: torch.Tensor, *, want: str) -> torch.Tensor:
-    """Run ``model(x)`` only as far as the first call of ``module``; return that call's input or output."""
-    captured: list[torch.Tensor] = []
+def observe(
+    model: nn.Module, layers: dict[str, str], batches: list[torch.Tensor], *, memory_gb: float = 4.0,
+    moments: bool = True,
+) -> Observation:
+    """Run ``model`` (the original) over ``batches`` once, measuring every conv in ``layers``.
 
-    def hook(_mod, args, output=None):
-        captured.append(args[0] if want == "input" else output)
-        raise _Stop
+    Args:
+        model: the unconverted model (run in eval mode, never changed).
+        layers: conv name → name of the module whose output the replacement must reproduce (the conv itself, or the
+            BatchNorm folded into it).
+        batches: calibration inputs, see :func:`as_batches`.
+        memory_gb: bound on the kept outputs; exceeded → :class:`SeparifyError` saying how many samples fit.
+        moments: measure the input moments (``False``: only keep the outputs; ``covariances`` is then empty).
 
-    handle = (module.register_forward_pre_hook(hook) if want == "input"
-              else module.register_forward_hook(hook))
+    Returns:
+        :class:`Observation` with one :class:`~separify.decompose.InputCovariance` and one output tensor per layer.
+    """
+    acc = {name: _Moments() for name in layers}
+    kept: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    seen: set[str] = set()
+    used = 0
+    limit = int(memory_gb * (1 << 30))
+    samples = sum(len(x) for x in batches)
+
+    def pre(name):
+        conv = model.get_submodule(name)
+
+        def hook(_mod, args):
+            _accumulate(conv, args[0], acc[name])
+
+        return hook
+
+    def post(name):
+        def hook(_mod, _args, output):
+            nonlocal used
+            if name in seen:  # first call of the module in this forward pass only
+                return
+            seen.add(name)
+            y = output.detach().to("cpu", torch.float64 if output.dtype == torch.float64 else torch.float32)
+            used += y.numel() * y.element_size()
+            if used > limit:
+                per_sample = used / max(sum(len(t) for t in kept[name]) + len(y), 1)
+                raise SeparifyError(f"calibration would keep more than {memory_gb:g} GB of layer outputs for "
+                                    f"{samples} samples; use fewer samples (e.g. --calib-limit "
+                                    f"{max(1, int(samples * limit / max(used, 1) * 0.9))}) or raise calib_memory_gb")
+            kept[name].append(y)
+
+        return hook
+
+    handles = []
     try:
-        model(x)
-    except _Stop:
-        pass
+        for name, target in layers.items():
+            if moments:
+                handles.append(model.get_submodule(name).register_forward_pre_hook(pre(name)))
+            handles.append(model.get_submodule(target).register_forward_hook(post(name)))
+        with torch.no_grad(), frozen_mode(model):
+            for x in batches:
+                seen.clear()
+                model(x)
     finally:
-        handle.remove()
-    if not captured:
-        raise SeparifyError(f"the calibration data never reaches layer {module!r}")
-    return captured[0]
+        for h in handles:
+            h.remove()
+    missing = [n for n in layers if not kept[n]]
+    if missing:
+        raise SeparifyError(f"the calibration data never reaches layer(s) {', '.join(missing[:3])}")
+    covariances = {n: acc[n].result() for n in layers} if moments else {}
+    return Observation(covariances, {n: torch.cat(kept[n]) for n in layers}, samples, used)
 
 
-def _pixels(t: torch.Tensor) -> torch.Tensor:
-    """``(B, C, H, W)`` → ``(B·H·W, C)`` in float64."""
-    return t.detach().permute(0, 2, 3, 1).reshape(-1, t.shape[1]).to(torch.float64)
+def _pixels(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, C, H, W)`` → ``(B·H·W, C)``."""
+    return t.detach().permute(0, 2, 3, 1).reshape(-1, t.shape[1]).to(dtype)
+
+
+def _solve(last: nn.Conv2d, z_all: torch.Tensor, y_all: torch.Tensor, ridge: float, name: str) -> LayerFit:
+    """Least-squares refit of ``last`` (a 1×1 conv) so that ``last(z) ≈ y``; see the module docstring."""
+    if z_all.shape[0] != y_all.shape[0] or z_all.shape[2:] != y_all.shape[2:]:
+        raise SeparifyError(f"layer {name}: the converted layer's shape {tuple(z_all.shape[2:])} does not match the "
+                            f"original output {tuple(y_all.shape[2:])}")
+    has_bias = last.bias is not None
+    c = last.in_channels
+    dim = c + int(has_bias)
+    dev = z_all.device
+    w = last.weight.detach().reshape(last.out_channels, c).to(device=dev, dtype=torch.float64)
+    old = torch.cat([w, last.bias.detach().to(device=dev, dtype=torch.float64)[:, None]], 1) if has_bias else w
+    # Accumulate the residual of the current weights, E = Y − P₀Ž, rather than Y itself: the correction
+    # Δ = R (G + λI)⁻¹ with R = Σ e žᵀ is then computed to full precision even when P₀ is already (nearly) exact.
+    # Products per chunk run in the model's precision (float32 unless the model is float64), sums in float64.
+    work = torch.float64 if z_all.dtype == torch.float64 else torch.float32
+    gram = torch.zeros(dim, dim, dtype=torch.float64, device=dev)
+    resid = torch.zeros(last.out_channels, dim, dtype=torch.float64, device=dev)
+    y2 = e2 = 0.0
+    pixels = 0
+    step = max(1, (1 << 24) // max(1, z_all[0].numel()))  # bound the pixel matrices
+    for i in range(0, len(z_all), step):
+        z = _pixels(z_all[i : i + step], work)
+        y = _pixels(y_all[i : i + step].to(dev), work)
+        if has_bias:
+            z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
+        e = y - z @ old.T.to(work)
+        gram += (z.T @ z).double()
+        resid += (e.T @ z).double()
+        y2 += float((y.double() ** 2).sum())
+        e2 += float((e.double() ** 2).sum())
+        pixels += y.shape[0]
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
+    # ridge on Δ: directions the data never excites keep their current weights
+    eye = torch.eye(dim, dtype=torch.float64, device=dev)
+    delta = torch.linalg.solve(gram + lam * eye, resid.T).T
+    # ‖E − ΔŽ‖² = ‖E‖² − 2 tr(Δ Rᵀ) + tr(Δ G Δᵀ), from the accumulated statistics
+    sq = e2 - 2 * float((delta * resid).sum()) + float(((delta @ gram) * delta).sum())
+    before = (e2 / max(y2, 1e-300)) ** 0.5
+    after = (max(sq, 0.0) / max(y2, 1e-300)) ** 0.5
+    new = old + delta
+    if not after <= before:  # numerical trouble: keep the current factors
+        new, after = old, before
+    last.weight.copy_(new[:, :c].reshape_as(last.weight).to(last.weight.dtype))
+    if has_bias:
+        last.bias.copy_(new[:, c].to(last.bias.dtype))
+    return LayerFit(name, before, after, pixels)
 
 
 def refit_pointwise(
-    original: nn.Module,
     converted: nn.Module,
-    layers: Iterable[tuple[str, str]],
-    batches: list[torch.Tensor],
+    layers: Iterable[str],
+    outputs: dict[str, torch.Tensor],
+    inputs: torch.Tensor,
     *,
     ridge: float = 1e-6,
     progress: Callable[[str], None] | None = None,
 ) -> list[LayerFit]:
-    """Refit the last 1×1 conv of each replacement, in order, to the original model's outputs (see module docstring).
+    """Refit the last 1×1 conv of each replacement to the original outputs, in one forward pass (module docstring).
 
     Args:
-        original: the unconverted model (only run, never changed).
         converted: the converted model; its replacements' last 1×1 convs are overwritten.
-        layers: ``(name in converted, name of the target in original)`` pairs in forward order; the target is the
-            original conv, or the BatchNorm folded into it.
-        batches: calibration inputs, see :func:`as_batches`.
-        ridge: relative weight of the pull towards the weight-space factors (times the mean diagonal of ``G``).
+        layers: names (in ``converted``) of the replacements to refit.
+        outputs: per name, the original target's outputs on ``inputs`` (:attr:`Observation.outputs`).
+        inputs: all calibration samples, ``(n, ...)``; run as one batch.
+        ridge: relative weight of the pull towards the current factors (times the mean diagonal of ``G``).
 
     Returns:
-        One :class:`LayerFit` per layer.
+        One :class:`LayerFit` per layer, in the order the forward pass reached them.
     """
-    fits = []
-    with torch.no_grad(), frozen_mode(original, converted):
-        for name, target in layers:
+    fits: list[LayerFit] = []
+    done: set[str] = set()
+
+    def hook_for(name):
+        def hook(mod, args):
+            if name in done:
+                return
+            done.add(name)
             if progress is not None:
                 progress(name)
-            last = converted.get_submodule(name)._last()
-            target_module = original.get_submodule(target)
-            has_bias = last.bias is not None
-            c = last.in_channels
-            dim = c + int(has_bias)
-            gram = torch.zeros(dim, dim, dtype=torch.float64)
-            cross = torch.zeros(last.out_channels, dim, dtype=torch.float64)
-            y2 = 0.0
-            pixels = 0
-            for x in batches:
-                y = _pixels(_run_until(original, target_module, x, want="output"))
-                z = _pixels(_run_until(converted, last, x, want="input"))
-                if y.shape[0] != z.shape[0]:
-                    raise SeparifyError(f"layer {name}: the original and converted outputs differ in size")
-                if has_bias:
-                    z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
-                gram += z.T @ z
-                cross += y.T @ z
-                y2 += float((y**2).sum())
-                pixels += y.shape[0]
-            w = last.weight.detach().reshape(last.out_channels, c).to(torch.float64)
-            old = torch.cat([w, last.bias.detach().to(torch.float64)[:, None]], 1) if has_bias else w
-            lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
-            # ridge towards the weight-space factors: directions the data never excites keep their old weights
-            new = torch.linalg.solve(gram + lam * torch.eye(dim, dtype=torch.float64), (cross + lam * old).T).T
+            fits.append(_solve(mod, args[0], outputs[name], ridge, name))
 
-            def err(p: torch.Tensor) -> float:
-                # ‖Y − P Ž‖² = ‖Y‖² − 2 tr(P Hᵀ) + tr(P G Pᵀ), from the accumulated statistics
-                sq = y2 - 2 * float((p * cross).sum()) + float(((p @ gram) * p).sum())
-                return (max(sq, 0.0) / max(y2, 1e-300)) ** 0.5
+        return hook
 
-            before, after = err(old), err(new)
-            if not after <= before:  # numerical trouble: keep the weight-space factors
-                new, after = old, before
-            last.weight.copy_(new[:, :c].reshape_as(last.weight).to(last.weight.dtype))
-            if has_bias:
-                last.bias.copy_(new[:, c].to(last.bias.dtype))
-            fits.append(LayerFit(name, before, after, pixels))
+    handles = []
+    names = list(layers)
+    try:
+        for name in names:
+            handles.append(converted.get_submodule(name)._last().register_forward_pre_hook(hook_for(name)))
+        with torch.no_grad(), frozen_mode(converted):
+            converted(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in done]
+    if missing:
+        raise SeparifyError(f"the calibration data never reaches layer(s) {', '.join(missing[:3])}")
     return fits

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
@@ -21,7 +22,8 @@ from .api import convert as convert_model
 from .config import METHODS, ConvertConfig
 from .errors import SeparifyError, first_line
 from .measure import accuracy, output_error
-from .model_io import check_output_path, load_labeled_file, load_model, load_tensor_file, parse_shape, save_model
+from .model_io import (ImagePreprocessing, check_output_path, load_image_folder, load_labeled_file, load_model,
+                       load_tensor_file, parse_shape, save_model)
 from .report import Evaluation, print_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make trained CNNs cheaper: replace dense "
@@ -74,13 +76,26 @@ def convert(
                                       "code from the file, so only for files you trust."),
     force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
     fold_bn: bool = typer.Option(True, "--fold-bn/--no-fold-bn", help="Fold BatchNorm into the conv before it."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration inputs (.npy/.npz/.pt, shape (N, ...), "
-                                         "preprocessed as the model expects): refit each replacement to the original "
-                                         "layer's outputs on them."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration inputs: a tensor file (.npy/.npz/.pt, "
+                                         "shape (N, ...), preprocessed as the model expects) or a folder of images "
+                                         "(see --image-size): refit each replacement to the original layer's outputs "
+                                         "on them."),
     calib_limit: int = typer.Option(1000, "--calib-limit", help="Use at most this many calibration samples."),
     finetune_data: Optional[Path] = typer.Option(None, "--finetune", help="Fine-tune the converted model by "
-                                                 "distillation from the original on these inputs (.npy/.npz/.pt; "
-                                                 "labels used when the .npz/.pt has a 'labels' entry)."),
+                                                 "distillation from the original on these inputs: a tensor file "
+                                                 "(.npy/.npz/.pt; labels used when the .npz/.pt has a 'labels' entry) "
+                                                 "or a folder of images (labels used when it has one subfolder per "
+                                                 "class, numbered in sorted name order)."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="Image folders: centre-crop size H,W (or one "
+                                             "number for a square; default: the H,W of the example input)."),
+    resize: Optional[int] = typer.Option(None, "--resize", help="Image folders: resize the shorter side to this "
+                                         "before the centre crop; 0: no resize (default: max(H,W)·256/224 when "
+                                         "max(H,W) >= 64, else max(H,W))."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Image folders: per-channel mean for normalising pixels "
+                                       "in [0, 1], e.g. 0.485,0.456,0.406 (default: ImageNet's for 3 channels; the "
+                                       "training statistics for the embedded model; 0.5 otherwise)."),
+    std: Optional[str] = typer.Option(None, "--std", help="Image folders: per-channel standard deviation, e.g. "
+                                      "0.229,0.224,0.225 (defaults as for --mean)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning epochs (default 1 with --finetune)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Fine-tuning steps, instead of --epochs."),
     lr: float = typer.Option(1e-4, "--lr", help="Fine-tuning learning rate (AdamW, cosine schedule)."),
@@ -92,10 +107,12 @@ def convert(
 ) -> None:
     """Convert the dense k×k convs of MODEL to depthwise-separable form and print the before/after report."""
     try:
+        image_opts = dict(size=_numbers(image_size, "--image-size", int, (1, 2)), resize=resize,
+                          mean=_numbers(mean, "--mean", float), std=_numbers(std, "--std", float))
         _convert(model, output, method, rank, energy, flops, input_shape, exclude or [], arch, allow_pickle, force,
                  fold_bn, cp_iters, seed, calib, calib_limit,
                  dict(data=finetune_data, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size,
-                      checkpoint=checkpoint))
+                      checkpoint=checkpoint), image_opts)
     except SeparifyError as exc:
         _fail(str(exc))
     except (typer.Exit, KeyboardInterrupt):
@@ -106,8 +123,22 @@ def convert(
         _fail(f"unexpected {type(exc).__name__}: {exc} (set SEPARIFY_DEBUG=1 for the traceback)")
 
 
+def _numbers(text, option, cast, counts=None):
+    """``"1,2"`` → ``(1, 2)`` (``None`` stays ``None``); one value given for two doubles it (``--image-size 28``)."""
+    if text is None:
+        return None
+    try:
+        values = tuple(cast(p) for p in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or (counts and len(values) not in counts):
+        what = "H,W or one number" if counts else "numbers separated by commas"
+        raise SeparifyError(f"{option} must be {what}, got {text!r}")
+    return values * 2 if counts and len(values) == 1 else values
+
+
 def _convert(model_path, output, method, rank, energy, flops, input_shape, exclude, arch, allow_pickle, force,
-             fold_bn, cp_iters, seed, calib, calib_limit, tune) -> None:
+             fold_bn, cp_iters, seed, calib, calib_limit, tune, image_opts) -> None:
     console = Console(width=None if sys.stdout.isatty() else 160)
     cfg = ConvertConfig(method=method, rank=rank, energy=energy, flops=flops, exclude=tuple(exclude),
                         fold_bn=fold_bn, cp_max_iter=cp_iters, seed=seed, calib_limit=calib_limit)
@@ -151,18 +182,35 @@ def _convert(model_path, output, method, rank, energy, flops, input_shape, exclu
                                 f"{first_line(exc)}); "
                                 "give --input-shape") from None
 
+    prep = None
+    if any(p is not None and p.is_dir() for p in (calib, tune["data"])):
+        if embedded:
+            from .embedded import MEAN, STD
+
+            image_opts = dict(image_opts, mean=image_opts["mean"] or (MEAN,), std=image_opts["std"] or (STD,))
+        first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else torch.empty(0)
+        prep = ImagePreprocessing.for_input(tuple(first.shape), **image_opts)
+    elif any(v is not None for v in image_opts.values()):
+        raise SeparifyError("--image-size, --resize, --mean and --std apply to image folders; give a folder to "
+                            "--calib or --finetune")
+
     calibration = None
-    if calib is not None:
+    if calib is not None and prep is not None and calib.is_dir():
+        calibration, _, classes = load_image_folder(calib, **asdict(prep), limit=calib_limit)
+        console.print(f"Calibration data: {calib} ({_images(calibration, classes)}; {prep.describe()})", markup=False,
+                      highlight=False, soft_wrap=True)
+    elif calib is not None:
         calibration = load_tensor_file(calib)
         console.print(f"Calibration data: {calib} ({min(len(calibration), calib_limit)} samples of shape "
                       f"{tuple(calibration.shape[1:])})")
+    tune_data = _finetune_data(console, model, tune, prep) if tune["data"] is not None else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same messages are in result.warnings, printed by the report
         result = convert_model(model, cfg, example_inputs=inputs, progress=True, calibration=calibration)
     if not result.layers:
         raise SeparifyError("the model has no Conv2d layers; nothing to convert")
-    if tune["data"] is not None:
-        _finetune(console, model, result.model, tune, seed)
+    if tune_data is not None:
+        _finetune(console, model, result.model, tune, seed, *tune_data)
     elif tune["epochs"] is not None or tune["steps"] is not None or tune["checkpoint"] is not None:
         raise SeparifyError("--epochs, --steps and --checkpoint need --finetune DATA")
 
@@ -179,10 +227,36 @@ def _convert(model_path, output, method, rank, energy, flops, input_shape, exclu
     console.print(f"wrote {out}  (load with: {how})")
 
 
-def _finetune(console, teacher, student, tune, seed) -> None:
+def _images(x, classes) -> str:
+    return f"{len(x)} images" + (f" in {len(classes)} classes" if classes is not None else "")
+
+
+def _finetune_data(console, teacher, tune, prep):
+    """Fine-tuning inputs and labels, loaded before the conversion so that bad data fails fast."""
+    data = tune["data"]
+    if prep is None or not data.is_dir():
+        return load_labeled_file(data)
+    x, y, classes = load_image_folder(data, **asdict(prep))
+    if classes is not None:
+        with torch.no_grad():
+            logits = teacher(x[:1])
+        if isinstance(logits, torch.Tensor) and logits.dim() == 2 and len(classes) > logits.shape[1]:
+            raise SeparifyError(f"{data} has {len(classes)} class folders but the model has {logits.shape[1]} "
+                                "outputs; labels are the class indices in sorted folder-name order, so there can be "
+                                "at most one class per output")
+    console.print(f"Fine-tuning data: {data} ({_images(x, classes)}"
+                  + (f", labels = sorted folder names {_few(classes)}" if classes is not None else "")
+                  + f"; {prep.describe()})", markup=False, highlight=False, soft_wrap=True)
+    return x, y
+
+
+def _few(names) -> str:
+    return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+
+
+def _finetune(console, teacher, student, tune, seed, x, y) -> None:
     from .finetune import finetune
 
-    x, y = load_labeled_file(tune["data"])
     if tune["batch_size"] <= 0:
         raise SeparifyError(f"--batch-size must be a positive integer, got {tune['batch_size']}")
     epochs = tune["epochs"] if tune["epochs"] is not None or tune["steps"] is not None else 1

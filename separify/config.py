@@ -82,6 +82,14 @@ class ConvertConfig:
         cp_max_iter, cp_tol, seed: controls of the CP solver (pw-dw-pw).
         calib_limit: at most this many calibration samples are used (when ``convert`` gets calibration data).
         calib_ridge: relative ridge term of the least-squares refit.
+        calib_whiten: with calibration data, decompose the kernel whitened by its measured input moments (minimise
+            the predicted output error, :func:`separify.decompose.whiten`) instead of the weight error. Off by
+            default: on both benchmark networks it lowered accuracy after the refit (README, "Calibration").
+        calib_damp: relative damping of that whitening (larger: closer to the weight-space factors).
+        calib_ranks: with calibration data and a FLOPs target, allocate ranks by the predicted output error of each
+            layer on that data (the whitened error curves) instead of the weight error.
+        calib_memory_gb: bound on the memory used to keep the original layers' outputs for the refit; calibration
+            stops with a clear error (use fewer samples) rather than exceed it.
         tracer: ``"auto"`` (torch.fx, falling back to the module tree), ``"fx"`` (fail if tracing fails) or
             ``"module"`` (module tree only; keeps the model's own class, no BatchNorm folding).
     """
@@ -100,6 +108,10 @@ class ConvertConfig:
     tracer: str = "auto"
     calib_limit: int = 1000
     calib_ridge: float = 1e-6
+    calib_whiten: bool = False
+    calib_damp: float = 0.01
+    calib_ranks: bool = True
+    calib_memory_gb: float = 4.0
 
     def __post_init__(self) -> None:
         _check_method(self.method)
@@ -122,6 +134,12 @@ class ConvertConfig:
             raise ConfigError(f"cp_max_iter must be a non-negative integer, got {self.cp_max_iter!r}")
         if isinstance(self.calib_limit, bool) or not isinstance(self.calib_limit, int) or self.calib_limit <= 0:
             raise ConfigError(f"calib_limit must be a positive integer, got {self.calib_limit!r}")
+        for name in ("calib_ridge", "calib_damp", "calib_memory_gb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        if not self.calib_memory_gb > 0:
+            raise ConfigError(f"calib_memory_gb must be positive, got {self.calib_memory_gb!r}")
         if not given:
             object.__setattr__(self, "flops", 0.5)
 

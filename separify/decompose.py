@@ -19,16 +19,36 @@ channel ``m``) followed by a ``1×1`` conv from ``M·K`` to ``N`` channels. Cost
 Three closed-form constructions are exact CP models of ``T`` at finite rank and serve as deterministic starts:
 per input channel (the dw-pw SVD above with the first 1×1 copying channels, ``R = M·min(N, P)``), per output channel
 (``R = N·min(M, P)``) and per spatial tap (``R = P·min(N, M)``, one-hot depthwise filters). Their minimum is
-:func:`cp_exact_rank`; at or above it :func:`cp_decompose` returns an exact factorisation. Below it the best truncated
-construction (or the SVD-of-unfoldings start, whichever fits better) is refined by alternating least squares (ALS,
-Kolda & Bader 2009, §3.4). ALS never increases the fit error, so the CP result is never worse than the truncated
-constructions, in particular never worse than dw-pw at ``K = R // M``.
+:func:`cp_exact_rank`; at or above it :func:`cp_decompose` returns an exact factorisation. Below it each construction
+keeps the ``R`` rank-1 terms with the largest singular values over all its slices (:func:`pooled_slice_terms`; a
+channel with more energy gets more terms), and the best of these (or the SVD-of-unfoldings start, whichever fits
+better) is refined by alternating least squares (ALS, Kolda & Bader 2009, §3.4). ALS never increases the fit error,
+so the CP result is never worse than the truncated constructions, in particular never worse than dw-pw at
+``K = R // M``.
 
 Why ALS is written here rather than calling ``tensorly.decomposition.parafac``: tensorly's MTTKRP materialises the
 Khatri–Rao product of the two other factors, which for the spatial mode is an ``(N·M)×R`` matrix (1.2 GB for a
 512-channel layer at R = 1100) and dominates its run time (measured in ``benchmarks/bench_convert.py``). Here each
 ALS sweep contracts the kernel with one factor at a time (two ``N·M·P·R`` matrix products per sweep, ``O(M·P·R)``
 memory). tests/test_decompose.py checks this solver against tensorly's on the same tensors.
+
+**Data-aware (whitened) factors.** What matters is the error of the layer's *output* on real inputs, not of its
+weights. With ``x`` the input patch a conv sees (``M·P`` values) and ``Σ = E[x xᵀ]`` its second moment, the mean
+squared output error of an approximation ``Ŵ`` is ``‖(W − Ŵ) Σ^{1/2}‖²`` (``W`` as an ``N × M·P`` matrix). Both
+forms keep their structure under a change of input basis that acts per channel and per tap, so with an
+:class:`InputCovariance` the kernel is first *whitened* (:func:`whiten`) and the whitened kernel is decomposed, then
+the factors are mapped back:
+
+* dw-pw treats channels separately, so it uses the per-channel patch moments ``Σ_m`` (``P×P``):
+  ``W'[:, m] = W[:, m] S_m`` with ``S_m = (Σ_m + δ I)^{1/2}``; truncating the SVD of ``W'[:, m]`` is optimal for
+  ``‖(W[:, m] − Ŵ[:, m]) S_m‖`` (Eckart–Young), and the depthwise filters are mapped back by ``S_m⁻¹``. Correlation
+  *between* channels is left to the least-squares refit of the pointwise conv (:mod:`separify.calibrate`).
+* pw-dw-pw uses a Kronecker model ``Σ ≈ Σ_M ⊗ Σ_P`` (channel moments ``M×M`` times the mean spatial moments
+  ``P×P``): ``T' = T ×₂ L_Mᵀ ×₃ L_Pᵀ`` with ``L L ᵀ = Σ + δI`` (``L = V Λ^{1/2}``, the principal directions).
+  A CP model of ``T'`` maps back to one of ``T`` by ``B = L_M⁻ᵀ B'``, ``D = L_P⁻ᵀ D'``, because CP is multilinear.
+
+``δ`` (``damp`` times the mean input power) keeps the square roots invertible and pulls directions the data never
+excites towards the weight-space solution; ``damp → ∞`` gives back the plain weight-space factors.
 """
 
 from __future__ import annotations
@@ -41,6 +61,8 @@ import torch
 from .errors import BadWeightsError, ConfigError
 
 __all__ = [
+    "InputCovariance",
+    "whiten",
     "DwPwFactors",
     "CPFactors",
     "check_weight",
@@ -67,12 +89,15 @@ class DwPwFactors:
         pointwise: ``(N, M·K, 1, 1)``.
         rank: ``K``, the depthwise channel multiplier.
         rel_error: ``‖W − Ŵ‖ / ‖W‖`` of the reconstructed kernel.
+        data_error: with an :class:`InputCovariance`, the predicted relative output error ``‖(W − Ŵ)S‖ / ‖W S‖``
+            (channels treated as uncorrelated); else ``None``.
     """
 
     depthwise: torch.Tensor
     pointwise: torch.Tensor
     rank: int
     rel_error: float
+    data_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +112,8 @@ class CPFactors:
         rel_error: ``‖W − Ŵ‖ / ‖W‖``, always computed from the reconstructed kernel.
         init: which start won (``"in-channel"``, ``"out-channel"``, ``"spatial"``, ``"svd"`` or ``"warm"``).
         iterations: ALS sweeps run (0 when a closed form was already exact).
+        data_error: with an :class:`InputCovariance`, the predicted relative output error ``‖T' − T̂'‖ / ‖T'‖`` of the
+            whitened kernel (Kronecker covariance model); else ``None``.
     """
 
     pw_in: torch.Tensor
@@ -96,6 +123,7 @@ class CPFactors:
     rel_error: float
     init: str
     iterations: int
+    data_error: float | None = None
 
 
 def check_weight(weight: torch.Tensor) -> None:
@@ -118,6 +146,98 @@ def _check_rank(rank: object, name: str = "rank") -> int:
     if rank <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {rank}")
     return rank
+
+
+# ------------------------------------------------------------------------------------------------ input whitening
+
+
+@dataclass(frozen=True)
+class InputCovariance:
+    """Second moments of the inputs a conv sees, measured on calibration data (see :mod:`separify.calibrate`).
+
+    Attributes:
+        channel: ``(M, M)``, ``E[x xᵀ]`` over input pixels (``x`` the ``M`` channel values at one pixel).
+        spatial: ``(M, P, P)``, for each input channel ``m``, ``E[u uᵀ]`` over the ``kh×kw`` patches the conv reads
+            (``u`` the ``P`` values of channel ``m`` in one patch, after padding, at the conv's stride and dilation).
+        count: number of pixels / patches averaged.
+    """
+
+    channel: torch.Tensor
+    spatial: torch.Tensor
+    count: int
+
+    def check(self, weight_shape: torch.Size | tuple[int, ...]) -> None:
+        n, m, kh, kw = weight_shape
+        p = kh * kw
+        if tuple(self.channel.shape) != (m, m) or tuple(self.spatial.shape) != (m, p, p):
+            raise ConfigError(f"input covariance of shapes {tuple(self.channel.shape)}, {tuple(self.spatial.shape)} "
+                              f"does not fit a {n}×{m}×{kh}×{kw} kernel (expected ({m}, {m}) and ({m}, {p}, {p}))")
+        if not (torch.isfinite(self.channel).all() and torch.isfinite(self.spatial).all()):
+            raise BadWeightsError("the input covariance contains NaN or inf (non-finite calibration activations)")
+
+
+def _sqrt_pair(cov: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(S, S⁻¹)`` with ``S = (Σ + δI)^{1/2}``, ``δ = damp ·`` mean diagonal (over the whole batch of matrices).
+
+    ``cov`` is ``(..., d, d)`` symmetric PSD. Returns ``None`` when the data is all zero (nothing to whiten by).
+    """
+    cov = cov.to(torch.float64)
+    scale = float(cov.diagonal(dim1=-2, dim2=-1).mean())
+    if not scale > 0:
+        return None
+    d = cov.shape[-1]
+    vals, vecs = torch.linalg.eigh(cov + damp * scale * torch.eye(d, dtype=torch.float64))
+    vals = vals.clamp_min(damp * scale * 1e-3 + 1e-300)  # eigh round-off can dip below the shift
+    root = vals.sqrt()
+    s = (vecs * root[..., None, :]) @ vecs.transpose(-1, -2)
+    s_inv = (vecs / root[..., None, :]) @ vecs.transpose(-1, -2)
+    return s, s_inv
+
+
+def _root_pair(cov: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(L, L⁻ᵀ)`` with ``L = V Λ^{1/2}``, ``L Lᵀ = Σ + δI`` (eigenbasis square root), or ``None`` when flat.
+
+    Any ``L`` with ``L Lᵀ = Σ`` gives ``‖E L‖ = ‖E Σ^{1/2}‖``; this one also rotates the mode into the principal
+    directions of the data, sorted by variance, so that the closed-form CP starts (which pick terms slice by slice)
+    can spend their terms on the few directions that carry the signal.
+    """
+    cov = cov.to(torch.float64)
+    scale = float(cov.diagonal().mean())
+    if not scale > 0:
+        return None
+    vals, vecs = torch.linalg.eigh(cov + damp * scale * torch.eye(cov.shape[0], dtype=torch.float64))
+    vals, vecs = vals.flip(0).clamp_min(damp * scale * 1e-3 + 1e-300), vecs.flip(1)
+    root = vals.sqrt()
+    return vecs * root, vecs / root
+
+
+def _cp_whiteners(cov: InputCovariance, damp: float):
+    """``((L_M, L_M⁻ᵀ), (L_P, L_P⁻ᵀ))`` for the Kronecker model ``Σ ≈ Σ_M ⊗ mean_m Σ_m``; ``None`` where flat."""
+    return _root_pair(cov.channel, damp), _root_pair(cov.spatial.to(torch.float64).mean(0), damp)
+
+
+def whiten(weight: torch.Tensor, cov: InputCovariance, method: str, *, damp: float = 0.01) -> torch.Tensor:
+    """The kernel whose plain (weight-space) error equals the predicted output error of ``method``'s factors.
+
+    ``(N, M, kh, kw)`` in, same shape out, float64. dw-pw: ``W'[:, m] = W[:, m] S_m``; pw-dw-pw:
+    ``W' = W ×₂ S_M ×₃ S_P`` (see the module docstring). Rank allocation uses the error curves of this kernel.
+    """
+    check_weight(weight)
+    cov.check(weight.shape)
+    n, m, kh, kw = weight.shape
+    t = weight.detach().to(device="cpu", dtype=torch.float64).reshape(n, m, kh * kw)
+    if method == "dw-pw":
+        pair = _sqrt_pair(cov.spatial, damp)
+        if pair is not None:
+            t = torch.einsum("nmp,mpq->nmq", t, pair[0])
+    else:
+        sm, sp = _cp_whiteners(cov, damp)
+        if sm is not None:
+            t = torch.einsum("nmp,mi->nip", t, sm[0])
+        if sp is not None:
+            t = t @ sp[0]
+    return t.reshape(n, m, kh, kw)
+
 
 
 # ----------------------------------------------------------------------------------------------------------- dw-pw
@@ -157,12 +277,17 @@ def dwpw_rank_for_energy(spectra: torch.Tensor, energy: float) -> int:
     return int(hits[0]) + 1 if len(hits) else int(spectra.shape[1])
 
 
-def dwpw_decompose(weight: torch.Tensor, rank: int) -> DwPwFactors:
-    """Per-input-channel SVD of ``weight`` truncated to ``rank`` terms.
+def dwpw_decompose(
+    weight: torch.Tensor, rank: int, *, cov: InputCovariance | None = None, damp: float = 0.01,
+) -> DwPwFactors:
+    """Per-input-channel SVD of ``weight`` truncated to ``rank`` terms (of the whitened slices, given ``cov``).
 
     Args:
         weight: ``(N, M, kh, kw)`` conv kernel of any float dtype.
         rank: ``K`` in ``[1, min(N, kh·kw)]``.
+        cov: input moments from calibration data; the truncation then minimises the predicted output error
+            ``‖(W[:, m] − Ŵ[:, m]) S_m‖`` of every channel instead of the weight error.
+        damp: relative damping ``δ`` of the whitening (see the module docstring).
 
     Returns:
         :class:`DwPwFactors` in ``weight``'s dtype and device; computed in float64.
@@ -176,13 +301,28 @@ def dwpw_decompose(weight: torch.Tensor, rank: int) -> DwPwFactors:
             f"dw-pw rank {k} is impossible for a {n}×{m}×{kh}×{kw} kernel: the largest useful rank is "
             f"min(out_channels, kh·kw) = {q}, where the factorisation is already exact"
         )
-    slices = weight.detach().to(torch.float64).permute(1, 0, 2, 3).reshape(m, n, kh * kw)  # (M, N, P)
-    u, s, vh = torch.linalg.svd(slices, full_matrices=False)  # (M, N, q), (M, q), (M, q, P)
+    slices = weight.detach().to(device="cpu", dtype=torch.float64).permute(1, 0, 2, 3).reshape(m, n, kh * kw)
+    pair = None
+    if cov is not None:
+        cov.check(weight.shape)
+        pair = _sqrt_pair(cov.spatial, damp)  # (M, P, P) each
+    target = slices if pair is None else slices @ pair[0]  # (M, N, P): W[:, m] S_m
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)  # (M, N, q), (M, q), (M, q, P)
     root = s[:, :k].sqrt()  # (M, K): split each σ evenly between the two convs
-    dw = (root[:, :, None] * vh[:, :k, :]).reshape(m * k, 1, kh, kw)  # (M·K, 1, kh, kw)
+    dw = root[:, :, None] * vh[:, :k, :]  # (M, K, P)
+    if pair is not None:
+        dw = dw @ pair[1]  # back to the input basis: filters · S_m⁻¹
     pw = (u[:, :, :k] * root[:, None, :]).permute(1, 0, 2).reshape(n, m * k, 1, 1)  # (N, M·K, 1, 1)
-    err = dwpw_error(s, k)
-    return DwPwFactors(dw.to(weight), pw.to(weight), k, err)
+    dw = dw.reshape(m * k, 1, kh, kw)  # (M·K, 1, kh, kw)
+    if pair is None:
+        err, data_err = dwpw_error(s, k), None
+    else:
+        total = float((slices**2).sum())
+        diff = dwpw_reconstruct(dw, pw, m) - weight.detach().to(device="cpu", dtype=torch.float64)
+        err = math.sqrt(float((diff**2).sum()) / total) if total > 0 else 0.0
+        data_err = dwpw_error(s, k)
+    cast = dict(dtype=weight.dtype, device=weight.device)
+    return DwPwFactors(dw.to(**cast), pw.to(**cast), k, err, data_err)
 
 
 def dwpw_reconstruct(depthwise: torch.Tensor, pointwise: torch.Tensor, in_channels: int) -> torch.Tensor:
@@ -270,42 +410,44 @@ def _pad_columns(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, rank: int, g
             torch.cat([d, small(d.shape[0])], 1))
 
 
+def pooled_slice_terms(t: torch.Tensor, rank: int):
+    """The ``rank`` largest rank-1 terms over all slices of ``t`` in each of the three closed-form constructions.
+
+    Construction ``c`` splits ``T (N, M, P)`` into slices (per input channel ``N×P``, per output channel ``M×P``,
+    per tap ``N×M``), takes every slice's SVD, and keeps the ``rank`` terms with the largest singular values *over
+    all slices* (so a channel that carries more energy gets more terms). The slices are disjoint and the terms within
+    a slice orthogonal, so the kept energy is the sum of the kept ``σ²``: the construction's error is exact, and it
+    is the best choice of terms from these SVDs.
+
+    Returns ``[(name, (A, B, D))]`` with exactly ``min(rank, terms available)`` columns each.
+    """
+    n, m, p = t.shape
+    out = []
+    for name, slices in (("in-channel", t.permute(1, 0, 2)), ("out-channel", t), ("spatial", t.permute(2, 0, 1))):
+        u, sv, vh = torch.linalg.svd(slices, full_matrices=False)  # (S, r, q), (S, q), (S, q, c)
+        q = sv.shape[1]
+        top = torch.topk(sv.flatten(), min(rank, sv.numel())).indices
+        which, k = top // q, top % q  # slice and term of every kept term
+        root = sv[which, k].sqrt()
+        left = u[which, :, k].T * root  # (r, R): rows of the slice's row mode
+        right = (vh[which, k, :] * root[:, None]).T  # (c, R)
+        onehot = torch.zeros(slices.shape[0], len(top), dtype=t.dtype)
+        onehot[which, torch.arange(len(top))] = 1.0
+        if name == "in-channel":  # slice m: rows n, cols p
+            out.append((name, (left, onehot, right)))
+        elif name == "out-channel":  # slice n: rows m, cols p
+            out.append((name, (onehot, left, right)))
+        else:  # slice p: rows n, cols m
+            out.append((name, (left, right, onehot)))
+    return out
+
+
 def _closed_form_starts(t: torch.Tensor, rank: int, gen: torch.Generator) -> list[tuple[str, tuple]]:
-    """The closed-form CP constructions that fit in ``rank`` channels, each as ``(name, (A, B, D))``.
+    """The closed-form CP constructions (:func:`pooled_slice_terms`) padded to ``rank`` channels.
 
     Unused channels get zero in ``A`` (so they add nothing) and small random ``B``/``D`` (so that ALS can use them).
     """
-    n, m, p = t.shape
-    starts = []
-
-    def padded(a, b, d):
-        return _pad_columns(a, b, d, rank, gen)
-
-    # per input channel: T[:, m, :] (N×P) ≈ U √σ · √σ Vᵀ, channel (m, k); B selects input m
-    k = min(rank // m, n, p)
-    if k >= 1:
-        u, r, vh = _svd_columns(t.permute(1, 0, 2), k)  # (M, N, k), (M, k), (M, k, P)
-        a = (u * r[:, None, :]).permute(1, 0, 2).reshape(n, m * k)
-        d = (r[:, :, None] * vh).reshape(m * k, p).T
-        b = torch.eye(m, dtype=t.dtype).repeat_interleave(k, dim=1)  # (M, M·k)
-        starts.append(("in-channel", padded(a, b, d)))
-    # per output channel: T[n] (M×P) ≈ U √σ · √σ Vᵀ, channel (n, k); A selects output n
-    k = min(rank // n, m, p)
-    if k >= 1:
-        u, r, vh = _svd_columns(t, k)  # (N, M, k), (N, k), (N, k, P)
-        b = (u * r[:, None, :]).permute(1, 0, 2).reshape(m, n * k)
-        d = (r[:, :, None] * vh).reshape(n * k, p).T
-        a = torch.eye(n, dtype=t.dtype).repeat_interleave(k, dim=1)
-        starts.append(("out-channel", padded(a, b, d)))
-    # per spatial tap: T[:, :, p] (N×M) ≈ U √σ · √σ Vᵀ, channel (p, j); depthwise filter is one-hot at p
-    k = min(rank // p, n, m)
-    if k >= 1:
-        u, r, vh = _svd_columns(t.permute(2, 0, 1), k)  # (P, N, k), (P, k), (P, k, M)
-        a = (u * r[:, None, :]).permute(1, 0, 2).reshape(n, p * k)
-        b = (r[:, :, None] * vh).permute(2, 0, 1).reshape(m, p * k)
-        d = torch.eye(p, dtype=t.dtype).repeat_interleave(k, dim=1)
-        starts.append(("spatial", padded(a, b, d)))
-    return starts
+    return [(name, _pad_columns(a, b, d, rank, gen)) for name, (a, b, d) in pooled_slice_terms(t, rank)]
 
 
 def _svd_start(t: torch.Tensor, rank: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -393,7 +535,7 @@ def _cp_dense(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor
 
 def cp_decompose(
     weight: torch.Tensor, rank: int, *, max_iter: int = 25, tol: float = 1e-4, seed: int = 0,
-    warm_start: CPFactors | None = None,
+    warm_start: CPFactors | None = None, cov: InputCovariance | None = None, damp: float = 0.01,
 ) -> CPFactors:
     """Rank-``R`` CP factorisation of a conv kernel as pw → dw → pw.
 
@@ -407,6 +549,9 @@ def cp_decompose(
             more start (padded with inactive columns). Because ALS never increases the error, a sweep over ranks
             that passes each result on is non-increasing in error; independent fits at neighbouring ranks can
             differ by the ALS convergence slack.
+        cov: input moments from calibration data; the CP model is then fitted to the whitened kernel
+            ``T ×₂ S_M ×₃ S_P`` (predicted output error) and mapped back (see the module docstring).
+        damp: relative damping ``δ`` of the whitening.
 
     Returns:
         :class:`CPFactors` in ``weight``'s dtype and device, with the relative error of the reconstructed kernel.
@@ -416,7 +561,16 @@ def cp_decompose(
     n, m, kh, kw = weight.shape
     p = kh * kw
     dtype = _work_dtype(weight)
-    t = weight.detach().to(device="cpu", dtype=dtype).reshape(n, m, p)
+    t0 = weight.detach().to(device="cpu", dtype=dtype).reshape(n, m, p)
+    sm = sp = None
+    t = t0
+    if cov is not None:
+        cov.check(weight.shape)
+        sm, sp = ((x[0].to(dtype), x[1].to(dtype)) if x is not None else None for x in _cp_whiteners(cov, damp))
+        if sm is not None:
+            t = torch.einsum("nmp,mi->nip", t, sm[0])  # T ×₂ L_Mᵀ
+        if sp is not None:
+            t = t @ sp[0]  # ×₃ L_Pᵀ
     gen = torch.Generator().manual_seed(seed)
     als = _ALS(t)
     norm2 = als.norm2 if als.norm2 > 0 else 1.0
@@ -431,12 +585,14 @@ def cp_decompose(
     if warm_start is not None:
         if warm_start.rank > rank or warm_start.pw_out.shape[0] != n or warm_start.pw_in.shape[1] != m:
             raise ConfigError(f"warm_start has rank {warm_start.rank} or a shape that does not fit rank {rank}")
-        a_w, b_w, d_w = _pad_columns(
-            warm_start.pw_out.reshape(n, -1).to(dtype=dtype, device="cpu"),
-            warm_start.pw_in.reshape(-1, m).T.to(dtype=dtype, device="cpu"),
-            warm_start.depthwise.reshape(-1, p).T.to(dtype=dtype, device="cpu"),
-            rank, gen,
-        )
+        b_w = warm_start.pw_in.reshape(-1, m).T.to(dtype=dtype, device="cpu")
+        d_w = warm_start.depthwise.reshape(-1, p).T.to(dtype=dtype, device="cpu")
+        if sm is not None:
+            b_w = sm[0].T @ b_w  # into the whitened basis: B' = L_Mᵀ B
+        if sp is not None:
+            d_w = sp[0].T @ d_w
+        a_w, b_w, d_w = _pad_columns(warm_start.pw_out.reshape(n, -1).to(dtype=dtype, device="cpu"), b_w, d_w,
+                                     rank, gen)
         err2 = _sq_error(t, a_w, b_w, d_w)
         if best is None or err2 < best[1]:
             best = ("warm", err2, (a_w, b_w, d_w))
@@ -457,13 +613,19 @@ def cp_decompose(
         a, b, d, err2 = a2, b2, d2, new2
         if improvement < tol * math.sqrt(err2 / norm2):
             break
+    data_err = math.sqrt(err2 / norm2) if cov is not None and als.norm2 > 0 else None
+    if sm is not None:
+        b = sm[1] @ b  # back to the input basis: B = L_M⁻ᵀ B'
+    if sp is not None:
+        d = sp[1] @ d
     a, b, d = _balance(a, b, d)
     pw_in = b.T.reshape(rank, m, 1, 1)
     dw = d.T.reshape(rank, 1, kh, kw)
     pw_out = a.reshape(n, rank, 1, 1)
-    rel = math.sqrt(_sq_error(t, a, b, d) / norm2) if als.norm2 > 0 else 0.0
+    total = float((t0**2).sum())
+    rel = math.sqrt(_sq_error(t0, a, b, d) / total) if total > 0 else 0.0
     cast = dict(dtype=weight.dtype, device=weight.device)
-    return CPFactors(pw_in.to(**cast), dw.to(**cast), pw_out.to(**cast), rank, rel, init, iters)
+    return CPFactors(pw_in.to(**cast), dw.to(**cast), pw_out.to(**cast), rank, rel, init, iters, data_err)
 
 
 def _sq_error(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> float:

@@ -2,7 +2,11 @@
 
 Loss (Hinton et al. 2015): ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` between teacher logits ``t`` and student logits
 ``s`` at temperature ``T``, mixed with cross-entropy on labels when the data carries them:
-``α · KD + (1 − α) · CE``. :func:`distillation_loss` is the same loss for use in your own training loop.
+``α · KD + (1 − α) · CE``. With ``features`` (pairs of converted layer → original layer, e.g.
+:meth:`separify.ConvertResult.feature_pairs`) and ``feature_weight > 0``, a feature term
+``feature_weight · mean_l ‖s_l − t_l‖² / ‖t_l‖²`` pulls each converted layer's output ``s_l`` towards the original
+layer's output ``t_l`` on the same batch (relative, so layers of any scale count alike). :func:`distillation_loss`
+and :func:`feature_loss` are the same losses for use in your own training loop.
 
 :func:`finetune` runs AdamW with a cosine learning-rate schedule. BatchNorm layers are kept in eval mode (frozen
 statistics) unless ``train_bn=True``: the converted model inherits well-calibrated statistics, and small fine-tuning
@@ -21,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,23 +35,72 @@ from .errors import SeparifyError
 from .measure import frozen_mode
 from .model_io import atomic_write
 
-__all__ = ["distillation_loss", "finetune", "FinetuneResult"]
+__all__ = ["distillation_loss", "feature_loss", "finetune", "FinetuneResult"]
 
 CHECKPOINT_FORMAT = "separify-finetune-1"
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
-                      *, temperature: float = 4.0, alpha: float = 0.9) -> torch.Tensor:
+                      *, temperature: float = 4.0, alpha: float = 0.9, class_dim: int = 1) -> torch.Tensor:
     """``α·T²·KL(teacher ‖ student) + (1 − α)·CE(student, labels)`` (just the KL term without labels).
 
-    Logits are ``(B, C)``; labels ``(B,)`` integer classes.
+    Logits are ``(B, C)``, or any shape with the classes along ``class_dim`` (e.g. ``(B, T, C)`` per time step of a
+    sequence model with ``class_dim=-1``; the KL is then summed over the other positions and averaged over ``B``);
+    labels ``(B,)`` integer classes, for ``(B, C)`` logits only.
     """
     t = temperature
-    kd = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+    kd = F.kl_div(F.log_softmax(student_logits / t, dim=class_dim), F.log_softmax(teacher_logits / t, dim=class_dim),
                   reduction="batchmean", log_target=True) * (t * t)
     if labels is None:
         return kd
     return alpha * kd + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+def feature_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of ``‖s − t‖² / ‖t‖²`` (each pair of the same shape, e.g. ``(B, N, H, W)``)."""
+    if len(student_features) != len(teacher_features) or not student_features:
+        raise SeparifyError("feature_loss needs the same, non-zero number of student and teacher features")
+    terms = []
+    for s, t in zip(student_features, teacher_features):
+        if s.shape != t.shape:
+            raise SeparifyError(f"feature shapes differ: student {tuple(s.shape)}, teacher {tuple(t.shape)}")
+        s, t = s.float(), t.float()
+        terms.append(((s - t) ** 2).sum() / (t**2).sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
+class _Taps:
+    """Forward hooks that keep the output of the first call of each named module in a forward pass."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], *, detach: bool) -> None:
+        self.names = list(names)
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name in self.names:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise SeparifyError(f"features: the model has no module named {name!r}") from None
+            self.handles.append(module.register_forward_hook(self._hook(name, detach)))
+
+    def _hook(self, name: str, detach: bool):
+        def hook(_mod, _args, output):
+            if name not in self.out:
+                self.out[name] = output.detach() if detach else output
+
+        return hook
+
+    def take(self) -> list[torch.Tensor]:
+        missing = [n for n in self.names if n not in self.out]
+        if missing:
+            raise SeparifyError(f"features: module(s) {', '.join(missing[:3])} did not run in the forward pass")
+        out = [self.out[n] for n in self.names]
+        self.out = {}
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 @dataclass
@@ -89,6 +142,9 @@ def finetune(
     temperature: float = 4.0,
     alpha: float = 0.9,
     use_labels: bool = True,
+    class_dim: int = 1,
+    features: Mapping[str, str] | None = None,
+    feature_weight: float = 0.0,
     train_bn: bool = False,
     seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
@@ -107,6 +163,9 @@ def finetune(
         steps, epochs: how long (give exactly one). ``steps`` cycles through the data as needed.
         lr, weight_decay: AdamW settings; the learning rate follows a cosine schedule to 0.
         temperature, alpha: distillation loss settings; ``use_labels=False`` ignores labels in the data.
+        class_dim: the class dimension of the model's output (``-1`` for ``(B, T, C)`` sequence logits).
+        features, feature_weight: student module name → teacher module name whose outputs should match (e.g.
+            ``result.feature_pairs()`` from :func:`separify.convert`), and the weight of that term (0: off).
         train_bn: update BatchNorm statistics (default: frozen).
         seed: seeds torch's generator at the start and at every epoch (for a ``DataLoader`` that shuffles with it).
         checkpoint: file to save to every ``checkpoint_every`` steps and at the end, and to resume from.
@@ -134,6 +193,9 @@ def finetune(
     student.to(device)
     teacher.to(device)
     was_training = student.training
+    if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or not feature_weight >= 0:
+        raise SeparifyError(f"feature_weight must be a non-negative number, got {feature_weight!r}")
+    use_features = bool(features) and feature_weight > 0
 
     torch.manual_seed(seed)
     model: nn.Module = student
@@ -192,6 +254,10 @@ def finetune(
                     m.eval()
 
     set_modes()
+    s_taps = t_taps = None
+    if use_features:
+        s_taps = _Taps(student, list(features.keys()), detach=False)
+        t_taps = _Taps(teacher, list(features.values()), detach=True)
     try:
         while step < total:
             torch.manual_seed(seed + epoch)  # a DataLoader shuffling with the global generator repeats its order
@@ -212,11 +278,14 @@ def finetune(
                 y = y.to(device) if (y is not None and use_labels) else None
                 with torch.no_grad(), frozen_mode(teacher):
                     t_logits = teacher(x)
-                if y is not None and (int(y.min()) < 0 or int(y.max()) >= t_logits.shape[1]):
-                    raise SeparifyError(f"labels must be in [0, {t_logits.shape[1] - 1}], got values from "
+                if y is not None and (int(y.min()) < 0 or int(y.max()) >= t_logits.shape[class_dim]):
+                    raise SeparifyError(f"labels must be in [0, {t_logits.shape[class_dim] - 1}], got values from "
                                         f"{int(y.min())} to {int(y.max())}")
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = distillation_loss(model(x), t_logits, y, temperature=temperature, alpha=alpha)
+                    loss = distillation_loss(model(x), t_logits, y, temperature=temperature, alpha=alpha,
+                                             class_dim=class_dim)
+                    if use_features:
+                        loss = loss + feature_weight * feature_loss(s_taps.take(), t_taps.take())
                 if not torch.isfinite(loss):
                     student.load_state_dict(last_good)
                     result.stopped = (f"the loss became {float(loss)} at step {step + 1}; stopped and restored the "
@@ -239,6 +308,9 @@ def finetune(
             if step < total:
                 epoch, skip = epoch + 1, 0
     finally:
+        for taps in (s_taps, t_taps):
+            if taps is not None:
+                taps.remove()
         if bar is not None:
             bar.stop()
         student.train(was_training)

@@ -129,11 +129,12 @@ class SeparableConv2d(nn.Module):
             device=conv.weight.device if device is None else device, dtype=conv.weight.dtype,
         )
 
-    def _finish_from(self, conv: nn.Conv2d, rel_error: float) -> "SeparableConv2d":
+    def _finish_from(self, conv: nn.Conv2d, rel_error: float, data_error: float | None = None) -> "SeparableConv2d":
         if conv.bias is not None:
             with torch.no_grad():
                 self.bias.copy_(conv.bias)
         self.decomposition_error = rel_error
+        self.predicted_output_error = data_error
         return self
 
     @staticmethod
@@ -184,20 +185,24 @@ class DwPwConv2d(SeparableConv2d):
         return dec.dwpw_max_rank(conv.weight.shape)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, rank: int | None = None) -> "DwPwConv2d":
+    def from_conv(
+        cls, conv: nn.Conv2d, rank: int | None = None, *, cov: dec.InputCovariance | None = None, damp: float = 0.01,
+    ) -> "DwPwConv2d":
         """Replace ``conv`` by its rank-``rank`` per-input-channel SVD (exact when ``rank`` is None or maximal).
 
         Args:
             conv: a plain ``nn.Conv2d`` with ``groups == 1`` and a kernel larger than 1×1.
             rank: channel multiplier ``K`` in ``[1, min(out_channels, kh·kw)]``; ``None`` means the exact maximum.
+            cov, damp: input moments from calibration data, to minimise the output error instead of the weight
+                error (see :func:`separify.decompose.dwpw_decompose`).
         """
         conv = cls._require_convertible(conv)
-        factors = dec.dwpw_decompose(conv.weight, cls.max_rank(conv) if rank is None else rank)
+        factors = dec.dwpw_decompose(conv.weight, cls.max_rank(conv) if rank is None else rank, cov=cov, damp=damp)
         mod = cls.like(conv, factors.rank)
         with torch.no_grad():
             mod.conv_dw.weight.copy_(factors.depthwise)
             mod.conv_pw.weight.copy_(factors.pointwise)
-        return mod._finish_from(conv, factors.rel_error)
+        return mod._finish_from(conv, factors.rel_error, factors.data_error)
 
 
 @register_form("pw-dw-pw")
@@ -238,7 +243,7 @@ class PwDwPwConv2d(SeparableConv2d):
     @classmethod
     def from_conv(
         cls, conv: nn.Conv2d, rank: int | None = None, *, max_iter: int = 25,
-        tol: float = 1e-4, seed: int = 0,
+        tol: float = 1e-4, seed: int = 0, cov: dec.InputCovariance | None = None, damp: float = 0.01,
     ) -> "PwDwPwConv2d":
         """Replace ``conv`` by a rank-``rank`` CP factorisation (exact when ``rank`` is None or ≥ :meth:`max_rank`).
 
@@ -246,16 +251,17 @@ class PwDwPwConv2d(SeparableConv2d):
             conv: a plain ``nn.Conv2d`` with ``groups == 1`` and a kernel larger than 1×1.
             rank: number ``R`` of intermediate channels (≥ 1); ``None`` means :meth:`max_rank`.
             max_iter, tol, seed: ALS controls, see :func:`separify.decompose.cp_decompose`.
+            cov, damp: input moments from calibration data, to fit the whitened kernel (predicted output error).
         """
         conv = cls._require_convertible(conv)
         rank = cls.max_rank(conv) if rank is None else rank
-        factors = dec.cp_decompose(conv.weight, rank, max_iter=max_iter, tol=tol, seed=seed)
+        factors = dec.cp_decompose(conv.weight, rank, max_iter=max_iter, tol=tol, seed=seed, cov=cov, damp=damp)
         mod = cls.like(conv, factors.rank)
         with torch.no_grad():
             mod.conv_pw_in.weight.copy_(factors.pw_in)
             mod.conv_dw.weight.copy_(factors.depthwise)
             mod.conv_pw_out.weight.copy_(factors.pw_out)
-        return mod._finish_from(conv, factors.rel_error)
+        return mod._finish_from(conv, factors.rel_error, factors.data_error)
 
 
 def form(method: str) -> type[SeparableConv2d]:

@@ -3,10 +3,13 @@
 **Global FLOPs target.** Every layer ``i`` offers options ``(F_i(r), E_i(r))``: the FLOPs of its replacement at rank
 ``r`` (affine in ``r``, counted by ``FlopCounterMode``) and the squared relative kernel error ``E = ‖W − Ŵ‖²/‖W‖²``,
 plus the option of staying dense ``(F_i^dense, 0)``. We minimise ``Σ_i E_i`` subject to ``Σ_i F_i ≤ budget``. This is
-a multiple-choice knapsack; the greedy rule used here starts every layer at its cheapest option and repeatedly takes
-the upgrade with the largest error decrease per FLOP added (along each layer's lower convex hull of options), while
-it fits in the budget. For convex error curves, which per-channel SVD tails are, this is the classic optimal
-marginal-allocation rule (Fox 1966): at the end every layer trades error for FLOPs at the same rate. Relative (not
+a multiple-choice knapsack; the greedy rule used here starts every layer at its cheapest option and repeatedly takes,
+over all layers, the upgrade with the largest error decrease per FLOP added among the options that still fit in the
+budget (from a layer's current option, that is the next vertex of the lower convex hull of its affordable options,
+so non-convex stretches are jumped over). For convex error curves, which per-channel SVD tails are, this is the
+classic optimal marginal-allocation rule (Fox 1966): at the end every layer trades error for FLOPs at the same rate.
+Restricting each step to what still fits matters: an unaffordable hull step (e.g. the jump to staying dense) must
+not stop a layer while others take upgrades worth less. Relative (not
 absolute) error is used so that layers with larger weights (e.g. after BatchNorm folding) do not dominate, and the
 squared error adds up across layers like independent noise added to the network.
 
@@ -14,6 +17,10 @@ squared error adds up across layers like independent noise added to the network.
 of every layer would cost far more than the conversion, so the allocation uses the error that the closed-form
 starts of :func:`separify.decompose.cp_decompose` guarantee (ALS only lowers it); the fit actually reached is
 measured and reported after the conversion.
+
+**With calibration data** the curves are those of the kernel whitened by the layer's measured input moments
+(:func:`separify.decompose.whiten`): the predicted relative error of the layer's *output* on that data. A layer
+whose inputs only span a few directions then needs few terms, and the FLOPs go where the data needs them.
 """
 
 from __future__ import annotations
@@ -51,15 +58,13 @@ def error_curve(method: str, weight: torch.Tensor, ranks: np.ndarray) -> np.ndar
         return np.sqrt(tail[np.minimum(ranks, len(tail) - 1)])
     t = w.reshape(n, m, p).float()  # a planning estimate: float32 spectra are ample and several times faster
     best = np.ones(len(ranks))
-    # (rows of the construction, spectra of its slices): per input channel, per output channel, per spatial tap
-    for count, slices in (
-        (m, t.permute(1, 0, 2)),  # (M, N, P)
-        (n, t),  # (N, M, P)
-        (p, t.permute(2, 0, 1)),  # (P, N, M)
-    ):
-        tail = _tail_fraction(torch.linalg.svdvals(slices).double(), total)
-        k = np.minimum(ranks // count, len(tail) - 1)
-        best = np.minimum(best, tail[k])
+    # spectra of the slices of each construction: per input channel, per output channel, per spatial tap; a rank-R
+    # construction keeps the R largest terms over all slices (decompose.pooled_slice_terms)
+    for slices in (t.permute(1, 0, 2), t, t.permute(2, 0, 1)):
+        sq = torch.linalg.svdvals(slices).double().flatten() ** 2
+        kept = np.concatenate([[0.0], np.cumsum(torch.sort(sq, descending=True).values.numpy())])
+        tail = np.clip(1.0 - kept / total, 0.0, 1.0)
+        best = np.minimum(best, tail[np.minimum(ranks, len(tail) - 1)])
     return np.sqrt(best)
 
 
@@ -109,64 +114,42 @@ class Allocation:
     feasible: bool
 
 
-def _lower_hull(flops: np.ndarray, err2: np.ndarray) -> list[int]:
-    """Indices of the lower convex hull of points sorted by ``flops`` (error decreasing along it)."""
-    hull: list[int] = []
-    for i in range(len(flops)):
-        if hull and err2[i] >= err2[hull[-1]]:
-            continue  # costs more, no better: never worth it
-        while len(hull) >= 2:
-            i0, i1 = hull[-2], hull[-1]
-            # drop i1 if it lies on or above the segment i0 → i
-            cross = (flops[i1] - flops[i0]) * (err2[i] - err2[i0]) - (err2[i1] - err2[i0]) * (flops[i] - flops[i0])
-            if cross <= 0:
-                hull.pop()
-            else:
-                break
-        hull.append(i)
-    return hull
-
-
 def allocate(layers: list[LayerCost], budget: int) -> Allocation:
     """Choose a rank (or dense) per layer to minimise ``Σ relative error²`` with ``Σ FLOPs ≤ budget``.
 
     Layers with no saving rank are left dense. If even the cheapest ranks exceed the budget, every layer takes its
     cheapest rank and the allocation is marked infeasible.
     """
-    options = {}  # name -> (ranks or None for dense, flops, err2) along the hull
+    raw = {}  # name -> (choices: rank or None for dense, flops, err2) over all options
     for layer in layers:
         ranks = layer.saving_ranks()
         if len(ranks) == 0:
             continue
         flops = np.array([layer.flops(int(r)) for r in ranks] + [layer.dense_flops], dtype=np.float64)
         err2 = np.concatenate([layer.errors(ranks) ** 2, [0.0]])
-        choice = [int(r) for r in ranks] + [None]
-        hull = _lower_hull(flops, err2)
-        if hull[0] != 0:  # keep the cheapest rank as the starting point even if it is dominated
-            hull = [0] + hull
-        options[layer.name] = ([choice[i] for i in hull], flops[hull], err2[hull])
+        raw[layer.name] = ([int(r) for r in ranks] + [None], flops, err2)
 
-    current = {name: 0 for name in options}
-    used = sum(int(opts[1][0]) for opts in options.values())
+    current = {name: 0 for name in raw}  # index into raw
+    used = sum(int(raw[name][1][0]) for name in raw)
     feasible = used <= budget
-    if feasible:
-        steps = []
-        for name, (_, flops, err2) in options.items():
-            for j in range(1, len(flops)):
-                gain = (err2[j - 1] - err2[j]) / max(flops[j] - flops[j - 1], 1e-9)
-                steps.append((-gain, name, j))
-        steps.sort()
-        frozen: set[str] = set()
-        for _, name, j in steps:
-            if name in frozen or current[name] != j - 1:
+    while feasible:  # the best affordable upgrade (largest error decrease per FLOP added) over all options
+        best = None
+        room = budget - used
+        for name, (_, flops, err2) in raw.items():
+            i = current[name]
+            ok = (flops > flops[i]) & (flops - flops[i] <= room) & (err2 < err2[i])
+            if not ok.any():
                 continue
-            extra = int(options[name][1][j] - options[name][1][j - 1])
-            if used + extra > budget:
-                frozen.add(name)  # its later steps build on this one, so none of them can be taken either
-                continue
-            used += extra
-            current[name] = j
+            gain = np.where(ok, (err2[i] - err2) / np.maximum(flops - flops[i], 1e-9), -np.inf)
+            k = int(np.argmax(gain))
+            if best is None or gain[k] > best[0]:
+                best = (gain[k], name, k)
+        if best is None:
+            break
+        _, name, k = best
+        used += int(raw[name][1][k] - raw[name][1][current[name]])
+        current[name] = k
     ranks: dict[str, int | None] = {layer.name: None for layer in layers}
-    for name, j in current.items():
-        ranks[name] = options[name][0][j]
+    for name, i in current.items():
+        ranks[name] = raw[name][0][i]
     return Allocation(ranks, used, budget, feasible)

@@ -294,3 +294,79 @@ def test_finetune_from_the_command_line(files, tmp_path):
     np.savez(bad, images=images.numpy(), labels=np.arange(64) + 5)
     _bad(None, files["state"], "-o", tmp_path / "x.pt2", "--arch", ARCH, "--input-shape", SHAPE, "--finetune", bad,
          "--steps", "1", match="labels must be in [0, 9]")
+
+
+def _image_folder(root: Path, classes=("bags", "shoes"), per_class: int = 4, size=(28, 28)) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            (root / name).mkdir(parents=True, exist_ok=True)
+            pixels = np.random.default_rng(10 * c + i).integers(0, 256, size, dtype=np.uint8)
+            Image.fromarray(pixels, "L").save(root / name / f"{i}.png")
+    return root
+
+
+def test_calibration_image_folder_embedded(tmp_path, monkeypatch):
+    pytest.importorskip("torchvision")
+    monkeypatch.chdir(tmp_path)
+    folder = _image_folder(tmp_path / "imgs")
+    res = _run("--calib", folder, "--calib-limit", "6", "--rank", "2", "--method", "dw-pw", "-o", "o.pt")
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("Calibration data:"))
+    assert "6 images in 2 classes" in line and "centre crop 28×28" in line and "grayscale" in line
+    assert "mean (0.286)" in line and "std (0.353)" in line  # the embedded model's statistics
+    assert (tmp_path / "o.pt").is_file()
+
+
+def test_finetune_image_folder_and_options(files, tmp_path):
+    pytest.importorskip("torchvision")
+    folder = _image_folder(tmp_path / "imgs", size=(40, 36))
+    out = tmp_path / "o.pt"
+    res = _run(files["state"], "-o", out, "--arch", ARCH, "--input-shape", SHAPE, "--rank", "2", "--method", "dw-pw",
+               "--finetune", folder, "--steps", "2", "--batch-size", "4", "--image-size", "28", "--resize", "32",
+               "--mean", "0.3", "--std", "0.35")
+    assert res.exit_code == 0, res.output
+    assert "Fine-tuning data:" in res.stdout and "8 images in 2 classes" in res.stdout
+    assert "resize 32, centre crop 28×28" in res.stdout and "with labels" in res.stdout
+    assert "fine-tuned 2 steps" in res.stdout and out.is_file()
+
+
+def test_bad_image_folders(files, tmp_path):
+    pytest.importorskip("torchvision")
+    common = (files["state"], "-o", tmp_path / "o.pt2", "--arch", ARCH, "--input-shape", SHAPE, "--rank", "2",
+              "--method", "dw-pw")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = _bad(None, *common, "--calib", empty, match="no image files (accepted extensions:")
+    assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("error:")
+    corrupt = _image_folder(tmp_path / "corrupt", per_class=2)
+    (corrupt / "shoes" / "1.png").write_bytes(b"garbage, not a png")
+    res = _bad(None, *common, "--calib", corrupt, match="cannot read image shoes/1.png")
+    assert len(res.stderr.strip().splitlines()) == 1
+    many = _image_folder(tmp_path / "many", classes=[f"c{i:02d}" for i in range(11)], per_class=1)
+    _bad(None, *common, "--finetune", many, match="has 11 class folders but the model has 10 outputs")
+    good = _image_folder(tmp_path / "good", per_class=1)
+    _bad(None, *common, "--calib", good, "--mean", "0.1,0.2", match="mean needs 1 value")
+    _bad(None, *common, "--calib", good, "--image-size", "1,2,3", match="--image-size must be H,W")
+    _bad(None, *common, "--resize", "32", match="apply to image folders")
+    assert not (tmp_path / "o.pt2").exists()
+
+
+def test_calibration_image_folder_rgb_model(tmp_path):
+    pytest.importorskip("torchvision")
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "rgb.pt"
+    torch.save(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)), src)
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (20, 30, 3), dtype=np.uint8), "RGB").save(
+            folder / f"{i}.jpg")
+    res = _run(src, "-o", tmp_path / "o.pt", "--allow-pickle", "--input-shape", "1,3,16,16", "--rank", "2",
+               "--calib", folder)
+    assert res.exit_code == 0, res.output
+    assert "3 images;" in res.stdout and "resize 16, centre crop 16×16, RGB, mean (0.485, 0.456, 0.406)" in res.stdout

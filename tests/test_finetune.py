@@ -116,6 +116,45 @@ def test_bad_arguments_and_labels():
         finetune(student, teacher, bad, steps=1)
 
 
+def test_feature_distillation_pulls_converted_layers_to_the_original():
+    teacher = _teacher(dropout=0.0)
+    res = separify.convert(teacher, example_inputs=torch.randn(1, 3, 8, 8), method="dw-pw", rank=1)
+    pairs = res.feature_pairs()
+    assert pairs == {"0": "1", "3": "3"}  # converted conv -> the module it reproduces (its folded BatchNorm "1")
+    data = _data(labels=False)
+
+    def feat_err(model):
+        errs = []
+        with torch.no_grad():
+            for x in data:
+                store = {}
+                hs = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: store.__setitem__(n, o))
+                      for n in pairs]
+                ht = [teacher.get_submodule(t).register_forward_hook(lambda m, a, o, t=t: store.__setitem__("t" + t, o))
+                      for t in pairs.values()]
+                model.eval()(x)
+                teacher(x)
+                for h in hs + ht:
+                    h.remove()
+                errs.append(float(separify.feature_loss([store[n] for n in pairs], [store["t" + t] for t in pairs.values()])))
+        return sum(errs) / len(errs)
+
+    plain = copy.deepcopy(res.model)
+    with_features = copy.deepcopy(res.model)
+    finetune(plain, teacher, data, steps=24, lr=5e-3, seed=0)
+    out = finetune(with_features, teacher, data, steps=24, lr=5e-3, seed=0, features=pairs, feature_weight=10.0)
+    assert out.steps == 24 and out.stopped is None
+    assert feat_err(with_features) < feat_err(plain)
+    with pytest.raises(SeparifyError, match="no module named 'nope'"):
+        finetune(copy.deepcopy(res.model), teacher, data, steps=1, features={"nope": "3"}, feature_weight=1.0)
+
+
+def test_sequence_logits_use_class_dim():
+    s, t = torch.randn(4, 7, 11), torch.randn(4, 7, 11)
+    per_step = sum(float(distillation_loss(s[:, i], t[:, i])) for i in range(7))
+    assert float(distillation_loss(s, t, class_dim=-1)) == pytest.approx(per_step, rel=1e-5)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -49,7 +49,7 @@ def test_allocation_matches_brute_force_within_one_step(seed):
         r = alloc.ranks[layer.name]
         chosen_err += 0.0 if r is None else float(layer.errors(np.array([r]))[0] ** 2)
     best_err, _ = _brute_force(layers, budget)
-    # greedy on the convex hull is optimal up to the last step that did not fit: bounded by one layer's largest step
+    # the greedy is optimal up to the last step that did not fit: bounded by one layer's largest step
     largest_step = max(float(l.errors(np.array([1]))[0] ** 2) for l in layers)
     assert best_err - 1e-12 <= chosen_err <= best_err + largest_step
 
