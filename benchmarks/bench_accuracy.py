@@ -165,9 +165,10 @@ def ablation(setup: dict, lines: list[str]) -> None:
         print(lines[-1], flush=True)
 
 
-def longer_finetune(setup: dict, lines: list[str], n_images: int) -> None:
+def longer_finetune(setup: dict, lines: list[str], n_images: int, *, lr: float = 1e-4, temperature: float = 4.0,
+                    feature_weight: float = 0.0) -> None:
     """The calibrated pw-dw-pw model at FLOPs 0.5 fine-tuned for one epoch over ``n_images`` fresh rendered images
-    (OCR only): how far more distillation goes."""
+    (OCR only): how far more distillation goes, and with which settings."""
     sys.path.insert(0, str(Path(__file__).parent))
     import second_model as sm
 
@@ -177,11 +178,13 @@ def longer_finetune(setup: dict, lines: list[str], n_images: int) -> None:
     cal = separify.convert(model, example_inputs=example, method="pw-dw-pw", flops=0.5, calibration=setup["calib"])
     acc_cal = evaluate(cal.model)
     t0 = time.perf_counter()
-    out = separify.finetune(cal.model, model, batches, epochs=1, lr=1e-4, seed=0, class_dim=setup["class_dim"])
+    out = separify.finetune(cal.model, model, batches, epochs=1, lr=lr, seed=0, class_dim=setup["class_dim"],
+                            temperature=temperature, features=cal.feature_pairs(), feature_weight=feature_weight)
     dt = time.perf_counter() - t0
     cal.model.eval()
     lines += ["", f"Longer fine-tuning, OCR, pw-dw-pw at FLOPs 0.5: 1 epoch over {n_images:,} rendered images "
-              f"(batch 32, {out.steps} steps, lr 1e-4, distillation only): calibrated {acc_cal:.3f} → "
+              f"(batch 32, {out.steps} steps, lr {lr:g}, temperature {temperature:g}, feature weight "
+              f"{feature_weight:g}, no labels): calibrated {acc_cal:.3f} → "
               f"{evaluate(cal.model):.3f} ({dt:.0f} s; original {evaluate(model):.3f})."]
     print(lines[-1], flush=True)
 
@@ -191,6 +194,9 @@ def main() -> None:
     ap.add_argument("--models", default="embedded,ocr")
     ap.add_argument("--no-finetune", action="store_true")
     ap.add_argument("--long-tune", type=int, default=0, help="OCR only: just the longer fine-tune, over N images")
+    ap.add_argument("--tune-lr", type=float, default=1e-4)
+    ap.add_argument("--tune-temperature", type=float, default=4.0)
+    ap.add_argument("--tune-feature-weight", type=float, default=0.0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.md"))
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -201,8 +207,11 @@ def main() -> None:
              f"separify {separify.__version__}."]
     setups = {"embedded": embedded_setup, "ocr": ocr_setup}
     if args.long_tune:
-        lines[0] = lines[0].replace(f"--models {args.models}", f"--long-tune {args.long_tune}")
-        longer_finetune(ocr_setup(), lines, args.long_tune)
+        lines[0] = lines[0].replace(f"--models {args.models}", f"--long-tune {args.long_tune} --tune-lr "
+                                    f"{args.tune_lr:g} --tune-temperature {args.tune_temperature:g} "
+                                    f"--tune-feature-weight {args.tune_feature_weight:g}")
+        longer_finetune(ocr_setup(), lines, args.long_tune, lr=args.tune_lr, temperature=args.tune_temperature,
+                        feature_weight=args.tune_feature_weight)
         write_result(args.out, lines)
         return
     for name in args.models.split(","):

@@ -84,7 +84,7 @@ class ConvertConfig:
         calib_ridge: relative ridge term of the least-squares refit.
         calib_whiten: with calibration data, decompose the kernel whitened by its measured input moments (minimise
             the predicted output error, :func:`separify.decompose.whiten`) instead of the weight error. Off by
-            default: on both benchmark networks it lowered accuracy after the refit (README, "Calibration").
+            default: it lowered accuracy after the refit on the OCR benchmark network (README, "Measured").
         calib_damp: relative damping of that whitening (larger: closer to the weight-space factors).
         calib_ranks: with calibration data and a FLOPs target, allocate ranks by the predicted output error of each
             layer on that data (the whitened error curves) instead of the weight error.

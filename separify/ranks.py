@@ -132,23 +132,34 @@ def allocate(layers: list[LayerCost], budget: int) -> Allocation:
     current = {name: 0 for name in raw}  # index into raw
     used = sum(int(raw[name][1][0]) for name in raw)
     feasible = used <= budget
-    while feasible:  # the best affordable upgrade (largest error decrease per FLOP added) over all options
-        best = None
+
+    def best_upgrade(name: str, room: float):
+        """(gain, option, extra FLOPs) of the best upgrade of ``name`` costing at most ``room``, or None."""
+        _, flops, err2 = raw[name]
+        i = current[name]
+        ok = (flops > flops[i]) & (flops - flops[i] <= room) & (err2 < err2[i])
+        if not ok.any():
+            return None
+        gain = np.where(ok, (err2[i] - err2) / np.maximum(flops - flops[i], 1e-9), -np.inf)
+        k = int(np.argmax(gain))
+        return float(gain[k]), k, float(flops[k] - flops[i])
+
+    # the best affordable upgrade (largest error decrease per FLOP added) over all layers, until none fits; a layer's
+    # best upgrade only changes when the layer moves or the upgrade stops fitting, so it is cached
+    cache = {name: best_upgrade(name, budget - used) for name in raw} if feasible else {}
+    while cache:
         room = budget - used
-        for name, (_, flops, err2) in raw.items():
-            i = current[name]
-            ok = (flops > flops[i]) & (flops - flops[i] <= room) & (err2 < err2[i])
-            if not ok.any():
-                continue
-            gain = np.where(ok, (err2[i] - err2) / np.maximum(flops - flops[i], 1e-9), -np.inf)
-            k = int(np.argmax(gain))
-            if best is None or gain[k] > best[0]:
-                best = (gain[k], name, k)
-        if best is None:
+        for name, up in list(cache.items()):
+            if up is not None and up[2] > room:
+                cache[name] = best_upgrade(name, room)
+        live = [(up[0], name) for name, up in cache.items() if up is not None]
+        if not live:
             break
-        _, name, k = best
-        used += int(raw[name][1][k] - raw[name][1][current[name]])
+        _, name = max(live)
+        _, k, extra = cache[name]
+        used += int(extra)
         current[name] = k
+        cache[name] = best_upgrade(name, budget - used)
     ranks: dict[str, int | None] = {layer.name: None for layer in layers}
     for name, i in current.items():
         ranks[name] = raw[name][0][i]
