@@ -260,8 +260,12 @@ def convert(
         obs = observe(model, targets, batches, memory_gb=cfg.calib_memory_gb,  # before any rewrite: inplace is safe
                       moments=need_moments)
     covs = obs.covariances if obs is not None else {}
-    whitened = {name: whiten(kernels[name].weight, covs[name], rec.method, damp=cfg.calib_damp)
-                for _, rec, _, _ in todo if (name := rec.name) in covs and cfg.calib_ranks}
+    # kernels whitened by their inputs: their error curves are the predicted output errors used by the allocation
+    whitened = {}
+    if cfg.calib_ranks:
+        for _, rec, _, _ in todo:
+            if rec.name in covs:
+                whitened[rec.name] = whiten(kernels[rec.name].weight, covs[rec.name], rec.method, damp=cfg.calib_damp)
 
     # Ranks.
     budget, rank_warnings = _choose_ranks(cfg, todo, kernels, shapes, flops_before, whitened)
