@@ -155,9 +155,10 @@ def convert(
             submodules with the result; use the returned model either way. Default: the input is never touched.
         calibration: optional input data (a tensor ``(N, ...)`` or an iterable of batches / ``(input, label)``
             tuples, at most ``config.calib_limit`` samples used). The input moments of every layer are measured on
-            it; the kernels are decomposed whitened by them and a FLOPs target is allocated by predicted output
-            error (``calib_whiten``, ``calib_ranks``); then the last 1×1 conv of every replacement is refitted by
-            least squares to the original layer's outputs on this data (:mod:`separify.calibrate`).
+            it; a FLOPs target is then allocated by predicted output error (``calib_ranks``, on by default) and,
+            with ``calib_whiten=True``, the kernels are decomposed whitened by them; then the last 1×1 conv of every
+            replacement is refitted by least squares to the original layer's outputs on this data
+            (:mod:`separify.calibrate`).
         progress: ``True`` shows a progress bar over layers; a callable is called with each layer name.
         options: ``ConvertConfig`` fields, e.g. ``method="pw-dw-pw", flops=0.5, exclude=("layer4.*",)``.
 

@@ -59,7 +59,6 @@ class Observation:
     covariances: dict[str, InputCovariance]
     outputs: dict[str, torch.Tensor]
     samples: int
-    output_bytes: int = 0
 
 
 @dataclass
@@ -202,7 +201,7 @@ def observe(
     if missing:
         raise SeparifyError(f"the calibration data never reaches layer(s) {', '.join(missing[:3])}")
     covariances = {n: acc[n].result() for n in layers} if moments else {}
-    return Observation(covariances, {n: torch.cat(kept[n]) for n in layers}, samples, used)
+    return Observation(covariances, {n: torch.cat(kept[n]) for n in layers}, samples)
 
 
 def _pixels(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -176,22 +176,25 @@ class InputCovariance:
             raise BadWeightsError("the input covariance contains NaN or inf (non-finite calibration activations)")
 
 
-def _sqrt_pair(cov: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(S, S⁻¹)`` with ``S = (Σ + δI)^{1/2}``, ``δ = damp ·`` mean diagonal (over the whole batch of matrices).
-
-    ``cov`` is ``(..., d, d)`` symmetric PSD. Returns ``None`` when the data is all zero (nothing to whiten by).
-    """
+def _damped_eigh(cov: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Eigenvalues (clamped above 0) and eigenvectors of ``Σ + δI``, ``δ = damp ·`` mean diagonal (over the whole
+    batch of matrices); ``cov`` is ``(..., d, d)`` symmetric PSD. ``None`` when the data is all zero."""
     cov = cov.to(torch.float64)
     scale = float(cov.diagonal(dim1=-2, dim2=-1).mean())
     if not scale > 0:
         return None
-    d = cov.shape[-1]
-    vals, vecs = torch.linalg.eigh(cov + damp * scale * torch.eye(d, dtype=torch.float64))
-    vals = vals.clamp_min(damp * scale * 1e-3 + 1e-300)  # eigh round-off can dip below the shift
+    vals, vecs = torch.linalg.eigh(cov + damp * scale * torch.eye(cov.shape[-1], dtype=torch.float64))
+    return vals.clamp_min(damp * scale * 1e-3 + 1e-300), vecs  # eigh round-off can dip below the shift
+
+
+def _sqrt_pair(cov: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(S, S⁻¹)`` with ``S = (Σ + δI)^{1/2}`` symmetric (batched); ``None`` when the data is all zero."""
+    eig = _damped_eigh(cov, damp)
+    if eig is None:
+        return None
+    vals, vecs = eig
     root = vals.sqrt()
-    s = (vecs * root[..., None, :]) @ vecs.transpose(-1, -2)
-    s_inv = (vecs / root[..., None, :]) @ vecs.transpose(-1, -2)
-    return s, s_inv
+    return (vecs * root[..., None, :]) @ vecs.transpose(-1, -2), (vecs / root[..., None, :]) @ vecs.transpose(-1, -2)
 
 
 def _root_pair(cov: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -201,12 +204,10 @@ def _root_pair(cov: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tens
     directions of the data, sorted by variance, so that the closed-form CP starts (which pick terms slice by slice)
     can spend their terms on the few directions that carry the signal.
     """
-    cov = cov.to(torch.float64)
-    scale = float(cov.diagonal().mean())
-    if not scale > 0:
+    eig = _damped_eigh(cov, damp)
+    if eig is None:
         return None
-    vals, vecs = torch.linalg.eigh(cov + damp * scale * torch.eye(cov.shape[0], dtype=torch.float64))
-    vals, vecs = vals.flip(0).clamp_min(damp * scale * 1e-3 + 1e-300), vecs.flip(1)
+    vals, vecs = eig[0].flip(0), eig[1].flip(1)  # descending variance
     root = vals.sqrt()
     return vecs * root, vecs / root
 
@@ -216,11 +217,20 @@ def _cp_whiteners(cov: InputCovariance, damp: float):
     return _root_pair(cov.channel, damp), _root_pair(cov.spatial.to(torch.float64).mean(0), damp)
 
 
+def _cp_whiten(t: torch.Tensor, sm, sp) -> torch.Tensor:
+    """``T (N, M, P) ×₂ L_Mᵀ ×₃ L_Pᵀ`` for the pairs of :func:`_cp_whiteners` (a ``None`` pair leaves its mode)."""
+    if sm is not None:
+        t = torch.einsum("nmp,mi->nip", t, sm[0])
+    if sp is not None:
+        t = t @ sp[0]
+    return t
+
+
 def whiten(weight: torch.Tensor, cov: InputCovariance, method: str, *, damp: float = 0.01) -> torch.Tensor:
     """The kernel whose plain (weight-space) error equals the predicted output error of ``method``'s factors.
 
     ``(N, M, kh, kw)`` in, same shape out, float64. dw-pw: ``W'[:, m] = W[:, m] S_m``; pw-dw-pw:
-    ``W' = W ×₂ S_M ×₃ S_P`` (see the module docstring). Rank allocation uses the error curves of this kernel.
+    ``W' = W ×₂ L_Mᵀ ×₃ L_Pᵀ`` (see the module docstring). Rank allocation uses the error curves of this kernel.
     """
     check_weight(weight)
     cov.check(weight.shape)
@@ -231,11 +241,7 @@ def whiten(weight: torch.Tensor, cov: InputCovariance, method: str, *, damp: flo
         if pair is not None:
             t = torch.einsum("nmp,mpq->nmq", t, pair[0])
     else:
-        sm, sp = _cp_whiteners(cov, damp)
-        if sm is not None:
-            t = torch.einsum("nmp,mi->nip", t, sm[0])
-        if sp is not None:
-            t = t @ sp[0]
+        t = _cp_whiten(t, *_cp_whiteners(cov, damp))
     return t.reshape(n, m, kh, kw)
 
 
@@ -301,7 +307,8 @@ def dwpw_decompose(
             f"dw-pw rank {k} is impossible for a {n}×{m}×{kh}×{kw} kernel: the largest useful rank is "
             f"min(out_channels, kh·kw) = {q}, where the factorisation is already exact"
         )
-    slices = weight.detach().to(device="cpu", dtype=torch.float64).permute(1, 0, 2, 3).reshape(m, n, kh * kw)
+    w64 = weight.detach().to(device="cpu", dtype=torch.float64)
+    slices = w64.permute(1, 0, 2, 3).reshape(m, n, kh * kw)  # (M, N, P)
     pair = None
     if cov is not None:
         cov.check(weight.shape)
@@ -318,7 +325,7 @@ def dwpw_decompose(
         err, data_err = dwpw_error(s, k), None
     else:
         total = float((slices**2).sum())
-        diff = dwpw_reconstruct(dw, pw, m) - weight.detach().to(device="cpu", dtype=torch.float64)
+        diff = dwpw_reconstruct(dw, pw, m) - w64
         err = math.sqrt(float((diff**2).sum()) / total) if total > 0 else 0.0
         data_err = dwpw_error(s, k)
     cast = dict(dtype=weight.dtype, device=weight.device)
@@ -391,12 +398,6 @@ def cp_rank_for_energy(weight: torch.Tensor, energy: float) -> int:
         hits = (kept >= energy - 1e-12).nonzero()
         ranks.append(int(hits[0]) + 1 if len(hits) else len(s))
     return max(ranks)
-
-
-def _svd_columns(mats: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batched thin SVD truncated to ``count`` terms: ``(B, r, c)`` → U ``(B, r, k)``, √σ ``(B, k)``, Vᵀ ``(B, k, c)``."""
-    u, s, vh = torch.linalg.svd(mats, full_matrices=False)
-    return u[..., :count], s[..., :count].sqrt(), vh[..., :count, :]
 
 
 def _pad_columns(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, rank: int, gen: torch.Generator):
@@ -550,7 +551,7 @@ def cp_decompose(
             that passes each result on is non-increasing in error; independent fits at neighbouring ranks can
             differ by the ALS convergence slack.
         cov: input moments from calibration data; the CP model is then fitted to the whitened kernel
-            ``T ×₂ S_M ×₃ S_P`` (predicted output error) and mapped back (see the module docstring).
+            ``T ×₂ L_Mᵀ ×₃ L_Pᵀ`` (predicted output error) and mapped back (see the module docstring).
         damp: relative damping ``δ`` of the whitening.
 
     Returns:
@@ -567,10 +568,7 @@ def cp_decompose(
     if cov is not None:
         cov.check(weight.shape)
         sm, sp = ((x[0].to(dtype), x[1].to(dtype)) if x is not None else None for x in _cp_whiteners(cov, damp))
-        if sm is not None:
-            t = torch.einsum("nmp,mi->nip", t, sm[0])  # T ×₂ L_Mᵀ
-        if sp is not None:
-            t = t @ sp[0]  # ×₃ L_Pᵀ
+        t = _cp_whiten(t0, sm, sp)
     gen = torch.Generator().manual_seed(seed)
     als = _ALS(t)
     norm2 = als.norm2 if als.norm2 > 0 else 1.0

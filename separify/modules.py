@@ -80,6 +80,7 @@ class SeparableConv2d(nn.Module):
         self.transposed = False
         self.output_padding = (0, 0)
         self.decomposition_error: float | None = None  # ‖W − Ŵ‖/‖W‖, set by from_conv
+        self.predicted_output_error: float | None = None  # with calibration moments: see decompose.DwPwFactors
 
     @property
     def bias(self) -> nn.Parameter | None:
