@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 import separify
-from separify.report import print_report
+from separify.reporting import print_report
 
 
 def main() -> None:
@@ -28,7 +28,9 @@ def main() -> None:
         flops=0.6,
         exclude=("layer4.*",),
     )
-    print_report(result)
+    # The before/after report: FLOPs, parameters, latency (PyTorch and ONNX Runtime, per layer too), agreement.
+    report = separify.report(model, result, example_inputs=x, min_run_time=0.3)
+    print_report(report)
     for rec in result.skipped:
         print(f"kept {rec.name}: {rec.reason}")
 

@@ -5,6 +5,8 @@ Public API::
     result = separify.convert(model, example_inputs=x, method="dw-pw", flops=0.5)
     result.model        # the converted model
     result.layers       # one LayerRecord per conv: rank, FLOPs before/after, error, or the reason it was skipped
+    rep = separify.report(model, result, example_inputs=x, data=images, labels=labels)  # measured before/after
+    separify.reporting.print_report(rep)
 """
 
 from .api import ConvertResult, LayerRecord, convert
@@ -12,12 +14,17 @@ from .config import ConvertConfig, LayerRule
 from .finetune import FinetuneResult, distillation_loss, feature_loss, finetune
 from .errors import BadWeightsError, ConfigError, ModelLoadError, SeparifyError, UnsupportedLayerError
 from .modules import DwPwConv2d, PwDwPwConv2d, SeparableConv2d
+from .reporting import Comparison, Report, compare, report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "convert",
     "finetune",
+    "report",
+    "compare",
+    "Report",
+    "Comparison",
     "distillation_loss",
     "feature_loss",
     "FinetuneResult",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -21,16 +21,44 @@ from . import __version__
 from .api import convert as convert_model
 from .config import METHODS, ConvertConfig
 from .errors import SeparifyError, first_line
-from .measure import accuracy, output_error
 from .model_io import (ImagePreprocessing, check_output_path, load_image_folder, load_labeled_file, load_model,
                        load_tensor_file, parse_shape, save_model)
-from .report import Evaluation, print_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make trained CNNs cheaper: replace dense "
                   "convolutions with depthwise-separable approximations.")
 err = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_OUTPUT = "fashion_resnet_separable.pt2"
+
+
+# Options shared by convert, report and compare.
+_IMAGE_SIZE = typer.Option(None, "--image-size", help="Image folders: centre-crop size H,W (or one number for a square; "
+                           "default: the H,W of the example input).")
+_RESIZE = typer.Option(None, "--resize", help="Image folders: resize the shorter side to this before the centre crop; "
+                       "0: no resize (default: max(H,W)·256/224 when max(H,W) >= 64, else max(H,W)).")
+_MEAN = typer.Option(None, "--mean", help="Image folders: per-channel mean for normalising pixels in [0, 1], e.g. "
+                     "0.485,0.456,0.406 (default: ImageNet's for 3 channels; the training statistics for the embedded "
+                     "model; 0.5 otherwise).")
+_STD = typer.Option(None, "--std", help="Image folders: per-channel standard deviation, e.g. 0.229,0.224,0.225 "
+                    "(defaults as for --mean).")
+_DATA = typer.Option(None, "--data", help="Evaluation data for the report: a tensor file (.npy/.npz/.pt; top-1/top-5 "
+                     "accuracy when it has 'labels') or a folder of images (labels from class subfolders). Without it: "
+                     "agreement with the original on random inputs (the embedded model: its held-out test images).")
+_DATA_LIMIT = typer.Option(1000, "--data-limit", help="Evaluate on at most this many samples of --data.")
+_JSON = typer.Option(None, "--json", help="Also write the report as JSON (versioned schema, every figure with its unit).")
+_HTML = typer.Option(None, "--html", help="Also write the report as one self-contained HTML page with plots.")
+_PNG = typer.Option(None, "--png", help="Also write the report's plots as one PNG.")
+_THREADS = typer.Option(None, "--threads", help="CPU threads for timing (PyTorch and ONNX Runtime; default: all).")
+_LATENCY = typer.Option(True, "--latency/--no-latency", help="Time the whole models.")
+_ONNX = typer.Option(True, "--onnx/--no-onnx", help="Also export both models to ONNX and time them in ONNX Runtime.")
+_MIN_TIME = typer.Option(0.5, "--min-time", help="Seconds of timed runs per model (after warm-up); per layer a tenth.")
+_ARCH = typer.Option(None, "--arch", help="Architecture for a state dict, as package.module:callable (e.g. "
+                     "torchvision.models:resnet18).")
+_PICKLE = typer.Option(False, "--allow-pickle", help="Allow loading a pickled module; this runs code from the file, "
+                       "so only for files you trust.")
+_INPUT_SHAPE = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1,3,224,224 (default: stored with "
+                            "a .pt2, else 1,3,224,224).")
+_FORCE = typer.Option(False, "--force", help="Replace output files that exist.")
 
 
 def _version(value: bool) -> None:
@@ -66,15 +94,12 @@ def convert(
     flops: Optional[float] = typer.Option(None, "--flops", help="Keep this fraction of the model's FLOPs, in "
                                           "(0, 1]; ranks are allocated across layers. Default 0.5 when no rank "
                                           "option is given."),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1,3,224,224 "
-                                              "(default: stored with a .pt2, else 1,3,224,224)."),
+    input_shape: Optional[str] = _INPUT_SHAPE,
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Leave layers whose name matches this "
                                                 "pattern dense (fnmatch, e.g. 'layer4.*'); repeatable."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for a state dict, as "
-                                       "package.module:callable (e.g. torchvision.models:resnet18)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading a pickled module; this runs "
-                                      "code from the file, so only for files you trust."),
-    force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
+    arch: Optional[str] = _ARCH,
+    allow_pickle: bool = _PICKLE,
+    force: bool = _FORCE,
     fold_bn: bool = typer.Option(True, "--fold-bn/--no-fold-bn", help="Fold BatchNorm into the conv before it."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration inputs: a tensor file (.npy/.npz/.pt, "
                                          "shape (N, ...), preprocessed as the model expects) or a folder of images "
@@ -86,16 +111,10 @@ def convert(
                                                  "(.npy/.npz/.pt; labels used when the .npz/.pt has a 'labels' entry) "
                                                  "or a folder of images (labels used when it has one subfolder per "
                                                  "class, numbered in sorted name order)."),
-    image_size: Optional[str] = typer.Option(None, "--image-size", help="Image folders: centre-crop size H,W (or one "
-                                             "number for a square; default: the H,W of the example input)."),
-    resize: Optional[int] = typer.Option(None, "--resize", help="Image folders: resize the shorter side to this "
-                                         "before the centre crop; 0: no resize (default: max(H,W)·256/224 when "
-                                         "max(H,W) >= 64, else max(H,W))."),
-    mean: Optional[str] = typer.Option(None, "--mean", help="Image folders: per-channel mean for normalising pixels "
-                                       "in [0, 1], e.g. 0.485,0.456,0.406 (default: ImageNet's for 3 channels; the "
-                                       "training statistics for the embedded model; 0.5 otherwise)."),
-    std: Optional[str] = typer.Option(None, "--std", help="Image folders: per-channel standard deviation, e.g. "
-                                      "0.229,0.224,0.225 (defaults as for --mean)."),
+    image_size: Optional[str] = _IMAGE_SIZE,
+    resize: Optional[int] = _RESIZE,
+    mean: Optional[str] = _MEAN,
+    std: Optional[str] = _STD,
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning epochs (default 1 with --finetune)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Fine-tuning steps, instead of --epochs."),
     lr: float = typer.Option(1e-4, "--lr", help="Fine-tuning learning rate (AdamW, cosine schedule)."),
@@ -104,15 +123,34 @@ def convert(
                                               "periodically, resumed from if it exists."),
     cp_iters: int = typer.Option(25, "--cp-iters", help="ALS sweeps for pw-dw-pw."),
     seed: int = typer.Option(0, "--seed", help="Seed for the example input and the CP solver."),
+    data: Optional[Path] = _DATA,
+    data_limit: int = _DATA_LIMIT,
+    json_out: Optional[Path] = _JSON,
+    html_out: Optional[Path] = _HTML,
+    png_out: Optional[Path] = _PNG,
+    threads: Optional[int] = _THREADS,
+    latency: bool = _LATENCY,
+    onnx: bool = _ONNX,
+    layers: bool = typer.Option(True, "--layers/--no-layers", help="Time every converted layer and its original."),
+    min_time: float = _MIN_TIME,
 ) -> None:
     """Convert the dense k×k convs of MODEL to depthwise-separable form and print the before/after report."""
-    try:
-        image_opts = dict(size=_numbers(image_size, "--image-size", int, (1, 2)), resize=resize,
-                          mean=_numbers(mean, "--mean", float), std=_numbers(std, "--std", float))
+    def work():
+        image_opts = _image_opts(image_size, resize, mean, std)
+        reporting = _Reporting(data, data_limit, json_out, html_out, png_out, threads, latency, onnx, layers, min_time,
+                               force)
         _convert(model, output, method, rank, energy, flops, input_shape, exclude or [], arch, allow_pickle, force,
                  fold_bn, cp_iters, seed, calib, calib_limit,
                  dict(data=finetune_data, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size,
-                      checkpoint=checkpoint), image_opts)
+                      checkpoint=checkpoint), image_opts, reporting)
+
+    _guard(work)
+
+
+def _guard(work) -> None:
+    """Run a command body: library errors become one ``error:`` line and exit status 1, never a traceback."""
+    try:
+        work()
     except SeparifyError as exc:
         _fail(str(exc))
     except (typer.Exit, KeyboardInterrupt):
@@ -121,6 +159,11 @@ def convert(
         if os.environ.get("SEPARIFY_DEBUG"):
             raise
         _fail(f"unexpected {type(exc).__name__}: {exc} (set SEPARIFY_DEBUG=1 for the traceback)")
+
+
+def _image_opts(image_size, resize, mean, std) -> dict:
+    return dict(size=_numbers(image_size, "--image-size", int, (1, 2)), resize=resize,
+                mean=_numbers(mean, "--mean", float), std=_numbers(std, "--std", float))
 
 
 def _numbers(text, option, cast, counts=None):
@@ -137,63 +180,170 @@ def _numbers(text, option, cast, counts=None):
     return values * 2 if counts and len(values) == 1 else values
 
 
-def _convert(model_path, output, method, rank, energy, flops, input_shape, exclude, arch, allow_pickle, force,
-             fold_bn, cp_iters, seed, calib, calib_limit, tune, image_opts) -> None:
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    cfg = ConvertConfig(method=method, rank=rank, energy=energy, flops=flops, exclude=tuple(exclude),
-                        fold_bn=fold_bn, cp_max_iter=cp_iters, seed=seed, calib_limit=calib_limit)
-    embedded = model_path is None
-    if embedded:
+@dataclass
+class _Original:
+    model: torch.nn.Module
+    inputs: tuple
+    eval_data: tuple | None  # (images, labels, description) shipped with the embedded model
+    embedded: bool
+    kind: str
+
+
+def _load_original(console, model_path, arch, allow_pickle, input_shape, seed) -> _Original:
+    """The model to convert (a file, or the embedded default) and its example input, checked to run."""
+    if model_path is None:
         if arch or allow_pickle:
             raise SeparifyError("--arch and --allow-pickle need a MODEL file")
-        output = output or Path(DEFAULT_OUTPUT)
-    elif output is None:
-        raise SeparifyError("give an output file with -o/--output (.pt2 or .pt)")
-    out = check_output_path(output, inputs=() if embedded else (model_path,), force=force)
-
-    evaluations: list[Evaluation] = []
-    if embedded:
         from .embedded import load_default_model, load_eval_data
 
-        model = load_default_model()
         images, labels = load_eval_data()
-        inputs = (images[:1],)
         console.print(f"Embedded model: FashionResNet trained on Fashion-MNIST; accuracy on {len(images)} held-out "
                       "test images")
+        return _Original(load_default_model(), (images[:1],),
+                         (images, labels, f"{len(images)} held-out Fashion-MNIST test images"), True, "embedded")
+    loaded = load_model(model_path, arch=arch, allow_pickle=allow_pickle)
+    model = loaded.model
+    if input_shape:
+        inputs = (torch.randn(parse_shape(input_shape), generator=torch.Generator().manual_seed(seed)),)
+    elif loaded.example_inputs is not None:
+        inputs = loaded.example_inputs
     else:
-        loaded = load_model(model_path, arch=arch, allow_pickle=allow_pickle)
-        model = loaded.model
-        if loaded.kind == "pt2" and out.suffix.lower() != ".pt2":
-            raise SeparifyError("a model loaded from a .pt2 program can only be written as .pt2 (its graph module "
-                                "cannot be pickled)")
-        if input_shape:
-            inputs = (torch.randn(parse_shape(input_shape), generator=torch.Generator().manual_seed(seed)),)
-        elif loaded.example_inputs is not None:
-            inputs = loaded.example_inputs
-        else:
-            inputs = (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(seed)),)
-        shapes = ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
-        console.print(f"Loaded {model_path} ({loaded.kind}); example input {shapes}")
-        try:
-            with torch.no_grad():
-                model(*inputs)
-        except Exception as exc:
-            raise SeparifyError(f"the model does not run on the example input {shapes} ({type(exc).__name__}: "
-                                f"{first_line(exc)}); "
-                                "give --input-shape") from None
+        inputs = (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(seed)),)
+    shapes = ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
+    console.print(f"Loaded {model_path} ({loaded.kind}); example input {shapes}")
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:
+        raise SeparifyError(f"the model does not run on the example input {shapes} ({type(exc).__name__}: "
+                            f"{first_line(exc)}); give --input-shape") from None
+    return _Original(model, inputs, None, False, loaded.kind)
 
-    prep = None
-    if any(p is not None and p.is_dir() for p in (calib, tune["data"])):
-        if embedded:
+
+def _preprocessing(original: _Original, folders, image_opts) -> ImagePreprocessing | None:
+    """How to turn image folders into inputs (``None`` when no folder is given; options without a folder: error)."""
+    if any(p is not None and p.is_dir() for p in folders):
+        if original.embedded:
             from .embedded import MEAN, STD
 
             image_opts = dict(image_opts, mean=image_opts["mean"] or (MEAN,), std=image_opts["std"] or (STD,))
-        first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else torch.empty(0)
-        prep = ImagePreprocessing.for_input(tuple(first.shape), **image_opts)
-    elif any(v is not None for v in image_opts.values()):
+        first = original.inputs[0] if original.inputs and isinstance(original.inputs[0], torch.Tensor) else torch.empty(0)
+        return ImagePreprocessing.for_input(tuple(first.shape), **image_opts)
+    if any(v is not None for v in image_opts.values()):
         raise SeparifyError("--image-size, --resize, --mean and --std apply to image folders; give a folder to "
-                            "--calib or --finetune")
+                            "--calib, --finetune or --data")
+    return None
 
+
+@dataclass
+class _Reporting:
+    """The report options of a command, and what to do with the report."""
+
+    data: Path | None
+    data_limit: int
+    json: Path | None
+    html: Path | None
+    png: Path | None
+    threads: int | None
+    latency: bool
+    onnx: bool
+    layers: bool
+    min_time: float
+    force: bool
+
+    def check(self, inputs: tuple) -> None:
+        """Refuse bad options and output paths before any work is done."""
+        if self.threads is not None and self.threads <= 0:
+            raise SeparifyError(f"--threads must be a positive integer, got {self.threads}")
+        if self.min_time <= 0:
+            raise SeparifyError(f"--min-time must be positive, got {self.min_time}")
+        if self.data_limit <= 0:
+            raise SeparifyError(f"--data-limit must be a positive integer, got {self.data_limit}")
+        for path, suffix in ((self.json, ".json"), (self.html, ".html"), (self.png, ".png")):
+            if path is not None:
+                check_report_path(path, suffix, inputs=inputs, force=self.force)
+
+    def eval_data(self, console, original: _Original, prep) -> tuple:
+        """``(data, labels, description)`` for the quality rows."""
+        if self.data is None:
+            return original.eval_data or (None, None, None)
+        if self.data.is_dir():
+            x, y, classes = load_image_folder(self.data, **asdict(prep), limit=self.data_limit)
+            what = f"{self.data}: {_images(x, classes)}"
+        else:
+            x, y = load_labeled_file(self.data)
+            x, y = x[: self.data_limit], (y[: self.data_limit] if y is not None else None)
+            what = f"{self.data}: {len(x)} samples" + (" with labels" if y is not None else "")
+        console.print(f"Evaluation data: {what}", markup=False, highlight=False)
+        return x, y, what
+
+    def run(self, console, original, converted, inputs, data, files=(None, None), device="cpu", fallback=False,
+            batch_size=None):
+        from .reporting import report
+
+        x, y, what = data
+        return report(original, converted, example_inputs=inputs, data=x, labels=y, data_name=what, device=device,
+                      fallback_to_cpu=fallback, batch_size=batch_size, threads=self.threads, latency=self.latency,
+                      onnx=self.onnx, per_layer=self.layers, min_run_time=self.min_time,
+                      layer_min_run_time=self.min_time / 10, files=files, progress=True)
+
+    def emit(self, console, doc, title: str) -> None:
+        """Write the JSON/HTML/PNG files asked for."""
+        from .html_report import write_html, write_png
+        from .reporting import write_json
+
+        if self.json is not None:
+            write_json(doc.to_dict(), self.json)
+            console.print(f"wrote {self.json}")
+        if self.html is not None:
+            write_html(doc, self.html, title=title)
+            console.print(f"wrote {self.html}")
+        if self.png is not None:
+            write_png(doc, self.png)
+            console.print(f"wrote {self.png}")
+
+
+def check_report_path(path: Path, suffix: str, *, inputs: tuple, force: bool) -> None:
+    """A report file: the right extension, never an input, not an existing file unless ``force``."""
+    if path.suffix.lower() != suffix:
+        raise SeparifyError(f"{path}: a {suffix[1:].upper()} report file name must end in {suffix}")
+    for src in inputs:
+        if src is not None and Path(src).exists() and path.exists() and os.path.samefile(src, path):
+            raise SeparifyError(f"{path} is an input file; choose another name")
+    if path.is_dir():
+        raise SeparifyError(f"{path} is a directory")
+    if path.exists() and not force:
+        raise SeparifyError(f"{path} exists; pass --force to replace it")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise SeparifyError(f"output folder {folder} does not exist")
+
+
+def _console() -> Console:
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _convert(model_path, output, method, rank, energy, flops, input_shape, exclude, arch, allow_pickle, force,
+             fold_bn, cp_iters, seed, calib, calib_limit, tune, image_opts, reporting: _Reporting) -> None:
+    console = _console()
+    cfg = ConvertConfig(method=method, rank=rank, energy=energy, flops=flops, exclude=tuple(exclude),
+                        fold_bn=fold_bn, cp_max_iter=cp_iters, seed=seed, calib_limit=calib_limit)
+    if model_path is None:
+        output = output or Path(DEFAULT_OUTPUT)
+    elif output is None:
+        raise SeparifyError("give an output file with -o/--output (.pt2 or .pt)")
+    sources = () if model_path is None else (model_path,)
+    out = check_output_path(output, inputs=sources, force=force)
+    reporting.check(sources + (out,))
+    if model_path is None and (arch or allow_pickle):
+        raise SeparifyError("--arch and --allow-pickle need a MODEL file")
+    original = _load_original(console, model_path, arch, allow_pickle, input_shape, seed)
+    model, inputs = original.model, original.inputs
+    if model_path is not None and original.kind == "pt2" and out.suffix.lower() != ".pt2":
+        raise SeparifyError("a model loaded from a .pt2 program can only be written as .pt2 (its graph module "
+                            "cannot be pickled)")
+
+    prep = _preprocessing(original, (calib, tune["data"], reporting.data), image_opts)
     calibration = None
     if calib is not None and prep is not None and calib.is_dir():
         calibration, _, classes = load_image_folder(calib, **asdict(prep), limit=calib_limit)
@@ -204,6 +354,7 @@ def _convert(model_path, output, method, rank, energy, flops, input_shape, exclu
         console.print(f"Calibration data: {calib} ({min(len(calibration), calib_limit)} samples of shape "
                       f"{tuple(calibration.shape[1:])})")
     tune_data = _finetune_data(console, model, tune, prep) if tune["data"] is not None else None
+    eval_data = reporting.eval_data(console, original, prep)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same messages are in result.warnings, printed by the report
         result = convert_model(model, cfg, example_inputs=inputs, progress=True, calibration=calibration)
@@ -214,17 +365,131 @@ def _convert(model_path, output, method, rank, energy, flops, input_shape, exclu
     elif tune["epochs"] is not None or tune["steps"] is not None or tune["checkpoint"] is not None:
         raise SeparifyError("--epochs, --steps and --checkpoint need --finetune DATA")
 
-    if embedded:
-        evaluations.append(Evaluation("top-1 accuracy (held-out)", accuracy(model, images, labels),
-                                      accuracy(result.model, images, labels)))
-    else:
-        evaluations.append(Evaluation("output rel. error vs original (example input)", None,
-                                      output_error(model, result.model, inputs)))
-    print_report(result, tuple(evaluations), console)
     save_model(result.model, out, inputs)
+    rep = reporting.run(console, model, result, inputs, eval_data, files=(model_path, out))
+    from .reporting import print_report
+
+    print_report(rep, console)
+    reporting.emit(console, rep, title=f"separify: {model_path or 'embedded model'} → {out}")
     how = ("torch.export.load(path).module()" if out.suffix == ".pt2"
            else "torch.load(path, weights_only=False)  # needs separify installed")
     console.print(f"wrote {out}  (load with: {how})")
+
+
+@app.command()
+def report(
+    original_path: Path = typer.Argument(..., metavar="ORIGINAL", help="The model before conversion (.pt2, state "
+                                         "dict with --arch, or pickled module with --allow-pickle)."),
+    converted_path: Path = typer.Argument(..., metavar="CONVERTED", help="The converted model (.pt2 as written by "
+                                          "separify convert, or a pickled module with --allow-pickle)."),
+    arch: Optional[str] = _ARCH,
+    allow_pickle: bool = _PICKLE,
+    input_shape: Optional[str] = _INPUT_SHAPE,
+    data: Optional[Path] = _DATA,
+    data_limit: int = _DATA_LIMIT,
+    image_size: Optional[str] = _IMAGE_SIZE,
+    resize: Optional[int] = _RESIZE,
+    mean: Optional[str] = _MEAN,
+    std: Optional[str] = _STD,
+    device: str = typer.Option("cpu", "--device", help="Where PyTorch timings run: cpu or cuda (ONNX Runtime always "
+                               "runs on the CPU)."),
+    fallback_cpu: bool = typer.Option(False, "--fallback-cpu", help="With --device cuda and no GPU: measure on the "
+                                      "CPU instead of stopping."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size for timing and FLOPs (the example "
+                                             "input's first sample repeated; default: the example input's batch)."),
+    threads: Optional[int] = _THREADS,
+    json_out: Optional[Path] = _JSON,
+    html_out: Optional[Path] = _HTML,
+    png_out: Optional[Path] = _PNG,
+    latency: bool = _LATENCY,
+    onnx: bool = _ONNX,
+    layers: bool = typer.Option(True, "--layers/--no-layers", help="Time every original conv and its replacement."),
+    min_time: float = _MIN_TIME,
+    force: bool = _FORCE,
+    seed: int = typer.Option(0, "--seed", help="Seed for random inputs."),
+) -> None:
+    """Measure ORIGINAL and CONVERTED side by side: FLOPs, parameters, size, latency, accuracy, per layer."""
+    def work():
+        console = _console()
+        image_opts = _image_opts(image_size, resize, mean, std)
+        reporting = _Reporting(data, data_limit, json_out, html_out, png_out, threads, latency, onnx, layers,
+                               min_time, force)
+        reporting.check((original_path, converted_path))
+        original = _load_original(console, original_path, arch, allow_pickle, input_shape, seed)
+        loaded = load_model(converted_path, allow_pickle=allow_pickle)
+        console.print(f"Loaded {converted_path} ({loaded.kind})")
+        prep = _preprocessing(original, (data,), image_opts)
+        eval_data = reporting.eval_data(console, original, prep)
+        rep = reporting.run(console, original.model, loaded.model, original.inputs, eval_data,
+                            files=(original_path, converted_path), device=device, fallback=fallback_cpu,
+                            batch_size=batch_size)
+        from .reporting import print_report
+
+        print_report(rep, console)
+        reporting.emit(console, rep, title=f"separify report: {original_path} → {converted_path}")
+
+    _guard(work)
+
+
+@app.command()
+def compare(
+    model: Optional[Path] = typer.Argument(None, help="Model file (as for convert); omit it for the embedded model."),
+    flops: str = typer.Option("0.75,0.5,0.25", "--flops", help="FLOPs targets to compare, comma-separated."),
+    methods: Optional[List[str]] = typer.Option(None, "--method", "-m", help=f"Forms to compare ({' | '.join(METHODS)}); "
+                                                "repeatable (default: both)."),
+    arch: Optional[str] = _ARCH,
+    allow_pickle: bool = _PICKLE,
+    input_shape: Optional[str] = _INPUT_SHAPE,
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration data for every conversion (as for "
+                                         "convert)."),
+    calib_limit: int = typer.Option(1000, "--calib-limit", help="Use at most this many calibration samples."),
+    data: Optional[Path] = _DATA,
+    data_limit: int = _DATA_LIMIT,
+    image_size: Optional[str] = _IMAGE_SIZE,
+    resize: Optional[int] = _RESIZE,
+    mean: Optional[str] = _MEAN,
+    std: Optional[str] = _STD,
+    threads: Optional[int] = _THREADS,
+    json_out: Optional[Path] = _JSON,
+    html_out: Optional[Path] = _HTML,
+    png_out: Optional[Path] = _PNG,
+    onnx: bool = _ONNX,
+    min_time: float = _MIN_TIME,
+    force: bool = _FORCE,
+    seed: int = typer.Option(0, "--seed", help="Seed for the example input and the CP solver."),
+) -> None:
+    """Convert one model at several settings and compare them: FLOPs, latency and accuracy trade-off (--html plots
+    the curves)."""
+    def work():
+        from .reporting import compare as compare_runs, print_comparison
+
+        console = _console()
+        targets = _numbers(flops, "--flops", float)
+        forms = list(dict.fromkeys(methods or METHODS))
+        for f in forms:
+            if f not in METHODS:
+                raise SeparifyError(f"--method must be one of {', '.join(METHODS)}, got {f!r}")
+        reporting = _Reporting(data, data_limit, json_out, html_out, png_out, threads, True, onnx, False, min_time,
+                               force)
+        reporting.check(() if model is None else (model,))
+        original = _load_original(console, model, arch, allow_pickle, input_shape, seed)
+        prep = _preprocessing(original, (calib, data), _image_opts(image_size, resize, mean, std))
+        calibration = None
+        if calib is not None:
+            calibration = (load_image_folder(calib, **asdict(prep), limit=calib_limit)[0] if calib.is_dir()
+                           else load_tensor_file(calib))
+        x, y, what = reporting.eval_data(console, original, prep)
+        settings = [dict(method=f, flops=t, seed=seed, calib_limit=calib_limit) for f in forms for t in targets]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            comp = compare_runs(
+                original.model, settings, example_inputs=original.inputs, calibration=calibration, data=x, labels=y,
+                data_name=what, threads=threads, onnx=onnx, min_run_time=min_time, progress=True,
+                on_result=lambda label, _r: console.print(f"converted: {label}"))
+        print_comparison(comp, console)
+        reporting.emit(console, comp, title=f"separify compare: {model or 'embedded model'}")
+
+    _guard(work)
 
 
 def _images(x, classes) -> str:

@@ -296,7 +296,7 @@ def finetune(
                 optimizer.step()
                 schedule.step()
                 step += 1
-                result.losses.append(float(loss))
+                result.losses.append(float(loss.detach()))
                 if bar is not None:
                     bar.update(task, completed=step)
                 if callback is not None:

@@ -1,20 +1,38 @@
-"""Measurement: FLOPs (``torch.utils.flop_counter.FlopCounterMode``), parameters, and conv input shapes.
+"""Measurement: FLOPs (``torch.utils.flop_counter.FlopCounterMode``), parameters, conv input shapes, latency
+(``torch.utils.benchmark`` on CPU, CUDA events on a GPU, ONNX Runtime on CPU) and quality (top-k accuracy,
+agreement with the original).
 
 FLOPs follow PyTorch's convention: one multiply-add counts as 2 FLOPs (FLOPs = 2 × MACs).
+
+Latency is a distribution, not a number: every :class:`Timing` carries the median and the interquartile range of
+repeated timed blocks after warm-up, the number of runs, the threads and the batch size, and says when the spread is
+too large to trust (``noisy``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import math
+import os
+import statistics
+import time
+import warnings
 from contextlib import ExitStack, contextmanager
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_flops", "count_params", "conv_input_shapes", "module_flops", "affine_flops", "accuracy",
-           "output_error", "frozen_mode"]
+           "topk_accuracy", "agreement", "output_error", "frozen_mode", "Timing", "time_torch", "time_onnxruntime",
+           "export_onnx", "state_dict_bytes", "NOISY_SPREAD"]
+
+#: A timing whose interquartile range exceeds this fraction of its median is flagged as noisy.
+NOISY_SPREAD = 0.10
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -122,3 +140,191 @@ def output_error(reference: nn.Module, candidate: nn.Module, example_inputs) -> 
     ref = ref[0] if isinstance(ref, (tuple, list)) else ref
     out = out[0] if isinstance(out, (tuple, list)) else out
     return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def topk_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5), *,
+                  batch_size: int = 256) -> dict[int, float]:
+    """``{k: fraction of samples whose label is among the k largest logits}`` for logits (N, C); ``k > C`` is
+    left out."""
+    hits: dict[int, int] = {}
+    with torch.no_grad(), frozen_mode(model):
+        for i in range(0, len(images), batch_size):
+            logits = _first(model(images[i : i + batch_size]))
+            if logits.dim() != 2:
+                raise ValueError(f"top-k accuracy needs logits of shape (N, classes), got {tuple(logits.shape)}")
+            top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (B, k)
+            hit = top == labels[i : i + batch_size, None].to(top.device)
+            for k in ks:
+                if k <= logits.shape[1]:
+                    hits[k] = hits.get(k, 0) + int(hit[:, :k].any(1).sum())
+    return {k: v / max(len(images), 1) for k, v in hits.items()}
+
+
+def agreement(reference: nn.Module, candidate: nn.Module, inputs: torch.Tensor, *, class_dim: int = 1,
+              batch_size: int = 256) -> tuple[float | None, float]:
+    """How closely ``candidate`` follows ``reference`` on ``inputs`` (N, ...).
+
+    Returns ``(top1, rel_error)``: the fraction of predictions (argmax over ``class_dim``, at every remaining
+    position) on which the two agree (``None`` when the output has no class dimension of size > 1), and
+    ``‖f'(x) − f(x)‖ / ‖f(x)‖`` over all samples. Raises ``ValueError`` if the outputs differ in shape.
+    """
+    same = positions = 0
+    err2 = ref2 = 0.0
+    top1 = True
+    with torch.no_grad(), frozen_mode(reference, candidate):
+        for i in range(0, len(inputs), batch_size):
+            x = inputs[i : i + batch_size]
+            ref, out = _first(reference(x)), _first(candidate(x))
+            if ref.shape != out.shape:
+                raise ValueError(f"the models' outputs differ in shape: {tuple(ref.shape)} vs {tuple(out.shape)}")
+            top1 = top1 and ref.dim() >= 2 and ref.shape[class_dim] > 1
+            if top1:
+                match = ref.argmax(class_dim) == out.argmax(class_dim)
+                same, positions = same + int(match.sum()), positions + match.numel()
+            err2 += float((out.double() - ref.double()).pow(2).sum())
+            ref2 += float(ref.double().pow(2).sum())
+    return (same / max(positions, 1) if top1 else None), math.sqrt(err2) / max(math.sqrt(ref2), 1e-30)
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Size in bytes of ``torch.save(model.state_dict())``: what the weights cost on disk, format overhead included."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getbuffer().nbytes
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One latency measurement.
+
+    ``median_ms`` and ``iqr_ms`` are over ``blocks`` timed blocks of repeated calls (``runs`` calls in all, after
+    warm-up); ``backend`` is ``"torch-cpu"``, ``"torch-cuda"`` or ``"onnxruntime-cpu"``.
+    """
+
+    backend: str
+    median_ms: float
+    iqr_ms: float
+    runs: int
+    blocks: int
+    threads: int | None
+    batch_size: int | None
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median."""
+        return self.iqr_ms / self.median_ms if self.median_ms > 0 else float("inf")
+
+    @property
+    def noisy(self) -> bool:
+        """True when the spread exceeds :data:`NOISY_SPREAD` or there were too few blocks to estimate it."""
+        return self.spread > NOISY_SPREAD or self.blocks < 5
+
+
+def _summarise(backend: str, block_ms: list[float], runs: int, threads, batch_size) -> Timing:
+    q = statistics.quantiles(block_ms, n=4) if len(block_ms) >= 2 else [block_ms[0]] * 3
+    return Timing(backend, statistics.median(block_ms), q[2] - q[0], runs, len(block_ms), threads, batch_size)
+
+
+def _time_blocks(fn: Callable[[], object], *, min_run_time: float, warmup: int, threads: int | None,
+                 block_s: float = 0.01, min_blocks: int = 7) -> tuple[list[float], int]:
+    """Time ``fn`` with ``torch.utils.benchmark.Timer``: ``warmup`` untimed calls, then blocks of ``number`` calls
+    (sized to about ``block_s`` each) until ``min_run_time`` has passed and at least ``min_blocks`` were timed.
+    Returns the per-call time of each block in ms and the number of timed calls."""
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads or torch.get_num_threads())
+    for _ in range(max(warmup, 0)):
+        fn()
+    one = timer.timeit(1).median
+    number = max(1, int(block_s / max(one, 1e-9)))
+    blocks: list[float] = []
+    start = time.perf_counter()
+    while len(blocks) < min_blocks or time.perf_counter() - start < min_run_time:
+        blocks.append(timer.timeit(number).median * 1e3)
+    return blocks, number * len(blocks)
+
+
+def _time_cuda(fn: Callable[[], object], *, min_run_time: float, warmup: int, min_blocks: int = 7) -> tuple[list[float], int]:
+    """Time ``fn`` on the current CUDA device with CUDA events, one synchronised call per block."""
+    for _ in range(max(warmup, 0)):
+        fn()
+    torch.cuda.synchronize()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_blocks or time.perf_counter() - start < min_run_time:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return times, len(times)
+
+
+def time_torch(model: nn.Module, inputs: Sequence[torch.Tensor], *, device: str = "cpu", threads: int | None = None,
+               min_run_time: float = 0.5, warmup: int = 3) -> Timing:
+    """Latency of ``model(*inputs)`` in PyTorch eager mode (eval, no gradients) on ``device``.
+
+    CPU: ``torch.utils.benchmark.Timer`` with ``threads`` intra-op threads (default: the current setting). CUDA:
+    the model and inputs are moved to the GPU (the model is copied; the caller's is untouched) and each call is
+    timed with CUDA events after synchronising. The first dimension of the first input is reported as batch size.
+    """
+    inputs = tuple(inputs)
+    batch = int(inputs[0].shape[0]) if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else None
+    if device.startswith("cuda"):
+        model = copy.deepcopy(model).to(device)
+        inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
+    with torch.no_grad(), frozen_mode(model):
+        def fn():
+            return model(*inputs)
+
+        if device.startswith("cuda"):
+            blocks, runs = _time_cuda(fn, min_run_time=min_run_time, warmup=warmup)
+            return _summarise("torch-cuda", blocks, runs, None, batch)
+        blocks, runs = _time_blocks(fn, min_run_time=min_run_time, warmup=warmup, threads=threads)
+    return _summarise("torch-cpu", blocks, runs, threads or torch.get_num_threads(), batch)
+
+
+def export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: str | os.PathLike) -> str:
+    """Export ``model`` at ``inputs``' shapes to an ONNX file with ``torch.onnx.export``; returns which exporter
+    worked. The ``torch.export``-based exporter (needs ``onnxscript``) is tried first, the TorchScript one second."""
+    errors = []
+    with torch.no_grad(), frozen_mode(model), warnings.catch_warnings(), \
+            contextlib.redirect_stdout(io.StringIO()):  # the exporters print progress lines
+        warnings.simplefilter("ignore")
+        for dynamo in (True, False):
+            try:
+                program = torch.onnx.export(model, tuple(inputs), None if dynamo else str(path), dynamo=dynamo)
+                if dynamo:
+                    program.save(str(path))
+                return "torch.export" if dynamo else "TorchScript"
+            except Exception as exc:  # noqa: BLE001 - try the other exporter, report both failures
+                errors.append(f"{'dynamo' if dynamo else 'TorchScript'} exporter: {type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+    raise RuntimeError("; ".join(errors))
+
+
+def time_onnxruntime(path: str | os.PathLike, inputs: Sequence[torch.Tensor], *, threads: int | None = None,
+                     min_run_time: float = 0.5, warmup: int = 3) -> Timing:
+    """Latency of an ONNX model in ONNX Runtime's CPU execution provider with ``threads`` intra-op threads (default:
+    PyTorch's current setting), all graph optimisations on, timed like :func:`time_torch`."""
+    import onnxruntime as ort
+
+    threads = threads or torch.get_num_threads()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(inputs):
+        raise RuntimeError(f"the ONNX graph has {len(names)} inputs, {len(inputs)} given")
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
+    blocks, runs = _time_blocks(lambda: session.run(None, feeds), min_run_time=min_run_time, warmup=warmup,
+                                threads=threads)
+    batch = int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None
+    return _summarise("onnxruntime-cpu", blocks, runs, threads, batch)

@@ -1,0 +1,293 @@
+"""The report as one self-contained HTML page (inline CSS and inline SVG plots drawn with matplotlib; no scripts, no
+network), and the same plots as a PNG.
+
+Plots of one :class:`~separify.report.Report`: FLOPs per layer before/after, latency per layer before/after, and the
+whole model's converted/original ratios (FLOPs, parameters, latency per backend) side by side, which is where FLOPs
+and time part ways. Plots of a :class:`~separify.report.Comparison`: quality against FLOPs ratio and latency ratio
+against FLOPs ratio, one line per method.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import os
+from typing import Callable
+
+from .reporting import Comparison, NotMeasured, Report, Timing
+
+__all__ = ["render_html", "write_html", "write_png"]
+
+_BEFORE, _AFTER = "#8c8c8c", "#1f77b4"
+_Draw = Callable[["object"], None]  # draws into one matplotlib Axes
+
+
+def _layer_flops(rep: Report) -> tuple[str, _Draw] | None:
+    rows = [r for r in rep.layers if r.flops_before is not None]
+    if not rows:
+        return None
+
+    def draw(ax):
+        _barh(ax, [r.name for r in rows], [r.flops_before / 1e6 for r in rows],
+              [(r.flops_after if r.flops_after is not None else r.flops_before) / 1e6 for r in rows])
+        ax.set_xlabel("MFLOPs (= 2 × MMACs)")
+
+    return "FLOPs per layer, before and after", draw
+
+
+def _layer_latency(rep: Report) -> tuple[str, _Draw] | None:
+    rows = [r for r in rep.layers if isinstance(r.latency_before, Timing)]
+    if not rows:
+        return None
+
+    def draw(ax):
+        after = [r.latency_after.median_ms if isinstance(r.latency_after, Timing) else r.latency_before.median_ms
+                 for r in rows]
+        _barh(ax, [r.name for r in rows], [r.latency_before.median_ms for r in rows], after)
+        ax.set_xlabel(f"ms per call (median), torch {rep.settings.get('device')}, batch {rep.settings.get('batch_size')}")
+
+    return "Latency per layer, before and after (kept layers: the same time)", draw
+
+
+def _barh(ax, names, before, after) -> None:
+    ys = range(len(names))
+    ax.barh([y - 0.2 for y in ys], before, height=0.4, color=_BEFORE, label="original")
+    ax.barh([y + 0.2 for y in ys], after, height=0.4, color=_AFTER, label="converted")
+    ax.set_yticks(list(ys), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.legend(loc="lower right", fontsize=8)
+
+
+def _ratios(rep: Report) -> tuple[str, _Draw]:
+    labels = ["FLOPs", "parameters"] + [f"latency\n{lat.backend}" for lat in rep.latency if lat.ratio is not None]
+    values = [rep.flops_ratio, rep.converted.params / max(rep.original.params, 1)] + \
+             [lat.ratio for lat in rep.latency if lat.ratio is not None]
+
+    def draw(ax):
+        colors = [_BEFORE, _BEFORE] + [("#d62728" if v > 1 else _AFTER) for v in values[2:]]
+        ax.bar(range(len(values)), values, color=colors)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(values)), labels, fontsize=8)
+        ax.set_ylabel("converted / original")
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.2f}", (i, v), ha="center", va="bottom", fontsize=8)
+
+    return "Whole model: converted / original (FLOPs counted, latency measured)", draw
+
+
+def _quality_metric(rep: Report):
+    for q in rep.quality:
+        if q.original is not None and q.unit == "fraction":
+            return q.metric
+    return next((q.metric for q in rep.quality if q.unit == "fraction"), None)
+
+
+def _tradeoff(comp: Comparison) -> list[tuple[str, _Draw]]:
+    plots = []
+    metric = _quality_metric(comp.runs[0][2])
+    groups: dict[str, list[tuple[float, Report]]] = {}
+    for _label, settings, rep in comp.runs:
+        groups.setdefault(str(settings.get("method", "pw-dw-pw")), []).append((rep.flops_ratio, rep))
+    if metric is not None:
+        def draw_quality(ax):
+            for method, pts in groups.items():
+                pts = sorted(pts, key=lambda p: p[0])
+                ax.plot([p[0] for p in pts], [p[1].quality_of(metric).converted for p in pts], "o-", label=method)
+            base = comp.runs[0][2].quality_of(metric)
+            if base is not None and base.original is not None:
+                ax.axhline(base.original, color="black", linewidth=0.8, linestyle="--", label="original")
+            ax.set_xlabel("FLOPs, converted / original")
+            ax.set_ylabel(metric)
+            ax.legend(fontsize=8)
+
+        plots.append((f"{metric} against FLOPs", draw_quality))
+    backends = [lat.backend for lat in comp.runs[0][2].latency]
+    if backends:
+        def draw_latency(ax):
+            for method, pts in groups.items():
+                pts = sorted(pts, key=lambda p: p[0])
+                for b in backends:
+                    xs = [p[0] for p in pts if _ratio(p[1], b) is not None]
+                    ys = [_ratio(p[1], b) for p in pts if _ratio(p[1], b) is not None]
+                    if xs:
+                        ax.plot(xs, ys, "o-", label=f"{method}, {b}")
+            ax.plot([0, 1], [0, 1], color="black", linewidth=0.8, linestyle=":", label="latency = FLOPs")
+            ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+            ax.set_xlabel("FLOPs, converted / original")
+            ax.set_ylabel("latency, converted / original")
+            ax.legend(fontsize=8)
+
+        plots.append(("Measured latency against FLOPs", draw_latency))
+    return plots
+
+
+def _ratio(rep: Report, backend: str):
+    return next((lat.ratio for lat in rep.latency if lat.backend == backend), None)
+
+
+def _plots(doc: Report | Comparison) -> list[tuple[str, _Draw]]:
+    if isinstance(doc, Comparison):
+        return _tradeoff(doc)
+    return [p for p in (_ratios(doc), _layer_flops(doc), _layer_latency(doc)) if p is not None]
+
+
+def _height(doc, title: str) -> float:
+    if isinstance(doc, Report) and title.endswith(("before and after", "the same time)")):
+        return max(2.5, 0.28 * len(doc.layers) + 1.0)
+    return 3.5
+
+
+def _svg(draw: _Draw, height: float) -> str:
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text: smaller, searchable
+        fig = Figure(figsize=(8, height), layout="constrained")
+        draw(fig.add_subplot())
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg")
+    svg = buf.getvalue()
+    return svg[svg.index("<svg"):]  # drop the XML prolog and doctype for inline use
+
+
+def write_png(doc: Report | Comparison, path: str | os.PathLike, *, dpi: int = 110) -> None:
+    """All plots of ``doc`` stacked in one PNG (for a README or a slide), written atomically."""
+    from matplotlib.figure import Figure
+
+    from .model_io import atomic_write
+
+    plots = _plots(doc)
+    if not plots:
+        raise ValueError("nothing to plot")
+    heights = [_height(doc, t) for t, _ in plots]
+    fig = Figure(figsize=(9, sum(heights) + 0.4 * len(plots)), layout="constrained")
+    axes = fig.subplots(len(plots), 1, height_ratios=heights, squeeze=False)[:, 0]
+    for ax, (title, draw) in zip(axes, plots):
+        draw(ax)
+        ax.set_title(title, fontsize=10)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# HTML
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.85em; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child, td.text { text-align: left; }
+td.kept { color: #8a6d00; } td.worse { color: #c00; font-weight: bold; } .noisy { color: #b36b00; }
+figure { margin: 1.5em 0; } figcaption { font-weight: bold; margin-bottom: 0.3em; }
+.meta { color: #555; font-size: 0.85em; }
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _t(t: Timing | NotMeasured | None) -> str:
+    if t is None or isinstance(t, NotMeasured):
+        return f'<span title="{_e(t.why) if t else ""}">not measured</span>'
+    noisy = ' <span class="noisy">noisy</span>' if t.noisy else ""
+    return f"{t.median_ms:.3g} ms ±{100 * t.spread:.0f}%{noisy}"
+
+
+def _table(head: list[str], rows: list[list[str]], classes: list[list[str]] | None = None) -> str:
+    out = ["<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for i, row in enumerate(rows):
+        cls = classes[i] if classes else [""] * len(row)
+        out.append("<tr>" + "".join(f'<td class="{c}">{v}</td>' if c else f"<td>{v}</td>" for v, c in zip(row, cls))
+                   + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _report_body(rep: Report) -> str:
+    o, c = rep.original, rep.converted
+    rows = [["FLOPs (M, = 2 × MACs)", f"{o.flops / 1e6:,.2f}", f"{c.flops / 1e6:,.2f}", f"{rep.flops_ratio:.3f}"],
+            ["parameters", f"{o.params:,}", f"{c.params:,}", f"{c.params / max(o.params, 1):.3f}"],
+            ["state dict size (MB)", f"{o.state_dict_bytes / 1e6:.2f}", f"{c.state_dict_bytes / 1e6:.2f}",
+             f"{c.state_dict_bytes / max(o.state_dict_bytes, 1):.3f}"]]
+    for lat in rep.latency:
+        rows.append([f"latency, {_e(lat.backend)} (median ±IQR/median)", _t(lat.original), _t(lat.converted),
+                     "not measured" if lat.ratio is None else f"{lat.ratio:.3f}"])
+    for q in rep.quality:
+        fmt = "{:.4f}" if q.unit in ("fraction", "user") else "{:.3g}"
+        rows.append([f"{_e(q.metric)} <span class='meta'>({_e(q.data)})</span>",
+                     "—" if q.original is None else fmt.format(q.original), fmt.format(q.converted), ""])
+    parts = ["<h2>Whole model</h2>", _table(["", "original", "converted", "converted / original"], rows)]
+
+    if rep.layers:
+        head = ["layer", "conv", "status", "method", "rank", "MFLOPs before", "MFLOPs after", "latency before",
+                "latency after", "time ratio", "kernel error", "notes / reason"]
+        lrows, lcls = [], []
+        for r in rep.layers:
+            ratio = r.latency_ratio
+            lrows.append([_e(r.name), _e(r.conv), _e(r.status), _e(r.method or ""), _e(r.rank if r.rank is not None else ""),
+                          "—" if r.flops_before is None else f"{r.flops_before / 1e6:,.2f}",
+                          "—" if r.flops_after is None else f"{r.flops_after / 1e6:,.2f}",
+                          _t(r.latency_before), _t(r.latency_after) if r.status == "converted" else "",
+                          "" if ratio is None else f"{ratio:.2f}",
+                          "" if r.kernel_error is None else f"{r.kernel_error:.3f}",
+                          _e(r.note or "" if r.status == "converted" else r.reason or "")])
+            lcls.append(["text", "text", "kept" if r.status != "converted" else "text", "text"] + [""] * 5
+                        + ["worse" if ratio is not None and ratio > 1 else "", "", "text"])
+        parts += ["<h2>Layers</h2>", _table(head, lrows, lcls)]
+
+    parts.append("<h2>Plots</h2>")
+    for title, draw in _plots(rep):
+        parts.append(f"<figure><figcaption>{_e(title)}</figcaption>{_svg(draw, _height(rep, title))}</figure>")
+    if rep.not_measured:
+        parts.append("<h2>Not measured</h2><ul>" + "".join(f"<li>{_e(w)}: {_e(y)}</li>" for w, y in rep.not_measured)
+                     + "</ul>")
+    return "\n".join(parts)
+
+
+def _meta(rep: Report) -> str:
+    env, s = rep.environment, rep.settings
+    items = [f"created {rep.created}", f"CPU {env.get('cpu')} ({env.get('cpu_count')} logical)",
+             f"GPU {env['gpu']}" if env.get("gpu") else "no GPU used", f"torch {env.get('torch')}",
+             f"onnxruntime {env.get('onnxruntime')}", f"device {s.get('device')}", f"batch {s.get('batch_size')}",
+             f"{s.get('threads')} threads", f"input {s.get('input_shapes')}", f"separify {env.get('separify')}"]
+    notes = "".join(f"<p class='meta'>note: {_e(n)}</p>" for n in s.get("notes", []))
+    return f"<p class='meta'>{' · '.join(_e(i) for i in items)}</p>{notes}"
+
+
+def render_html(doc: Report | Comparison, *, title: str = "separify report") -> str:
+    """The whole page as a string: tables, inline SVG plots, what was not measured. Opens offline."""
+    if isinstance(doc, Comparison):
+        first = doc.runs[0][2]
+        backends = [lat.backend for lat in first.latency]
+        metrics = [q.metric for q in first.quality]
+        rows = []
+        for label, _, rep in doc.runs:
+            lat = {lt.backend: lt.ratio for lt in rep.latency}
+            qual = {q.metric: q.converted for q in rep.quality}
+            rows.append([_e(label), f"{rep.flops_ratio:.3f}", f"{rep.converted.params / max(rep.original.params, 1):.3f}"]
+                        + ["not measured" if lat.get(b) is None else f"{lat[b]:.3f}" for b in backends]
+                        + ["—" if qual.get(m) is None else f"{qual[m]:.4f}" for m in metrics])
+        base = ["original", "1.000", "1.000"] + ["1.000"] * len(backends) + \
+               ["—" if q.original is None else f"{q.original:.4f}" for q in first.quality]
+        body = [_meta(first), "<h2>Trade-off</h2>",
+                _table(["setting", "FLOPs ratio", "params ratio"] + [f"latency ratio, {b}" for b in backends] + metrics,
+                       [base] + rows)]
+        for t, draw in _plots(doc):
+            body.append(f"<figure><figcaption>{_e(t)}</figcaption>{_svg(draw, 3.5)}</figure>")
+        for label, _, rep in doc.runs:
+            body.append(f"<h2>{_e(label)}</h2>" + _report_body(rep))
+        content = "\n".join(body)
+    else:
+        content = _meta(doc) + _report_body(doc)
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>\n{content}\n</body></html>\n")
+
+
+def write_html(doc: Report | Comparison, path: str | os.PathLike, *, title: str = "separify report") -> None:
+    """Write :func:`render_html` atomically."""
+    from pathlib import Path
+
+    from .model_io import atomic_write
+
+    text = render_html(doc, title=title)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
