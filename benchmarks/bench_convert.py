@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -36,18 +35,9 @@ import torchvision
 import separify
 from _common import write_result
 from separify.decompose import cp_decompose
+from separify.measure import cpu_name
 
 warnings.filterwarnings("ignore")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _best(fn, repeat: int):
@@ -73,7 +63,7 @@ def main() -> None:
     model = torchvision.models.resnet50().eval()
     x = torch.randn(1, 3, 224, 224)
     lines = [
-        f"Machine: {_cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__} on CPU with "
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__} on CPU with "
         f"{torch.get_num_threads()} threads; separify {separify.__version__}.",
         "Command: `python benchmarks/bench_convert.py --threads {} --repeat {}`".format(args.threads, args.repeat),
         "",

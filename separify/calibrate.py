@@ -176,7 +176,6 @@ def observe(
             y = output.detach().to("cpu", torch.float64 if output.dtype == torch.float64 else torch.float32)
             used += y.numel() * y.element_size()
             if used > limit:
-                per_sample = used / max(sum(len(t) for t in kept[name]) + len(y), 1)
                 raise SeparifyError(f"calibration would keep more than {memory_gb:g} GB of layer outputs for "
                                     f"{samples} samples; use fewer samples (e.g. --calib-limit "
                                     f"{max(1, int(samples * limit / max(used, 1) * 0.9))}) or raise calib_memory_gb")

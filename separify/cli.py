@@ -133,12 +133,14 @@ def convert(
     onnx: bool = _ONNX,
     layers: bool = typer.Option(True, "--layers/--no-layers", help="Time every converted layer and its original."),
     min_time: float = _MIN_TIME,
+    report_batch_size: Optional[int] = typer.Option(None, "--report-batch-size", help="Batch size for the report's "
+                                                    "timings and FLOPs (default: the example input's)."),
 ) -> None:
     """Convert the dense k×k convs of MODEL to depthwise-separable form and print the before/after report."""
     def work():
         image_opts = _image_opts(image_size, resize, mean, std)
         reporting = _Reporting(data, data_limit, json_out, html_out, png_out, threads, latency, onnx, layers, min_time,
-                               force)
+                               force, report_batch_size)
         _convert(model, output, method, rank, energy, flops, input_shape, exclude or [], arch, allow_pickle, force,
                  fold_bn, cp_iters, seed, calib, calib_limit,
                  dict(data=finetune_data, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size,
@@ -250,6 +252,7 @@ class _Reporting:
     layers: bool
     min_time: float
     force: bool
+    batch_size: int | None = None
 
     def check(self, inputs: tuple) -> None:
         """Refuse bad options and output paths before any work is done."""
@@ -257,6 +260,8 @@ class _Reporting:
             raise SeparifyError(f"--threads must be a positive integer, got {self.threads}")
         if self.min_time <= 0:
             raise SeparifyError(f"--min-time must be positive, got {self.min_time}")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise SeparifyError(f"batch size must be a positive integer, got {self.batch_size}")
         if self.data_limit <= 0:
             raise SeparifyError(f"--data-limit must be a positive integer, got {self.data_limit}")
         for path, suffix in ((self.json, ".json"), (self.html, ".html"), (self.png, ".png")):
@@ -277,13 +282,12 @@ class _Reporting:
         console.print(f"Evaluation data: {what}", markup=False, highlight=False)
         return x, y, what
 
-    def run(self, console, original, converted, inputs, data, files=(None, None), device="cpu", fallback=False,
-            batch_size=None):
+    def run(self, console, original, converted, inputs, data, files=(None, None), device="cpu", fallback=False):
         from .reporting import report
 
         x, y, what = data
         return report(original, converted, example_inputs=inputs, data=x, labels=y, data_name=what, device=device,
-                      fallback_to_cpu=fallback, batch_size=batch_size, threads=self.threads, latency=self.latency,
+                      fallback_to_cpu=fallback, batch_size=self.batch_size, threads=self.threads, latency=self.latency,
                       onnx=self.onnx, per_layer=self.layers, min_run_time=self.min_time,
                       layer_min_run_time=self.min_time / 10, files=files, progress=True)
 
@@ -413,7 +417,7 @@ def report(
         console = _console()
         image_opts = _image_opts(image_size, resize, mean, std)
         reporting = _Reporting(data, data_limit, json_out, html_out, png_out, threads, latency, onnx, layers,
-                               min_time, force)
+                               min_time, force, batch_size)
         reporting.check((original_path, converted_path))
         original = _load_original(console, original_path, arch, allow_pickle, input_shape, seed)
         loaded = load_model(converted_path, allow_pickle=allow_pickle)
@@ -421,8 +425,7 @@ def report(
         prep = _preprocessing(original, (data,), image_opts)
         eval_data = reporting.eval_data(console, original, prep)
         rep = reporting.run(console, original.model, loaded.model, original.inputs, eval_data,
-                            files=(original_path, converted_path), device=device, fallback=fallback_cpu,
-                            batch_size=batch_size)
+                            files=(original_path, converted_path), device=device, fallback=fallback_cpu)
         from .reporting import print_report
 
         print_report(rep, console)
@@ -450,6 +453,8 @@ def compare(
     mean: Optional[str] = _MEAN,
     std: Optional[str] = _STD,
     threads: Optional[int] = _THREADS,
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size for timing and FLOPs (default: "
+                                             "the example input's)."),
     json_out: Optional[Path] = _JSON,
     html_out: Optional[Path] = _HTML,
     png_out: Optional[Path] = _PNG,
@@ -470,7 +475,7 @@ def compare(
             if f not in METHODS:
                 raise SeparifyError(f"--method must be one of {', '.join(METHODS)}, got {f!r}")
         reporting = _Reporting(data, data_limit, json_out, html_out, png_out, threads, True, onnx, False, min_time,
-                               force)
+                               force, batch_size)
         reporting.check(() if model is None else (model,))
         original = _load_original(console, model, arch, allow_pickle, input_shape, seed)
         prep = _preprocessing(original, (calib, data), _image_opts(image_size, resize, mean, std))
@@ -484,7 +489,7 @@ def compare(
             warnings.simplefilter("ignore")
             comp = compare_runs(
                 original.model, settings, example_inputs=original.inputs, calibration=calibration, data=x, labels=y,
-                data_name=what, threads=threads, onnx=onnx, min_run_time=min_time, progress=True,
+                data_name=what, threads=threads, batch_size=batch_size, onnx=onnx, min_run_time=min_time, progress=True,
                 on_result=lambda label, _r: console.print(f"converted: {label}"))
         print_comparison(comp, console)
         reporting.emit(console, comp, title=f"separify compare: {model or 'embedded model'}")

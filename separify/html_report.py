@@ -41,12 +41,12 @@ def _layer_latency(rep: Report) -> tuple[str, _Draw] | None:
         return None
 
     def draw(ax):
-        after = [r.latency_after.median_ms if isinstance(r.latency_after, Timing) else r.latency_before.median_ms
+        after = [r.latency_after.median_ms if isinstance(r.latency_after, Timing) else float("nan")  # no bar
                  for r in rows]
         _barh(ax, [r.name for r in rows], [r.latency_before.median_ms for r in rows], after)
         ax.set_xlabel(f"ms per call (median), torch {rep.settings.get('device')}, batch {rep.settings.get('batch_size')}")
 
-    return "Latency per layer, before and after (kept layers: the same time)", draw
+    return "Latency per layer, before and after (kept layers: before only)", draw
 
 
 def _barh(ax, names, before, after) -> None:
@@ -132,7 +132,7 @@ def _plots(doc: Report | Comparison) -> list[tuple[str, _Draw]]:
 
 
 def _height(doc, title: str) -> float:
-    if isinstance(doc, Report) and title.endswith(("before and after", "the same time)")):
+    if isinstance(doc, Report) and title.endswith(("before and after", "before only)")):
         return max(2.5, 0.28 * len(doc.layers) + 1.0)
     return 3.5
 

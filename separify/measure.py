@@ -16,6 +16,7 @@ import copy
 import io
 import math
 import os
+import platform
 import statistics
 import time
 import warnings
@@ -29,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_flops", "count_params", "conv_input_shapes", "module_flops", "affine_flops", "accuracy",
            "topk_accuracy", "agreement", "output_error", "frozen_mode", "Timing", "time_torch", "time_onnxruntime",
-           "export_onnx", "state_dict_bytes", "NOISY_SPREAD"]
+           "export_onnx", "state_dict_bytes", "cpu_name", "NOISY_SPREAD"]
 
 #: A timing whose interquartile range exceeds this fraction of its median is flagged as noisy.
 NOISY_SPREAD = 0.10
@@ -190,6 +191,18 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; elsewhere what ``platform`` knows), for reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def state_dict_bytes(model: nn.Module) -> int:
     """Size in bytes of ``torch.save(model.state_dict())``: what the weights cost on disk, format overhead included."""
     buf = io.BytesIO()
@@ -229,64 +242,76 @@ def _summarise(backend: str, block_ms: list[float], runs: int, threads, batch_si
     return Timing(backend, statistics.median(block_ms), q[2] - q[0], runs, len(block_ms), threads, batch_size)
 
 
-def _time_blocks(fn: Callable[[], object], *, min_run_time: float, warmup: int, threads: int | None,
-                 block_s: float = 0.01, min_blocks: int = 7) -> tuple[list[float], int]:
-    """Time ``fn`` with ``torch.utils.benchmark.Timer``: ``warmup`` untimed calls, then blocks of ``number`` calls
-    (sized to about ``block_s`` each) until ``min_run_time`` has passed and at least ``min_blocks`` were timed.
-    Returns the per-call time of each block in ms and the number of timed calls."""
+def _time_blocks(fns: Sequence[Callable[[], object]], *, min_run_time: float, warmup: int, threads: int | None,
+                 block_s: float = 0.01, min_blocks: int = 7) -> list[tuple[list[float], int]]:
+    """Time each of ``fns`` with ``torch.utils.benchmark.Timer``: ``warmup`` untimed calls each, then blocks of
+    ``number`` calls (sized to about ``block_s``), **interleaved** (one block of each function in turn, so that drift
+    in the machine's speed hits all of them alike) until every function has had ``min_run_time`` seconds and at
+    least ``min_blocks`` blocks. Returns, per function, the per-call time of each block in ms and the timed calls."""
     from torch.utils.benchmark import Timer
 
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads or torch.get_num_threads())
-    for _ in range(max(warmup, 0)):
-        fn()
-    one = timer.timeit(1).median
-    number = max(1, int(block_s / max(one, 1e-9)))
-    blocks: list[float] = []
+    timers = [Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads or torch.get_num_threads()) for fn in fns]
+    for fn in fns:
+        for _ in range(max(warmup, 0)):
+            fn()
+    numbers = [max(1, int(block_s / max(t.timeit(1).median, 1e-9))) for t in timers]
+    blocks: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
-    while len(blocks) < min_blocks or time.perf_counter() - start < min_run_time:
-        blocks.append(timer.timeit(number).median * 1e3)
-    return blocks, number * len(blocks)
+    while len(blocks[0]) < min_blocks or time.perf_counter() - start < min_run_time * len(fns):
+        for timer, number, out in zip(timers, numbers, blocks):
+            out.append(timer.timeit(number).median * 1e3)
+    return [(b, n * len(b)) for b, n in zip(blocks, numbers)]
 
 
-def _time_cuda(fn: Callable[[], object], *, min_run_time: float, warmup: int, min_blocks: int = 7) -> tuple[list[float], int]:
-    """Time ``fn`` on the current CUDA device with CUDA events, one synchronised call per block."""
-    for _ in range(max(warmup, 0)):
-        fn()
+def _time_cuda(fns: Sequence[Callable[[], object]], *, min_run_time: float, warmup: int,
+               min_blocks: int = 7) -> list[tuple[list[float], int]]:
+    """Time each of ``fns`` on the current CUDA device with CUDA events, one synchronised call per block, the
+    functions interleaved as in :func:`_time_blocks`."""
+    for fn in fns:
+        for _ in range(max(warmup, 0)):
+            fn()
     torch.cuda.synchronize()
-    times: list[float] = []
+    times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
-    while len(times) < min_blocks or time.perf_counter() - start < min_run_time:
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
-    return times, len(times)
+    while len(times[0]) < min_blocks or time.perf_counter() - start < min_run_time * len(fns):
+        for fn, out in zip(fns, times):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(begin.elapsed_time(end))
+    return [(t, len(t)) for t in times]
 
 
-def time_torch(model: nn.Module, inputs: Sequence[torch.Tensor], *, device: str = "cpu", threads: int | None = None,
-               min_run_time: float = 0.5, warmup: int = 3) -> Timing:
+def time_torch(models: nn.Module | Sequence[nn.Module], inputs: Sequence[torch.Tensor], *, device: str = "cpu",
+               threads: int | None = None, min_run_time: float = 0.5, warmup: int = 3) -> Timing | list[Timing]:
     """Latency of ``model(*inputs)`` in PyTorch eager mode (eval, no gradients) on ``device``.
 
-    CPU: ``torch.utils.benchmark.Timer`` with ``threads`` intra-op threads (default: the current setting). CUDA:
-    the model and inputs are moved to the GPU (the model is copied; the caller's is untouched) and each call is
-    timed with CUDA events after synchronising. The first dimension of the first input is reported as batch size.
+    Given several models (e.g. an original and its conversion), they are timed in the same interleaved loop and a
+    list of timings is returned. CPU: ``torch.utils.benchmark.Timer`` with ``threads`` intra-op threads (default:
+    the current setting). CUDA: models and inputs are copied to the GPU (the caller's stay where they are) and
+    each call is timed with CUDA events after synchronising. The first dimension of the first input is reported as
+    the batch size.
     """
+    single = isinstance(models, nn.Module)
+    models = [models] if single else list(models)
     inputs = tuple(inputs)
     batch = int(inputs[0].shape[0]) if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else None
-    if device.startswith("cuda"):
-        model = copy.deepcopy(model).to(device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        models = [copy.deepcopy(m).to(device) for m in models]
         inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
-    with torch.no_grad(), frozen_mode(model):
-        def fn():
-            return model(*inputs)
-
-        if device.startswith("cuda"):
-            blocks, runs = _time_cuda(fn, min_run_time=min_run_time, warmup=warmup)
-            return _summarise("torch-cuda", blocks, runs, None, batch)
-        blocks, runs = _time_blocks(fn, min_run_time=min_run_time, warmup=warmup, threads=threads)
-    return _summarise("torch-cpu", blocks, runs, threads or torch.get_num_threads(), batch)
+    with torch.no_grad(), frozen_mode(*models):
+        fns = [(lambda m=m: m(*inputs)) for m in models]
+        if cuda:
+            timings = [_summarise("torch-cuda", b, n, None, batch)
+                       for b, n in _time_cuda(fns, min_run_time=min_run_time, warmup=warmup)]
+        else:
+            threads = threads or torch.get_num_threads()
+            timings = [_summarise("torch-cpu", b, n, threads, batch)
+                       for b, n in _time_blocks(fns, min_run_time=min_run_time, warmup=warmup, threads=threads)]
+    return timings[0] if single else timings
 
 
 def export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: str | os.PathLike) -> str:
@@ -308,23 +333,39 @@ def export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: str | os
     raise RuntimeError("; ".join(errors))
 
 
-def time_onnxruntime(path: str | os.PathLike, inputs: Sequence[torch.Tensor], *, threads: int | None = None,
-                     min_run_time: float = 0.5, warmup: int = 3) -> Timing:
-    """Latency of an ONNX model in ONNX Runtime's CPU execution provider with ``threads`` intra-op threads (default:
-    PyTorch's current setting), all graph optimisations on, timed like :func:`time_torch`."""
+def time_onnxruntime(paths: str | os.PathLike | Sequence[str | os.PathLike], inputs: Sequence[torch.Tensor], *,
+                     threads: int | None = None, min_run_time: float = 0.5, warmup: int = 3) -> Timing | list[Timing]:
+    """Latency of ONNX models in ONNX Runtime's CPU execution provider with ``threads`` intra-op threads (default:
+    PyTorch's current setting), all graph optimisations and ONNX Runtime's default thread spinning on; several paths
+    are timed in alternating halves (A B A B), so that drift in the machine's speed hits them alike."""
     import onnxruntime as ort
 
+    single = isinstance(paths, (str, os.PathLike))
+    paths = [paths] if single else list(paths)
     threads = threads or torch.get_num_threads()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    if len(names) != len(inputs):
-        raise RuntimeError(f"the ONNX graph has {len(names)} inputs, {len(inputs)} given")
-    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
-    blocks, runs = _time_blocks(lambda: session.run(None, feeds), min_run_time=min_run_time, warmup=warmup,
-                                threads=threads)
+    fns = []
+    for path in paths:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        if len(names) != len(inputs):
+            raise RuntimeError(f"the ONNX graph has {len(names)} inputs, {len(inputs)} given")
+        feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
+        fns.append(lambda session=session, feeds=feeds: session.run(None, feeds))
     batch = int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None
-    return _summarise("onnxruntime-cpu", blocks, runs, threads, batch)
+    # Not interleaved block by block as in time_torch: each session's intra-op threads spin for a while after a run
+    # and would steal the cores from the next session. Instead, each model in turn for half the time, twice.
+    blocks: list[list[float]] = [[] for _ in fns]
+    runs = [0] * len(fns)
+    rounds = 1 if single else 2
+    for r in range(rounds):
+        for i, fn in enumerate(fns):
+            (b, n), = _time_blocks([fn], min_run_time=min_run_time / rounds, warmup=warmup if r == 0 else 1,
+                                   threads=threads, min_blocks=7 if single else 4)
+            blocks[i] += b
+            runs[i] += n
+    timings = [_summarise("onnxruntime-cpu", b, n, threads, batch) for b, n in zip(blocks, runs)]
+    return timings[0] if single else timings

@@ -14,8 +14,8 @@ the conversion, the per-layer record (method, rank, reason for keeping, errors) 
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
-import math
 import os
 import platform
 import tempfile
@@ -31,8 +31,8 @@ from torch import nn
 
 from .api import ConvertResult, LayerRecord
 from .errors import SeparifyError, first_line
-from .measure import (Timing, agreement, count_flops, count_params, export_onnx, frozen_mode, module_flops,
-                      state_dict_bytes, time_onnxruntime, time_torch, topk_accuracy)
+from .measure import (Timing, agreement, count_flops, count_params, cpu_name, export_onnx, frozen_mode,
+                      module_flops, state_dict_bytes, time_onnxruntime, time_torch, topk_accuracy)
 from .modules import SeparableConv2d
 
 __all__ = ["Report", "ModelFigures", "Latency", "Quality", "LayerFigures", "NotMeasured", "report", "print_report",
@@ -289,9 +289,8 @@ def report(
         latencies: list[Latency] = []
         if latency:
             bar.step(f"timing both models in PyTorch ({device})")
-            latencies.append(Latency(f"torch-{device}", *(time_torch(m, inputs, device=device, threads=threads,
-                                                                     min_run_time=min_run_time)
-                                                          for m in (original, model))))
+            latencies.append(Latency(f"torch-{device}", *time_torch([original, model], inputs, device=device,
+                                                                    threads=threads, min_run_time=min_run_time)))
             if onnx:
                 bar.step("exporting both models to ONNX and timing them in ONNX Runtime")
                 latencies.append(_onnxruntime(original, model, inputs, threads, min_run_time))
@@ -416,25 +415,22 @@ def _eval_batch(original, converted, data, example_batch: int) -> int:
 
 def _onnxruntime(original, converted, inputs, threads, min_run_time) -> Latency:
     backend = "onnxruntime-cpu"
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("onnxruntime") is None:
         why = NotMeasured("onnxruntime is not installed (pip install onnxruntime)")
         return Latency(backend, why, why)
     cpu_inputs = tuple(t.cpu() for t in inputs)
-    timings = []
+    timings: list[Timing | NotMeasured] = []
     with tempfile.TemporaryDirectory(prefix="separify-onnx-") as tmp:
-        for i, m in enumerate((original, converted)):
-            path = Path(tmp) / f"model{i}.onnx"
+        paths = [Path(tmp) / "original.onnx", Path(tmp) / "converted.onnx"]
+        for m, path in zip((original, converted), paths):
             try:
                 export_onnx(m, cpu_inputs, path)
-            except Exception as exc:  # noqa: BLE001 - an export failure is reported, not raised
-                timings.append(NotMeasured(f"ONNX export failed: {first_line(exc)}"))
-                continue
-            try:
-                timings.append(time_onnxruntime(path, cpu_inputs, threads=threads, min_run_time=min_run_time))
-            except Exception as exc:  # noqa: BLE001
-                timings.append(NotMeasured(f"ONNX Runtime could not run the exported model: {first_line(exc)}"))
+                timings.append(time_onnxruntime(path, cpu_inputs, threads=threads, min_run_time=0.01, warmup=1))
+            except Exception as exc:  # noqa: BLE001 - a failure is reported, not raised
+                what = "ONNX export failed" if not path.exists() else "ONNX Runtime could not run the exported model"
+                timings.append(NotMeasured(f"{what}: {first_line(exc)}"))
+        if all(isinstance(t, Timing) for t in timings):  # both run: time them again, interleaved, for real
+            timings = time_onnxruntime(paths, cpu_inputs, threads=threads, min_run_time=min_run_time)
     return Latency(backend, *timings)
 
 
@@ -442,7 +438,7 @@ def _environment(device: str, threads: int) -> dict[str, Any]:
     from . import __version__
 
     env = {"separify": __version__, "torch": torch.__version__, "python": platform.python_version(),
-           "platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "threads": threads}
+           "platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": threads}
     try:
         import onnxruntime
 
@@ -451,17 +447,6 @@ def _environment(device: str, threads: int) -> dict[str, Any]:
         env["onnxruntime"] = None
     env["gpu"] = torch.cuda.get_device_name() if device == "cuda" else None
     return env
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _conversion(result: ConvertResult | None) -> dict[str, Any] | None:
@@ -557,14 +542,18 @@ def _layers(original, converted, inputs, result, device, threads, min_run_time, 
         else:
             bar.step(f"timing layer {name}")
             x = torch.randn(shape, dtype=_dtype(conv))
-            before = time_torch(conv, (x,), device=device, threads=threads, min_run_time=min_run_time)
+            after = NotMeasured("layer unchanged" if status == "kept" else "no counterpart")
             if status == "converted":
                 try:
-                    after = time_torch(new, (x,), device=device, threads=threads, min_run_time=min_run_time)
+                    with torch.no_grad(), frozen_mode(new):
+                        new(x)
                 except Exception as exc:  # noqa: BLE001 - e.g. padding ops of an exported module lost between convs
                     after = NotMeasured(f"the replacement cannot be run on its own ({first_line(exc)})")
-            else:
-                after = NotMeasured("layer unchanged" if status == "kept" else "no counterpart")
+                else:
+                    before, after = time_torch([conv, new], (x,), device=device, threads=threads,
+                                               min_run_time=min_run_time)
+            if not isinstance(after, Timing):
+                before = time_torch(conv, (x,), device=device, threads=threads, min_run_time=min_run_time)
         rows.append(LayerFigures(
             name=name, conv=conv_desc(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.groups),
             status=status, input_shape=shape, flops_before=flops_before, flops_after=flops_after,
@@ -612,7 +601,7 @@ def _note(rec: LayerRecord | None) -> str | None:
 
 
 class _Bar:
-    """A rich progress bar on stderr, or nothing."""
+    """A rich progress bar on stderr, redrawn at each step (never while timing), or nothing."""
 
     def __init__(self, progress):
         self._p = progress
@@ -621,10 +610,12 @@ class _Bar:
     def step(self, what: str) -> None:
         if self._p is not None:
             self._p.update(self._task, description=what, advance=1)
+            self._p.refresh()
 
     def total(self, n: int) -> None:
         if self._p is not None:
             self._p.update(self._task, total=n, completed=0)
+            self._p.refresh()
 
 
 def _progress(stack: ExitStack, on: bool) -> _Bar:
@@ -633,7 +624,8 @@ def _progress(stack: ExitStack, on: bool) -> _Bar:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=Console(stderr=True), transient=True)
+                        console=Console(stderr=True), transient=True,
+                        auto_refresh=False)  # no refresh thread competing with the timed code; redrawn per step
     stack.enter_context(progress)
     return _Bar(progress)
 
@@ -756,7 +748,7 @@ def print_report(rep: Report, console: Console | None = None) -> None:
              if isinstance(t, Timing) and t.noisy]
     noisy_layers = sum(isinstance(t, Timing) and t.noisy for r in rep.layers for t in (r.latency_before, r.latency_after))
     if noisy or noisy_layers:
-        console.print(f"[yellow]note:[/yellow] some timings are noisy (IQR above 10% of the median): "
+        console.print("[yellow]note:[/yellow] some timings are noisy (IQR above 10% of the median): "
                       + ", ".join(sorted(set(noisy)) + ([f"{noisy_layers} layer timings"] if noisy_layers else []))
                       + "; treat their ratios with care (close other programs, raise --min-time)")
     for note in rep.settings.get("notes", []):
