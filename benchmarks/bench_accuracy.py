@@ -107,25 +107,27 @@ def _tltorch_peer(model: nn.Module, result: separify.ConvertResult):
     return peer.eval()
 
 
-def run(setup: dict, lines: list[str], *, finetune: bool) -> None:
+def run(setup: dict, lines: list[str], *, finetune: bool, forms=("pw-dw-pw", "dw-pw"), targets=None,
+        calib_steps: int = 0) -> None:
     model, example, evaluate = setup["model"], setup["example"], setup["evaluate"]
     t0 = time.perf_counter()
     base = evaluate(model)
     lines += ["", f"### {setup['name']}", "",
               f"Original: **{base:.3f}** ({time.perf_counter() - t0:.1f} s per evaluation). Calibration: "
-              f"{setup['calib_note']}. Fine-tuning: {setup['tune_note']}.", "",
+              f"{setup['calib_note']}" + (f", with layer-wise reconstruction (`calib_steps={calib_steps}`)"
+                                          if calib_steps else "") + f". Fine-tuning: {setup['tune_note']}.", "",
               "| form | FLOPs target | FLOPs after / before | weight-space init | calibrated | + fine-tune | "
               "tensorly-torch CP (same ranks) | convert s: weight / calibrated | fine-tune s |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for method in ("pw-dw-pw", "dw-pw"):
-        for target in TARGETS:
+    for method in forms:
+        for target in targets or TARGETS:
             t0 = time.perf_counter()
             plain = separify.convert(model, example_inputs=example, method=method, flops=target)
             t_plain = time.perf_counter() - t0
             acc_plain = evaluate(plain.model)
             t0 = time.perf_counter()
             cal = separify.convert(model, example_inputs=example, method=method, flops=target,
-                                   calibration=setup["calib"])
+                                   calibration=setup["calib"], calib_steps=calib_steps)
             t_cal = time.perf_counter() - t0
             acc_cal = evaluate(cal.model)
             acc_ft, t_ft = "not run", ""
@@ -166,7 +168,7 @@ def ablation(setup: dict, lines: list[str]) -> None:
 
 
 def longer_finetune(setup: dict, lines: list[str], n_images: int, *, lr: float = 1e-4, temperature: float = 4.0,
-                    feature_weight: float = 0.0) -> None:
+                    feature_weight: float = 0.0, calib_steps: int = 0) -> None:
     """The calibrated pw-dw-pw model at FLOPs 0.5 fine-tuned for one epoch over ``n_images`` fresh rendered images
     (OCR only): how far more distillation goes, and with which settings."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -175,7 +177,8 @@ def longer_finetune(setup: dict, lines: list[str], n_images: int, *, lr: float =
     model, example, evaluate = setup["model"], setup["example"], setup["evaluate"]
     x = sm.calibration_inputs(256 + n_images)[256:]
     batches = [x[i : i + 32] for i in range(0, len(x), 32)]
-    cal = separify.convert(model, example_inputs=example, method="pw-dw-pw", flops=0.5, calibration=setup["calib"])
+    cal = separify.convert(model, example_inputs=example, method="pw-dw-pw", flops=0.5, calibration=setup["calib"],
+                           calib_steps=calib_steps)
     acc_cal = evaluate(cal.model)
     t0 = time.perf_counter()
     out = separify.finetune(cal.model, model, batches, epochs=1, lr=lr, seed=0, class_dim=setup["class_dim"],
@@ -184,7 +187,7 @@ def longer_finetune(setup: dict, lines: list[str], n_images: int, *, lr: float =
     cal.model.eval()
     lines += ["", f"Longer fine-tuning, OCR, pw-dw-pw at FLOPs 0.5: 1 epoch over {n_images:,} rendered images "
               f"(batch 32, {out.steps} steps, lr {lr:g}, temperature {temperature:g}, feature weight "
-              f"{feature_weight:g}, no labels): calibrated {acc_cal:.3f} → "
+              f"{feature_weight:g}, no labels; calibration with `calib_steps={calib_steps}`): calibrated {acc_cal:.3f} → "
               f"{evaluate(cal.model):.3f} ({dt:.0f} s; original {evaluate(model):.3f})."]
     print(lines[-1], flush=True)
 
@@ -193,6 +196,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="embedded,ocr")
     ap.add_argument("--no-finetune", action="store_true")
+    ap.add_argument("--forms", default="pw-dw-pw,dw-pw")
+    ap.add_argument("--targets", default=None, help="FLOPs targets, comma-separated (default 0.5,0.25)")
+    ap.add_argument("--calib-steps", type=int, default=0, help="layer-wise reconstruction steps in the calibrated runs")
+    ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--long-tune", type=int, default=0, help="OCR only: just the longer fine-tune, over N images")
     ap.add_argument("--tune-lr", type=float, default=1e-4)
     ap.add_argument("--tune-temperature", type=float, default=4.0)
@@ -202,22 +209,28 @@ def main() -> None:
     torch.set_num_threads(2)
     import platform
 
-    lines = [f"Command: `python benchmarks/bench_accuracy.py --models {args.models}`; {torch.get_num_threads()} "
+    argv = sys.argv[1:]
+    flags = " ".join(a for i, a in enumerate(argv) if not a.startswith("--out") and (i == 0 or argv[i - 1] != "--out"))
+    lines = [f"Command: `python benchmarks/bench_accuracy.py {flags}`; {torch.get_num_threads()} "
              f"threads, CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
              f"separify {separify.__version__}."]
     setups = {"embedded": embedded_setup, "ocr": ocr_setup}
     if args.long_tune:
-        lines[0] = lines[0].replace(f"--models {args.models}", f"--long-tune {args.long_tune} --tune-lr "
+        lines[0] = lines[0].replace(f"`python benchmarks/bench_accuracy.py {flags}`",
+                                    f"`python benchmarks/bench_accuracy.py --long-tune {args.long_tune} --tune-lr "
                                     f"{args.tune_lr:g} --tune-temperature {args.tune_temperature:g} "
-                                    f"--tune-feature-weight {args.tune_feature_weight:g}")
+                                    f"--tune-feature-weight {args.tune_feature_weight:g} --calib-steps {args.calib_steps}`")
         longer_finetune(ocr_setup(), lines, args.long_tune, lr=args.tune_lr, temperature=args.tune_temperature,
-                        feature_weight=args.tune_feature_weight)
+                        feature_weight=args.tune_feature_weight, calib_steps=args.calib_steps)
         write_result(args.out, lines)
         return
     for name in args.models.split(","):
         setup = setups[name]()
-        run(setup, lines, finetune=not args.no_finetune)
-        ablation(setup, lines)
+        run(setup, lines, finetune=not args.no_finetune, forms=tuple(args.forms.split(",")),
+            targets=tuple(float(t) for t in args.targets.split(",")) if args.targets else None,
+            calib_steps=args.calib_steps)
+        if not args.no_ablation:
+            ablation(setup, lines)
     write_result(args.out, lines)
 
 

@@ -106,6 +106,9 @@ def convert(
                                          "(see --image-size): refit each replacement to the original layer's outputs "
                                          "on them."),
     calib_limit: int = typer.Option(1000, "--calib-limit", help="Use at most this many calibration samples."),
+    calib_steps: int = typer.Option(0, "--calib-steps", help="With --calib: after the least-squares refit, this many "
+                                    "Adam steps on all factors of each replacement against the original layer's "
+                                    "outputs (layer-wise reconstruction; slower, much better at very low ranks)."),
     finetune_data: Optional[Path] = typer.Option(None, "--finetune", help="Fine-tune the converted model by "
                                                  "distillation from the original on these inputs: a tensor file "
                                                  "(.npy/.npz/.pt; labels used when the .npz/.pt has a 'labels' entry) "
@@ -142,7 +145,7 @@ def convert(
         reporting = _Reporting(data, data_limit, json_out, html_out, png_out, threads, latency, onnx, layers, min_time,
                                force, report_batch_size)
         _convert(model, output, method, rank, energy, flops, input_shape, exclude or [], arch, allow_pickle, force,
-                 fold_bn, cp_iters, seed, calib, calib_limit,
+                 fold_bn, cp_iters, seed, calib, calib_limit, calib_steps,
                  dict(data=finetune_data, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size,
                       checkpoint=checkpoint), image_opts, reporting)
 
@@ -328,10 +331,13 @@ def _console() -> Console:
 
 
 def _convert(model_path, output, method, rank, energy, flops, input_shape, exclude, arch, allow_pickle, force,
-             fold_bn, cp_iters, seed, calib, calib_limit, tune, image_opts, reporting: _Reporting) -> None:
+             fold_bn, cp_iters, seed, calib, calib_limit, calib_steps, tune, image_opts, reporting: _Reporting) -> None:
     console = _console()
     cfg = ConvertConfig(method=method, rank=rank, energy=energy, flops=flops, exclude=tuple(exclude),
-                        fold_bn=fold_bn, cp_max_iter=cp_iters, seed=seed, calib_limit=calib_limit)
+                        fold_bn=fold_bn, cp_max_iter=cp_iters, seed=seed, calib_limit=calib_limit,
+                        calib_steps=calib_steps)
+    if calib_steps and calib is None:
+        raise SeparifyError("--calib-steps needs --calib DATA")
     if model_path is None:
         output = output or Path(DEFAULT_OUTPUT)
     elif output is None:

@@ -90,6 +90,10 @@ class ConvertConfig:
             layer on that data (the whitened error curves) instead of the weight error.
         calib_memory_gb: bound on the memory used to keep the original layers' outputs for the refit; calibration
             stops with a clear error (use fewer samples) rather than exceed it.
+        calib_steps: with calibration data, after the least-squares refit, this many Adam steps (learning rate
+            ``calib_lr``, minibatches of 32 samples) on all factors of each replacement against the original layer's
+            outputs (layer-wise reconstruction; 0, the default, skips it). Costs ``calib_steps`` forward/backward
+            passes per layer; it is what makes very low ranks usable (README, "Measured").
         tracer: ``"auto"`` (torch.fx, falling back to the module tree), ``"fx"`` (fail if tracing fails) or
             ``"module"`` (module tree only; keeps the model's own class, no BatchNorm folding).
     """
@@ -112,6 +116,8 @@ class ConvertConfig:
     calib_damp: float = 0.01
     calib_ranks: bool = True
     calib_memory_gb: float = 4.0
+    calib_steps: int = 0
+    calib_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         _check_method(self.method)
@@ -138,6 +144,10 @@ class ConvertConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        if isinstance(self.calib_steps, bool) or not isinstance(self.calib_steps, int) or self.calib_steps < 0:
+            raise ConfigError(f"calib_steps must be a non-negative integer, got {self.calib_steps!r}")
+        if isinstance(self.calib_lr, bool) or not isinstance(self.calib_lr, (int, float)) or not self.calib_lr > 0:
+            raise ConfigError(f"calib_lr must be a positive number, got {self.calib_lr!r}")
         if not self.calib_memory_gb > 0:
             raise ConfigError(f"calib_memory_gb must be positive, got {self.calib_memory_gb!r}")
         if not given:

@@ -275,7 +275,7 @@ def test_report_command_bad_inputs_give_one_error_line(saved_pair, tmp_path):
         ([str(original), str(converted), "--device", "tpu"], "device must be 'cpu' or 'cuda'"),
         ([str(original), str(converted), "--html", str(tmp_path / "r.txt")], "must end in .html"),
         ([str(original), str(converted), "--batch-size", "4"], "fixed batch"),
-    ]:
+    ] + ([] if torch.cuda.is_available() else [([str(original), str(converted), "--device", "cuda"], "no CUDA GPU")]):
         res = runner.invoke(app, ["report", *args, "--no-onnx", "--no-layers", "--min-time", "0.01"])
         assert res.exit_code == 1, (args, res.output)
         assert message in res.output and "Traceback" not in res.output
