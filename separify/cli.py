@@ -59,6 +59,7 @@ _PICKLE = typer.Option(False, "--allow-pickle", help="Allow loading a pickled mo
 _INPUT_SHAPE = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1,3,224,224 (default: stored with "
                             "a .pt2, else 1,3,224,224).")
 _FORCE = typer.Option(False, "--force", help="Replace output files that exist.")
+_LAYERS = typer.Option(True, "--layers/--no-layers", help="Time every original conv and its replacement.")
 
 
 def _version(value: bool) -> None:
@@ -134,7 +135,7 @@ def convert(
     threads: Optional[int] = _THREADS,
     latency: bool = _LATENCY,
     onnx: bool = _ONNX,
-    layers: bool = typer.Option(True, "--layers/--no-layers", help="Time every converted layer and its original."),
+    layers: bool = _LAYERS,
     min_time: float = _MIN_TIME,
     report_batch_size: Optional[int] = typer.Option(None, "--report-batch-size", help="Batch size for the report's "
                                                     "timings and FLOPs (default: the example input's)."),
@@ -269,7 +270,7 @@ class _Reporting:
             raise SeparifyError(f"--data-limit must be a positive integer, got {self.data_limit}")
         for path, suffix in ((self.json, ".json"), (self.html, ".html"), (self.png, ".png")):
             if path is not None:
-                check_report_path(path, suffix, inputs=inputs, force=self.force)
+                check_output_path(path, inputs=inputs, force=self.force, suffixes=(suffix,))
 
     def eval_data(self, console, original: _Original, prep) -> tuple:
         """``(data, labels, description)`` for the quality rows."""
@@ -308,22 +309,6 @@ class _Reporting:
         if self.png is not None:
             write_png(doc, self.png)
             console.print(f"wrote {self.png}")
-
-
-def check_report_path(path: Path, suffix: str, *, inputs: tuple, force: bool) -> None:
-    """A report file: the right extension, never an input, not an existing file unless ``force``."""
-    if path.suffix.lower() != suffix:
-        raise SeparifyError(f"{path}: a {suffix[1:].upper()} report file name must end in {suffix}")
-    for src in inputs:
-        if src is not None and Path(src).exists() and path.exists() and os.path.samefile(src, path):
-            raise SeparifyError(f"{path} is an input file; choose another name")
-    if path.is_dir():
-        raise SeparifyError(f"{path} is a directory")
-    if path.exists() and not force:
-        raise SeparifyError(f"{path} exists; pass --force to replace it")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise SeparifyError(f"output folder {folder} does not exist")
 
 
 def _console() -> Console:
@@ -413,7 +398,7 @@ def report(
     png_out: Optional[Path] = _PNG,
     latency: bool = _LATENCY,
     onnx: bool = _ONNX,
-    layers: bool = typer.Option(True, "--layers/--no-layers", help="Time every original conv and its replacement."),
+    layers: bool = _LAYERS,
     min_time: float = _MIN_TIME,
     force: bool = _FORCE,
     seed: int = typer.Option(0, "--seed", help="Seed for random inputs."),

@@ -219,13 +219,19 @@ def _few(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
-def check_output_path(out: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (), force: bool = False) -> Path:
-    """Refuse an output that would overwrite an input, that exists (unless ``force``), has an unsupported extension,
-    or whose folder is missing or not writable. Call before any work so that no time is wasted."""
+def check_output_path(out: str | os.PathLike, *, inputs: tuple[str | os.PathLike | None, ...] = (),
+                      force: bool = False, suffixes: tuple[str, ...] = OUTPUT_SUFFIXES) -> Path:
+    """Refuse an output that would overwrite an input, that exists (unless ``force``), whose extension is not one of
+    ``suffixes`` (default: the model formats), or whose folder is missing or not writable. Call before any work so
+    that no time is wasted."""
     out = Path(out)
-    if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise SeparifyError(f"output {out}: use a .pt2 (torch.export) or .pt/.pth (pickled module) file name")
+    if out.suffix.lower() not in suffixes:
+        if suffixes == OUTPUT_SUFFIXES:
+            raise SeparifyError(f"output {out}: use a .pt2 (torch.export) or .pt/.pth (pickled module) file name")
+        raise SeparifyError(f"output {out}: the file name must end in {' or '.join(suffixes)}")
     for src in inputs:
+        if src is None:
+            continue
         src = Path(src)
         same = out.resolve() == src.resolve() or (src.exists() and out.exists() and os.path.samefile(src, out))
         if same:
