@@ -335,21 +335,37 @@ def refit_pointwise(
         after the last step).
     """
     fits: list[LayerFit] = []
+    entered: set[str] = set()
     done: set[str] = set()
+    busy: set[str] = set()
+    first_error: dict[str, float] = {}  # error before anything, for layers reconstructed before their refit
 
-    def hook_for(name):
+    def enter_hook(name):  # on the replacement, before it runs: progress, and the reconstruction if asked for
         def hook(mod, args):
-            if name in done:
+            if name in entered:
                 return
-            done.add(name)
+            entered.add(name)
             if progress is not None:
                 progress(name)
-            x, y = args[0], outputs[name]
-            fit = _solve(mod._last(), _last_input(mod, x), y, ridge, name)
             if steps > 0:
-                _reconstruct(mod, x, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
-                after = _solve(mod._last(), _last_input(mod, x), y, ridge, name)
-                fit = LayerFit(name, fit.error_before, after.error_after, fit.pixels)
+                x, y = args[0], outputs[name]
+                busy.add(name)  # the calls below run the replacement; its refit hook must wait for the real one
+                try:
+                    first_error[name] = _solve(mod._last(), _last_input(mod, x), y, ridge, name).error_before
+                    _reconstruct(mod, x, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+                finally:
+                    busy.discard(name)
+
+        return hook
+
+    def refit_hook(name):  # on its last 1×1 conv: least squares on the input that conv really gets
+        def hook(mod, args):
+            if name in done or name in busy:
+                return
+            done.add(name)
+            fit = _solve(mod, args[0], outputs[name], ridge, name)
+            if name in first_error:
+                fit = LayerFit(name, first_error[name], fit.error_after, fit.pixels)
             fits.append(fit)
 
         return hook
@@ -358,7 +374,9 @@ def refit_pointwise(
     names = list(layers)
     try:
         for name in names:
-            handles.append(converted.get_submodule(name).register_forward_pre_hook(hook_for(name)))
+            replacement = converted.get_submodule(name)
+            handles.append(replacement.register_forward_pre_hook(enter_hook(name)))
+            handles.append(replacement._last().register_forward_pre_hook(refit_hook(name)))
         with torch.no_grad(), frozen_mode(converted):
             converted(inputs)
     finally:
