@@ -311,6 +311,20 @@ class _Reporting:
             console.print(f"wrote {self.png}")
 
 
+def _calibration_data(console, calib: Path | None, prep, limit: int):
+    """The calibration inputs from a folder of images or a tensor file (``None`` without ``--calib``)."""
+    if calib is None:
+        return None
+    if prep is not None and calib.is_dir():
+        x, _, classes = load_image_folder(calib, **asdict(prep), limit=limit)
+        console.print(f"Calibration data: {calib} ({_images(x, classes)}; {prep.describe()})", markup=False,
+                      highlight=False, soft_wrap=True)
+        return x
+    x = load_tensor_file(calib)
+    console.print(f"Calibration data: {calib} ({min(len(x), limit)} samples of shape {tuple(x.shape[1:])})")
+    return x
+
+
 def _console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 160)
 
@@ -330,8 +344,6 @@ def _convert(model_path, output, method, rank, energy, flops, input_shape, exclu
     sources = () if model_path is None else (model_path,)
     out = check_output_path(output, inputs=sources, force=force)
     reporting.check(sources + (out,))
-    if model_path is None and (arch or allow_pickle):
-        raise SeparifyError("--arch and --allow-pickle need a MODEL file")
     original = _load_original(console, model_path, arch, allow_pickle, input_shape, seed)
     model, inputs = original.model, original.inputs
     if model_path is not None and original.kind == "pt2" and out.suffix.lower() != ".pt2":
@@ -339,15 +351,7 @@ def _convert(model_path, output, method, rank, energy, flops, input_shape, exclu
                             "cannot be pickled)")
 
     prep = _preprocessing(original, (calib, tune["data"], reporting.data), image_opts)
-    calibration = None
-    if calib is not None and prep is not None and calib.is_dir():
-        calibration, _, classes = load_image_folder(calib, **asdict(prep), limit=calib_limit)
-        console.print(f"Calibration data: {calib} ({_images(calibration, classes)}; {prep.describe()})", markup=False,
-                      highlight=False, soft_wrap=True)
-    elif calib is not None:
-        calibration = load_tensor_file(calib)
-        console.print(f"Calibration data: {calib} ({min(len(calibration), calib_limit)} samples of shape "
-                      f"{tuple(calibration.shape[1:])})")
+    calibration = _calibration_data(console, calib, prep, calib_limit)
     tune_data = _finetune_data(console, model, tune, prep) if tune["data"] is not None else None
     eval_data = reporting.eval_data(console, original, prep)
     with warnings.catch_warnings():
@@ -470,10 +474,7 @@ def compare(
         reporting.check(() if model is None else (model,))
         original = _load_original(console, model, arch, allow_pickle, input_shape, seed)
         prep = _preprocessing(original, (calib, data), _image_opts(image_size, resize, mean, std))
-        calibration = None
-        if calib is not None:
-            calibration = (load_image_folder(calib, **asdict(prep), limit=calib_limit)[0] if calib.is_dir()
-                           else load_tensor_file(calib))
+        calibration = _calibration_data(console, calib, prep, calib_limit)
         x, y, what = reporting.eval_data(console, original, prep)
         settings = [dict(method=f, flops=t, seed=seed, calib_limit=calib_limit) for f in forms for t in targets]
         with warnings.catch_warnings():

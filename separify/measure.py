@@ -29,8 +29,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_flops", "count_params", "conv_input_shapes", "module_flops", "affine_flops", "accuracy",
-           "topk_accuracy", "agreement", "output_error", "frozen_mode", "Timing", "time_torch", "time_onnxruntime",
-           "export_onnx", "state_dict_bytes", "cpu_name", "NOISY_SPREAD"]
+           "topk_accuracy", "agreement", "first_output", "frozen_mode", "Timing", "time_torch", "time_onnxruntime",
+           "export_onnx", "state_dict_bytes", "cpu_name", "param_dtype", "NOISY_SPREAD"]
 
 #: A timing whose interquartile range exceeds this fraction of its median is flagged as noisy.
 NOISY_SPREAD = 0.10
@@ -71,19 +71,23 @@ def conv_input_shapes(model: nn.Module, example_inputs, names: Iterable[str]) ->
     """Run ``model`` once and record the input shape of every call of the named submodules.
 
     A module called several times (shared weights) gets one shape per call; one never called gets an empty list.
+    The keys are in the order of each module's first call, then the modules never called.
     """
     shapes: dict[str, list[tuple[int, ...]]] = {}
+    order: list[str] = []
     modules = dict(model.named_modules(remove_duplicate=False))
     with ExitStack() as stack, torch.no_grad(), frozen_mode(model):
         for name in names:
             shapes[name] = []
 
             def hook(_mod, args, _name=name):
+                if not shapes[_name]:
+                    order.append(_name)
                 shapes[_name].append(tuple(args[0].shape))
 
             stack.callback(modules[name].register_forward_pre_hook(hook).remove)
         model(*_as_tuple(example_inputs))
-    return shapes
+    return {n: shapes[n] for n in order + [n for n in shapes if not shapes[n]]}
 
 
 def module_flops(module: nn.Module, input_shapes: Sequence[tuple[int, ...]]) -> int:
@@ -95,7 +99,7 @@ def module_flops(module: nn.Module, input_shapes: Sequence[tuple[int, ...]]) -> 
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         for shape in input_shapes:
-            meta(torch.empty(shape, device="meta", dtype=_dtype(meta)))
+            meta(torch.empty(shape, device="meta", dtype=param_dtype(meta)))
     return int(counter.get_total_flops())
 
 
@@ -114,7 +118,8 @@ def _is_meta(module: nn.Module) -> bool:
     return p is not None and p.is_meta
 
 
-def _dtype(module: nn.Module) -> torch.dtype:
+def param_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s first parameter (float32 for a module without parameters)."""
     p = next(iter(module.parameters()), None)
     return p.dtype if p is not None else torch.float32
 
@@ -125,22 +130,7 @@ def _meta_copy(module: nn.Module) -> nn.Module:
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on ``images`` (N, ...) with integer ``labels`` (N,)."""
-    correct = 0
-    with torch.no_grad(), frozen_mode(model):
-        for i in range(0, len(images), batch_size):
-            logits = model(images[i : i + batch_size])
-            correct += int((logits.argmax(1) == labels[i : i + batch_size]).sum())
-    return correct / max(len(images), 1)
-
-
-def output_error(reference: nn.Module, candidate: nn.Module, example_inputs) -> float:
-    """``‖f'(x) − f(x)‖ / ‖f(x)‖`` of the two models' outputs on ``example_inputs`` (first output if several)."""
-    with torch.no_grad(), frozen_mode(reference, candidate):
-        ref = reference(*_as_tuple(example_inputs))
-        out = candidate(*_as_tuple(example_inputs))
-    ref = ref[0] if isinstance(ref, (tuple, list)) else ref
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+    return topk_accuracy(model, images, labels, ks=(1,), batch_size=batch_size)[1]
 
 
 def topk_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5), *,
@@ -150,7 +140,7 @@ def topk_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     hits: dict[int, int] = {}
     with torch.no_grad(), frozen_mode(model):
         for i in range(0, len(images), batch_size):
-            logits = _first(model(images[i : i + batch_size]))
+            logits = first_output(model(images[i : i + batch_size]))
             if logits.dim() != 2:
                 raise ValueError(f"top-k accuracy needs logits of shape (N, classes), got {tuple(logits.shape)}")
             top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (B, k)
@@ -175,7 +165,7 @@ def agreement(reference: nn.Module, candidate: nn.Module, inputs: torch.Tensor, 
     with torch.no_grad(), frozen_mode(reference, candidate):
         for i in range(0, len(inputs), batch_size):
             x = inputs[i : i + batch_size]
-            ref, out = _first(reference(x)), _first(candidate(x))
+            ref, out = first_output(reference(x)), first_output(candidate(x))
             if ref.shape != out.shape:
                 raise ValueError(f"the models' outputs differ in shape: {tuple(ref.shape)} vs {tuple(out.shape)}")
             top1 = top1 and ref.dim() >= 2 and ref.shape[class_dim] > 1
@@ -187,7 +177,8 @@ def agreement(reference: nn.Module, candidate: nn.Module, inputs: torch.Tensor, 
     return (same / max(positions, 1) if top1 else None), math.sqrt(err2) / max(math.sqrt(ref2), 1e-30)
 
 
-def _first(out):
+def first_output(out):
+    """The first output of a model that returns a tuple or list, else the output itself."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 

@@ -31,8 +31,9 @@ from torch import nn
 
 from .api import ConvertResult, LayerRecord
 from .errors import SeparifyError, first_line
-from .measure import (Timing, agreement, count_flops, count_params, cpu_name, export_onnx, frozen_mode,
-                      module_flops, state_dict_bytes, time_onnxruntime, time_torch, topk_accuracy)
+from .measure import (Timing, agreement, conv_input_shapes, count_flops, count_params, cpu_name, export_onnx,
+                      first_output, frozen_mode, module_flops, param_dtype, state_dict_bytes, time_onnxruntime,
+                      time_torch, topk_accuracy)
 from .modules import SeparableConv2d
 
 __all__ = ["Report", "ModelFigures", "Latency", "Quality", "LayerFigures", "NotMeasured", "report", "print_report",
@@ -356,7 +357,7 @@ def _check_outputs(original: nn.Module, converted: nn.Module, inputs: tuple) -> 
             raise SeparifyError(f"the {which} model does not run on inputs of shape {shape} "
                                 f"({type(exc).__name__}: {first_line(exc)}); a program exported with a fixed batch "
                                 "size only runs at that size") from None
-        out = out[0] if isinstance(out, (tuple, list)) else out
+        out = first_output(out)
         shapes.append(tuple(out.shape) if isinstance(out, torch.Tensor) else None)
     if shapes[0] != shapes[1]:
         raise SeparifyError(f"the models' outputs differ in shape ({shapes[0]} vs {shapes[1]}); they are not two "
@@ -477,23 +478,6 @@ def conv_desc(in_channels: int, out_channels: int, kernel_size, stride, groups: 
     return text
 
 
-def _call_order(model: nn.Module, inputs, names: list[str]) -> tuple[dict[str, list[tuple]], list[str]]:
-    """Input shapes of every call of the named modules, and the order of their first calls."""
-    modules = dict(model.named_modules(remove_duplicate=False))
-    shapes: dict[str, list[tuple]] = {n: [] for n in names}
-    order: list[str] = []
-    with ExitStack() as stack, torch.no_grad(), frozen_mode(model):
-        for name in names:
-            def hook(_m, args, _name=name):
-                if not shapes[_name]:
-                    order.append(_name)
-                shapes[_name].append(tuple(args[0].shape))
-
-            stack.callback(modules[name].register_forward_pre_hook(hook).remove)
-        model(*inputs)
-    return shapes, order
-
-
 def _replacement(name: str, new_modules: dict[str, nn.Module], conv_order: list[str]) -> nn.Module | None:
     """The converted model's stand-in for the original conv ``name``: a separable module at that name, or (for a
     model loaded back from ``torch.export``) its convs, called in order."""
@@ -509,8 +493,8 @@ def _layers(original, converted, inputs, result, device, threads, min_run_time, 
     old_modules = dict(original.named_modules())
     new_modules = dict(converted.named_modules())
     new_convs = [n for n, m in new_modules.items() if isinstance(m, nn.Conv2d)]
-    shapes, _ = _call_order(original, inputs, old_convs)
-    _, new_order = _call_order(converted, inputs, new_convs)
+    shapes = conv_input_shapes(original, inputs, old_convs)
+    new_order = [n for n, calls in conv_input_shapes(converted, inputs, new_convs).items() if calls]
     records: dict[str, LayerRecord] = {r.name: r for r in result.layers} if result is not None else {}
     timed = [n for n in old_convs if shapes[n]] if min_run_time is not None else []
     bar.total(len(timed))
@@ -541,7 +525,7 @@ def _layers(original, converted, inputs, result, device, threads, min_run_time, 
             before = after = NotMeasured("per-layer timing turned off")
         else:
             bar.step(f"timing layer {name}")
-            x = torch.randn(shape, dtype=_dtype(conv))
+            x = torch.randn(shape, dtype=param_dtype(conv))
             after = NotMeasured("layer unchanged" if status == "kept" else "no counterpart")
             if status == "converted":
                 try:
@@ -566,11 +550,6 @@ def _layers(original, converted, inputs, result, device, threads, min_run_time, 
             calib_error_after=rec.calib_error_after if rec is not None else None,
         ))
     return rows
-
-
-def _dtype(module: nn.Module) -> torch.dtype:
-    p = next(iter(module.parameters()), None)
-    return p.dtype if p is not None else torch.float32
 
 
 def _method_of(module: nn.Module | None) -> str | None:
