@@ -20,9 +20,14 @@ __all__ = ["render_html", "write_html", "write_png"]
 
 _BEFORE, _AFTER = "#8c8c8c", "#1f77b4"
 _Draw = Callable[["object"], None]  # draws into one matplotlib Axes
+_HEIGHT = 3.5  # inches, for plots that do not grow with the number of layers
 
 
-def _layer_flops(rep: Report) -> tuple[str, _Draw] | None:
+def _layer_height(n_layers: int) -> float:
+    return max(2.5, 0.28 * n_layers + 1.0)
+
+
+def _layer_flops(rep: Report) -> tuple[str, _Draw, float] | None:
     rows = [r for r in rep.layers if r.flops_before is not None]
     if not rows:
         return None
@@ -32,10 +37,10 @@ def _layer_flops(rep: Report) -> tuple[str, _Draw] | None:
               [(r.flops_after if r.flops_after is not None else r.flops_before) / 1e6 for r in rows])
         ax.set_xlabel("MFLOPs (= 2 × MMACs)")
 
-    return "FLOPs per layer, before and after", draw
+    return "FLOPs per layer, before and after", draw, _layer_height(len(rep.layers))
 
 
-def _layer_latency(rep: Report) -> tuple[str, _Draw] | None:
+def _layer_latency(rep: Report) -> tuple[str, _Draw, float] | None:
     rows = [r for r in rep.layers if isinstance(r.latency_before, Timing)]
     if not rows:
         return None
@@ -46,7 +51,7 @@ def _layer_latency(rep: Report) -> tuple[str, _Draw] | None:
         _barh(ax, [r.name for r in rows], [r.latency_before.median_ms for r in rows], after)
         ax.set_xlabel(f"ms per call (median), torch {rep.settings.get('device')}, batch {rep.settings.get('batch_size')}")
 
-    return "Latency per layer, before and after (kept layers: before only)", draw
+    return "Latency per layer, before and after (kept layers: before only)", draw, _layer_height(len(rep.layers))
 
 
 def _barh(ax, names, before, after) -> None:
@@ -58,7 +63,7 @@ def _barh(ax, names, before, after) -> None:
     ax.legend(loc="lower right", fontsize=8)
 
 
-def _ratios(rep: Report) -> tuple[str, _Draw]:
+def _ratios(rep: Report) -> tuple[str, _Draw, float]:
     labels = ["FLOPs", "parameters"] + [f"latency\n{lat.backend}" for lat in rep.latency if lat.ratio is not None]
     values = [rep.flops_ratio, rep.converted.params / max(rep.original.params, 1)] + \
              [lat.ratio for lat in rep.latency if lat.ratio is not None]
@@ -72,7 +77,7 @@ def _ratios(rep: Report) -> tuple[str, _Draw]:
         for i, v in enumerate(values):
             ax.annotate(f"{v:.2f}", (i, v), ha="center", va="bottom", fontsize=8)
 
-    return "Whole model: converted / original (FLOPs counted, latency measured)", draw
+    return "Whole model: converted / original (FLOPs counted, latency measured)", draw, _HEIGHT
 
 
 def _quality_metric(rep: Report):
@@ -82,7 +87,7 @@ def _quality_metric(rep: Report):
     return next((q.metric for q in rep.quality if q.unit == "fraction"), None)
 
 
-def _tradeoff(comp: Comparison) -> list[tuple[str, _Draw]]:
+def _tradeoff(comp: Comparison) -> list[tuple[str, _Draw, float]]:
     plots = []
     metric = _quality_metric(comp.runs[0][2])
     groups: dict[str, list[tuple[float, Report]]] = {}
@@ -100,7 +105,7 @@ def _tradeoff(comp: Comparison) -> list[tuple[str, _Draw]]:
             ax.set_ylabel(metric)
             ax.legend(fontsize=8)
 
-        plots.append((f"{metric} against FLOPs", draw_quality))
+        plots.append((f"{metric} against FLOPs", draw_quality, _HEIGHT))
     backends = [lat.backend for lat in comp.runs[0][2].latency]
     if backends:
         def draw_latency(ax):
@@ -117,7 +122,7 @@ def _tradeoff(comp: Comparison) -> list[tuple[str, _Draw]]:
             ax.set_ylabel("latency, converted / original")
             ax.legend(fontsize=8)
 
-        plots.append(("Measured latency against FLOPs", draw_latency))
+        plots.append(("Measured latency against FLOPs", draw_latency, _HEIGHT))
     return plots
 
 
@@ -125,16 +130,11 @@ def _ratio(rep: Report, backend: str):
     return next((lat.ratio for lat in rep.latency if lat.backend == backend), None)
 
 
-def _plots(doc: Report | Comparison) -> list[tuple[str, _Draw]]:
+def _plots(doc: Report | Comparison) -> list[tuple[str, _Draw, float]]:
+    """``(title, draw, height in inches)`` of every plot of ``doc``."""
     if isinstance(doc, Comparison):
         return _tradeoff(doc)
     return [p for p in (_ratios(doc), _layer_flops(doc), _layer_latency(doc)) if p is not None]
-
-
-def _height(doc, title: str) -> float:
-    if isinstance(doc, Report) and title.endswith(("before and after", "before only)")):
-        return max(2.5, 0.28 * len(doc.layers) + 1.0)
-    return 3.5
 
 
 def _svg(draw: _Draw, height: float) -> str:
@@ -159,10 +159,10 @@ def write_png(doc: Report | Comparison, path: str | os.PathLike, *, dpi: int = 1
     plots = _plots(doc)
     if not plots:
         raise ValueError("nothing to plot")
-    heights = [_height(doc, t) for t, _ in plots]
+    heights = [h for _, _, h in plots]
     fig = Figure(figsize=(9, sum(heights) + 0.4 * len(plots)), layout="constrained")
     axes = fig.subplots(len(plots), 1, height_ratios=heights, squeeze=False)[:, 0]
-    for ax, (title, draw) in zip(axes, plots):
+    for ax, (title, draw, _) in zip(axes, plots):
         draw(ax)
         ax.set_title(title, fontsize=10)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
@@ -236,8 +236,8 @@ def _report_body(rep: Report) -> str:
         parts += ["<h2>Layers</h2>", _table(head, lrows, lcls)]
 
     parts.append("<h2>Plots</h2>")
-    for title, draw in _plots(rep):
-        parts.append(f"<figure><figcaption>{_e(title)}</figcaption>{_svg(draw, _height(rep, title))}</figure>")
+    for title, draw, height in _plots(rep):
+        parts.append(f"<figure><figcaption>{_e(title)}</figcaption>{_svg(draw, height)}</figure>")
     if rep.not_measured:
         parts.append("<h2>Not measured</h2><ul>" + "".join(f"<li>{_e(w)}: {_e(y)}</li>" for w, y in rep.not_measured)
                      + "</ul>")
@@ -272,8 +272,8 @@ def render_html(doc: Report | Comparison, *, title: str = "separify report") -> 
         body = [_meta(first), "<h2>Trade-off</h2>",
                 _table(["setting", "FLOPs ratio", "params ratio"] + [f"latency ratio, {b}" for b in backends] + metrics,
                        [base] + rows)]
-        for t, draw in _plots(doc):
-            body.append(f"<figure><figcaption>{_e(t)}</figcaption>{_svg(draw, 3.5)}</figure>")
+        for t, draw, height in _plots(doc):
+            body.append(f"<figure><figcaption>{_e(t)}</figcaption>{_svg(draw, height)}</figure>")
         for label, _, rep in doc.runs:
             body.append(f"<h2>{_e(label)}</h2>" + _report_body(rep))
         content = "\n".join(body)
