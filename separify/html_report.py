@@ -258,20 +258,8 @@ def render_html(doc: Report | Comparison, *, title: str = "separify report") -> 
     """The whole page as a string: tables, inline SVG plots, what was not measured. Opens offline."""
     if isinstance(doc, Comparison):
         first = doc.runs[0][2]
-        backends = [lat.backend for lat in first.latency]
-        metrics = [q.metric for q in first.quality]
-        rows = []
-        for label, _, rep in doc.runs:
-            lat = {lt.backend: lt.ratio for lt in rep.latency}
-            qual = {q.metric: q.converted for q in rep.quality}
-            rows.append([_e(label), f"{rep.flops_ratio:.3f}", f"{rep.converted.params / max(rep.original.params, 1):.3f}"]
-                        + ["not measured" if lat.get(b) is None else f"{lat[b]:.3f}" for b in backends]
-                        + ["—" if qual.get(m) is None else f"{qual[m]:.4f}" for m in metrics])
-        base = ["original", "1.000", "1.000"] + ["1.000"] * len(backends) + \
-               ["—" if q.original is None else f"{q.original:.4f}" for q in first.quality]
-        body = [_meta(first), "<h2>Trade-off</h2>",
-                _table(["setting", "FLOPs ratio", "params ratio"] + [f"latency ratio, {b}" for b in backends] + metrics,
-                       [base] + rows)]
+        head, rows = doc.table()
+        body = [_meta(first), "<h2>Trade-off</h2>", _table(head, [[_e(v) for v in row] for row in rows])]
         for t, draw, height in _plots(doc):
             body.append(f"<figure><figcaption>{_e(t)}</figcaption>{_svg(draw, height)}</figure>")
         for label, _, rep in doc.runs:

@@ -749,6 +749,24 @@ class Comparison:
 
     runs: tuple[tuple[str, Mapping[str, Any], Report], ...]
 
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """Header and rows (the original first, then one per setting) of the trade-off table; "—" where a run has
+        no such figure (not measured, or not defined for the original, e.g. agreement with itself)."""
+        missing = "—"
+        first = self.runs[0][2]
+        backends = [lat.backend for lat in first.latency]
+        metrics = [q.metric for q in first.quality]
+        head = ["setting", "FLOPs ratio", "params ratio"] + [f"latency ratio, {b}" for b in backends] + metrics
+        rows = [["original", "1.000", "1.000"] + ["1.000"] * len(backends)
+                + [missing if q.original is None else f"{q.original:.4f}" for q in first.quality]]
+        for label, _, rep in self.runs:
+            lat = {lt.backend: lt.ratio for lt in rep.latency}
+            qual = {q.metric: q.converted for q in rep.quality}
+            rows.append([label, f"{rep.flops_ratio:.3f}", f"{rep.converted.params / max(rep.original.params, 1):.3f}"]
+                        + [missing if lat.get(b) is None else f"{lat[b]:.3f}" for b in backends]
+                        + [missing if qual.get(m) is None else f"{qual[m]:.4f}" for m in metrics])
+        return head, rows
+
     def to_dict(self) -> dict[str, Any]:
         return {"schema": "separify-comparison", "schema_version": SCHEMA_VERSION,
                 "runs": [{"label": label, "settings": dict(s), "report": rep.to_dict()} for label, s, rep in self.runs]}
@@ -787,25 +805,10 @@ def compare(
 def print_comparison(comp: Comparison, console: Console | None = None) -> None:
     """One row per setting: FLOPs, parameters, latency ratios and quality."""
     console = console or Console()
-    first = comp.runs[0][2]
+    head, rows = comp.table()
     table = Table(title="Conversions compared (ratios are converted / original, measured in this run)")
-    table.add_column("setting")
-    table.add_column("FLOPs", justify="right")
-    table.add_column("params", justify="right")
-    backends = [lat.backend for lat in first.latency]
-    for b in backends:
-        table.add_column(f"latency {b}", justify="right")
-    metrics = [q.metric for q in first.quality]
-    for m in metrics:
-        table.add_column(m, justify="right")
-    base = [q for q in first.quality if q.original is not None]
-    if base:
-        table.add_row("original", "1.000", "1.000", *(["1.000"] * len(backends)),
-                      *(f"{q.original:.4f}" if q.original is not None else "" for q in first.quality))
-    for label, _, rep in comp.runs:
-        lat = {lt.backend: lt.ratio for lt in rep.latency}
-        qual = {q.metric: q.converted for q in rep.quality}
-        table.add_row(label, f"{rep.flops_ratio:.3f}", f"{rep.converted.params / max(rep.original.params, 1):.3f}",
-                      *("—" if lat.get(b) is None else f"{lat[b]:.3f}" for b in backends),
-                      *("—" if qual.get(m) is None else f"{qual[m]:.4f}" for m in metrics))
+    for i, h in enumerate(head):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
