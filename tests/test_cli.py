@@ -377,3 +377,14 @@ def test_calibration_image_folder_rgb_model(tmp_path):
                "--calib", folder)
     assert res.exit_code == 0, res.output
     assert "3 images;" in res.stdout and "resize 16, centre crop 16×16, RGB, mean (0.485, 0.456, 0.406)" in res.stdout
+
+
+def test_outputs_get_a_normal_file_mode(tmp_path):
+    """Atomic writes go through a private temporary file; the result must not stay private (0600)."""
+    from separify.model_io import atomic_write
+
+    out = tmp_path / "r.json"
+    atomic_write(out, lambda tmp: Path(tmp).write_text("{}"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
