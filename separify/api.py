@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -31,7 +32,8 @@ class LayerRecord:
     ``‖W − Ŵ‖ / ‖W‖`` of the (BatchNorm-folded) kernel. With calibration data, ``calib_error_before``/``after`` are
     the layer's relative output error on that data (in the converted model, with every earlier layer already
     refitted) before and after the least-squares refit; ``rank_source`` says whether ranks were allocated by weight
-    error or by the predicted output error on the data.
+    error or by the predicted output error on the data. ``output_error`` (ONNX pass) is the relative error of the
+    layer's output in the converted model against the original, both run in onnxruntime on random inputs.
     """
 
     name: str
@@ -55,6 +57,7 @@ class LayerRecord:
     bn_folded: str | None = None
     calib_error_before: float | None = None
     calib_error_after: float | None = None
+    output_error: float | None = None
     note: str | None = None
 
     @property
@@ -135,7 +138,7 @@ def convert(
     model: nn.Module,
     config: ConvertConfig | None = None,
     *,
-    example_inputs: Any,
+    example_inputs: Any = None,
     inplace: bool = False,
     calibration: Any = None,
     progress: bool | Callable[[str], None] = False,
@@ -162,8 +165,12 @@ def convert(
         progress: ``True`` shows a progress bar over layers; a callable is called with each layer name.
         options: ``ConvertConfig`` fields, e.g. ``method="pw-dw-pw", flops=0.5, exclude=("layer4.*",)``.
 
+    An ONNX model (a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``) goes to the ONNX pass,
+    :func:`separify.onnx_pass.convert_onnx` (``example_inputs`` then only gives the input shape).
+
     Returns:
-        :class:`ConvertResult` with the new model and one :class:`LayerRecord` per conv.
+        :class:`ConvertResult` with the new model and one :class:`LayerRecord` per conv
+        (:class:`~separify.onnx_pass.OnnxConvertResult` for ONNX models).
 
     Example::
 
@@ -178,6 +185,11 @@ def convert(
             options["rules"] = tuple(LayerRule(p, **dict(s)) for p, s in options["rules"].items())
         config = (config or ConvertConfig()).replace(**options) if config else ConvertConfig(**options)
     cfg = config or ConvertConfig()
+    if not isinstance(model, nn.Module) and _is_onnx(model):
+        from .onnx_pass import convert_onnx
+
+        shape = tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else None
+        return convert_onnx(model, cfg, input_shapes=shape, calibration=calibration, progress=progress is True)
     inputs = _as_inputs(example_inputs)
     if not isinstance(model, nn.Module):
         raise SeparifyError(f"convert() takes an nn.Module, got {type(model).__name__}")
@@ -269,7 +281,8 @@ def convert(
                 whitened[rec.name] = whiten(kernels[rec.name].weight, covs[rec.name], rec.method, damp=cfg.calib_damp)
 
     # Ranks.
-    budget, rank_warnings = _choose_ranks(cfg, todo, kernels, shapes, flops_before, whitened)
+    budget, rank_warnings = choose_ranks(cfg, [(rec, rule) for _, rec, _, rule in todo], kernels, shapes, flops_before,
+                                         whitened)
 
     # Build the replacements.
     replacements: dict[str, nn.Module] = {}
@@ -324,6 +337,13 @@ def convert(
     return result
 
 
+def _is_onnx(model: Any) -> bool:
+    if isinstance(model, (str, os.PathLike)):
+        return True  # a file: only ONNX files are converted from a path (torch models are loaded by model_io)
+    mod = type(model).__module__
+    return mod.startswith("onnx")
+
+
 def _check_fits(model: nn.Module, batch: torch.Tensor) -> None:
     try:
         with torch.no_grad(), measure.frozen_mode(model):
@@ -347,38 +367,42 @@ def _check(site: fx_pass.ConvSite, rule: LayerRule | None, shapes: list) -> str 
     return None
 
 
-def _choose_ranks(cfg, todo, kernels, shapes, flops_before, whitened) -> tuple[int | None, list[str]]:
+def choose_ranks(cfg: ConvertConfig, todo: list[tuple[LayerRecord, LayerRule | None]], kernels: dict[str, nn.Conv2d],
+                 shapes: dict[str, list], flops_before: int, whitened: dict[str, torch.Tensor],
+                 ) -> tuple[int | None, list[str]]:
     """Set ``rec.rank`` (or ``rec.reason``) on every record in ``todo``; returns the FLOPs budget and warnings.
 
+    Shared by the torch and the ONNX pass. ``kernels`` maps layer names to the (BatchNorm-folded) conv to decompose,
+    ``shapes`` to the input shape(s) the layer is called with, ``flops_before`` is the whole model's FLOPs.
     ``whitened`` maps layer names to kernels whitened by their calibration inputs; the FLOPs allocation then uses
     their error curves (predicted relative output error) instead of the weight error.
     """
     costs: dict[str, ranks.LayerCost] = {}
-    for site, rec, _conv, rule in todo:
-        kernel = kernels[site.name]
+    for rec, rule in todo:
+        kernel = kernels[rec.name]
         cls = FORMS[rec.method]
 
         def build(rank, _cls=cls, _k=kernel):
             return _cls.like(_k, rank, device="meta")
 
         rec.exact_rank = cls.max_rank(kernel)
-        costs[site.name] = ranks.LayerCost(
-            site.name, rec.flops_before, measure.affine_flops(build, shapes[site.name]), rec.exact_rank,
-            lambda r, _m=rec.method, _w=whitened.get(site.name, kernel.weight): ranks.error_curve(_m, _w, r),
+        costs[rec.name] = ranks.LayerCost(
+            rec.name, rec.flops_before, measure.affine_flops(build, shapes[rec.name]), rec.exact_rank,
+            lambda r, _m=rec.method, _w=whitened.get(rec.name, kernel.weight): ranks.error_curve(_m, _w, r),
         )
 
     planned = []
-    for site, rec, _conv, rule in todo:
+    for rec, rule in todo:
         fixed, source = None, cfg.selection
         if rule is not None and rule.rank is not None:
             fixed, source = rule.rank, f"rule {rule.pattern!r}"
         elif rule is not None and rule.energy is not None:
-            fixed = ranks.rank_for_energy(rec.method, kernels[site.name].weight, rule.energy)
+            fixed = ranks.rank_for_energy(rec.method, kernels[rec.name].weight, rule.energy)
             source = f"rule {rule.pattern!r}"
         elif cfg.rank is not None:
             fixed = cfg.rank
         elif cfg.energy is not None:
-            fixed = ranks.rank_for_energy(rec.method, kernels[site.name].weight, cfg.energy)
+            fixed = ranks.rank_for_energy(rec.method, kernels[rec.name].weight, cfg.energy)
         rec.rank_source = source
         if fixed is None:
             rec.rank_source = "flops (output error on calibration data)" if rec.name in whitened else "flops"
@@ -395,7 +419,7 @@ def _choose_ranks(cfg, todo, kernels, shapes, flops_before, whitened) -> tuple[i
 
     if not planned:
         return None, []
-    converted_fixed = [r for _, r, _, _ in todo if r.rank is not None]
+    converted_fixed = [r for r, _ in todo if r.rank is not None]
     fixed_after = sum(costs[r.name].flops(r.rank) for r in converted_fixed)
     # FLOPs outside the allocation: non-conv ops, skipped convs, and fixed-rank layers' dense cost they replace
     rest = flops_before - sum(r.flops_before for r in planned) - sum(r.flops_before for r in converted_fixed)

@@ -41,7 +41,7 @@ from .decompose import InputCovariance
 from .errors import SeparifyError
 from .measure import frozen_mode
 
-__all__ = ["LayerFit", "Observation", "as_batches", "observe", "refit_pointwise"]
+__all__ = ["LayerFit", "Observation", "PointwiseRefit", "as_batches", "observe", "refit_pointwise"]
 
 
 @dataclass(frozen=True)
@@ -210,52 +210,76 @@ def _pixels(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.detach().permute(0, 2, 3, 1).reshape(-1, t.shape[1]).to(dtype)
 
 
+class PointwiseRefit:
+    """Streaming least-squares refit of a 1×1 conv ``last`` so that ``last(z) ≈ y`` (see the module docstring).
+
+    :meth:`add` takes batches of its input ``z (B, C, H, W)`` and the wanted output ``y (B, N, H, W)`` and keeps only
+    ``(C+1)²`` and ``N·(C+1)`` float64 sums, so the data can be streamed (the ONNX pass feeds it from onnxruntime);
+    :meth:`apply` solves and writes the new weights into ``last``.
+    """
+
+    def __init__(self, last: nn.Conv2d, name: str, *, ridge: float = 1e-6) -> None:
+        self.last, self.name, self.ridge = last, name, ridge
+        self.has_bias = last.bias is not None
+        self.c = last.in_channels
+        dim = self.c + int(self.has_bias)
+        dev = last.weight.device
+        w = last.weight.detach().reshape(last.out_channels, self.c).to(dtype=torch.float64)
+        self.old = torch.cat([w, last.bias.detach().to(dtype=torch.float64)[:, None]], 1) if self.has_bias else w
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=dev)
+        self.resid = torch.zeros(last.out_channels, dim, dtype=torch.float64, device=dev)
+        self.y2 = self.e2 = 0.0
+        self.pixels = 0
+
+    def add(self, z_all: torch.Tensor, y_all: torch.Tensor) -> None:
+        if z_all.shape[0] != y_all.shape[0] or z_all.shape[2:] != y_all.shape[2:]:
+            raise SeparifyError(f"layer {self.name}: the converted layer's shape {tuple(z_all.shape[2:])} does not "
+                                f"match the original output {tuple(y_all.shape[2:])}")
+        # Accumulate the residual of the current weights, E = Y − P₀Ž, rather than Y itself: the correction
+        # Δ = R (G + λI)⁻¹ with R = Σ e žᵀ is then computed to full precision even when P₀ is already (nearly) exact.
+        # Products per chunk run in the model's precision (float32 unless the model is float64), sums in float64.
+        work = torch.float64 if z_all.dtype == torch.float64 else torch.float32
+        dev = self.gram.device
+        old = self.old.to(work)
+        step = max(1, (1 << 24) // max(1, z_all[0].numel()))  # bound the pixel matrices
+        for i in range(0, len(z_all), step):
+            z = _pixels(z_all[i : i + step].to(dev), work)  # (B·H·W, C)
+            y = _pixels(y_all[i : i + step].to(dev), work)  # (B·H·W, N)
+            if self.has_bias:
+                z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
+            e = y - z @ old.T
+            self.gram += (z.T @ z).double()
+            self.resid += (e.T @ z).double()
+            self.y2 += float((y.double() ** 2).sum())
+            self.e2 += float((e.double() ** 2).sum())
+            self.pixels += y.shape[0]
+
+    def apply(self) -> LayerFit:
+        """Solve, write the refitted weights into the conv, and return the errors before and after."""
+        last, c, gram, resid = self.last, self.c, self.gram, self.resid
+        lam = self.ridge * float(gram.diagonal().mean().clamp_min(1e-30))
+        # ridge on Δ: directions the data never excites keep their current weights
+        eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+        delta = torch.linalg.solve(gram + lam * eye, resid.T).T
+        # ‖E − ΔŽ‖² = ‖E‖² − 2 tr(Δ Rᵀ) + tr(Δ G Δᵀ), from the accumulated statistics
+        sq = self.e2 - 2 * float((delta * resid).sum()) + float(((delta @ gram) * delta).sum())
+        before = (self.e2 / max(self.y2, 1e-300)) ** 0.5
+        after = (max(sq, 0.0) / max(self.y2, 1e-300)) ** 0.5
+        new = self.old + delta
+        if not after <= before:  # numerical trouble: keep the current factors
+            new, after = self.old, before
+        with torch.no_grad():
+            last.weight.copy_(new[:, :c].reshape_as(last.weight).to(last.weight.dtype))
+            if self.has_bias:
+                last.bias.copy_(new[:, c].to(last.bias.dtype))
+        return LayerFit(self.name, before, after, self.pixels)
+
+
 def _solve(last: nn.Conv2d, z_all: torch.Tensor, y_all: torch.Tensor, ridge: float, name: str) -> LayerFit:
-    """Least-squares refit of ``last`` (a 1×1 conv) so that ``last(z) ≈ y``; see the module docstring."""
-    if z_all.shape[0] != y_all.shape[0] or z_all.shape[2:] != y_all.shape[2:]:
-        raise SeparifyError(f"layer {name}: the converted layer's shape {tuple(z_all.shape[2:])} does not match the "
-                            f"original output {tuple(y_all.shape[2:])}")
-    has_bias = last.bias is not None
-    c = last.in_channels
-    dim = c + int(has_bias)
-    dev = z_all.device
-    w = last.weight.detach().reshape(last.out_channels, c).to(device=dev, dtype=torch.float64)
-    old = torch.cat([w, last.bias.detach().to(device=dev, dtype=torch.float64)[:, None]], 1) if has_bias else w
-    # Accumulate the residual of the current weights, E = Y − P₀Ž, rather than Y itself: the correction
-    # Δ = R (G + λI)⁻¹ with R = Σ e žᵀ is then computed to full precision even when P₀ is already (nearly) exact.
-    # Products per chunk run in the model's precision (float32 unless the model is float64), sums in float64.
-    work = torch.float64 if z_all.dtype == torch.float64 else torch.float32
-    gram = torch.zeros(dim, dim, dtype=torch.float64, device=dev)
-    resid = torch.zeros(last.out_channels, dim, dtype=torch.float64, device=dev)
-    y2 = e2 = 0.0
-    pixels = 0
-    step = max(1, (1 << 24) // max(1, z_all[0].numel()))  # bound the pixel matrices
-    for i in range(0, len(z_all), step):
-        z = _pixels(z_all[i : i + step], work)
-        y = _pixels(y_all[i : i + step].to(dev), work)
-        if has_bias:
-            z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
-        e = y - z @ old.T.to(work)
-        gram += (z.T @ z).double()
-        resid += (e.T @ z).double()
-        y2 += float((y.double() ** 2).sum())
-        e2 += float((e.double() ** 2).sum())
-        pixels += y.shape[0]
-    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
-    # ridge on Δ: directions the data never excites keep their current weights
-    eye = torch.eye(dim, dtype=torch.float64, device=dev)
-    delta = torch.linalg.solve(gram + lam * eye, resid.T).T
-    # ‖E − ΔŽ‖² = ‖E‖² − 2 tr(Δ Rᵀ) + tr(Δ G Δᵀ), from the accumulated statistics
-    sq = e2 - 2 * float((delta * resid).sum()) + float(((delta @ gram) * delta).sum())
-    before = (e2 / max(y2, 1e-300)) ** 0.5
-    after = (max(sq, 0.0) / max(y2, 1e-300)) ** 0.5
-    new = old + delta
-    if not after <= before:  # numerical trouble: keep the current factors
-        new, after = old, before
-    last.weight.copy_(new[:, :c].reshape_as(last.weight).to(last.weight.dtype))
-    if has_bias:
-        last.bias.copy_(new[:, c].to(last.bias.dtype))
-    return LayerFit(name, before, after, pixels)
+    """Least-squares refit of ``last`` (a 1×1 conv) so that ``last(z) ≈ y``, on all of the data at once."""
+    fit = PointwiseRefit(last, name, ridge=ridge)
+    fit.add(z_all, y_all)
+    return fit.apply()
 
 
 def _reconstruct(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float, batch_size: int,

@@ -1,0 +1,846 @@
+"""The ONNX pass: the dense ``Conv`` nodes of an ONNX graph → separable ``Conv`` nodes, with no torch code needed.
+
+Match → check → rewrite, as in onnxscript's rewriter rules:
+
+* **match** (:func:`match`): every ``Conv`` node of the main graph (default domain);
+* **check** (:func:`_check`): returns why a node cannot be converted — a 1-D/3-D conv, a grouped or depthwise conv,
+  a 1×1 kernel, a weight (or bias) that is computed in the graph, a graph input, or shared with another node — or
+  ``None``;
+* **rewrite** (:func:`_rewrite`): the node is replaced by ``Conv`` nodes with new initializers:
+
+  - ``dw-pw``:    ``x → Conv(W_dw (M·K, 1, kh, kw), group=M, <spatial>) → Conv(W_pw (N, M·K, 1, 1), B) → y``
+  - ``pw-dw-pw``: ``x → Conv(W_in (R, M, 1, 1)) → Conv(W_dw (R, 1, kh, kw), group=R, <spatial>) → Conv(W_out, B) → y``
+
+  ``<spatial>`` is the original node's ``kernel_shape``, ``strides``, ``dilations``, ``pads`` and ``auto_pad``,
+  copied verbatim, so asymmetric pads and ``SAME_UPPER``/``SAME_LOWER`` behave exactly as before at every input
+  size; the 1×1 convs have none (ONNX pads with zeros, and a 1×1 conv without bias maps zeros to zeros, so the
+  first 1×1 conv of pw-dw-pw commutes with the padding). The last node's output keeps the original output's name,
+  so every consumer, graph output and per-layer comparison sees the same tensor name.
+
+The factors come from the same code as the torch path: each Conv node becomes an equivalent ``nn.Conv2d`` (its
+weights, stride and dilation; padding applied to the input shape), and ``DwPwConv2d.from_conv`` /
+``PwDwPwConv2d.from_conv`` (:mod:`separify.decompose`) decompose it; ranks are chosen by the same
+:func:`separify.api.choose_ranks` (a global FLOPs target, a fixed rank, or an energy), and calibration uses the same
+moments (:mod:`separify.calibrate`) and least-squares refit (:class:`~separify.calibrate.PointwiseRefit`).
+
+Why onnx-ir (``onnx_ir``, the IR that onnxscript's rewriter and ``torch.onnx`` are built on) rather than editing
+protobufs with ``onnx.helper``: its values know their producer and their uses, so "replace every use of this output,
+graph outputs included" and "is this initializer shared" are one call each instead of hand-kept name maps; it loads
+external data lazily (models over 2 GB are never read into memory just to be rewritten) and writes it back; and it
+keeps every node, name, opset import, function and metadata entry it was not asked to touch.
+
+Shapes come from running the model once in onnxruntime on a random input (extra graph outputs on the inputs of every
+Conv, Gemm and MatMul), so models with dynamic spatial dimensions are converted, and timed, at the shape the user
+gives. FLOPs are those of the Conv, Gemm and MatMul nodes (counted by ``FlopCounterMode`` on equivalent torch ops on
+the meta device; FLOPs = 2 × MACs); other ops (LSTM, attention kernels, element-wise ops) are not counted.
+
+Calibration on ONNX (``calibration=``): onnxruntime runs the original model with the inputs of every candidate Conv
+as extra outputs, which gives their input moments (data-aware rank allocation, optional whitening); then, in
+*sweeps*, both models run side by side on the calibration data — the original giving each layer's output, the
+converted model the input of each replacement's last 1×1 conv — and every last 1×1 conv is refitted by streaming
+least squares. The torch path refits layer by layer within one forward pass; here one sweep refits all layers on the
+inputs the previous sweep's model gave them, and a second sweep (the default) lets each layer correct what the
+refits upstream changed. Memory: the sums of the least squares, ``(C+1)²`` per layer, and one batch of activations.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import measure
+from .api import ConvertResult, LayerRecord, choose_ranks, _warn
+from .calibrate import PointwiseRefit, _accumulate, _Moments, as_batches
+from .config import ConvertConfig, LayerRule
+from .decompose import check_weight, whiten
+from .errors import BadWeightsError, ConfigError, SeparifyError, first_line
+from .modules import FORMS, SeparableConv2d, why_not_convertible
+
+__all__ = ["MIN_OPSET", "OnnxConvertResult", "OrtModule", "convert_onnx", "load_onnx", "onnx_flops",
+           "example_feeds", "session"]
+
+MIN_OPSET = 11
+_INLINE_LIMIT = 1 << 30  # models with more initializer bytes than this keep their data in external files
+_COUNTED = ("Conv", "Gemm", "MatMul")
+_EXTERNAL_KEY = "separify.external_data"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading and running
+
+
+def _opset(model: onnx.ModelProto | ir.Model) -> int | None:
+    if isinstance(model, ir.Model):
+        return model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return None
+
+
+def load_onnx(source: str | os.PathLike | onnx.ModelProto | ir.Model, *, check: bool = True) -> ir.Model:
+    """Load an ONNX model for conversion, refusing what cannot be converted with one clear message.
+
+    A path is parsed without its external data (that stays on disk and is read lazily), checked with the full
+    ``onnx.checker`` (with strict shape inference) *before* anything is changed — a model that fails it is reported as
+    such, not as a conversion error — and must import the default opset at version :data:`MIN_OPSET` or newer.
+    """
+    if isinstance(source, ir.Model):
+        return source
+    where = "the model"
+    if isinstance(source, onnx.ModelProto):
+        proto = source
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise SeparifyError(f"{path}: no such file")
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+            raise SeparifyError(f"{path} is not an ONNX model: it does not parse as an ONNX protobuf "
+                                f"({type(exc).__name__}: {first_line(exc)}); a truncated or damaged file gives "
+                                "this too") from None
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not (proto.graph.node or proto.graph.output):
+        raise SeparifyError(f"{where} is not an ONNX model (no IR version or no graph in the file)")
+    opset = _opset(proto)
+    if opset is None or opset < MIN_OPSET:
+        raise SeparifyError(
+            f"{where} uses ONNX opset {opset}; separify needs opset {MIN_OPSET} or newer. Upgrade it first, e.g. "
+            "onnx.save(onnx.version_converter.convert_version(onnx.load(path), 17), new_path)")
+    if check:
+        try:
+            onnx.checker.check_model(where if not isinstance(source, onnx.ModelProto) else proto, full_check=True)
+        except Exception as exc:  # noqa: BLE001 - ValidationError, InferenceError
+            raise SeparifyError(f"{where} fails onnx.checker before any conversion, so the model itself is invalid "
+                                f"(separify has not changed it): {first_line(exc)}") from None
+    if isinstance(source, onnx.ModelProto):
+        return ir.serde.deserialize_model(proto)
+    model = ir.load(str(path))
+    model.meta[_EXTERNAL_KEY] = _external(model)  # written back the same way (see save_onnx)
+    if _initializer_bytes(model) <= _INLINE_LIMIT:
+        ir.external_data.load_to_model(model)  # small enough: hold it in memory, sessions are built from bytes
+    return model
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _external(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def to_proto(model: ir.Model, extra_outputs: Sequence[str] = ()) -> onnx.ModelProto:
+    """The model as a protobuf, with ``extra_outputs`` (names of intermediate values) appended as graph outputs
+    (without a type: onnxruntime infers it, as its own calibration tools rely on)."""
+    proto = ir.serde.serialize_model(model)
+    have = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(extra_outputs) if n not in have)
+    return proto
+
+
+def session(model: ir.Model, extra_outputs: Sequence[str] = (), *, threads: int | None = None):
+    """An onnxruntime CPU session of ``model`` (plus ``extra_outputs``). Models whose data stays in external files
+    are written, with their data, to a temporary folder first (onnxruntime reads external data from files)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    providers = ["CPUExecutionProvider"]
+    try:
+        if not _external(model):
+            return ort.InferenceSession(to_proto(model, extra_outputs).SerializeToString(), opts, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="separify-ort-") as tmp:
+            tmp_path = Path(tmp) / "model.onnx"
+            _save_external(to_proto_model(model, extra_outputs), tmp_path)
+            return ort.InferenceSession(str(tmp_path), opts, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+        raise SeparifyError(f"onnxruntime cannot load the model ({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def to_proto_model(model: ir.Model, extra_outputs: Sequence[str]) -> ir.Model:
+    """``model`` with extra graph outputs, as an IR model (for saving with external data)."""
+    if not extra_outputs:
+        return model
+    clone = ir.serde.deserialize_model(to_proto(model, extra_outputs))
+    return clone
+
+
+def _save_external(model: ir.Model, path: Path) -> None:
+    ir.save(model, path, external_data=path.name + ".data")
+
+
+def save_onnx(model: ir.Model, path: str | os.PathLike) -> list[Path]:
+    """Write ``model`` to ``path`` atomically; returns the files written.
+
+    Models that came with external data, or have more than 1 GiB of initializers, are written with their data in
+    ``<name>.data`` next to the model, as ONNX requires beyond 2 GB. Both files are written into a temporary folder
+    beside the target and renamed into place (the data first), so a failure leaves no partial output.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    external = model.meta.get(_EXTERNAL_KEY) or _external(model) or _initializer_bytes(model) > _INLINE_LIMIT
+    with tempfile.TemporaryDirectory(prefix=f".{path.stem}.", dir=folder) as tmp:
+        tmp_path = Path(tmp) / path.name
+        if external:
+            _save_external(model, tmp_path)
+        else:
+            ir.save(model, tmp_path)
+        written = sorted(Path(tmp).iterdir(), key=lambda p: p == tmp_path)  # the model file last
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in written:
+            os.chmod(f, 0o666 & ~umask)
+            os.replace(f, folder / f.name)
+    return [folder / f.name for f in written]
+
+
+def graph_inputs(model: ir.Model) -> list[ir.Value]:
+    """The real inputs of the graph (values that are not initializers)."""
+    return [v for v in model.graph.inputs if not v.is_initializer()]
+
+
+def example_feeds(model: ir.Model, shapes: Mapping[str, Sequence[int]] | Sequence[int] | None = None, *,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """Random standard-normal inputs for every graph input, at its declared shape.
+
+    A dynamic batch dimension becomes 1; any other dynamic dimension needs ``shapes`` (a dict by input name, or one
+    shape for a single-input model): the model is then converted and timed at that shape.
+    """
+    inputs = graph_inputs(model)
+    if shapes is not None and not isinstance(shapes, Mapping):
+        if len(inputs) != 1:
+            raise SeparifyError(f"the model has {len(inputs)} inputs ({', '.join(v.name for v in inputs)}); give one "
+                                "shape per input by name")
+        shapes = {inputs[0].name: tuple(shapes)}
+    shapes = dict(shapes or {})
+    unknown = set(shapes) - {v.name for v in inputs}
+    if unknown:
+        raise SeparifyError(f"no graph input named {', '.join(sorted(unknown))}; the inputs are "
+                            f"{', '.join(v.name for v in inputs)}")
+    gen = np.random.default_rng(seed)
+    feeds = {}
+    for v in inputs:
+        declared = list(v.shape) if v.shape is not None else None
+        if v.name in shapes:
+            shape = [int(d) for d in shapes[v.name]]
+            if declared is not None and (len(shape) != len(declared) or any(
+                    isinstance(d, int) and d != s for d, s in zip(declared, shape))):
+                raise SeparifyError(f"input {v.name!r} is declared as {_dims(declared)}; the shape "
+                                    f"{tuple(shape)} does not fit it")
+        else:
+            if declared is None:
+                raise SeparifyError(f"input {v.name!r} has no declared shape; give one (e.g. --input-shape 1,3,224,224)")
+            dyn = [i for i, d in enumerate(declared) if not isinstance(d, int)]
+            if any(i != 0 for i in dyn):
+                raise SeparifyError(f"input {v.name!r} has dynamic dimensions {_dims(declared)}: give the shape to "
+                                    "convert and time it at (e.g. --input-shape 1,3,224,224)")
+            shape = [1 if not isinstance(d, int) else d for d in declared]
+        dtype = v.dtype.numpy() if v.dtype is not None else np.dtype(np.float32)
+        if not np.issubdtype(dtype, np.floating):
+            raise SeparifyError(f"input {v.name!r} is of type {dtype}; separify makes random inputs only for "
+                                "floating-point inputs")
+        feeds[v.name] = gen.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def _dims(shape) -> str:
+    return "(" + ", ".join(str(d) if isinstance(d, int) else (str(d) if d is not None else "?") for d in shape) + ")"
+
+
+class OrtModule(nn.Module):
+    """An ONNX model run by onnxruntime, callable like a single-input ``nn.Module`` (no gradients): lets the report's
+    accuracy and agreement code measure ONNX models unchanged. Splits batches when the model fixes its batch size."""
+
+    def __init__(self, model: ir.Model, *, threads: int | None = None) -> None:
+        super().__init__()
+        inputs = graph_inputs(model)
+        if len(inputs) != 1:
+            raise SeparifyError(f"only single-input ONNX models can be evaluated on data (this one has {len(inputs)})")
+        self.input_name = inputs[0].name
+        first = inputs[0].shape[0] if inputs[0].shape is not None and len(inputs[0].shape) else None
+        self.fixed_batch = first if isinstance(first, int) else None
+        self.sess = session(model, threads=threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().cpu().numpy()
+        step = self.fixed_batch or len(arr) or 1
+        outs = [self.sess.run(None, {self.input_name: arr[i:i + step]})[0] for i in range(0, len(arr), step)]
+        return torch.from_numpy(np.concatenate(outs) if len(outs) > 1 else outs[0])
+
+
+def _chunks(batches: Sequence[torch.Tensor], fixed: int | None) -> Iterator[np.ndarray]:
+    for x in batches:
+        arr = x.detach().cpu().numpy()
+        step = fixed or len(arr)
+        for i in range(0, len(arr), step):
+            if len(arr[i:i + step]) == step:
+                yield arr[i:i + step]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def _attr(node: ir.Node, name: str, default: Any) -> Any:
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _pads(node: ir.Node, in_shape: Sequence[int], kernel: Sequence[int]) -> list[int]:
+    """Explicit pads ``[x1_begin, x2_begin, ..., x1_end, x2_end, ...]`` of a Conv at input ``(B, C, *spatial)``."""
+    dims = len(kernel)
+    strides = list(_attr(node, "strides", [1] * dims))
+    dil = list(_attr(node, "dilations", [1] * dims))
+    auto = _attr(node, "auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, k, s, d in zip(in_shape[2:], kernel, strides, dil):
+            total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
+            small = total // 2
+            begin.append(small if auto == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+        return begin + end
+    if auto == "VALID":
+        return [0] * (2 * dims)
+    return list(_attr(node, "pads", [0] * (2 * dims)))
+
+
+def _torch_conv(node: ir.Node, weight_shape: Sequence[int], bias: bool, device="meta", dtype=torch.float32) -> nn.Module:
+    """An unpadded ``nn.Conv{1,2,3}d`` with the node's kernel, strides, dilations and group (padding goes on the input)."""
+    dims = len(weight_shape) - 2
+    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    group = int(_attr(node, "group", 1))
+    return cls(int(weight_shape[1]) * group, int(weight_shape[0]), tuple(int(k) for k in weight_shape[2:]),
+               stride=tuple(_attr(node, "strides", [1] * dims)), dilation=tuple(_attr(node, "dilations", [1] * dims)),
+               groups=group, bias=bias, device=device, dtype=dtype)
+
+
+def _padded(shape: Sequence[int], pads: Sequence[int]) -> tuple[int, ...]:
+    dims = len(pads) // 2
+    return tuple(shape[:2]) + tuple(int(s) + pads[i] + pads[i + dims] for i, s in enumerate(shape[2:]))
+
+
+def _node_flops(node: ir.Node, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """FLOPs (2 × MACs) of one Conv/Gemm/MatMul node at the probed shapes, by FlopCounterMode on meta tensors."""
+    ins = [shapes.get(v.name) if v is not None else None for v in node.inputs]
+    if any(s is None for s in ins[:2]):
+        return 0
+    if node.op_type == "Conv":
+        conv = _torch_conv(node, ins[1], False)
+        return measure.module_flops(conv, [_padded(ins[0], _pads(node, ins[0], ins[1][2:]))])
+    a, b = list(ins[0]), list(ins[1])
+    if node.op_type == "Gemm":
+        if _attr(node, "transA", 0):
+            a.reverse()
+        if _attr(node, "transB", 0):
+            b.reverse()
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        torch.matmul(torch.empty(a, device="meta"), torch.empty(b, device="meta"))
+    return int(counter.get_total_flops())
+
+
+def _value_shapes(model: ir.Model, feeds: Mapping[str, np.ndarray], names: Sequence[str],
+                  threads: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of the values ``names`` when the model runs on ``feeds`` (one onnxruntime run)."""
+    shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+    for v in model.graph.initializers.values():
+        if v.const_value is not None:
+            shapes[v.name] = tuple(v.const_value.shape)
+    want = [n for n in dict.fromkeys(names) if n not in shapes]
+    if want:
+        sess = session(model, want, threads=threads)
+        outs = sess.run(want, dict(feeds))
+        shapes.update({n: tuple(o.shape) for n, o in zip(want, outs)})
+    return shapes
+
+
+def onnx_flops(model: ir.Model, feeds: Mapping[str, np.ndarray], *, threads: int | None = None) -> int:
+    """FLOPs (2 × MACs) of the Conv, Gemm and MatMul nodes of the main graph on ``feeds``."""
+    nodes = [n for n in model.graph if n.op_type in _COUNTED and n.domain in ("", "ai.onnx")]
+    shapes = _value_shapes(model, feeds, [v.name for n in nodes for v in n.inputs[:2] if v is not None], threads)
+    return sum(_node_flops(n, shapes) for n in nodes)
+
+
+def onnx_params(model: ir.Model) -> int:
+    """Number of elements in the initializers (the parameters, plus any constant tables the graph keeps there)."""
+    return sum(math.prod(v.const_value.shape) for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Match, check, rewrite
+
+
+@dataclass
+class OnnxConvSite:
+    """One ``Conv`` node and what the check found."""
+
+    name: str
+    node: ir.Node
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    input_shape: tuple[int, ...] | None = None  # the probed input shape
+    pads: list[int] | None = None  # explicit pads at that shape
+    blocker: str | None = None
+
+
+def match(model: ir.Model) -> list[OnnxConvSite]:
+    """Every ``Conv`` node of the main graph, in graph order, with a unique name (the node's, or its output's)."""
+    sites, seen = [], set()
+    for node in model.graph:
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            continue
+        name = node.name or f"Conv:{node.outputs[0].name}"
+        base, k = name, 1
+        while name in seen:
+            k += 1
+            name = f"{base}#{k}"
+        seen.add(name)
+        sites.append(OnnxConvSite(name, node))
+    return sites
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else np.array(tensor.numpy())  # a writable copy
+
+
+def _check(site: OnnxConvSite, model: ir.Model) -> str | None:
+    """Why this Conv node cannot be converted, or ``None`` (and then ``site.weight``/``site.bias`` are set)."""
+    node = site.node
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    for what, v in (("weight", w), ("bias", b)):
+        if v is None:
+            continue
+        if v.is_graph_input():
+            return f"{what} {v.name!r} is a graph input (it can change at run time)"
+        if _const(v) is None:
+            return f"{what} {v.name!r} is computed in the graph (not an initializer or Constant)"
+        if len(v.uses()) > 1:
+            return f"{what} {v.name!r} is shared with {len(v.uses()) - 1} other node input(s)"
+    weight = _const(w)
+    if weight is None:
+        return "no weight input"
+    if weight.ndim != 4:
+        return f"{weight.ndim - 2}-D conv (only 2-D convs are converted)"
+    if not np.issubdtype(weight.dtype, np.floating):
+        return f"weight dtype {weight.dtype} is not a floating-point type"
+    meta = _torch_conv(node, weight.shape, b is not None)
+    reason = why_not_convertible(meta)
+    if reason is not None:
+        return reason
+    site.weight, site.bias = weight, _const(b)
+    return None
+
+
+def _kernel_conv(site: OnnxConvSite) -> nn.Conv2d:
+    """The node as an unpadded ``nn.Conv2d`` holding its weights (float32 for half-precision models)."""
+    weight = torch.from_numpy(site.weight)
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    conv = _torch_conv(site.node, site.weight.shape, site.bias is not None, device="cpu", dtype=dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight.to(dtype))
+        if site.bias is not None:
+            conv.bias.copy_(torch.from_numpy(site.bias).to(dtype))
+    return conv
+
+
+def _unique(names: set[str], want: str) -> str:
+    name, k = want, 1
+    while name in names:
+        k += 1
+        name = f"{want}_{k}"
+    names.add(name)
+    return name
+
+
+def _factors(mod: SeparableConv2d) -> list[tuple[str, nn.Conv2d]]:
+    """The replacement's convs in forward order, with short names."""
+    if mod.method == "dw-pw":
+        return [("dw", mod.conv_dw), ("pw", mod.conv_pw)]
+    return [("pw_in", mod.conv_pw_in), ("dw", mod.conv_dw), ("pw_out", mod.conv_pw_out)]
+
+
+def _rewrite(model: ir.Model, site: OnnxConvSite, mod: SeparableConv2d, dtype: np.dtype,
+             value_names: set[str]) -> dict[str, ir.Value]:
+    """Replace ``site.node`` by the replacement's Conv nodes; returns its weight/bias initializers by role."""
+    graph, node = model.graph, site.node
+    x, old_w = node.inputs[0], node.inputs[1]
+    old_b = node.inputs[2] if len(node.inputs) > 2 else None
+    old_out = node.outputs[0]
+    spatial = {k: node.attributes[k] for k in ("kernel_shape", "strides", "dilations", "pads", "auto_pad")
+               if k in node.attributes}
+    inits: dict[str, ir.Value] = {}
+    new_nodes: list[ir.Node] = []
+    h = x
+    parts = _factors(mod)
+    for i, (role, conv) in enumerate(parts):
+        last = i == len(parts) - 1
+        w = ir.Value(name=_unique(value_names, f"{site.name}.{role}.weight"),
+                     const_value=ir.tensor(conv.weight.detach().numpy().astype(dtype)))
+        graph.register_initializer(w)
+        inits[f"{role}.weight"] = w
+        ins = [h, w]
+        if last and conv.bias is not None:
+            bias = ir.Value(name=_unique(value_names, f"{site.name}.{role}.bias"),
+                            const_value=ir.tensor(conv.bias.detach().numpy().astype(dtype)))
+            graph.register_initializer(bias)
+            inits[f"{role}.bias"] = bias
+            ins.append(bias)
+        if role == "dw":
+            attrs = {**{k: a.value for k, a in spatial.items()}, "group": conv.in_channels}
+        else:
+            attrs = {"kernel_shape": [1, 1]}
+        out = ir.Value(name=_unique(value_names, f"{site.name}.{role}.out"))
+        new_nodes.append(ir.node("Conv", ins, attrs, outputs=[out], name=_unique(value_names, f"{site.name}/{role}"),
+                                 doc_string=f"separify: {mod.method} rank {mod.rank} replacement of {site.name}"))
+        h = out
+    graph.insert_before(node, new_nodes)
+    # the last node's output takes over the original output's name, type and shape, and every use of it
+    name = old_out.name
+    old_out.name = _unique(value_names, f"{name}.replaced")
+    h.name = name
+    h.type, h.shape = old_out.type, old_out.shape
+    ir.convenience.replace_all_uses_with(old_out, h, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    for v in (old_w, old_b):
+        _drop_if_unused(graph, v)
+    return inits
+
+
+def _drop_if_unused(graph: ir.Graph, v: ir.Value | None) -> None:
+    if v is None or v.uses() or v.is_graph_output():
+        return
+    if v.is_initializer():
+        graph.initializers.pop(v.name, None)
+        if v in graph.inputs:  # IR < 4 lists initializers as inputs too
+            graph.inputs.remove(v)
+    producer = v.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.graph is graph:
+        graph.remove(producer, safe=True)
+
+
+def _update(inits: Mapping[str, ir.Value], mod: SeparableConv2d, dtype: np.dtype) -> None:
+    """Write the (refitted or fine-tuned) factors of ``mod`` into its initializers."""
+    for role, conv in _factors(mod):
+        inits[f"{role}.weight"].const_value = ir.tensor(conv.weight.detach().cpu().numpy().astype(dtype))
+        if f"{role}.bias" in inits:
+            inits[f"{role}.bias"].const_value = ir.tensor(conv.bias.detach().cpu().numpy().astype(dtype))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# convert_onnx
+
+
+@dataclass
+class OnnxConvertResult(ConvertResult):
+    """:class:`~separify.ConvertResult` of the ONNX pass: ``model`` is an ``onnx_ir.Model`` (:meth:`save` writes
+    it; ``onnx_ir.to_proto(result.model)`` gives an ``onnx.ModelProto``).
+
+    Extra attributes:
+        input_shapes: the shapes the model was converted (and FLOPs counted) at.
+        output_error: largest relative error ‖y − ŷ‖/‖y‖ over the graph outputs, original vs converted, both run in
+            onnxruntime on ``check_samples`` random inputs (the per-layer ``output_error`` is the same for each
+            converted layer's output inside the converted model, so it includes the error of the layers before it).
+        checked: the converted model passed ``onnx.checker`` (full check) and strict shape inference.
+    """
+
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    output_error: float | None = None
+    checked: bool = False
+    refit_sweeps: int = 0
+
+    def save(self, path: str | os.PathLike) -> list[Path]:
+        """Write the converted model atomically (see :func:`save_onnx`); returns the files written."""
+        return save_onnx(self.model, path)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = super().to_dict()
+        doc.update(input_shapes={k: list(v) for k, v in self.input_shapes.items()}, output_error=self.output_error,
+                   checked=self.checked, refit_sweeps=self.refit_sweeps)
+        return doc
+
+
+def convert_onnx(
+    model: str | os.PathLike | onnx.ModelProto | ir.Model,
+    config: ConvertConfig | None = None,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | Sequence[int] | None = None,
+    calibration: Any = None,
+    refit_sweeps: int = 2,
+    check_samples: int = 8,
+    threads: int | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> OnnxConvertResult:
+    """Replace the dense Conv nodes of an ONNX model with separable Conv nodes (see the module docstring).
+
+    Args:
+        model: a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (never modified: the pass works on a copy).
+        config, options: as for :func:`separify.convert` (method, rank/energy/flops, exclude, rules, seed, CP and
+            calibration settings); name patterns match node names (or ``Conv:<output name>`` for unnamed nodes).
+            ``calib_steps`` (layer-wise reconstruction) needs the torch path and is refused here.
+        input_shapes: the shape to convert at, for inputs with dynamic dimensions (one shape, or a dict by name).
+        calibration: input data (a tensor ``(N, ...)`` or an iterable of batches) for the calibration-aware
+            initialisation, run through onnxruntime; single-input models only.
+        refit_sweeps: sweeps of the least-squares refit over the calibration data (each runs both models once).
+        check_samples: random inputs for the final comparison in onnxruntime (0: skip it).
+
+    Returns:
+        :class:`OnnxConvertResult`.
+    """
+    if options:
+        if "rules" in options and isinstance(options["rules"], dict):
+            options["rules"] = tuple(LayerRule(p, **dict(s)) for p, s in options["rules"].items())
+        config = (config or ConvertConfig()).replace(**options) if config else ConvertConfig(**options)
+    cfg = config or ConvertConfig()
+    if cfg.calib_steps:
+        raise ConfigError("calib_steps (layer-wise reconstruction) runs in PyTorch and is not available for ONNX "
+                          "models; use the least-squares refit (the default) or fine-tune (--finetune)")
+    if isinstance(refit_sweeps, bool) or not isinstance(refit_sweeps, int) or refit_sweeps < 1:
+        raise ConfigError(f"refit_sweeps must be a positive integer, got {refit_sweeps!r}")
+    original = load_onnx(model)
+    work = ir.serde.deserialize_model(ir.serde.serialize_model(original)) if not _external(original) \
+        else copy.deepcopy(original)
+    work.meta[_EXTERNAL_KEY] = original.meta.get(_EXTERNAL_KEY, False)
+    feeds = example_feeds(work, input_shapes, seed=cfg.seed)
+    batches = as_batches(calibration, limit=cfg.calib_limit) if calibration is not None else None
+    if batches is not None and len(feeds) != 1:
+        raise SeparifyError("ONNX calibration needs a single-input model")
+
+    # Probe: one run for the shapes of every Conv/Gemm/MatMul input, hence FLOPs and the layers' input shapes.
+    counted = [n for n in work.graph if n.op_type in _COUNTED and n.domain in ("", "ai.onnx")]
+    shapes = _value_shapes(work, feeds, [v.name for n in counted for v in n.inputs[:2] if v is not None], threads)
+    flops_before = sum(_node_flops(n, shapes) for n in counted)
+    params_before = onnx_params(work)
+
+    sites = match(work)
+    records, todo, kernels, layer_shapes = [], [], {}, {}
+    for site in sites:
+        node = site.node
+        w = node.inputs[1] if len(node.inputs) > 1 else None
+        wshape = shapes.get(w.name) if w is not None else None
+        site.input_shape = shapes.get(node.inputs[0].name)
+        group = int(_attr(node, "group", 1))
+        rec = LayerRecord(site.name, int(wshape[1]) * group if wshape else 0, int(wshape[0]) if wshape else 0,
+                          tuple(int(k) for k in wshape[2:]) if wshape else (), tuple(_attr(node, "strides", [1, 1])),
+                          group, site.input_shape)
+        records.append(rec)
+        rec.flops_before = rec.flops_after = _node_flops(node, shapes)
+        reason = _check(site, work)
+        rule = cfg.rule_for(site.name)
+        if reason is None and rule is not None and rule.exclude:
+            reason = f"excluded by pattern {rule.pattern!r}"
+        if reason is None and site.input_shape is None:
+            reason = "input shape unknown (not reached on the example input)"
+        if reason is not None:
+            rec.reason = reason
+            continue
+        try:
+            check_weight(torch.from_numpy(site.weight))
+        except BadWeightsError as exc:
+            raise BadWeightsError(f"layer {site.name!r}: {exc}") from None
+        site.pads = _pads(node, site.input_shape, site.weight.shape[2:])
+        kernels[site.name] = _kernel_conv(site)
+        rec.params_before = rec.params_after = measure.count_params(kernels[site.name])
+        layer_shapes[site.name] = [_padded(site.input_shape, site.pads)]
+        rec.method = (rule.method if rule and rule.method else None) or cfg.method
+        todo.append((rec, rule))
+    by_name = {s.name: s for s in sites}
+
+    # Calibration, pass 1: the inputs of every candidate in the original model → input moments.
+    covs = {}
+    fixed_batch = _fixed_batch(work)
+    if batches is not None and todo and (cfg.calib_whiten or (cfg.calib_ranks and cfg.selection == "flops")):
+        covs = _moments(original, [by_name[r.name] for r, _ in todo], kernels, batches, fixed_batch, threads)
+    whitened = {}
+    if cfg.calib_ranks:
+        for rec, _ in todo:
+            if rec.name in covs:
+                whitened[rec.name] = whiten(kernels[rec.name].weight, covs[rec.name], rec.method, damp=cfg.calib_damp)
+
+    budget, rank_warnings = choose_ranks(cfg, todo, kernels, layer_shapes, flops_before, whitened)
+
+    # Decompose and rewrite.
+    value_names = {v.name for v in _all_values(work)} | {n.name for n in work.graph if n.name}
+    replaced: dict[str, tuple[SeparableConv2d, dict[str, ir.Value], np.dtype]] = {}
+    items = [rec for rec, _ in todo if rec.rank is not None]
+    iterator = items
+    if progress:
+        from rich.progress import track
+
+        iterator = track(items, description="decomposing", transient=True)
+    for rec in iterator:
+        site = by_name[rec.name]
+        cls = FORMS[rec.method]
+        extra = dict(max_iter=cfg.cp_max_iter, tol=cfg.cp_tol, seed=cfg.seed) if rec.method == "pw-dw-pw" else {}
+        if cfg.calib_whiten and rec.name in covs:
+            extra.update(cov=covs[rec.name], damp=cfg.calib_damp)
+        mod = cls.from_conv(kernels[rec.name], rec.rank, **extra).eval()
+        dtype = site.weight.dtype
+        inits = _rewrite(work, site, mod, dtype, value_names)
+        replaced[rec.name] = (mod, inits, dtype)
+        rec.status = "converted"
+        rec.rel_error = mod.decomposition_error
+        rec.flops_after = measure.module_flops(mod, layer_shapes[rec.name])
+        rec.params_after = measure.count_params(mod)
+
+    # Calibration, pass 2: refit every last 1×1 conv on the converted model's own inputs, in sweeps.
+    sweeps = 0
+    if batches is not None and replaced:
+        _refit(original, work, replaced, batches, fixed_batch, cfg.calib_ridge, refit_sweeps, threads,
+               {r.name: r for r in records})
+        sweeps = refit_sweeps
+
+    proto_checked = _check_converted(work) if replaced else True
+    shapes_after = _value_shapes(work, feeds, [v.name for n in work.graph if n.op_type in _COUNTED
+                                               and n.domain in ("", "ai.onnx") for v in n.inputs[:2] if v is not None],
+                                 threads)
+    flops_after = sum(_node_flops(n, shapes_after) for n in work.graph
+                      if n.op_type in _COUNTED and n.domain in ("", "ai.onnx"))
+    result = OnnxConvertResult(
+        work, records, "onnx", cfg, None, flops_before, flops_after, params_before, onnx_params(work), budget,
+        input_shapes={k: tuple(v.shape) for k, v in feeds.items()}, checked=proto_checked, refit_sweeps=sweeps,
+    )
+    if check_samples and replaced:
+        result.output_error = _compare(original, work, feeds, check_samples, cfg.seed, replaced,
+                                       {r.name: r for r in records}, threads)
+    _warn(result, rank_warnings)
+    return result
+
+
+def _all_values(model: ir.Model) -> Iterator[ir.Value]:
+    yield from model.graph.inputs
+    yield from model.graph.initializers.values()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        yield from (v for v in node.outputs if v is not None)
+
+
+def _fixed_batch(model: ir.Model) -> int | None:
+    inputs = graph_inputs(model)
+    if len(inputs) != 1 or inputs[0].shape is None or not len(inputs[0].shape):
+        return None
+    first = inputs[0].shape[0]
+    return first if isinstance(first, int) else None
+
+
+def _moments(original: ir.Model, sites: list[OnnxConvSite], kernels: Mapping[str, nn.Conv2d],
+             batches: Sequence[torch.Tensor], fixed: int | None, threads: int | None) -> dict:
+    """Input moments of every candidate on the calibration data, captured as extra outputs of the original model."""
+    names = {s.name: s.node.inputs[0].name for s in sites}
+    sess = session(original, list(names.values()), threads=threads)
+    input_name = graph_inputs(original)[0].name
+    want = list(dict.fromkeys(names.values()))
+    acc = {s.name: _Moments() for s in sites}
+    for chunk in _chunks(batches, fixed):
+        outs = dict(zip(want, sess.run(want, {input_name: chunk})))
+        for s in sites:
+            x = torch.from_numpy(outs[names[s.name]])
+            top, left, bottom, right = s.pads
+            x = F.pad(x, (left, right, top, bottom))  # the ONNX pads (zeros), then the unpadded conv's patches
+            _accumulate(kernels[s.name], x, acc[s.name])
+    return {n: a.result() for n, a in acc.items() if a.channel is not None}
+
+
+def _refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, ridge, sweeps, threads,
+           records: Mapping[str, LayerRecord]) -> None:
+    """Streaming least-squares refit of every replacement's last 1×1 conv, in ``sweeps`` passes (module docstring)."""
+    input_name = graph_inputs(original)[0].name
+    # the replacements' outputs carry the original conv outputs' names: the same names in both models
+    y_names = {name: _output_name(converted, name, replaced) for name in replaced}
+    z_names = {name: _last_input_name(converted, replaced[name][1]) for name in replaced}
+    orig_sess = session(original, list(y_names.values()), threads=threads)
+    for sweep in range(sweeps):
+        conv_sess = session(converted, list(z_names.values()), threads=threads)
+        fits = {name: PointwiseRefit(mod._last(), name, ridge=ridge) for name, (mod, _i, _d) in replaced.items()}
+        for chunk in _chunks(batches, fixed):
+            ys = dict(zip(y_names.values(), orig_sess.run(list(y_names.values()), {input_name: chunk})))
+            zs = dict(zip(z_names.values(), conv_sess.run(list(z_names.values()), {input_name: chunk})))
+            for name, fit in fits.items():
+                fit.add(torch.from_numpy(zs[z_names[name]]).float(), torch.from_numpy(ys[y_names[name]]).float())
+        for name, fit in fits.items():
+            res = fit.apply()
+            mod, inits, dtype = replaced[name]
+            _update(inits, mod, dtype)
+            if sweep == 0:
+                records[name].calib_error_before = res.error_before
+            records[name].calib_error_after = res.error_after
+
+
+def _last_node(inits: Mapping[str, ir.Value]) -> ir.Node:
+    role = "pw_out.weight" if "pw_out.weight" in inits else "pw.weight"
+    return inits[role].uses()[0].node
+
+
+def _output_name(converted: ir.Model, name: str, replaced) -> str:
+    return _last_node(replaced[name][1]).outputs[0].name
+
+
+def _last_input_name(converted: ir.Model, inits: Mapping[str, ir.Value]) -> str:
+    return _last_node(inits).inputs[0].name
+
+
+def _check_converted(model: ir.Model) -> bool:
+    """Full ``onnx.checker`` and strict shape inference on the converted model (in memory below 2 GB)."""
+    if _external(model) or _initializer_bytes(model) > _INLINE_LIMIT:
+        return False  # checked after saving, from the file (see cli); in memory it would exceed protobuf's 2 GB
+    proto = ir.serde.serialize_model(model)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except Exception as exc:  # noqa: BLE001
+        raise SeparifyError(f"the converted model fails onnx.checker ({first_line(exc)}); this is a separify bug, "
+                            "please report it with the model") from None
+    return True
+
+
+def _compare(original: ir.Model, converted: ir.Model, feeds, samples: int, seed: int, replaced, records,
+             threads) -> float:
+    """Run both models in onnxruntime on ``samples`` random inputs (the example's shape); set each converted layer's
+    ``output_error`` and return the largest relative error over the graph outputs."""
+    layer_outs = {name: _output_name(converted, name, replaced) for name in replaced}
+    extra = list(layer_outs.values())
+    sessions = [session(m, extra, threads=threads) for m in (original, converted)]
+    final = [o.name for o in original.graph.outputs]
+    fixed = _fixed_batch(original)
+    num = {n: 0.0 for n in final + extra}
+    den = {n: 0.0 for n in final + extra}
+    gen = np.random.default_rng(seed + 1)
+    done = 0
+    while done < samples:
+        batch = {k: gen.standard_normal((fixed or min(samples - done, 8), *v.shape[1:])).astype(v.dtype)
+                 if v.ndim else v for k, v in feeds.items()}
+        ref, new = (dict(zip(final + extra, s.run(final + extra, batch))) for s in sessions)
+        for n in num:
+            a, b = np.asarray(ref[n], np.float64), np.asarray(new[n], np.float64)
+            num[n] += float(((a - b) ** 2).sum())
+            den[n] += float((a**2).sum())
+        done += next(iter(batch.values())).shape[0] if batch else samples
+    rel = {n: math.sqrt(num[n] / den[n]) if den[n] > 0 else math.sqrt(num[n]) for n in num}
+    for name, out in layer_outs.items():
+        records[name].output_error = rel[out]
+    return max(rel[n] for n in final)

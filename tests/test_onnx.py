@@ -1,0 +1,324 @@
+"""The ONNX pass: exactness at full rank in onnxruntime on exported torchvision networks and on hand-built graphs
+(asymmetric pads, auto_pad, strides, dilations, opsets 11 and 18, external data), what is skipped and why, what is
+kept untouched, calibration through onnxruntime, and the promised errors on bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+import torchvision
+from onnx import TensorProto, helper, numpy_helper
+
+import separify
+from separify import measure
+from separify.errors import SeparifyError
+from separify.onnx_pass import OrtModule, convert_onnx, load_onnx, onnx_flops, example_feeds
+
+
+def _run(model, feeds: dict) -> list[np.ndarray]:
+    """Run a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` in onnxruntime."""
+    if isinstance(model, ir.Model):
+        model = ir.serde.serialize_model(model)
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _dense_left(model: ir.Model) -> list[str]:
+    """Conv nodes that still mix more than one input channel through a k×k (k > 1) kernel."""
+    left = []
+    for node in model.graph:
+        if node.op_type != "Conv":
+            continue
+        w = node.inputs[1].const_value
+        if w is not None and len(w.shape) == 4 and w.shape[1] > 1 and tuple(w.shape[2:]) != (1, 1):
+            left.append(node.name)
+    return left
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """resnet18 and vgg11_bn (random weights, BatchNorm statistics randomised) exported to ONNX at 64×64."""
+    folder = tmp_path_factory.mktemp("onnx")
+    paths = {}
+    for name, ctor in (("resnet18", torchvision.models.resnet18), ("vgg11_bn", torchvision.models.vgg11_bn)):
+        torch.manual_seed(0)
+        model = ctor(num_classes=10).eval()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        paths[name] = folder / f"{name}.onnx"
+        measure.export_onnx(model, (torch.randn(1, 3, 64, 64),), paths[name])
+    return paths
+
+
+@pytest.mark.parametrize("method", ["dw-pw", "pw-dw-pw"])
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11_bn"])
+def test_exported_networks_are_exact_at_full_rank(exported, arch, method):
+    path = exported[arch]
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = convert_onnx(path, method=method, rank=10_000, require_saving=False)
+    assert res.checked
+    convertible = [r for r in res.layers if r.kernel_size != (1, 1)]
+    assert convertible and all(r.converted for r in convertible)
+    assert all(r.reason for r in res.skipped)
+    assert _dense_left(res.model) == []
+    feeds = example_feeds(res.model, seed=3)
+    (ref,), (new,) = _run(path, feeds), _run(res.model, feeds)
+    assert _rel(ref, new) < 1e-4
+    assert res.output_error < 1e-4
+    assert all(r.output_error < 1e-4 for r in res.converted)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before  # the input is never touched
+
+
+def test_flops_target_matches_the_torch_path(exported):
+    """Same FLOPs counting and the same allocation as the torch path: the ratios agree."""
+    res = convert_onnx(exported["resnet18"], flops=0.5)
+    torch.manual_seed(0)
+    assert 0.45 < res.flops_ratio <= 0.5
+    assert res.flops_before == onnx_flops(load_onnx(exported["resnet18"]), example_feeds(res.model))
+    low = [r for r in res.converted]
+    assert low and all(0 < r.rank < r.exact_rank for r in low)
+    assert res.output_error is not None and 0 < res.output_error < 10
+    # every converted layer's output error is recorded; kept layers say why
+    assert all(r.output_error is not None for r in res.converted)
+    assert all(r.reason == "kept dense by the global FLOPs allocation" or r.kernel_size == (1, 1)
+               for r in res.skipped)
+
+
+# ----------------------------------------------------------------------------------------------- hand-built graphs
+
+
+def _conv_graph(specs, opset: int = 18, ir_version: int = 8, seed: int = 0, in_shape=(1, 4, 17, 13)):
+    """A chain of Conv → Relu nodes; ``specs`` are (out_channels, kernel, attrs, bias) tuples."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    prev, c = "x", in_shape[1]
+    for i, (out, kernel, attrs, bias) in enumerate(specs):
+        group = attrs.get("group", 1)
+        w = rng.standard_normal((out, c // group, *kernel)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        ins = [prev, f"w{i}"]
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(out).astype(np.float32), f"b{i}"))
+            ins.append(f"b{i}")
+        nodes.append(helper.make_node("Conv", ins, [f"c{i}"], name=f"conv{i}", kernel_shape=list(kernel), **attrs))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"))
+        prev, c = f"r{i}", out
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["n", "c", "h", "w"])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="test")
+    model.ir_version = ir_version
+    helper.set_model_props(model, {"author": "separify tests", "licence": "MIT"})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+SPATIAL = [
+    (6, (3, 3), {"pads": [0, 1, 2, 1]}, True),  # asymmetric pads
+    (5, (3, 2), {"auto_pad": "SAME_UPPER", "strides": [2, 1]}, False),
+    (6, (2, 3), {"auto_pad": "SAME_LOWER"}, True),
+    (7, (3, 3), {"dilations": [2, 1], "pads": [2, 1, 1, 0]}, True),
+    (5, (3, 3), {"auto_pad": "VALID", "strides": [1, 2]}, True),
+]
+
+
+@pytest.mark.parametrize("opset,ir_version", [(11, 6), (18, 8)], ids=["opset11", "opset18"])
+@pytest.mark.parametrize("method", ["dw-pw", "pw-dw-pw"])
+def test_pads_auto_pad_strides_dilations_exact(method, opset, ir_version):
+    proto = _conv_graph(SPATIAL, opset=opset, ir_version=ir_version)
+    res = convert_onnx(proto, method=method, rank=10_000, require_saving=False)
+    assert [r.status for r in res.layers] == ["converted"] * len(SPATIAL)
+    assert _dense_left(res.model) == []
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 4, 17, 13)).astype(np.float32)}
+    assert _rel(_run(proto, feeds)[0], _run(res.model, feeds)[0]) < 1e-5
+    out = ir.serde.serialize_model(res.model)
+    onnx.checker.check_model(out, full_check=True)
+    # kept: opset imports, IR version, metadata, graph input/output names, the other nodes
+    assert [(o.domain, o.version) for o in out.opset_import] == [(o.domain, o.version) for o in proto.opset_import]
+    assert out.ir_version == proto.ir_version
+    assert {p.key: p.value for p in out.metadata_props} == {"author": "separify tests", "licence": "MIT"}
+    assert [i.name for i in out.graph.input] == ["x"] and out.graph.output[0].name == proto.graph.output[0].name
+    assert [n.name for n in out.graph.node if n.op_type == "Relu"] == [f"relu{i}" for i in range(len(SPATIAL))]
+    # the replacement's output keeps the original conv output's name; old weights are gone
+    assert {f"c{i}" for i in range(len(SPATIAL))} <= {o for n in out.graph.node for o in n.output}
+    assert not {f"w{i}" for i in range(len(SPATIAL))} & {t.name for t in out.graph.initializer}
+
+
+def test_low_rank_error_is_recorded_per_layer():
+    res = convert_onnx(_conv_graph(SPATIAL), method="pw-dw-pw", rank=2)
+    assert all(r.converted and 0 < r.output_error for r in res.layers)
+    assert 0 < res.output_error
+    assert all(0 < r.rel_error < 1 for r in res.layers)
+
+
+def test_skipped_nodes_carry_their_reason():
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("w_group", f(8, 2, 3, 3)), ("w_dw", f(8, 1, 3, 3)), ("w_1x1", f(8, 8, 1, 1)), ("w_shared", f(8, 8, 3, 3)),
+        ("w_ok", f(8, 8, 3, 3)), ("w1d", f(4, 8, 3)), ("two", np.array(2.0, np.float32))]]
+    nodes = [
+        helper.make_node("Conv", ["x", "w_group"], ["a"], name="grouped", kernel_shape=[3, 3], pads=[1] * 4, group=4),
+        helper.make_node("Conv", ["a", "w_dw"], ["b"], name="depthwise", kernel_shape=[3, 3], pads=[1] * 4, group=8),
+        helper.make_node("Conv", ["b", "w_1x1"], ["c"], name="pointwise", kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["c", "w_shared"], ["d"], name="shared1", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Conv", ["d", "w_shared"], ["e"], name="shared2", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Mul", ["w_ok", "two"], ["w_computed"], name="scale"),
+        helper.make_node("Conv", ["e", "w_computed"], ["g"], name="computed", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Conv", ["g", "w_in"], ["h"], name="graph_input_weight", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Reshape", ["h", "shape"], ["h1"], name="flatten_rows"),
+        helper.make_node("Conv", ["h1", "w1d"], ["y"], name="conv1d", kernel_shape=[3]),
+    ]
+    inits.append(numpy_helper.from_array(np.array([1, 8, -1], np.int64), "shape"))
+    graph = helper.make_graph(nodes, "skips", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8]),
+                                               helper.make_tensor_value_info("w_in", TensorProto.FLOAT, [8, 8, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "l"])], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    with pytest.warns(UserWarning, match="no layer was converted"):
+        res = convert_onnx(proto, rank=1)
+    reasons = {r.name: r.reason for r in res.layers}
+    assert reasons["grouped"] == "grouped conv (groups=4)"
+    assert reasons["depthwise"] == "already depthwise (groups=8)"
+    assert reasons["pointwise"] == "1×1 conv (already pointwise)"
+    assert "shared with 1 other" in reasons["shared1"] and "shared with 1 other" in reasons["shared2"]
+    assert "computed in the graph" in reasons["computed"]
+    assert "graph input" in reasons["graph_input_weight"]
+    assert reasons["conv1d"] == "1-D conv (only 2-D convs are converted)"
+    # exclusion by node-name pattern
+    res = convert_onnx(_conv_graph(SPATIAL[:2]), rank=1, exclude=("conv1",))
+    assert [r.status for r in res.layers] == ["converted", "skipped"]
+    assert res.layers[1].reason == "excluded by pattern 'conv1'"
+
+
+def test_external_data_round_trip(tmp_path):
+    proto = _conv_graph(SPATIAL[:3])
+    src = tmp_path / "model.onnx"
+    onnx.save(proto, src, save_as_external_data=True, all_tensors_to_one_file=True, location="model.weights",
+              size_threshold=0)
+    hashes = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()}
+    res = convert_onnx(src, rank=10_000, require_saving=False)
+    written = res.save(tmp_path / "out.onnx")
+    assert {p.name for p in written} == {"out.onnx", "out.onnx.data"}
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()
+            if p.name in hashes} == hashes
+    feeds = {"x": np.random.default_rng(2).standard_normal((1, 4, 17, 13)).astype(np.float32)}
+    assert _rel(_run(src, feeds)[0], _run(tmp_path / "out.onnx", feeds)[0]) < 1e-5
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+
+
+def test_dynamic_spatial_shape_needs_a_shape():
+    proto = _conv_graph(SPATIAL[:2], in_shape=("N", 4, "H", "W"))
+    with pytest.raises(SeparifyError, match="dynamic dimensions.*--input-shape"):
+        convert_onnx(proto, rank=1)
+    res = convert_onnx(proto, rank=1, input_shapes=(2, 4, 20, 11))
+    assert res.input_shapes == {"x": (2, 4, 20, 11)}
+    assert res.layers[0].input_shape == (2, 4, 20, 11)
+    # the converted graph still runs at other sizes (auto_pad and pads are copied, not baked in)
+    feeds = {"x": np.random.default_rng(0).standard_normal((3, 4, 9, 30)).astype(np.float32)}
+    assert _run(res.model, feeds)[0].shape == _run(proto, feeds)[0].shape
+
+
+# ----------------------------------------------------------------------------------------------- calibration
+
+
+@pytest.mark.parametrize("method,rank", [("dw-pw", 1), ("pw-dw-pw", 4)])
+def test_calibration_through_onnxruntime_matches_the_torch_path(method, rank):
+    """Inputs with strongly correlated channels: the refit on real inputs lowers the held-out output error, and on
+    this two-layer chain two sweeps reproduce exactly what the torch path's layer-by-layer refit gives."""
+    proto = _conv_graph([(16, (3, 3), {"pads": [1, 1, 1, 1]}, True), (16, (3, 3), {"pads": [1, 1, 1, 1]}, True)],
+                        in_shape=("N", 8, 12, 12))
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(8, 2, generator=gen)
+    data = torch.einsum("cm,nmhw->nchw", mix, torch.randn(96, 2, 12, 12, generator=gen))
+    calib, held = data[:64], data[64:]
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU()).eval()
+    inits = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer}
+    with torch.no_grad():
+        for i, conv in ((0, net[0]), (1, net[2])):
+            conv.weight.copy_(inits[f"w{i}"])
+            conv.bias.copy_(inits[f"b{i}"])
+    ref = OrtModule(load_onnx(proto))(held)
+    kw = dict(method=method, rank=rank)
+    plain = _rel(ref, OrtModule(convert_onnx(proto, input_shapes=(1, 8, 12, 12), **kw).model)(held))
+    res = convert_onnx(proto, input_shapes=(1, 8, 12, 12), calibration=calib, **kw)
+    onnx_err = _rel(ref, OrtModule(res.model)(held))
+    torch_err = _rel(ref, separify.convert(net, example_inputs=calib[:1], calibration=calib, **kw).model(held).detach())
+    assert onnx_err < 0.85 * plain
+    assert onnx_err == pytest.approx(torch_err, rel=1e-3)
+    assert all(r.calib_error_after < r.calib_error_before for r in res.converted)
+    assert res.refit_sweeps == 2
+
+
+def test_calibration_on_an_exported_network_matches_the_torch_refit_at_full_rank(exported):
+    data = torch.randn(4, 3, 64, 64)
+    res = convert_onnx(exported["vgg11_bn"], method="pw-dw-pw", rank=10_000, require_saving=False, calibration=data)
+    assert all(r.calib_error_after < 1e-4 for r in res.converted)
+    assert res.output_error < 1e-4
+
+
+def test_calibration_refuses_reconstruction():
+    with pytest.raises(SeparifyError, match="calib_steps"):
+        convert_onnx(_conv_graph(SPATIAL[:1]), rank=1, calib_steps=10, calibration=torch.randn(2, 4, 17, 13))
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_files(tmp_path):
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n" * 20)
+    with pytest.raises(SeparifyError, match="not an ONNX model"):
+        load_onnx(text)
+    good = tmp_path / "good.onnx"
+    onnx.save(_conv_graph(SPATIAL[:2]), good)
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(SeparifyError, match="not an ONNX model.*truncated"):
+        load_onnx(cut)
+    with pytest.raises(SeparifyError, match="no such file"):
+        load_onnx(tmp_path / "missing.onnx")
+
+
+def test_invalid_model_is_blamed_on_the_model_not_the_conversion():
+    proto = _conv_graph(SPATIAL[:1])
+    proto.graph.node[1].input[0] = "nowhere"  # Relu reads an undefined tensor
+    with pytest.raises(SeparifyError, match="fails onnx.checker before any conversion"):
+        convert_onnx(proto, rank=1)
+
+
+def test_old_opset_is_refused():
+    proto = _conv_graph(SPATIAL[:1], opset=9, ir_version=4)
+    with pytest.raises(SeparifyError, match="opset 9.*opset 11 or newer"):
+        convert_onnx(proto, rank=1)
+
+
+def test_nan_weights_are_refused():
+    proto = _conv_graph(SPATIAL[:1])
+    w = numpy_helper.to_array(proto.graph.initializer[0]).copy()
+    w[0, 0, 0, 0] = np.nan
+    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w0"))
+    with pytest.raises(SeparifyError, match="conv0.*(NaN|finite)"):
+        convert_onnx(proto, rank=1)
+
+
+def test_torch_convert_accepts_onnx(exported):
+    res = separify.convert(str(exported["vgg11_bn"]), rank=2)
+    assert res.path == "onnx" and res.converted
