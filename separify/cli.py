@@ -21,8 +21,8 @@ from . import __version__
 from .api import convert as convert_model
 from .config import METHODS, ConvertConfig
 from .errors import SeparifyError, first_line
-from .model_io import (ImagePreprocessing, check_output_path, load_image_folder, load_labeled_file, load_model,
-                       load_tensor_file, parse_shape, save_model)
+from .model_io import (ImagePreprocessing, atomic_write, check_output_path, is_onnx, load_image_folder,
+                       load_labeled_file, load_model, load_tensor_file, parse_shape, save_model)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make trained CNNs cheaper: replace dense "
                   "convolutions with depthwise-separable approximations.")
@@ -82,11 +82,14 @@ def _fail(message: str) -> None:
 @app.command()
 def convert(
     model: Optional[Path] = typer.Argument(
-        None, help="Model file: a torch.export .pt2, a state dict (with --arch) or a pickled module (with "
-        "--allow-pickle). Omit it to convert the embedded Fashion-MNIST model."),
+        None, help="Model file: a torch.export .pt2, a state dict (with --arch), a pickled module (with "
+        "--allow-pickle) or an ONNX model (.onnx, converted by the ONNX pass). Omit it to convert the embedded "
+        "Fashion-MNIST model."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write the converted model: .pt2 "
-                                          f"(torch.export) or .pt/.pth (pickled module). Default for the embedded "
-                                          f"model: {DEFAULT_OUTPUT}."),
+                                          "(torch.export), .pt/.pth (pickled module) or .onnx. Default for the "
+                                          f"embedded model: {DEFAULT_OUTPUT}."),
+    to: Optional[str] = typer.Option(None, "--to", help="Output format: onnx, pt2 or pt (default: from the -o "
+                                     "suffix). ONNX models are always written as ONNX."),
     method: str = typer.Option("pw-dw-pw", "--method", "-m", help=f"Replacement form: {' | '.join(METHODS)}."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Fixed rank for every layer (dw-pw: depthwise "
                                        "multiplier K; pw-dw-pw: intermediate channels R)."),
@@ -145,10 +148,20 @@ def convert(
         image_opts = _image_opts(image_size, resize, mean, std)
         reporting = _Reporting(data, data_limit, json_out, html_out, png_out, threads, latency, onnx, layers, min_time,
                                force, report_batch_size)
-        _convert(model, output, method, rank, energy, flops, input_shape, exclude or [], arch, allow_pickle, force,
-                 fold_bn, cp_iters, seed, calib, calib_limit, calib_steps,
-                 dict(data=finetune_data, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size,
-                      checkpoint=checkpoint), image_opts, reporting)
+        tune = dict(data=finetune_data, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size,
+                    checkpoint=checkpoint)
+        cfg = ConvertConfig(method=method, rank=rank, energy=energy, flops=flops, exclude=tuple(exclude or ()),
+                            fold_bn=fold_bn, cp_max_iter=cp_iters, seed=seed, calib_limit=calib_limit,
+                            calib_steps=calib_steps)
+        if calib_steps and calib is None:
+            raise SeparifyError("--calib-steps needs --calib DATA")
+        out = _output(model, output, to)
+        if model is not None and is_onnx(model):
+            if arch or allow_pickle:
+                raise SeparifyError("--arch and --allow-pickle apply to PyTorch models, not to ONNX files")
+            _convert_onnx(model, out, cfg, input_shape, seed, calib, tune, image_opts, reporting, force)
+        else:
+            _convert(model, out, cfg, input_shape, arch, allow_pickle, force, calib, tune, image_opts, reporting)
 
     _guard(work)
 
@@ -329,26 +342,40 @@ def _console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
-def _convert(model_path, output, method, rank, energy, flops, input_shape, exclude, arch, allow_pickle, force,
-             fold_bn, cp_iters, seed, calib, calib_limit, calib_steps, tune, image_opts, reporting: _Reporting) -> None:
-    console = _console()
-    cfg = ConvertConfig(method=method, rank=rank, energy=energy, flops=flops, exclude=tuple(exclude),
-                        fold_bn=fold_bn, cp_max_iter=cp_iters, seed=seed, calib_limit=calib_limit,
-                        calib_steps=calib_steps)
-    if calib_steps and calib is None:
-        raise SeparifyError("--calib-steps needs --calib DATA")
+_FORMATS = {"onnx": (".onnx",), "pt2": (".pt2",), "pt": (".pt", ".pth")}
+
+
+def _output(model_path: Path | None, output: Path | None, to: str | None) -> Path:
+    """The output path, checked against ``--to`` and the input's kind (ONNX in → ONNX out)."""
+    if to is not None and to not in _FORMATS:
+        raise SeparifyError(f"--to must be one of {', '.join(_FORMATS)}, got {to!r}")
     if model_path is None:
-        output = output or Path(DEFAULT_OUTPUT)
+        output = output or Path(DEFAULT_OUTPUT if to in (None, "pt2") else f"fashion_resnet_separable.{to}")
     elif output is None:
-        raise SeparifyError("give an output file with -o/--output (.pt2 or .pt)")
+        raise SeparifyError("give an output file with -o/--output (.pt2, .pt or .onnx)")
+    suffix = output.suffix.lower()
+    if to is not None and suffix not in _FORMATS[to]:
+        raise SeparifyError(f"--to {to} writes a {' or '.join(_FORMATS[to])} file; the output {output} has another "
+                            "suffix")
+    if model_path is not None and model_path.exists() and not model_path.is_dir() and is_onnx(model_path) \
+            and suffix != ".onnx":
+        raise SeparifyError(f"{model_path} is an ONNX model and is converted by the ONNX pass, so it is written as "
+                            "ONNX: use -o NAME.onnx")
+    return output
+
+
+def _convert(model_path, output, cfg, input_shape, arch, allow_pickle, force, calib, tune, image_opts,
+             reporting: _Reporting) -> None:
+    console = _console()
+    seed, calib_limit = cfg.seed, cfg.calib_limit
     sources = () if model_path is None else (model_path,)
     out = check_output_path(output, inputs=sources, force=force)
     reporting.check(sources + (out,))
     original = _load_original(console, model_path, arch, allow_pickle, input_shape, seed)
     model, inputs = original.model, original.inputs
-    if model_path is not None and original.kind == "pt2" and out.suffix.lower() != ".pt2":
-        raise SeparifyError("a model loaded from a .pt2 program can only be written as .pt2 (its graph module "
-                            "cannot be pickled)")
+    if model_path is not None and original.kind == "pt2" and out.suffix.lower() not in (".pt2", ".onnx"):
+        raise SeparifyError("a model loaded from a .pt2 program can only be written as .pt2 or .onnx (its graph "
+                            "module cannot be pickled)")
 
     prep = _preprocessing(original, (calib, tune["data"], reporting.data), image_opts)
     calibration = _calibration_data(console, calib, prep, calib_limit)
@@ -364,15 +391,68 @@ def _convert(model_path, output, method, rank, energy, flops, input_shape, exclu
     elif tune["epochs"] is not None or tune["steps"] is not None or tune["checkpoint"] is not None:
         raise SeparifyError("--epochs, --steps and --checkpoint need --finetune DATA")
 
-    save_model(result.model, out, inputs)
+    if out.suffix.lower() == ".onnx":
+        from .measure import export_onnx
+
+        try:
+            atomic_write(out, lambda tmp: export_onnx(result.model, inputs, tmp))
+        except RuntimeError as exc:
+            raise SeparifyError(f"the converted model could not be exported to ONNX ({first_line(exc)})") from None
+    else:
+        save_model(result.model, out, inputs)
     rep = reporting.run(console, model, result, inputs, eval_data, files=(model_path, out))
     from .reporting import print_report
 
     print_report(rep, console)
     reporting.emit(console, rep, title=f"separify: {model_path or 'embedded model'} → {out}")
-    how = ("torch.export.load(path).module()" if out.suffix == ".pt2"
-           else "torch.load(path, weights_only=False)  # needs separify installed")
+    how = {".pt2": "torch.export.load(path).module()", ".onnx": "onnxruntime.InferenceSession(path)"}.get(
+        out.suffix.lower(), "torch.load(path, weights_only=False)  # needs separify installed")
     console.print(f"wrote {out}  (load with: {how})")
+
+
+def _convert_onnx(model_path: Path, output: Path, cfg: ConvertConfig, input_shape, seed, calib, tune, image_opts,
+                  reporting: _Reporting, force: bool) -> None:
+    """``separify convert model.onnx -o out.onnx``: the ONNX pass, optional fine-tuning (onnx2torch), the report."""
+    from . import onnx_pass
+    from .reporting import print_report, report_onnx
+
+    console = _console()
+    out = check_output_path(output, inputs=(model_path,), force=force, suffixes=(".onnx",))
+    reporting.check((model_path, out))
+    if reporting.batch_size is not None:
+        raise SeparifyError("--report-batch-size applies to PyTorch models; for ONNX give the whole shape with "
+                            "--input-shape")
+    source = onnx_pass.load_onnx(model_path)
+    shape = parse_shape(input_shape) if input_shape else None
+    feeds = onnx_pass.example_feeds(source, shape, seed=seed)
+    console.print(f"Loaded {model_path} (ONNX, opset {source.opset_imports.get('', '?')}); example input "
+                  + ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items()))
+    stand_in = _Original(None, tuple(torch.from_numpy(v) for v in feeds.values()), None, False, "onnx")
+    prep = _preprocessing(stand_in, (calib, tune["data"], reporting.data), image_opts)
+    calibration = _calibration_data(console, calib, prep, cfg.calib_limit)
+    tune_data = _finetune_data(console, None, tune, prep) if tune["data"] is not None else None
+    if tune_data is None and any(tune[k] is not None for k in ("epochs", "steps", "checkpoint")):
+        raise SeparifyError("--epochs, --steps and --checkpoint need --finetune DATA")
+    eval_data = reporting.eval_data(console, stand_in, prep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = onnx_pass.convert_onnx(source, cfg, input_shapes=shape, calibration=calibration,
+                                        threads=reporting.threads, progress=True)
+    if not result.layers:
+        raise SeparifyError("the model has no Conv nodes; nothing to convert")
+    if result.output_error is not None:
+        console.print(f"checked: onnx.checker (full) and strict shape inference pass; relative output error vs the "
+                      f"original in onnxruntime on random inputs: {result.output_error:.3g}")
+    if tune_data is not None:
+        _finetune_onnx(console, source, result, tune, seed, *tune_data)
+    written = result.save(out)
+    x, y, what = eval_data
+    rep = report_onnx(model_path, out, result=result, input_shapes=shape, data=x, labels=y, data_name=what,
+                      threads=reporting.threads, latency=reporting.latency, min_run_time=reporting.min_time,
+                      progress=True, seed=seed)
+    print_report(rep, console)
+    reporting.emit(console, rep, title=f"separify: {model_path} → {out}")
+    console.print(f"wrote {', '.join(str(p) for p in written)}  (run with: onnxruntime.InferenceSession(path))")
 
 
 @app.command()
@@ -414,6 +494,13 @@ def report(
         reporting = _Reporting(data, data_limit, json_out, html_out, png_out, threads, latency, onnx, layers,
                                min_time, force, batch_size)
         reporting.check((original_path, converted_path))
+        onnx_files = [is_onnx(p) for p in (original_path, converted_path)]
+        if any(onnx_files):
+            if not all(onnx_files):
+                raise SeparifyError("give two ONNX files or two PyTorch models (export the PyTorch one with "
+                                    "separify convert ... --to onnx)")
+            _report_onnx(console, original_path, converted_path, input_shape, seed, image_opts, reporting)
+            return
         original = _load_original(console, original_path, arch, allow_pickle, input_shape, seed)
         loaded = load_model(converted_path, allow_pickle=allow_pickle)
         console.print(f"Loaded {converted_path} ({loaded.kind})")
@@ -427,6 +514,24 @@ def report(
         reporting.emit(console, rep, title=f"separify report: {original_path} → {converted_path}")
 
     _guard(work)
+
+
+def _report_onnx(console, original_path, converted_path, input_shape, seed, image_opts, reporting) -> None:
+    from .onnx_pass import example_feeds, load_onnx
+    from .reporting import print_report, report_onnx
+
+    if reporting.batch_size is not None:
+        raise SeparifyError("--batch-size applies to PyTorch models; for ONNX give the whole shape with --input-shape")
+    shape = parse_shape(input_shape) if input_shape else None
+    feeds = example_feeds(load_onnx(original_path), shape, seed=seed)
+    stand_in = _Original(None, tuple(torch.from_numpy(v) for v in feeds.values()), None, False, "onnx")
+    prep = _preprocessing(stand_in, (reporting.data,), image_opts)
+    x, y, what = reporting.eval_data(console, stand_in, prep)
+    rep = report_onnx(original_path, converted_path, input_shapes=shape, data=x, labels=y, data_name=what,
+                      threads=reporting.threads, latency=reporting.latency, min_run_time=reporting.min_time,
+                      progress=True, seed=seed)
+    print_report(rep, console)
+    reporting.emit(console, rep, title=f"separify report: {original_path} → {converted_path}")
 
 
 @app.command()
@@ -499,7 +604,7 @@ def _finetune_data(console, teacher, tune, prep):
     if prep is None or not data.is_dir():
         return load_labeled_file(data)
     x, y, classes = load_image_folder(data, **asdict(prep))
-    if classes is not None:
+    if classes is not None and teacher is not None:
         with torch.no_grad():
             logits = teacher(x[:1])
         if isinstance(logits, torch.Tensor) and logits.dim() == 2 and len(classes) > logits.shape[1]:
@@ -516,18 +621,29 @@ def _few(names) -> str:
     return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
 
 
-def _finetune(console, teacher, student, tune, seed, x, y) -> None:
+def _finetune_onnx(console, source, result, tune, seed, x, y) -> None:
+    from .onnx_pass import finetune_onnx
+
+    _finetune(console, None, None, tune, seed, x, y,
+              run=lambda batches, **kw: finetune_onnx(source, result, batches, **kw))
+    console.print("fine-tuned factors written back into the converted ONNX graph")
+
+
+def _finetune(console, teacher, student, tune, seed, x, y, run=None) -> None:
     from .finetune import finetune
 
+    if run is None:
+        run = lambda batches, **kw: finetune(student, teacher, batches, **kw)  # noqa: E731
     if tune["batch_size"] <= 0:
         raise SeparifyError(f"--batch-size must be a positive integer, got {tune['batch_size']}")
     epochs = tune["epochs"] if tune["epochs"] is not None or tune["steps"] is not None else 1
     batches = [(x[i : i + tune["batch_size"]],) + ((y[i : i + tune["batch_size"]],) if y is not None else ())
                for i in range(0, len(x), tune["batch_size"])]
     console.print(f"Fine-tuning on {tune['data']}: {len(x)} samples, {'with' if y is not None else 'without'} labels")
-    res = finetune(student, teacher, batches, epochs=epochs, steps=tune["steps"], lr=tune["lr"], seed=seed,
-                   checkpoint=tune["checkpoint"], progress=True)
-    student.eval()
+    res = run(batches, epochs=epochs, steps=tune["steps"], lr=tune["lr"], seed=seed, checkpoint=tune["checkpoint"],
+              progress=True)
+    if student is not None:
+        student.eval()
     if res.losses:
         console.print(f"fine-tuned {res.steps} steps" + (f" (resumed at step {res.resumed_from})"
                       if res.resumed_from is not None else "") + f": loss {res.losses[0]:.4f} → {res.losses[-1]:.4f}")

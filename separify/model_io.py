@@ -38,7 +38,7 @@ __all__ = ["LoadedModel", "load_model", "save_model", "check_output_path", "atom
            "load_tensor_file", "load_labeled_file", "load_image_folder", "ImagePreprocessing", "IMAGENET_MEAN",
            "IMAGENET_STD", "OUTPUT_SUFFIXES"]
 
-OUTPUT_SUFFIXES = (".pt2", ".pt", ".pth")
+OUTPUT_SUFFIXES = (".pt2", ".pt", ".pth", ".onnx")
 
 
 @dataclass
@@ -84,9 +84,16 @@ def _sniff(path: Path) -> str:
         return "unknown"
     if head[:1] == b"\x80":
         return "torch-legacy"
-    if path.suffix.lower() == ".onnx":
+    if path.suffix.lower() == ".onnx" or head[:1] == b"\x08":  # ModelProto starts with field 1 (ir_version)
         return "onnx"
     return "unknown"
+
+
+def is_onnx(path: str | os.PathLike) -> bool:
+    """Whether ``path`` looks like an ONNX model (by its first byte or its extension); it is checked when loaded."""
+    path = Path(path)
+    _check_input_file(path)
+    return _sniff(path) == "onnx"
 
 
 def _check_input_file(path: Path) -> None:
@@ -143,8 +150,8 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, allow_pickle
     _check_input_file(path)
     kind = _sniff(path)
     if kind == "onnx":
-        raise ModelLoadError(f"{path}: ONNX models are not supported yet; give a .pt2, a state dict with --arch, "
-                             "or a pickled module")
+        raise ModelLoadError(f"{path} is an ONNX model; this command takes PyTorch models (separify convert and "
+                             "separify report take ONNX files)")
     if kind == "unknown":
         raise ModelLoadError(f"{path}: unknown format; expected a torch.export .pt2 archive or a torch.save file")
     if kind == "pt2":
@@ -227,7 +234,7 @@ def check_output_path(out: str | os.PathLike, *, inputs: tuple[str | os.PathLike
     out = Path(out)
     if out.suffix.lower() not in suffixes:
         if suffixes == OUTPUT_SUFFIXES:
-            raise SeparifyError(f"output {out}: use a .pt2 (torch.export) or .pt/.pth (pickled module) file name")
+            raise SeparifyError(f"output {out}: use a .pt2 (torch.export), .pt/.pth (pickled module) or .onnx file name")
         raise SeparifyError(f"output {out}: the file name must end in {' or '.join(suffixes)}")
     for src in inputs:
         if src is None:

@@ -46,11 +46,9 @@ refits upstream changed. Memory: the sums of the least squares, ``(C+1)²`` per 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -70,8 +68,8 @@ from .decompose import check_weight, whiten
 from .errors import BadWeightsError, ConfigError, SeparifyError, first_line
 from .modules import FORMS, SeparableConv2d, why_not_convertible
 
-__all__ = ["MIN_OPSET", "OnnxConvertResult", "OrtModule", "convert_onnx", "load_onnx", "onnx_flops",
-           "example_feeds", "session"]
+__all__ = ["MIN_OPSET", "OnnxConvertResult", "OrtModule", "convert_onnx", "load_onnx", "save_onnx", "onnx_flops",
+           "onnx_params", "example_feeds", "session", "pair_layers", "import_torch", "finetune_onnx"]
 
 MIN_OPSET = 11
 _INLINE_LIMIT = 1 << 30  # models with more initializer bytes than this keep their data in external files
@@ -573,6 +571,7 @@ class OnnxConvertResult(ConvertResult):
     output_error: float | None = None
     checked: bool = False
     refit_sweeps: int = 0
+    factor_nodes: dict[str, list[str]] = field(default_factory=dict)  # layer → names of the Conv nodes written
 
     def save(self, path: str | os.PathLike) -> list[Path]:
         """Write the converted model atomically (see :func:`save_onnx`); returns the files written."""
@@ -725,6 +724,8 @@ def convert_onnx(
     result = OnnxConvertResult(
         work, records, "onnx", cfg, None, flops_before, flops_after, params_before, onnx_params(work), budget,
         input_shapes={k: tuple(v.shape) for k, v in feeds.items()}, checked=proto_checked, refit_sweeps=sweeps,
+        factor_nodes={name: [u.node.name for u in (v.uses()[0] for k, v in inits.items() if k.endswith(".weight"))]
+                      for name, (_m, inits, _d) in replaced.items()},
     )
     if check_samples and replaced:
         result.output_error = _compare(original, work, feeds, check_samples, cfg.seed, replaced,
@@ -844,3 +845,134 @@ def _compare(original: ir.Model, converted: ir.Model, feeds, samples: int, seed:
     for name, out in layer_outs.items():
         records[name].output_error = rel[out]
     return max(rel[n] for n in final)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pairing two ONNX models layer by layer (for the report)
+
+
+@dataclass
+class LayerPair:
+    """One Conv node of the original model and what stands at its name in the converted one."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    groups: int
+    input_shape: tuple[int, ...] | None
+    status: str  # "converted", "kept" or "unmatched"
+    flops_before: int | None
+    flops_after: int | None
+    method: str | None = None
+    rank: int | None = None
+
+
+def pair_layers(original: ir.Model, converted: ir.Model, feeds: Mapping[str, np.ndarray], *,
+                threads: int | None = None) -> list[LayerPair]:
+    """Pair every Conv node of ``original`` with the converted model's node(s) of the same name: the node itself
+    (kept) or the ``<name>/pw_in``, ``<name>/dw``, ``<name>/pw[_out]`` nodes this pass writes (converted)."""
+    def conv_inputs(model):
+        return [v.name for n in model.graph if n.op_type == "Conv" for v in n.inputs[:2] if v is not None]
+
+    old_shapes = _value_shapes(original, feeds, conv_inputs(original), threads)
+    new_shapes = _value_shapes(converted, feeds, conv_inputs(converted), threads)
+    new_nodes = {n.name: n for n in converted.graph if n.op_type == "Conv" and n.name}
+    pairs = []
+    for site in match(original):
+        node = site.node
+        wshape = old_shapes.get(node.inputs[1].name) if len(node.inputs) > 1 else None
+        group = int(_attr(node, "group", 1))
+        flops = _node_flops(node, old_shapes)
+        pair = LayerPair(site.name, int(wshape[1]) * group if wshape else 0, int(wshape[0]) if wshape else 0,
+                         tuple(int(k) for k in wshape[2:]) if wshape else (), tuple(_attr(node, "strides", [1, 1])),
+                         group, old_shapes.get(node.inputs[0].name), "unmatched", flops, None)
+        parts = [new_nodes.get(f"{site.name}/{role}") for role in ("pw_in", "dw", "pw_out", "pw")]
+        if site.name in new_nodes:
+            pair.status, pair.flops_after = "kept", _node_flops(new_nodes[site.name], new_shapes)
+        elif parts[1] is not None:
+            pair.status = "converted"
+            pair.flops_after = sum(_node_flops(n, new_shapes) for n in parts if n is not None)
+            dw = new_shapes.get(parts[1].inputs[1].name)
+            if parts[0] is not None:
+                pair.method, pair.rank = "pw-dw-pw", int(dw[0]) if dw else None
+            else:
+                pair.method = "dw-pw"
+                pair.rank = int(dw[0]) // pair.in_channels if dw and pair.in_channels else None
+        pairs.append(pair)
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fine-tuning an ONNX model: into PyTorch with onnx2torch, the same finetune, the factors written back
+
+
+def import_torch(model: ir.Model) -> nn.Module:
+    """The ONNX model as a ``torch.fx.GraphModule`` (onnx2torch), for fine-tuning; its modules are named after the
+    ONNX nodes. Two lossless normalisations first, because onnx2torch lacks them: ``Reshape(allowzero=1)`` with a
+    constant shape that has no zero is the same as ``allowzero=0``, and opsets above 17 are converted down to 17
+    (``onnx.version_converter``)."""
+    try:
+        from onnx2torch import convert
+    except ImportError:
+        raise SeparifyError("fine-tuning an ONNX model imports it into PyTorch with onnx2torch, which is not "
+                            "installed: pip install onnx2torch") from None
+    if _external(model):
+        raise SeparifyError("fine-tuning is not supported for ONNX models with external data (over 1 GiB)")
+    proto = ir.serde.serialize_model(model)
+    consts = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in consts:
+            if 0 not in onnx.numpy_helper.to_array(consts[node.input[1]]):
+                for a in list(node.attribute):
+                    if a.name == "allowzero":
+                        node.attribute.remove(a)
+    try:
+        if (_opset(proto) or 0) > 17:
+            proto = onnx.version_converter.convert_version(proto, 17)
+        module = convert(proto)
+    except Exception as exc:  # noqa: BLE001 - NotImplementedError for ops onnx2torch lacks, and others
+        raise SeparifyError(f"this ONNX model cannot be imported into PyTorch for fine-tuning (onnx2torch: "
+                            f"{type(exc).__name__}: {first_line(exc)}); convert it without --finetune, or fine-tune "
+                            "the PyTorch model it was exported from") from None
+    return module.eval()
+
+
+def finetune_onnx(original: ir.Model, result: OnnxConvertResult, data: Any, **options: Any):
+    """Fine-tune the separable factors of an ONNX conversion by distillation from the original, then write them
+    back into ``result.model``'s initializers (every other node and initializer stays as it was).
+
+    Both models are imported into PyTorch (:func:`import_torch`); only the parameters of the Conv nodes the pass
+    wrote are trained (everything else is frozen, so that the graph can be kept as it is rather than re-exported);
+    ``options`` go to :func:`separify.finetune` (``steps``/``epochs``, ``lr``, ``checkpoint``, ``seed``, ...).
+    """
+    from .finetune import finetune
+
+    fixed = _fixed_batch(original)
+    if fixed is not None:
+        sizes = {len(b[0] if isinstance(b, (tuple, list)) else b) for b in data}
+        if sizes - {fixed}:
+            raise SeparifyError(f"the ONNX model fixes its batch size to {fixed}; fine-tune with batches of that size "
+                                f"(--batch-size {fixed})")
+    teacher, student = import_torch(original), import_torch(result.model)
+    modules = dict(student.named_modules())
+    names = [n for nodes in result.factor_nodes.values() for n in nodes]
+    missing = [n for n in names if not isinstance(modules.get(n), nn.Conv2d)]
+    if missing:
+        raise SeparifyError(f"onnx2torch did not keep the separable convs as modules ({', '.join(missing[:3])}); "
+                            "cannot fine-tune this model")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        for p in modules[n].parameters():
+            p.requires_grad_(True)
+    tuned = finetune(student, teacher, data, **options)
+    nodes = {n.name: n for n in result.model.graph if n.name in set(names)}
+    for n in names:
+        conv, node = modules[n], nodes[n]
+        dtype = node.inputs[1].const_value.dtype.numpy()
+        node.inputs[1].const_value = ir.tensor(conv.weight.detach().cpu().numpy().astype(dtype))
+        if conv.bias is not None and len(node.inputs) > 2 and node.inputs[2] is not None:
+            node.inputs[2].const_value = ir.tensor(conv.bias.detach().cpu().numpy().astype(dtype))
+    return tuned

@@ -37,7 +37,7 @@ from .measure import (Timing, agreement, conv_input_shapes, count_flops, count_p
 from .modules import SeparableConv2d
 
 __all__ = ["Report", "ModelFigures", "Latency", "Quality", "LayerFigures", "NotMeasured", "report", "print_report",
-           "write_json", "SCHEMA", "SCHEMA_VERSION", "schema"]
+           "report_onnx", "write_json", "SCHEMA", "SCHEMA_VERSION", "schema"]
 
 SCHEMA = "separify-report"
 SCHEMA_VERSION = 1
@@ -324,6 +324,95 @@ def report(
                   _environment(device, threads), _conversion(result), tuple(not_measured))
 
 
+def report_onnx(
+    original: str | os.PathLike,
+    converted: str | os.PathLike,
+    *,
+    result: ConvertResult | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | Sequence[int] | None = None,
+    data: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    data_name: str | None = None,
+    threads: int | None = None,
+    latency: bool = True,
+    min_run_time: float = 0.5,
+    random_samples: int = 64,
+    class_dim: int = 1,
+    progress: bool = False,
+    seed: int = 0,
+) -> Report:
+    """The report for two ONNX files (the original and the converted model), everything run in onnxruntime.
+
+    FLOPs are those of the Conv, Gemm and MatMul nodes (:func:`separify.onnx_pass.onnx_flops`); parameters are the
+    initializers' elements; latency is onnxruntime on the CPU, both models in the same run (:func:`time_onnxruntime`);
+    quality as in :func:`report`, with both models run by onnxruntime. Layers are paired by node name
+    (:func:`separify.onnx_pass.pair_layers`); per-layer latency is not measured for ONNX models. ``result`` (the
+    conversion's record) adds ranks, errors and reasons.
+    """
+    from . import onnx_pass
+
+    models = [onnx_pass.load_onnx(p) for p in (original, converted)]
+    feeds = onnx_pass.example_feeds(models[0], input_shapes, seed=seed)
+    threads = threads or torch.get_num_threads()
+    inputs = tuple(torch.from_numpy(v) for v in feeds.values())
+    not_measured: list[tuple[str, str]] = [
+        ("PyTorch latency", "the models are ONNX files; they are timed in onnxruntime"),
+        ("per-layer latency", "measured for PyTorch models only; ONNX models are timed whole")]
+    with ExitStack() as stack:
+        bar = _progress(stack, progress)
+        bar.step("counting FLOPs and parameters")
+        figures = tuple(ModelFigures(onnx_pass.onnx_flops(m, feeds, threads=threads), onnx_pass.onnx_params(m),
+                                     sum(v.const_value.nbytes for v in m.graph.initializers.values()
+                                         if v.const_value is not None),
+                                     str(p), os.path.getsize(p)) for m, p in zip(models, (original, converted)))
+        runners = [onnx_pass.OrtModule(m, threads=threads) for m in models]
+        _check_outputs(*runners, inputs)
+        bar.step("measuring quality")
+        quality = _quality(*runners, data, labels, data_name, None, inputs, random_samples, class_dim, seed)
+        latencies = []
+        if latency:
+            bar.step("timing both models in onnxruntime")
+            latencies.append(Latency("onnxruntime-cpu", *time_onnxruntime([original, converted], inputs,
+                                                                          threads=threads, min_run_time=min_run_time)))
+        else:
+            not_measured.append(("whole-model latency", "turned off (latency=False / --no-latency)"))
+        bar.step("pairing the layers")
+        records = {r.name: r for r in result.layers} if result is not None else {}
+        layers = []
+        for pair in onnx_pass.pair_layers(*models, feeds, threads=threads):
+            rec = records.get(pair.name)
+            reason = rec.reason if rec is not None else None
+            if pair.status == "kept" and reason is None:
+                reason = "the same conv is in both models"
+            elif pair.status == "unmatched":
+                reason = "no Conv node, or nodes written by separify, at this name in the converted model"
+            why = NotMeasured("per-layer timing is for PyTorch models only")
+            layers.append(LayerFigures(
+                name=pair.name, conv=conv_desc(pair.in_channels, pair.out_channels, pair.kernel_size, pair.stride,
+                                               pair.groups),
+                status=pair.status, input_shape=pair.input_shape, flops_before=pair.flops_before,
+                flops_after=pair.flops_after, latency_before=why, latency_after=why,
+                method=pair.method, rank=pair.rank, reason=reason, note=_note(rec),
+                kernel_error=rec.rel_error if rec is not None else None,
+                calib_error_before=rec.calib_error_before if rec is not None else None,
+                calib_error_after=rec.calib_error_after if rec is not None else None))
+    notes = ["FLOPs: Conv, Gemm and MatMul nodes only (other ONNX ops, e.g. LSTM, are not counted)"]
+    if data is None:
+        notes.append("quality figures compare the two models on random inputs, which says little about accuracy "
+                     "on real data; give data (--data) for that")
+    settings = {
+        "device": "cpu",
+        "batch_size": int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None,
+        "threads": threads,
+        "input_shapes": [list(t.shape) for t in inputs],
+        "min_run_time": _fig(min_run_time, "s"),
+        "layer_min_run_time": _fig(0, "s"),
+        "notes": notes,
+    }
+    return Report(figures[0], figures[1], tuple(latencies), tuple(quality), tuple(layers), settings,
+                  _environment("cpu", threads), _conversion(result), tuple(not_measured))
+
+
 def _resolve_device(device: str, fallback: bool) -> tuple[str, list[str]]:
     if device not in ("cpu", "cuda"):
         raise SeparifyError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -575,7 +664,9 @@ def _rank_of(module: nn.Module | None) -> int | None:
 def _note(rec: LayerRecord | None) -> str | None:
     if rec is None:
         return None
-    parts = [f"BN {rec.bn_folded} folded" if rec.bn_folded else None, rec.note]
+    parts = [f"BN {rec.bn_folded} folded" if rec.bn_folded else None, rec.note,
+             f"output error {rec.output_error:.3g} (onnxruntime, random inputs)" if rec.output_error is not None
+             else None]
     return "; ".join(p for p in parts if p) or None
 
 

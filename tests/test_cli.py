@@ -132,7 +132,8 @@ def test_truncated_and_unknown_files(files, tmp_path):
     _bad(None, empty, "-o", tmp_path / "o.pt2", match="empty file")
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"\x08\x07\x12\x04test")
-    _bad(None, onnx, "-o", tmp_path / "o.pt2", match="ONNX models are not supported yet")
+    _bad(None, onnx, "-o", tmp_path / "o.onnx", match="is not an ONNX model")
+    _bad(None, onnx, "-o", tmp_path / "o.pt2", match="written as ONNX")
 
 
 def test_pt2_input_needs_pt2_output(files, tmp_path):
@@ -216,7 +217,7 @@ def test_output_checks(files, tmp_path, monkeypatch):
     _bad(None, src, "-o", existing, match="exists; pass --force")
     assert existing.read_bytes() == b"keep me"
     _bad(None, src, "-o", tmp_path / "missing_dir" / "o.pt2", match="does not exist")
-    _bad(None, src, "-o", tmp_path / "o.onnx", match="use a .pt2")
+    _bad(None, src, "-o", tmp_path / "o.txt", match="use a .pt2")
     # root ignores permission bits, so make the folder look unwritable to the check itself
     locked = tmp_path / "locked"
     locked.mkdir()

@@ -322,3 +322,152 @@ def test_nan_weights_are_refused():
 def test_torch_convert_accepts_onnx(exported):
     res = separify.convert(str(exported["vgg11_bn"]), rank=2)
     assert res.path == "onnx" and res.converted
+
+
+# ----------------------------------------------------------------------------------------------- fine-tuning
+
+
+class _SmallCNN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))  # no Reshape: the export runs at any batch size
+
+
+def _small_cnn_onnx(path: Path) -> None:
+    torch.manual_seed(0)
+    measure.export_onnx(_SmallCNN().eval(), (torch.randn(2, 3, 16, 16),), path)
+    proto = onnx.load(path)
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"  # the exporter fixes it at 2
+    proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    onnx.save(proto, path)
+
+
+def test_finetune_onnx_trains_the_factors_and_writes_them_back(tmp_path):
+    from separify.onnx_pass import finetune_onnx, import_torch
+
+    _small_cnn_onnx(tmp_path / "small.onnx")
+    original = load_onnx(tmp_path / "small.onnx")
+    res = convert_onnx(original, method="dw-pw", rank=1, input_shapes=(1, 3, 16, 16))
+    data = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    batches = [data[i:i + 16] for i in range(0, 64, 16)]
+    before = {k: v.const_value.numpy().copy() for k, v in res.model.graph.initializers.items()}
+    teacher = OrtModule(original)(data)
+    err_before = _rel(teacher, OrtModule(res.model)(data))
+    tuned = finetune_onnx(original, res, batches, steps=40, lr=3e-3, seed=0)
+    assert tuned.steps == 40
+    after = {k: v.const_value.numpy() for k, v in res.model.graph.initializers.items()}
+    factors = {k for k in after if any(k.startswith(f"{layer}.") for layer in res.factor_nodes)}
+    assert factors and all(not np.array_equal(before[k], after[k]) for k in factors if k.endswith(".weight"))
+    assert all(np.array_equal(before[k], after[k]) for k in after if k not in factors)  # everything else frozen
+    assert _rel(teacher, OrtModule(res.model)(data)) < err_before
+    onnx.checker.check_model(ir.serde.serialize_model(res.model), full_check=True)
+    # what onnxruntime runs is what was trained
+    assert _rel(import_torch(res.model)(data).detach(), OrtModule(res.model)(data)) < 1e-5
+
+
+def test_finetune_onnx_says_when_the_model_cannot_be_imported():
+    from separify.onnx_pass import finetune_onnx
+
+    proto = _conv_graph(SPATIAL[:1])
+    proto.graph.node[1].op_type = "Selu"  # fine for onnxruntime; give onnx2torch something it lacks below
+    proto.graph.node[1].domain = ""
+    original = load_onnx(proto)
+    res = convert_onnx(original, rank=1)
+    model = res.model
+    node = next(n for n in model.graph if n.op_type == "Selu")
+    node.op_type = "Shrink"  # onnx2torch has no converter for Shrink
+    with pytest.raises(SeparifyError, match="cannot be imported into PyTorch.*without --finetune"):
+        finetune_onnx(original, res, [torch.randn(1, 4, 17, 13)], steps=1)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from separify.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_converts_and_reports_onnx(tmp_path):
+    import json
+
+    import jsonschema
+
+    from separify.reporting import schema
+
+    src = tmp_path / "small.onnx"
+    _small_cnn_onnx(src)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    out = tmp_path / "small_sep.onnx"
+    res = _cli("convert", src, "-o", out, "--method", "dw-pw", "--rank", "1", "--json", tmp_path / "r.json",
+               "--min-time", "0.05")
+    assert res.exit_code == 0, res.output
+    assert "onnxruntime-cpu" in res.output and "checked: onnx.checker" in res.output
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
+    onnx.checker.check_model(str(out), full_check=True)
+    doc = json.loads((tmp_path / "r.json").read_text())
+    jsonschema.validate(doc, schema())
+    assert doc["conversion"]["path"] == "onnx" and doc["conversion"]["converted_layers"] == 2
+    assert [lat["backend"] for lat in doc["latency"]] == ["onnxruntime-cpu"]
+    # the same pair through `separify report`, with labelled data
+    np.savez(tmp_path / "data.npz", images=np.random.default_rng(0).standard_normal((20, 3, 16, 16), np.float32),
+             labels=np.arange(20) % 5)
+    res = _cli("report", src, out, "--no-latency", "--data", tmp_path / "data.npz", "--json", tmp_path / "r2.json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "r2.json").read_text())
+    assert {q["metric"] for q in doc["quality"]} >= {"top-1 accuracy", "top-1 agreement with the original"}
+    assert [r["status"] for r in doc["layers"]] == ["converted", "converted"]
+    # calibration and fine-tuning from the command line
+    np.save(tmp_path / "calib.npy", np.random.default_rng(1).standard_normal((32, 3, 16, 16), np.float32))
+    res = _cli("convert", src, "-o", tmp_path / "tuned.onnx", "--rank", "1", "--calib", tmp_path / "calib.npy",
+               "--finetune", tmp_path / "data.npz", "--steps", "2", "--no-latency")
+    assert res.exit_code == 0, res.output
+    assert "written back" in res.output
+
+
+def test_cli_onnx_errors(tmp_path):
+    src = tmp_path / "small.onnx"
+    _small_cnn_onnx(src)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    for args, match in [
+        (("-o", tmp_path / "x.pt2"), "written as ONNX"),
+        (("-o", src), "is the input file"),
+        (("-o", tmp_path / "x.onnx", "--arch", "torchvision.models:resnet18"), "apply to PyTorch models"),
+        (("-o", tmp_path / "x.onnx", "--input-shape", "1,3,16"), "does not fit"),
+        (("-o", tmp_path / "x.onnx", "--calib", tmp_path / "missing.npy"), "missing.npy"),
+        (("-o", tmp_path / "x.onnx", "--calib-steps", "5", "--calib", src), "calib"),
+    ]:
+        res = _cli("convert", src, *args, "--no-latency")
+        assert res.exit_code == 1, res.output
+        assert match in res.stderr and "Traceback" not in res.output, res.stderr
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
+    assert not (tmp_path / "x.onnx").exists()
+    np.savez(tmp_path / "small.npz", images=np.zeros((2, 3, 16, 16), np.float32))
+    res = _cli("report", src, tmp_path / "small.npz", "--no-latency")
+    assert res.exit_code == 1 and "two ONNX files" in res.stderr
+    (tmp_path / "exists.onnx").write_bytes(b"keep me")
+    res = _cli("convert", src, "-o", tmp_path / "exists.onnx", "--no-latency")
+    assert res.exit_code == 1 and "exists" in res.stderr
+    assert (tmp_path / "exists.onnx").read_bytes() == b"keep me"
+
+
+def test_cli_writes_a_torch_model_as_onnx(tmp_path):
+    out = tmp_path / "fashion.onnx"
+    res = _cli("convert", "--to", "onnx", "-o", out, "--no-latency", "--no-layers")
+    assert res.exit_code == 0, res.output
+    from separify.embedded import load_eval_data
+
+    images, _ = load_eval_data()
+    converted = OrtModule(load_onnx(out))(images[:16])
+    assert converted.shape == (16, 10)
+    res = _cli("convert", "--to", "onnx", "-o", tmp_path / "x.pt2", "--no-latency")
+    assert res.exit_code == 1 and "--to onnx writes a .onnx file" in res.stderr
