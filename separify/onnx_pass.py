@@ -35,12 +35,12 @@ gives. FLOPs are those of the Conv, Gemm and MatMul nodes (counted by ``FlopCoun
 the meta device; FLOPs = 2 × MACs); other ops (LSTM, attention kernels, element-wise ops) are not counted.
 
 Calibration on ONNX (``calibration=``): onnxruntime runs the original model with the inputs of every candidate Conv
-as extra outputs, which gives their input moments (data-aware rank allocation, optional whitening); then, in
-*sweeps*, both models run side by side on the calibration data — the original giving each layer's output, the
-converted model the input of each replacement's last 1×1 conv — and every last 1×1 conv is refitted by streaming
-least squares. The torch path refits layer by layer within one forward pass; here one sweep refits all layers on the
-inputs the previous sweep's model gave them, and a second sweep (the default) lets each layer correct what the
-refits upstream changed. Memory: the sums of the least squares, ``(C+1)²`` per layer, and one batch of activations.
+as extra outputs, which gives their input moments (data-aware rank allocation, optional whitening); then, layer by
+layer in graph order, both models run on the calibration data — the original up to the layer's output, the
+converted model (every earlier layer already refitted) up to the input of the replacement's last 1×1 conv, each cut
+to the nodes it needs — and that conv is refitted by streaming least squares, exactly as the torch path does within
+its single forward pass. Cost: about one forward pass of the model over the data per converted layer (half, on
+average, thanks to the cut). Memory: the least-squares sums, ``(C+1)²``, and one batch of activations.
 """
 
 from __future__ import annotations
@@ -570,7 +570,6 @@ class OnnxConvertResult(ConvertResult):
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     output_error: float | None = None
     checked: bool = False
-    refit_sweeps: int = 0
     factor_nodes: dict[str, list[str]] = field(default_factory=dict)  # layer → names of the Conv nodes written
 
     def save(self, path: str | os.PathLike) -> list[Path]:
@@ -580,7 +579,7 @@ class OnnxConvertResult(ConvertResult):
     def to_dict(self) -> dict[str, Any]:
         doc = super().to_dict()
         doc.update(input_shapes={k: list(v) for k, v in self.input_shapes.items()}, output_error=self.output_error,
-                   checked=self.checked, refit_sweeps=self.refit_sweeps)
+                   checked=self.checked)
         return doc
 
 
@@ -590,7 +589,6 @@ def convert_onnx(
     *,
     input_shapes: Mapping[str, Sequence[int]] | Sequence[int] | None = None,
     calibration: Any = None,
-    refit_sweeps: int = 2,
     check_samples: int = 8,
     threads: int | None = None,
     progress: bool = False,
@@ -606,7 +604,6 @@ def convert_onnx(
         input_shapes: the shape to convert at, for inputs with dynamic dimensions (one shape, or a dict by name).
         calibration: input data (a tensor ``(N, ...)`` or an iterable of batches) for the calibration-aware
             initialisation, run through onnxruntime; single-input models only.
-        refit_sweeps: sweeps of the least-squares refit over the calibration data (each runs both models once).
         check_samples: random inputs for the final comparison in onnxruntime (0: skip it).
 
     Returns:
@@ -620,8 +617,6 @@ def convert_onnx(
     if cfg.calib_steps:
         raise ConfigError("calib_steps (layer-wise reconstruction) runs in PyTorch and is not available for ONNX "
                           "models; use the least-squares refit (the default) or fine-tune (--finetune)")
-    if isinstance(refit_sweeps, bool) or not isinstance(refit_sweeps, int) or refit_sweeps < 1:
-        raise ConfigError(f"refit_sweeps must be a positive integer, got {refit_sweeps!r}")
     original = load_onnx(model)
     work = ir.serde.deserialize_model(ir.serde.serialize_model(original)) if not _external(original) \
         else copy.deepcopy(original)
@@ -708,12 +703,9 @@ def convert_onnx(
         rec.flops_after = measure.module_flops(mod, layer_shapes[rec.name])
         rec.params_after = measure.count_params(mod)
 
-    # Calibration, pass 2: refit every last 1×1 conv on the converted model's own inputs, in sweeps.
-    sweeps = 0
+    # Calibration, then: refit every last 1×1 conv on the converted model's own inputs, layer by layer.
     if batches is not None and replaced:
-        _refit(original, work, replaced, batches, fixed_batch, cfg.calib_ridge, refit_sweeps, threads,
-               {r.name: r for r in records})
-        sweeps = refit_sweeps
+        _refit(original, work, replaced, batches, fixed_batch, cfg.calib_ridge, threads, {r.name: r for r in records})
 
     proto_checked = _check_converted(work) if replaced else True
     shapes_after = _value_shapes(work, feeds, [v.name for n in work.graph if n.op_type in _COUNTED
@@ -723,7 +715,7 @@ def convert_onnx(
                       if n.op_type in _COUNTED and n.domain in ("", "ai.onnx"))
     result = OnnxConvertResult(
         work, records, "onnx", cfg, None, flops_before, flops_after, params_before, onnx_params(work), budget,
-        input_shapes={k: tuple(v.shape) for k, v in feeds.items()}, checked=proto_checked, refit_sweeps=sweeps,
+        input_shapes={k: tuple(v.shape) for k, v in feeds.items()}, checked=proto_checked,
         factor_nodes={name: [u.node.name for u in (v.uses()[0] for k, v in inits.items() if k.endswith(".weight"))]
                       for name, (_m, inits, _d) in replaced.items()},
     )
@@ -767,29 +759,37 @@ def _moments(original: ir.Model, sites: list[OnnxConvSite], kernels: Mapping[str
     return {n: a.result() for n, a in acc.items() if a.channel is not None}
 
 
-def _refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, ridge, sweeps, threads,
+def _prefix(model: ir.Model, outputs: Sequence[str]) -> ir.Model:
+    """The part of ``model`` that computes ``outputs`` from the graph inputs (onnxruntime runs every node of a
+    session, whatever outputs are asked for, so the refit runs only the prefix it needs)."""
+    if model.functions:
+        return ir.serde.deserialize_model(to_proto(model, outputs))
+    graph = ir.convenience.extract(model.graph, inputs=[v.name for v in graph_inputs(model)], outputs=list(outputs))
+    sub = ir.Model(graph, ir_version=model.ir_version)
+    sub.meta[_EXTERNAL_KEY] = model.meta.get(_EXTERNAL_KEY, False)
+    return sub
+
+
+def _refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, ridge, threads,
            records: Mapping[str, LayerRecord]) -> None:
-    """Streaming least-squares refit of every replacement's last 1×1 conv, in ``sweeps`` passes (module docstring)."""
+    """Least-squares refit of every replacement's last 1×1 conv, layer by layer in graph order (module docstring):
+    for each layer, onnxruntime runs the original model up to that layer's output and the converted model, with every
+    earlier layer already refitted, up to the input of the layer's last 1×1 conv; the sums are streamed."""
     input_name = graph_inputs(original)[0].name
-    # the replacements' outputs carry the original conv outputs' names: the same names in both models
-    y_names = {name: _output_name(converted, name, replaced) for name in replaced}
-    z_names = {name: _last_input_name(converted, replaced[name][1]) for name in replaced}
-    orig_sess = session(original, list(y_names.values()), threads=threads)
-    for sweep in range(sweeps):
-        conv_sess = session(converted, list(z_names.values()), threads=threads)
-        fits = {name: PointwiseRefit(mod._last(), name, ridge=ridge) for name, (mod, _i, _d) in replaced.items()}
+    for name, (mod, inits, dtype) in replaced.items():  # graph order
+        # the replacement's output carries the original conv output's name: the same name in both models
+        y_name = _output_name(converted, name, replaced)
+        z_name = _last_input_name(converted, inits)
+        orig_sess = session(_prefix(original, [y_name]), threads=threads)
+        conv_sess = session(_prefix(converted, [z_name]), threads=threads)
+        fit = PointwiseRefit(mod._last(), name, ridge=ridge)
         for chunk in _chunks(batches, fixed):
-            ys = dict(zip(y_names.values(), orig_sess.run(list(y_names.values()), {input_name: chunk})))
-            zs = dict(zip(z_names.values(), conv_sess.run(list(z_names.values()), {input_name: chunk})))
-            for name, fit in fits.items():
-                fit.add(torch.from_numpy(zs[z_names[name]]).float(), torch.from_numpy(ys[y_names[name]]).float())
-        for name, fit in fits.items():
-            res = fit.apply()
-            mod, inits, dtype = replaced[name]
-            _update(inits, mod, dtype)
-            if sweep == 0:
-                records[name].calib_error_before = res.error_before
-            records[name].calib_error_after = res.error_after
+            y = orig_sess.run([y_name], {input_name: chunk})[0]
+            z = conv_sess.run([z_name], {input_name: chunk})[0]
+            fit.add(torch.from_numpy(z).float(), torch.from_numpy(y).float())
+        res = fit.apply()
+        _update(inits, mod, dtype)
+        records[name].calib_error_before, records[name].calib_error_after = res.error_before, res.error_after
 
 
 def _last_node(inits: Mapping[str, ir.Value]) -> ir.Node:
