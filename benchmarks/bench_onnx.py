@@ -71,6 +71,7 @@ def _ocr(rows, threads, tmp: Path) -> None:
         ref_logits = ref(x)
     acc0 = sum(p == t for p, t in zip(sm.decode(ref_logits), labels)) / len(labels)
     rows.append(f"| ddddocr common.onnx | original | 1.000 | | | | word accuracy {acc0:.3f} | |")
+    print(rows[-1], flush=True)
     calib = sm.calibration_inputs(256)
     for method in ("pw-dw-pw", "dw-pw"):
         for use_calib in (False, True):

@@ -455,6 +455,19 @@ def _check(site: OnnxConvSite, model: ir.Model) -> str | None:
     return None
 
 
+def _record(site: OnnxConvSite, shapes: Mapping[str, tuple[int, ...]]) -> LayerRecord:
+    """A fresh per-layer record of a Conv node, with its shapes and FLOPs at the probed input."""
+    node = site.node
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    wshape = shapes.get(w.name) if w is not None else None
+    group = int(_attr(node, "group", 1))
+    rec = LayerRecord(site.name, int(wshape[1]) * group if wshape else 0, int(wshape[0]) if wshape else 0,
+                      tuple(int(k) for k in wshape[2:]) if wshape else (), tuple(_attr(node, "strides", [1, 1])),
+                      group, shapes.get(node.inputs[0].name))
+    rec.flops_before = rec.flops_after = _node_flops(node, shapes)
+    return rec
+
+
 def _kernel_conv(site: OnnxConvSite) -> nn.Conv2d:
     """The node as an unpadded ``nn.Conv2d`` holding its weights (float32 for half-precision models)."""
     weight = torch.from_numpy(site.weight)
@@ -636,15 +649,9 @@ def convert_onnx(
     records, todo, kernels, layer_shapes = [], [], {}, {}
     for site in sites:
         node = site.node
-        w = node.inputs[1] if len(node.inputs) > 1 else None
-        wshape = shapes.get(w.name) if w is not None else None
-        site.input_shape = shapes.get(node.inputs[0].name)
-        group = int(_attr(node, "group", 1))
-        rec = LayerRecord(site.name, int(wshape[1]) * group if wshape else 0, int(wshape[0]) if wshape else 0,
-                          tuple(int(k) for k in wshape[2:]) if wshape else (), tuple(_attr(node, "strides", [1, 1])),
-                          group, site.input_shape)
+        rec = _record(site, shapes)
+        site.input_shape = rec.input_shape
         records.append(rec)
-        rec.flops_before = rec.flops_after = _node_flops(node, shapes)
         reason = _check(site, work)
         rule = cfg.rule_for(site.name)
         if reason is None and rule is not None and rule.exclude:
@@ -851,28 +858,11 @@ def _compare(original: ir.Model, converted: ir.Model, feeds, samples: int, seed:
 # Pairing two ONNX models layer by layer (for the report)
 
 
-@dataclass
-class LayerPair:
-    """One Conv node of the original model and what stands at its name in the converted one."""
-
-    name: str
-    in_channels: int
-    out_channels: int
-    kernel_size: tuple[int, ...]
-    stride: tuple[int, ...]
-    groups: int
-    input_shape: tuple[int, ...] | None
-    status: str  # "converted", "kept" or "unmatched"
-    flops_before: int | None
-    flops_after: int | None
-    method: str | None = None
-    rank: int | None = None
-
-
 def pair_layers(original: ir.Model, converted: ir.Model, feeds: Mapping[str, np.ndarray], *,
-                threads: int | None = None) -> list[LayerPair]:
+                threads: int | None = None) -> list[LayerRecord]:
     """Pair every Conv node of ``original`` with the converted model's node(s) of the same name: the node itself
-    (kept) or the ``<name>/pw_in``, ``<name>/dw``, ``<name>/pw[_out]`` nodes this pass writes (converted)."""
+    (status ``"kept"``) or the ``<name>/pw_in``, ``<name>/dw``, ``<name>/pw[_out]`` nodes this pass writes
+    (``"converted"``, with method, rank and FLOPs after), else ``"unmatched"``."""
     def conv_inputs(model):
         return [v.name for n in model.graph if n.op_type == "Conv" for v in n.inputs[:2] if v is not None]
 
@@ -881,13 +871,8 @@ def pair_layers(original: ir.Model, converted: ir.Model, feeds: Mapping[str, np.
     new_nodes = {n.name: n for n in converted.graph if n.op_type == "Conv" and n.name}
     pairs = []
     for site in match(original):
-        node = site.node
-        wshape = old_shapes.get(node.inputs[1].name) if len(node.inputs) > 1 else None
-        group = int(_attr(node, "group", 1))
-        flops = _node_flops(node, old_shapes)
-        pair = LayerPair(site.name, int(wshape[1]) * group if wshape else 0, int(wshape[0]) if wshape else 0,
-                         tuple(int(k) for k in wshape[2:]) if wshape else (), tuple(_attr(node, "strides", [1, 1])),
-                         group, old_shapes.get(node.inputs[0].name), "unmatched", flops, None)
+        pair = _record(site, old_shapes)
+        pair.status, pair.flops_after = "unmatched", None
         parts = [new_nodes.get(f"{site.name}/{role}") for role in ("pw_in", "dw", "pw_out", "pw")]
         if site.name in new_nodes:
             pair.status, pair.flops_after = "kept", _node_flops(new_nodes[site.name], new_shapes)
