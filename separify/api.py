@@ -190,9 +190,10 @@ def convert(
 
         shape = tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else None
         return convert_onnx(model, cfg, input_shapes=shape, calibration=calibration, progress=progress is True)
-    inputs = _as_inputs(example_inputs)
     if not isinstance(model, nn.Module):
-        raise SeparifyError(f"convert() takes an nn.Module, got {type(model).__name__}")
+        raise SeparifyError(f"convert() takes an nn.Module or an ONNX model, got {type(model).__name__} (load "
+                            "PyTorch files with separify.model_io.load_model)")
+    inputs = _as_inputs(example_inputs)
     batches = None
     if calibration is not None:
         batches = as_batches(calibration, limit=cfg.calib_limit)
@@ -338,10 +339,15 @@ def convert(
 
 
 def _is_onnx(model: Any) -> bool:
+    """An ONNX file (by content), an ``onnx.ModelProto`` or an ``onnx_ir.Model``."""
     if isinstance(model, (str, os.PathLike)):
-        return True  # a file: only ONNX files are converted from a path (torch models are loaded by model_io)
-    mod = type(model).__module__
-    return mod.startswith("onnx")
+        from .model_io import is_onnx
+
+        return is_onnx(model)
+    import onnx
+    import onnx_ir
+
+    return isinstance(model, (onnx.ModelProto, onnx_ir.Model))
 
 
 def _check_fits(model: nn.Module, batch: torch.Tensor) -> None:

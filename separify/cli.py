@@ -308,6 +308,14 @@ class _Reporting:
                       onnx=self.onnx, per_layer=self.layers, min_run_time=self.min_time,
                       layer_min_run_time=self.min_time / 10, files=files, progress=True)
 
+    def run_onnx(self, original, converted, shape, data, seed, result=None):
+        from .reporting import report_onnx
+
+        x, y, what = data
+        return report_onnx(original, converted, result=result, input_shapes=shape, data=x, labels=y, data_name=what,
+                           threads=self.threads, latency=self.latency, min_run_time=self.min_time, progress=True,
+                           seed=seed)
+
     def emit(self, console, doc, title: str) -> None:
         """Write the JSON/HTML/PNG files asked for."""
         from .html_report import write_html, write_png
@@ -387,7 +395,10 @@ def _convert(model_path, output, cfg, input_shape, arch, allow_pickle, force, ca
     if not result.layers:
         raise SeparifyError("the model has no Conv2d layers; nothing to convert")
     if tune_data is not None:
-        _finetune(console, model, result.model, tune, seed, *tune_data)
+        from .finetune import finetune
+
+        _finetune(console, tune, seed, *tune_data, run=lambda b, **kw: finetune(result.model, model, b, **kw))
+        result.model.eval()
     elif tune["epochs"] is not None or tune["steps"] is not None or tune["checkpoint"] is not None:
         raise SeparifyError("--epochs, --steps and --checkpoint need --finetune DATA")
 
@@ -414,7 +425,7 @@ def _convert_onnx(model_path: Path, output: Path, cfg: ConvertConfig, input_shap
                   reporting: _Reporting, force: bool) -> None:
     """``separify convert model.onnx -o out.onnx``: the ONNX pass, optional fine-tuning (onnx2torch), the report."""
     from . import onnx_pass
-    from .reporting import print_report, report_onnx
+    from .reporting import print_report
 
     console = _console()
     out = check_output_path(output, inputs=(model_path,), force=force, suffixes=(".onnx",))
@@ -422,12 +433,7 @@ def _convert_onnx(model_path: Path, output: Path, cfg: ConvertConfig, input_shap
     if reporting.batch_size is not None:
         raise SeparifyError("--report-batch-size applies to PyTorch models; for ONNX give the whole shape with "
                             "--input-shape")
-    source = onnx_pass.load_onnx(model_path)
-    shape = parse_shape(input_shape) if input_shape else None
-    feeds = onnx_pass.example_feeds(source, shape, seed=seed)
-    console.print(f"Loaded {model_path} (ONNX, opset {source.opset_imports.get('', '?')}); example input "
-                  + ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items()))
-    stand_in = _Original(None, tuple(torch.from_numpy(v) for v in feeds.values()), None, False, "onnx")
+    source, shape, stand_in = _load_onnx_original(console, model_path, input_shape, seed)
     prep = _preprocessing(stand_in, (calib, tune["data"], reporting.data), image_opts)
     calibration = _calibration_data(console, calib, prep, cfg.calib_limit)
     tune_data = _finetune_data(console, None, tune, prep) if tune["data"] is not None else None
@@ -444,12 +450,11 @@ def _convert_onnx(model_path: Path, output: Path, cfg: ConvertConfig, input_shap
         console.print(f"checked: onnx.checker (full) and strict shape inference pass; relative output error vs the "
                       f"original in onnxruntime on random inputs: {result.output_error:.3g}")
     if tune_data is not None:
-        _finetune_onnx(console, source, result, tune, seed, *tune_data)
+        _finetune(console, tune, seed, *tune_data,
+                  run=lambda b, **kw: onnx_pass.finetune_onnx(source, result, b, **kw))
+        console.print("fine-tuned factors written back into the converted ONNX graph")
     written = result.save(out)
-    x, y, what = eval_data
-    rep = report_onnx(model_path, out, result=result, input_shapes=shape, data=x, labels=y, data_name=what,
-                      threads=reporting.threads, latency=reporting.latency, min_run_time=reporting.min_time,
-                      progress=True, seed=seed)
+    rep = reporting.run_onnx(model_path, out, shape, eval_data, seed, result=result)
     print_report(rep, console)
     reporting.emit(console, rep, title=f"separify: {model_path} → {out}")
     console.print(f"wrote {', '.join(str(p) for p in written)}  (run with: onnxruntime.InferenceSession(path))")
@@ -516,20 +521,27 @@ def report(
     _guard(work)
 
 
-def _report_onnx(console, original_path, converted_path, input_shape, seed, image_opts, reporting) -> None:
+def _load_onnx_original(console, model_path: Path, input_shape, seed):
+    """The ONNX model, the input shape asked for (or ``None``), and a stand-in :class:`_Original` holding its example
+    input (for the data options, which need the input's shape)."""
     from .onnx_pass import example_feeds, load_onnx
-    from .reporting import print_report, report_onnx
+
+    source = load_onnx(model_path)
+    shape = parse_shape(input_shape) if input_shape else None
+    feeds = example_feeds(source, shape, seed=seed)
+    console.print(f"Loaded {model_path} (ONNX, opset {source.opset_imports.get('', '?')}); example input "
+                  + ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items()))
+    return source, shape, _Original(None, tuple(torch.from_numpy(v) for v in feeds.values()), None, False, "onnx")
+
+
+def _report_onnx(console, original_path, converted_path, input_shape, seed, image_opts, reporting) -> None:
+    from .reporting import print_report
 
     if reporting.batch_size is not None:
         raise SeparifyError("--batch-size applies to PyTorch models; for ONNX give the whole shape with --input-shape")
-    shape = parse_shape(input_shape) if input_shape else None
-    feeds = example_feeds(load_onnx(original_path), shape, seed=seed)
-    stand_in = _Original(None, tuple(torch.from_numpy(v) for v in feeds.values()), None, False, "onnx")
+    _, shape, stand_in = _load_onnx_original(console, original_path, input_shape, seed)
     prep = _preprocessing(stand_in, (reporting.data,), image_opts)
-    x, y, what = reporting.eval_data(console, stand_in, prep)
-    rep = report_onnx(original_path, converted_path, input_shapes=shape, data=x, labels=y, data_name=what,
-                      threads=reporting.threads, latency=reporting.latency, min_run_time=reporting.min_time,
-                      progress=True, seed=seed)
+    rep = reporting.run_onnx(original_path, converted_path, shape, reporting.eval_data(console, stand_in, prep), seed)
     print_report(rep, console)
     reporting.emit(console, rep, title=f"separify report: {original_path} → {converted_path}")
 
@@ -621,19 +633,8 @@ def _few(names) -> str:
     return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
 
 
-def _finetune_onnx(console, source, result, tune, seed, x, y) -> None:
-    from .onnx_pass import finetune_onnx
-
-    _finetune(console, None, None, tune, seed, x, y,
-              run=lambda batches, **kw: finetune_onnx(source, result, batches, **kw))
-    console.print("fine-tuned factors written back into the converted ONNX graph")
-
-
-def _finetune(console, teacher, student, tune, seed, x, y, run=None) -> None:
-    from .finetune import finetune
-
-    if run is None:
-        run = lambda batches, **kw: finetune(student, teacher, batches, **kw)  # noqa: E731
+def _finetune(console, tune, seed, x, y, *, run) -> None:
+    """Batch the fine-tuning data and call ``run(batches, **finetune options)`` (separify.finetune or finetune_onnx)."""
     if tune["batch_size"] <= 0:
         raise SeparifyError(f"--batch-size must be a positive integer, got {tune['batch_size']}")
     epochs = tune["epochs"] if tune["epochs"] is not None or tune["steps"] is not None else 1
@@ -642,8 +643,6 @@ def _finetune(console, teacher, student, tune, seed, x, y, run=None) -> None:
     console.print(f"Fine-tuning on {tune['data']}: {len(x)} samples, {'with' if y is not None else 'without'} labels")
     res = run(batches, epochs=epochs, steps=tune["steps"], lr=tune["lr"], seed=seed, checkpoint=tune["checkpoint"],
               progress=True)
-    if student is not None:
-        student.eval()
     if res.losses:
         console.print(f"fine-tuned {res.steps} steps" + (f" (resumed at step {res.resumed_from})"
                       if res.resumed_from is not None else "") + f": loss {res.losses[0]:.4f} → {res.losses[-1]:.4f}")

@@ -45,7 +45,6 @@ average, thanks to the cut). Memory: the least-squares sums, ``(C+1)²``, and on
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import tempfile
@@ -69,7 +68,7 @@ from .errors import BadWeightsError, ConfigError, SeparifyError, first_line
 from .modules import FORMS, SeparableConv2d, why_not_convertible
 
 __all__ = ["MIN_OPSET", "OnnxConvertResult", "OrtModule", "convert_onnx", "load_onnx", "save_onnx", "onnx_flops",
-           "onnx_params", "example_feeds", "session", "pair_layers", "import_torch", "finetune_onnx"]
+           "onnx_params", "initializer_bytes", "example_feeds", "session", "pair_layers", "import_torch", "finetune_onnx"]
 
 MIN_OPSET = 11
 _INLINE_LIMIT = 1 << 30  # models with more initializer bytes than this keep their data in external files
@@ -130,12 +129,13 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto | ir.Model, *, check: 
         return ir.serde.deserialize_model(proto)
     model = ir.load(str(path))
     model.meta[_EXTERNAL_KEY] = _external(model)  # written back the same way (see save_onnx)
-    if _initializer_bytes(model) <= _INLINE_LIMIT:
+    if initializer_bytes(model) <= _INLINE_LIMIT:
         ir.external_data.load_to_model(model)  # small enough: hold it in memory, sessions are built from bytes
     return model
 
 
-def _initializer_bytes(model: ir.Model) -> int:
+def initializer_bytes(model: ir.Model) -> int:
+    """Bytes held by the initializers (in memory or in external files)."""
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
@@ -168,17 +168,21 @@ def session(model: ir.Model, extra_outputs: Sequence[str] = (), *, threads: int 
             return ort.InferenceSession(to_proto(model, extra_outputs).SerializeToString(), opts, providers=providers)
         with tempfile.TemporaryDirectory(prefix="separify-ort-") as tmp:
             tmp_path = Path(tmp) / "model.onnx"
-            _save_external(to_proto_model(model, extra_outputs), tmp_path)
+            _save_external(_with_outputs(model, extra_outputs), tmp_path)
             return ort.InferenceSession(str(tmp_path), opts, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
         raise SeparifyError(f"onnxruntime cannot load the model ({type(exc).__name__}: {first_line(exc)})") from None
 
 
-def to_proto_model(model: ir.Model, extra_outputs: Sequence[str]) -> ir.Model:
-    """``model`` with extra graph outputs, as an IR model (for saving with external data)."""
-    if not extra_outputs:
+def _with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A clone of ``model`` (tensors shared, so external data stays where it is) with the intermediate values
+    ``names`` appended as graph outputs."""
+    if not names:
         return model
-    clone = ir.serde.deserialize_model(to_proto(model, extra_outputs))
+    clone = model.clone()
+    values = {v.name: v for v in _all_values(clone)}
+    have = {v.name for v in clone.graph.outputs}
+    clone.graph.outputs.extend(values[n] for n in dict.fromkeys(names) if n not in have)
     return clone
 
 
@@ -186,22 +190,30 @@ def _save_external(model: ir.Model, path: Path) -> None:
     ir.save(model, path, external_data=path.name + ".data")
 
 
-def save_onnx(model: ir.Model, path: str | os.PathLike) -> list[Path]:
+def save_onnx(model: ir.Model, path: str | os.PathLike, *, check: bool = False) -> list[Path]:
     """Write ``model`` to ``path`` atomically; returns the files written.
 
     Models that came with external data, or have more than 1 GiB of initializers, are written with their data in
     ``<name>.data`` next to the model, as ONNX requires beyond 2 GB. Both files are written into a temporary folder
-    beside the target and renamed into place (the data first), so a failure leaves no partial output.
+    beside the target and renamed into place (the data first), so a failure leaves no partial output. With
+    ``check``, the written files must pass the full ``onnx.checker`` (from the file, so models over 2 GB too) before
+    they are renamed into place.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    external = model.meta.get(_EXTERNAL_KEY) or _external(model) or _initializer_bytes(model) > _INLINE_LIMIT
+    external = model.meta.get(_EXTERNAL_KEY) or _external(model) or initializer_bytes(model) > _INLINE_LIMIT
     with tempfile.TemporaryDirectory(prefix=f".{path.stem}.", dir=folder) as tmp:
         tmp_path = Path(tmp) / path.name
         if external:
             _save_external(model, tmp_path)
         else:
             ir.save(model, tmp_path)
+        if check:
+            try:
+                onnx.checker.check_model(str(tmp_path), full_check=True)
+            except Exception as exc:  # noqa: BLE001
+                raise SeparifyError(f"the converted model fails onnx.checker ({first_line(exc)}); this is a separify "
+                                    "bug, please report it with the model; nothing was written") from None
         written = sorted(Path(tmp).iterdir(), key=lambda p: p == tmp_path)  # the model file last
         umask = os.umask(0)
         os.umask(umask)
@@ -290,7 +302,7 @@ def _chunks(batches: Sequence[torch.Tensor], fixed: int | None) -> Iterator[np.n
         arr = x.detach().cpu().numpy()
         step = fixed or len(arr)
         for i in range(0, len(arr), step):
-            if len(arr[i:i + step]) == step:
+            if len(arr[i:i + step]) == step:  # a model with a fixed batch size B uses whole batches of B only
                 yield arr[i:i + step]
 
 
@@ -374,10 +386,15 @@ def _value_shapes(model: ir.Model, feeds: Mapping[str, np.ndarray], names: Seque
     return shapes
 
 
+def _probe(model: ir.Model, feeds: Mapping[str, np.ndarray], threads: int | None = None):
+    """The Conv/Gemm/MatMul nodes of the main graph and the concrete shapes of their inputs on ``feeds``."""
+    nodes = [n for n in model.graph if n.op_type in _COUNTED and n.domain in ("", "ai.onnx")]
+    return nodes, _value_shapes(model, feeds, [v.name for n in nodes for v in n.inputs[:2] if v is not None], threads)
+
+
 def onnx_flops(model: ir.Model, feeds: Mapping[str, np.ndarray], *, threads: int | None = None) -> int:
     """FLOPs (2 × MACs) of the Conv, Gemm and MatMul nodes of the main graph on ``feeds``."""
-    nodes = [n for n in model.graph if n.op_type in _COUNTED and n.domain in ("", "ai.onnx")]
-    shapes = _value_shapes(model, feeds, [v.name for n in nodes for v in n.inputs[:2] if v is not None], threads)
+    nodes, shapes = _probe(model, feeds, threads)
     return sum(_node_flops(n, shapes) for n in nodes)
 
 
@@ -426,7 +443,7 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else np.array(tensor.numpy())  # a writable copy
 
 
-def _check(site: OnnxConvSite, model: ir.Model) -> str | None:
+def _check(site: OnnxConvSite) -> str | None:
     """Why this Conv node cannot be converted, or ``None`` (and then ``site.weight``/``site.bias`` are set)."""
     node = site.node
     w = node.inputs[1] if len(node.inputs) > 1 else None
@@ -577,7 +594,8 @@ class OnnxConvertResult(ConvertResult):
         output_error: largest relative error ‖y − ŷ‖/‖y‖ over the graph outputs, original vs converted, both run in
             onnxruntime on ``check_samples`` random inputs (the per-layer ``output_error`` is the same for each
             converted layer's output inside the converted model, so it includes the error of the layers before it).
-        checked: the converted model passed ``onnx.checker`` (full check) and strict shape inference.
+        checked: the converted model passed ``onnx.checker`` (full check) and strict shape inference; ``False`` for
+            models with external data until :meth:`save` has checked the written file.
     """
 
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -586,8 +604,11 @@ class OnnxConvertResult(ConvertResult):
     factor_nodes: dict[str, list[str]] = field(default_factory=dict)  # layer → names of the Conv nodes written
 
     def save(self, path: str | os.PathLike) -> list[Path]:
-        """Write the converted model atomically (see :func:`save_onnx`); returns the files written."""
-        return save_onnx(self.model, path)
+        """Write the converted model atomically (see :func:`save_onnx`); returns the files written. A model too large
+        to be checked in memory is checked from the written file before it is renamed into place."""
+        written = save_onnx(self.model, path, check=not self.checked)
+        self.checked = True
+        return written
 
     def to_dict(self) -> dict[str, Any]:
         doc = super().to_dict()
@@ -631,8 +652,7 @@ def convert_onnx(
         raise ConfigError("calib_steps (layer-wise reconstruction) runs in PyTorch and is not available for ONNX "
                           "models; use the least-squares refit (the default) or fine-tune (--finetune)")
     original = load_onnx(model)
-    work = ir.serde.deserialize_model(ir.serde.serialize_model(original)) if not _external(original) \
-        else copy.deepcopy(original)
+    work = original.clone()  # new nodes and values, shared (never mutated) tensors: the input stays untouched
     work.meta[_EXTERNAL_KEY] = original.meta.get(_EXTERNAL_KEY, False)
     feeds = example_feeds(work, input_shapes, seed=cfg.seed)
     batches = as_batches(calibration, limit=cfg.calib_limit) if calibration is not None else None
@@ -640,8 +660,7 @@ def convert_onnx(
         raise SeparifyError("ONNX calibration needs a single-input model")
 
     # Probe: one run for the shapes of every Conv/Gemm/MatMul input, hence FLOPs and the layers' input shapes.
-    counted = [n for n in work.graph if n.op_type in _COUNTED and n.domain in ("", "ai.onnx")]
-    shapes = _value_shapes(work, feeds, [v.name for n in counted for v in n.inputs[:2] if v is not None], threads)
+    counted, shapes = _probe(work, feeds, threads)
     flops_before = sum(_node_flops(n, shapes) for n in counted)
     params_before = onnx_params(work)
 
@@ -652,7 +671,7 @@ def convert_onnx(
         rec = _record(site, shapes)
         site.input_shape = rec.input_shape
         records.append(rec)
-        reason = _check(site, work)
+        reason = _check(site)
         rule = cfg.rule_for(site.name)
         if reason is None and rule is not None and rule.exclude:
             reason = f"excluded by pattern {rule.pattern!r}"
@@ -715,13 +734,8 @@ def convert_onnx(
         _refit(original, work, replaced, batches, fixed_batch, cfg.calib_ridge, threads, {r.name: r for r in records})
 
     proto_checked = _check_converted(work) if replaced else True
-    shapes_after = _value_shapes(work, feeds, [v.name for n in work.graph if n.op_type in _COUNTED
-                                               and n.domain in ("", "ai.onnx") for v in n.inputs[:2] if v is not None],
-                                 threads)
-    flops_after = sum(_node_flops(n, shapes_after) for n in work.graph
-                      if n.op_type in _COUNTED and n.domain in ("", "ai.onnx"))
     result = OnnxConvertResult(
-        work, records, "onnx", cfg, None, flops_before, flops_after, params_before, onnx_params(work), budget,
+        work, records, "onnx", cfg, None, flops_before, onnx_flops(work, feeds, threads=threads), params_before, onnx_params(work), budget,
         input_shapes={k: tuple(v.shape) for k, v in feeds.items()}, checked=proto_checked,
         factor_nodes={name: [u.node.name for u in (v.uses()[0] for k, v in inits.items() if k.endswith(".weight"))]
                       for name, (_m, inits, _d) in replaced.items()},
@@ -770,7 +784,7 @@ def _prefix(model: ir.Model, outputs: Sequence[str]) -> ir.Model:
     """The part of ``model`` that computes ``outputs`` from the graph inputs (onnxruntime runs every node of a
     session, whatever outputs are asked for, so the refit runs only the prefix it needs)."""
     if model.functions:
-        return ir.serde.deserialize_model(to_proto(model, outputs))
+        return _with_outputs(model, outputs)
     graph = ir.convenience.extract(model.graph, inputs=[v.name for v in graph_inputs(model)], outputs=list(outputs))
     sub = ir.Model(graph, ir_version=model.ir_version)
     sub.meta[_EXTERNAL_KEY] = model.meta.get(_EXTERNAL_KEY, False)
@@ -785,8 +799,8 @@ def _refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, ri
     input_name = graph_inputs(original)[0].name
     for name, (mod, inits, dtype) in replaced.items():  # graph order
         # the replacement's output carries the original conv output's name: the same name in both models
-        y_name = _output_name(converted, name, replaced)
-        z_name = _last_input_name(converted, inits)
+        y_name = _output_name(inits)
+        z_name = _last_input_name(inits)
         orig_sess = session(_prefix(original, [y_name]), threads=threads)
         conv_sess = session(_prefix(converted, [z_name]), threads=threads)
         fit = PointwiseRefit(mod._last(), name, ridge=ridge)
@@ -804,18 +818,20 @@ def _last_node(inits: Mapping[str, ir.Value]) -> ir.Node:
     return inits[role].uses()[0].node
 
 
-def _output_name(converted: ir.Model, name: str, replaced) -> str:
-    return _last_node(replaced[name][1]).outputs[0].name
+def _output_name(inits: Mapping[str, ir.Value]) -> str:
+    """The replacement's output (it carries the original conv output's name)."""
+    return _last_node(inits).outputs[0].name
 
 
-def _last_input_name(converted: ir.Model, inits: Mapping[str, ir.Value]) -> str:
+def _last_input_name(inits: Mapping[str, ir.Value]) -> str:
+    """The input of the replacement's last 1×1 conv."""
     return _last_node(inits).inputs[0].name
 
 
 def _check_converted(model: ir.Model) -> bool:
     """Full ``onnx.checker`` and strict shape inference on the converted model (in memory below 2 GB)."""
-    if _external(model) or _initializer_bytes(model) > _INLINE_LIMIT:
-        return False  # checked after saving, from the file (see cli); in memory it would exceed protobuf's 2 GB
+    if _external(model) or initializer_bytes(model) > _INLINE_LIMIT:
+        return False  # checked from the written file by OnnxConvertResult.save; in memory it could exceed 2 GB
     proto = ir.serde.serialize_model(model)
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -830,7 +846,7 @@ def _compare(original: ir.Model, converted: ir.Model, feeds, samples: int, seed:
              threads) -> float:
     """Run both models in onnxruntime on ``samples`` random inputs (the example's shape); set each converted layer's
     ``output_error`` and return the largest relative error over the graph outputs."""
-    layer_outs = {name: _output_name(converted, name, replaced) for name in replaced}
+    layer_outs = {name: _output_name(inits) for name, (_m, inits, _d) in replaced.items()}
     extra = list(layer_outs.values())
     sessions = [session(m, extra, threads=threads) for m in (original, converted)]
     final = [o.name for o in original.graph.outputs]
@@ -863,11 +879,8 @@ def pair_layers(original: ir.Model, converted: ir.Model, feeds: Mapping[str, np.
     """Pair every Conv node of ``original`` with the converted model's node(s) of the same name: the node itself
     (status ``"kept"``) or the ``<name>/pw_in``, ``<name>/dw``, ``<name>/pw[_out]`` nodes this pass writes
     (``"converted"``, with method, rank and FLOPs after), else ``"unmatched"``."""
-    def conv_inputs(model):
-        return [v.name for n in model.graph if n.op_type == "Conv" for v in n.inputs[:2] if v is not None]
-
-    old_shapes = _value_shapes(original, feeds, conv_inputs(original), threads)
-    new_shapes = _value_shapes(converted, feeds, conv_inputs(converted), threads)
+    _, old_shapes = _probe(original, feeds, threads)
+    _, new_shapes = _probe(converted, feeds, threads)
     new_nodes = {n.name: n for n in converted.graph if n.op_type == "Conv" and n.name}
     pairs = []
     for site in match(original):

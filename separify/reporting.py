@@ -362,8 +362,7 @@ def report_onnx(
         bar = _progress(stack, progress)
         bar.step("counting FLOPs and parameters")
         figures = tuple(ModelFigures(onnx_pass.onnx_flops(m, feeds, threads=threads), onnx_pass.onnx_params(m),
-                                     sum(v.const_value.nbytes for v in m.graph.initializers.values()
-                                         if v.const_value is not None),
+                                     onnx_pass.initializer_bytes(m),
                                      str(p), os.path.getsize(p)) for m, p in zip(models, (original, converted)))
         runners = [onnx_pass.OrtModule(m, threads=threads) for m in models]
         _check_outputs(*runners, inputs)
