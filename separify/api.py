@@ -9,11 +9,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from . import fx_pass, measure, ranks
+from . import fx_pass, latency, measure, ranks
 from .calibrate import as_batches, observe, refit_pointwise
 from .config import ConvertConfig, LayerRule
 from .decompose import check_weight, whiten
@@ -34,6 +35,11 @@ class LayerRecord:
     refitted) before and after the least-squares refit; ``rank_source`` says whether ranks were allocated by weight
     error or by the predicted output error on the data. ``output_error`` (ONNX pass) is the relative error of the
     layer's output in the converted model against the original, both run in onnxruntime on random inputs.
+
+    With ``objective="latency"``, ``time_before_ms``/``time_after_ms`` are the dense conv's and the chosen
+    replacement's measured times on the target (milliseconds per call at the target's batch size), ``layout`` the
+    replacement's equivalent layout (:meth:`~separify.modules.SeparableConv2d.set_layout`), and a layer kept dense
+    for its time says so in ``reason``.
     """
 
     name: str
@@ -58,6 +64,9 @@ class LayerRecord:
     calib_error_before: float | None = None
     calib_error_after: float | None = None
     output_error: float | None = None
+    layout: str | None = None
+    time_before_ms: float | None = None
+    time_after_ms: float | None = None
     note: str | None = None
 
     @property
@@ -81,6 +90,9 @@ class ConvertResult:
         params_before, params_after: parameter counts.
         flops_budget: the FLOPs the target allowed (``flops`` selection only).
         warnings: messages worth showing the user (also issued with ``warnings.warn``).
+        latency_before, latency_after: with ``objective="latency"``, both whole models timed on the target in the
+            same run (:class:`~separify.measure.Timing`); ``latency_predicted`` is the ratio the sum of the measured
+            layer times predicted; ``latency_target`` describes the target.
     """
 
     model: nn.Module
@@ -94,6 +106,10 @@ class ConvertResult:
     params_after: int = 0
     flops_budget: int | None = None
     warnings: list[str] = field(default_factory=list)
+    latency_before: measure.Timing | None = None
+    latency_after: measure.Timing | None = None
+    latency_predicted: float | None = None
+    latency_target: str | None = None
 
     @property
     def converted(self) -> list[LayerRecord]:
@@ -106,6 +122,13 @@ class ConvertResult:
     @property
     def flops_ratio(self) -> float:
         return self.flops_after / self.flops_before if self.flops_before else 1.0
+
+    @property
+    def latency_ratio(self) -> float | None:
+        """Converted / original whole-model time on the latency target (``objective="latency"`` only)."""
+        if self.latency_before is None or self.latency_after is None or not self.latency_before.median_ms > 0:
+            return None
+        return self.latency_after.median_ms / self.latency_before.median_ms
 
     def feature_pairs(self) -> dict[str, str]:
         """Converted layer name → name of the original module its output reproduces (the conv, or its folded
@@ -123,6 +146,10 @@ class ConvertResult:
             "params_before": self.params_before,
             "params_after": self.params_after,
             "flops_budget": self.flops_budget,
+            "latency_target": self.latency_target,
+            "latency_before": dataclasses.asdict(self.latency_before) if self.latency_before else None,
+            "latency_after": dataclasses.asdict(self.latency_after) if self.latency_after else None,
+            "latency_predicted": self.latency_predicted,
             "warnings": list(self.warnings),
             "layers": [r.to_dict() for r in self.layers],
         }
@@ -142,6 +169,7 @@ def convert(
     inplace: bool = False,
     calibration: Any = None,
     progress: bool | Callable[[str], None] = False,
+    timer: latency.Timer | None = None,
     **options: Any,
 ) -> ConvertResult:
     """Replace the dense convs of ``model`` with depthwise-separable approximations.
@@ -163,6 +191,8 @@ def convert(
             replacement is refitted by least squares to the original layer's outputs on this data
             (:mod:`separify.calibrate`).
         progress: ``True`` shows a progress bar over layers; a callable is called with each layer name.
+        timer: with ``objective="latency"``, a function ``timer(modules, input_shape, target) -> [ms, ...]`` used
+            instead of real timing (and instead of the cache), e.g. to plan for a device you are not on.
         options: ``ConvertConfig`` fields, e.g. ``method="pw-dw-pw", flops=0.5, exclude=("layer4.*",)``.
 
     An ONNX model (a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``) goes to the ONNX pass,
@@ -281,9 +311,15 @@ def convert(
             if rec.name in covs:
                 whitened[rec.name] = whiten(kernels[rec.name].weight, covs[rec.name], rec.method, damp=cfg.calib_damp)
 
-    # Ranks.
-    budget, rank_warnings = choose_ranks(cfg, [(rec, rule) for _, rec, _, rule in todo], kernels, shapes, flops_before,
-                                         whitened)
+    # Ranks (with objective="latency": measured on the target).
+    planner = _planner(cfg, root, inputs, timer) if cfg.objective == "latency" and todo else None
+    reference = (copy.deepcopy(model) if inplace else model) if planner is not None else None  # timed at the end
+    try:
+        budget, rank_warnings = choose_ranks(cfg, [(rec, rule) for _, rec, _, rule in todo], kernels, shapes,
+                                             flops_before, whitened, planner)
+    finally:
+        if planner is not None:
+            planner.save()
 
     # Build the replacements.
     replacements: dict[str, nn.Module] = {}
@@ -330,12 +366,74 @@ def convert(
             by_name[fit.name].calib_error_before = fit.error_before
             by_name[fit.name].calib_error_after = fit.error_after
 
+    # The fastest equivalent layout of each replacement (exactly the same function; after the refit, which fits
+    # the last 1×1 conv in whatever channel order it has).
+    for rec in records:
+        if rec.converted and rec.layout is not None:
+            new = replacements[rec.name].set_layout(rec.layout)
+            if new.rank != rec.rank:
+                rec.note = _join(rec.note, f"rank {rec.rank} padded to {new.rank} channels by zero terms (faster)")
+            rec.flops_after = measure.module_flops(new, shapes[rec.name])
+            rec.params_after = measure.count_params(new)
+
     result = ConvertResult(
         new_model, records, path, cfg, trace_error, flops_before, measure.count_flops(new_model, inputs),
         params_before, measure.count_params(new_model), budget,
     )
+    if planner is not None:
+        _check_latency(result, reference, inputs, planner, timer, rank_warnings)
     _warn(result, rank_warnings)
     return result
+
+
+def _planner(cfg: ConvertConfig, model: nn.Module, inputs: tuple, timer) -> latency.LatencyPlanner:
+    """The layer timer for ``cfg.target`` (through the disk cache unless a timing function is injected); with a
+    latency budget, the original model's time on the target is measured first."""
+    target = cfg.target
+    if timer is None:
+        target.check_available()
+    path = latency.default_cache_path() if cfg.latency_cache is True else (cfg.latency_cache or None)
+    layer_timer = latency.LayerTimer(target, cache=latency.LatencyCache(path), timer=timer)
+    original_ms = None
+    if cfg.selection == "latency":
+        original_ms = _model_times([model], inputs, target, timer)[0]
+    return latency.LatencyPlanner(layer_timer, cfg.margin, original_ms=original_ms,
+                                  batch_size=int(inputs[0].shape[0]) if inputs[0].dim() else None)
+
+
+def _model_times(models, inputs: tuple, target, timer) -> list:
+    """Whole-model times (Timing objects, or ms from an injected timer) on the target."""
+    if timer is not None:
+        shape = (target.batch_size or inputs[0].shape[0], *inputs[0].shape[1:])
+        return [float(v) for v in timer(list(models), shape, target)]
+    return [t.median_ms for t in _model_timings(models, inputs, target)]
+
+
+def _model_timings(models, inputs: tuple, target) -> list:
+    try:
+        return list(latency.time_model(list(models), inputs, target))
+    except Exception as exc:  # noqa: BLE001 - e.g. an export failure for the onnxruntime target
+        raise SeparifyError(f"could not time the whole model on {target.describe()}: {first_line(exc)}") from None
+
+
+def _check_latency(result: ConvertResult, original: nn.Module, inputs: tuple, planner, timer, msgs: list) -> None:
+    """Time both whole models on the target and compare with what the layer times predicted."""
+    target = planner.timer.target
+    result.latency_target = planner.where
+    saved = sum(r.time_before_ms - r.time_after_ms for r in result.converted if r.time_after_ms is not None)
+    if timer is not None:
+        before, after = _model_times([original, result.model], inputs, target, timer)
+        result.latency_before = measure.Timing(target.backend, before, 0.0, 1, 1, target.threads, target.batch_size)
+        result.latency_after = measure.Timing(target.backend, after, 0.0, 1, 1, target.threads, target.batch_size)
+    else:
+        result.latency_before, result.latency_after = _model_timings([original, result.model], inputs, target)
+    base = result.latency_before.median_ms
+    result.latency_predicted = (base - saved) / base if base > 0 else None
+    ratio = result.latency_ratio
+    if ratio is not None and ratio >= 1.0 and result.converted:
+        msgs.append(f"on {planner.where} the converted model measured {ratio:.2f}× the original's time although "
+                    f"every replacement was measured faster alone; convert with a larger margin, or keep the "
+                    "original")
 
 
 def _is_onnx(model: Any) -> bool:
@@ -375,13 +473,17 @@ def _check(site: fx_pass.ConvSite, rule: LayerRule | None, shapes: list) -> str 
 
 def choose_ranks(cfg: ConvertConfig, todo: list[tuple[LayerRecord, LayerRule | None]], kernels: dict[str, nn.Conv2d],
                  shapes: dict[str, list], flops_before: int, whitened: dict[str, torch.Tensor],
-                 ) -> tuple[int | None, list[str]]:
+                 planner: "latency.LatencyPlanner | None" = None) -> tuple[int | None, list[str]]:
     """Set ``rec.rank`` (or ``rec.reason``) on every record in ``todo``; returns the FLOPs budget and warnings.
 
     Shared by the torch and the ONNX pass. ``kernels`` maps layer names to the (BatchNorm-folded) conv to decompose,
     ``shapes`` to the input shape(s) the layer is called with, ``flops_before`` is the whole model's FLOPs.
     ``whitened`` maps layer names to kernels whitened by their calibration inputs; the FLOPs allocation then uses
     their error curves (predicted relative output error) instead of the weight error.
+
+    With a ``planner`` (``objective="latency"``), every candidate is timed on the target: a fixed rank not measured
+    faster than the dense conv (by the margin) is dropped, and the allocation (FLOPs or time budget) only chooses
+    among ranks of :func:`~separify.latency.rank_grid` measured faster; ``rec.layout`` and the times are set.
     """
     costs: dict[str, ranks.LayerCost] = {}
     for rec, rule in todo:
@@ -411,7 +513,8 @@ def choose_ranks(cfg: ConvertConfig, todo: list[tuple[LayerRecord, LayerRule | N
             fixed = ranks.rank_for_energy(rec.method, kernels[rec.name].weight, cfg.energy)
         rec.rank_source = source
         if fixed is None:
-            rec.rank_source = "flops (output error on calibration data)" if rec.name in whitened else "flops"
+            rec.rank_source = f"{cfg.selection} (output error on calibration data)" if rec.name in whitened \
+                else cfg.selection
             planned.append(rec)
             continue
         if fixed > rec.exact_rank:
@@ -420,31 +523,87 @@ def choose_ranks(cfg: ConvertConfig, todo: list[tuple[LayerRecord, LayerRule | N
         cost = costs[rec.name].flops(fixed)
         if cost >= rec.flops_before and cfg.require_saving:
             rec.reason = f"no FLOPs saved at rank {fixed} ({cost:,} ≥ {rec.flops_before:,} dense)"
-        else:
+        elif planner is None:
             rec.rank = fixed
+        else:
+            allowed = planner.options(rec, kernels[rec.name], shapes[rec.name][0], [fixed])
+            if fixed in allowed:
+                rec.rank = fixed
+                rec.layout, rec.time_after_ms = allowed[fixed]
 
     if not planned:
         return None, []
+    options: dict[str, tuple[list, list, np.ndarray]] = {}
+    if planner is None:
+        alloc_cost = {r.name: costs[r.name] for r in planned}
+    else:  # only ranks measured faster than the dense conv; a layer with none stays dense (reason set)
+        alloc_cost = {}
+        timed: dict[str, dict[int, tuple[str, float]]] = {}
+        for rec in planned:
+            grid = latency.rank_grid(rec.method, costs[rec.name].saving_ranks())
+            if not grid:
+                rec.reason = "no FLOPs saved at any rank"
+                continue
+            allowed = planner.options(rec, kernels[rec.name], shapes[rec.name][0], grid)
+            if allowed:
+                timed[rec.name] = allowed
+                alloc_cost[rec.name] = costs[rec.name]
+        for name, allowed in timed.items():
+            choices = sorted(allowed)
+            err2 = np.concatenate([costs[name].errors(np.array(choices)) ** 2, [0.0]])
+            cost_of = [allowed[r][1] for r in choices] if cfg.selection == "latency" else \
+                [costs[name].flops(r) for r in choices]
+            dense = next(r for r in planned if r.name == name)
+            cost_of.append(dense.time_before_ms if cfg.selection == "latency" else dense.flops_before)
+            options[name] = (choices + [None], cost_of, err2)
     converted_fixed = [r for r, _ in todo if r.rank is not None]
-    fixed_after = sum(costs[r.name].flops(r.rank) for r in converted_fixed)
-    # FLOPs outside the allocation: non-conv ops, skipped convs, and fixed-rank layers' dense cost they replace
-    rest = flops_before - sum(r.flops_before for r in planned) - sum(r.flops_before for r in converted_fixed)
-    total_budget = int(cfg.flops * flops_before)
-    alloc = ranks.allocate([costs[r.name] for r in planned], total_budget - rest - fixed_after)
-    for rec in planned:
-        rank = alloc.ranks[rec.name]
+    in_alloc = [r for r in planned if r.name in alloc_cost]
+    msgs = []
+    if not in_alloc:  # nothing left to allocate (e.g. no replacement measured faster): the reasons are set
+        return None, msgs
+    if cfg.selection == "latency":
+        # time outside the allocation: the model's other ops, dense layers, and the fixed-rank layers' dense time
+        total = planner.original_ms
+        rest = total - sum(r.time_before_ms for r in in_alloc) - sum(r.time_before_ms for r in converted_fixed)
+        if rest < 0:
+            msgs.append(f"the measured layer times add up to more than the whole model's time ({total:.3g} ms); "
+                        "the latency allocation treats the rest of the model as taking no time")
+            rest = 0.0
+        fixed_after = sum(r.time_after_ms for r in converted_fixed)
+        total_budget = cfg.latency * total
+        alloc = ranks.allocate_options(options, total_budget - rest - fixed_after)
+        kept_by = "the latency allocation"
+    else:
+        fixed_after = sum(costs[r.name].flops(r.rank) for r in converted_fixed)
+        # FLOPs outside the allocation: non-conv ops, skipped convs, and fixed-rank layers' dense cost they replace
+        rest = flops_before - sum(r.flops_before for r in in_alloc) - sum(r.flops_before for r in converted_fixed)
+        total_budget = int(cfg.flops * flops_before)
+        if planner is None:
+            alloc = ranks.allocate([alloc_cost[r.name] for r in in_alloc], total_budget - rest - fixed_after)
+        else:
+            alloc = ranks.allocate_options(options, total_budget - rest - fixed_after)
+        kept_by = "the global FLOPs allocation"
+    for rec in in_alloc:
+        rank = alloc.ranks.get(rec.name)
         if rank is not None:
             rec.rank = rank
+            if rec.name in options:
+                rec.layout, rec.time_after_ms = timed[rec.name][rank]
         elif len(costs[rec.name].saving_ranks()) == 0:
             rec.reason = "no FLOPs saved at any rank"
         else:
-            rec.reason = "kept dense by the global FLOPs allocation"
-    msgs = []
+            rec.reason = f"kept dense by {kept_by}"
     if not alloc.feasible:
-        lowest = (rest + fixed_after + alloc.flops) / flops_before
-        msgs.append(f"the FLOPs target {cfg.flops:g} cannot be reached: with every convertible layer at rank 1 the "
-                    f"model keeps {lowest:.3f} of its FLOPs")
-    return total_budget, msgs
+        if cfg.selection == "latency":
+            lowest = (rest + fixed_after + alloc.flops) / total
+            msgs.append(f"the latency target {cfg.latency:g} cannot be reached: with every layer at its fastest "
+                        f"measured replacement the layer times add up to {lowest:.3f} of the original's")
+        else:
+            lowest = (rest + fixed_after + alloc.flops) / flops_before
+            msgs.append(f"the FLOPs target {cfg.flops:g} cannot be reached: with every convertible layer at "
+                        f"{'its cheapest allowed rank' if planner else 'rank 1'} the model keeps {lowest:.3f} of its "
+                        "FLOPs")
+    return (int(total_budget) if cfg.selection == "flops" else None), msgs
 
 
 def _join(a: str | None, b: str) -> str:

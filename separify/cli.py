@@ -98,6 +98,29 @@ def convert(
     flops: Optional[float] = typer.Option(None, "--flops", help="Keep this fraction of the model's FLOPs, in "
                                           "(0, 1]; ranks are allocated across layers. Default 0.5 when no rank "
                                           "option is given."),
+    objective: str = typer.Option("flops", "--objective", help="flops: choose ranks by FLOPs and error. latency: "
+                                  "time every candidate on --target, keep a layer dense unless a replacement is "
+                                  "faster, use each rank's fastest equivalent layout, and time both models."),
+    target: Optional[str] = typer.Option(None, "--target", help="Latency target (implies --objective latency): "
+                                         "cpu (PyTorch eager), cuda (PyTorch eager on the GPU) or onnxruntime "
+                                         "(ONNX Runtime CPU). Default cpu."),
+    latency_budget: Optional[float] = typer.Option(None, "--latency-budget", help="Keep this fraction of the "
+                                                   "whole model's time measured on --target, in (0, 1] (implies "
+                                                   "--objective latency; instead of --flops). (--latency/--no-latency "
+                                                   "switch the report's whole-model timing.)"),
+    target_batch: Optional[int] = typer.Option(None, "--target-batch-size", help="Batch size the latency target "
+                                               "times at (default: the example input's). --batch-size is the "
+                                               "fine-tuning batch."),
+    dtype: str = typer.Option("float32", "--dtype", help="Latency target dtype: float32, bfloat16 or float16 "
+                              "(cuda)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Time the latency target in channels-last "
+                                       "memory format."),
+    margin: float = typer.Option(0.05, "--margin", help="A replacement must be measured at least this fraction "
+                                 "faster than the dense conv to be used."),
+    latency_cache: Optional[Path] = typer.Option(None, "--latency-cache", help="File of cached layer timings "
+                                                 "(default: ~/.cache/separify/latency.json, or "
+                                                 "$SEPARIFY_CACHE_DIR/latency.json)."),
+    no_cache: bool = typer.Option(False, "--no-latency-cache", help="Time every candidate afresh; keep no cache."),
     input_shape: Optional[str] = _INPUT_SHAPE,
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Leave layers whose name matches this "
                                                 "pattern dense (fnmatch, e.g. 'layer4.*'); repeatable."),
@@ -150,9 +173,11 @@ def convert(
                                force, report_batch_size)
         tune = dict(data=finetune_data, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size,
                     checkpoint=checkpoint)
+        lat = _latency_options(objective, target, latency_budget, target_batch, dtype, channels_last, threads,
+                               margin, latency_cache, no_cache)
         cfg = ConvertConfig(method=method, rank=rank, energy=energy, flops=flops, exclude=tuple(exclude or ()),
                             fold_bn=fold_bn, cp_max_iter=cp_iters, seed=seed, calib_limit=calib_limit,
-                            calib_steps=calib_steps)
+                            calib_steps=calib_steps, **lat)
         if calib_steps and calib is None:
             raise SeparifyError("--calib-steps needs --calib DATA")
         out = _output(model, output, to)
@@ -164,6 +189,30 @@ def convert(
             _convert(model, out, cfg, input_shape, arch, allow_pickle, force, calib, tune, image_opts, reporting)
 
     _guard(work)
+
+
+def _latency_options(objective, target, budget, batch, dtype, channels_last, threads, margin, cache_path,
+                     no_cache) -> dict:
+    """ConvertConfig fields for the latency objective (empty for the FLOPs objective, after checking that no
+    latency-only option was given)."""
+    if objective not in ("flops", "latency"):
+        raise SeparifyError(f"--objective must be flops or latency, got {objective!r}")
+    if objective == "flops" and target is None and budget is None:
+        given = [name for name, on in (("--target-batch-size", batch is not None), ("--dtype", dtype != "float32"),
+                                       ("--channels-last", channels_last), ("--margin", margin != 0.05),
+                                       ("--latency-cache", cache_path is not None),
+                                       ("--no-latency-cache", no_cache)) if on]
+        if given:
+            raise SeparifyError(f"{', '.join(given)} apply to --objective latency")
+        return {}
+    if cache_path is not None and no_cache:
+        raise SeparifyError("give --latency-cache or --no-latency-cache, not both")
+    from .latency import LatencyTarget
+
+    return dict(objective="latency", latency=budget, margin=margin,
+                latency_cache=False if no_cache else (str(cache_path) if cache_path is not None else True),
+                target=LatencyTarget(target or "cpu", batch_size=batch, dtype=dtype, channels_last=channels_last,
+                                     threads=threads))
 
 
 def _guard(work) -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .latency import LatencyTarget
 
-__all__ = ["ConvertConfig", "LayerRule", "METHODS"]
+__all__ = ["ConvertConfig", "LayerRule", "LatencyTarget", "METHODS", "OBJECTIVES"]
 
 METHODS = ("dw-pw", "pw-dw-pw")
 TRACERS = ("auto", "fx", "module")
+OBJECTIVES = ("flops", "latency")
 
 
 def _check_rank(value: Any, what: str) -> None:
@@ -64,12 +67,24 @@ class LayerRule:
 class ConvertConfig:
     """How :func:`separify.convert` chooses and builds the replacements.
 
-    Rank selection (at most one of the three; with none, ``flops=0.5``):
+    Rank selection (at most one of the four; with none, ``flops=0.5``):
         rank: one fixed rank for every layer (dw-pw: channel multiplier ``K``, clamped per layer to the exact rank
             ``min(out, kh·kw)``; pw-dw-pw: intermediate channels ``R``).
         energy: per layer, the smallest rank keeping this fraction of the kernel's energy ``‖W‖²``.
         flops: keep this fraction of the whole model's FLOPs; ranks allocated across layers (see
             :mod:`separify.ranks`).
+        latency: keep this fraction of the whole model's time measured on ``target`` (implies
+            ``objective="latency"``); ranks allocated across layers by measured layer times.
+
+    Latency (see :mod:`separify.latency`):
+        objective: ``"flops"`` (the default: choose by FLOPs and decomposition error alone) or ``"latency"``: time
+            every candidate on ``target``, keep a layer dense unless a replacement is faster by ``margin``, use
+            each rank's fastest equivalent layout, and measure both whole models at the end.
+        target: a :class:`~separify.latency.LatencyTarget`, or just its backend name (``"cpu"``, ``"cuda"``,
+            ``"onnxruntime"``); default cpu.
+        margin: a replacement must be at least this fraction faster than the dense conv (default 0.05).
+        latency_cache: where measured layer times are kept: ``True`` for the default file
+            (:func:`separify.latency.default_cache_path`), a path, or ``False`` for none.
 
     Other settings:
         method: ``"pw-dw-pw"`` (CP form, the default: at equal FLOPs it keeps far more accuracy on trained networks)
@@ -118,15 +133,41 @@ class ConvertConfig:
     calib_memory_gb: float = 4.0
     calib_steps: int = 0
     calib_lr: float = 1e-3
+    objective: str = "flops"
+    latency: float | None = None
+    target: LatencyTarget | str | None = None
+    margin: float = 0.05
+    latency_cache: bool | str = True
 
     def __post_init__(self) -> None:
         _check_method(self.method)
         _check_rank(self.rank, "rank")
         _check_fraction(self.energy, "energy")
         _check_fraction(self.flops, "the FLOPs target")
-        given = [n for n in ("rank", "energy", "flops") if getattr(self, n) is not None]
+        _check_fraction(self.latency, "the latency target")
+        given = [n for n in ("rank", "energy", "flops", "latency") if getattr(self, n) is not None]
         if len(given) > 1:
-            raise ConfigError(f"give only one of rank, energy and flops (got {', '.join(given)})")
+            raise ConfigError(f"give only one of rank, energy, flops and latency (got {', '.join(given)})")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.latency is not None:
+            object.__setattr__(self, "objective", "latency")
+        target = self.target
+        if isinstance(target, str):
+            target = LatencyTarget(target)
+        elif isinstance(target, Mapping):
+            target = LatencyTarget(**dict(target))
+        elif target is None and self.objective == "latency":
+            target = LatencyTarget()
+        if target is not None and not isinstance(target, LatencyTarget):
+            raise ConfigError(f"target must be a LatencyTarget or one of cpu, cuda, onnxruntime, got {target!r}")
+        if target is not None and self.objective != "latency":
+            raise ConfigError("a latency target needs objective='latency' (or a latency budget)")
+        object.__setattr__(self, "target", target)
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not 0 <= self.margin < 1:
+            raise ConfigError(f"margin must be a fraction in [0, 1), got {self.margin!r}")
+        if not isinstance(self.latency_cache, (bool, str, os.PathLike)):
+            raise ConfigError(f"latency_cache must be True, False or a path, got {self.latency_cache!r}")
         if self.tracer not in TRACERS:
             raise ConfigError(f"tracer must be one of {', '.join(TRACERS)}, got {self.tracer!r}")
         if isinstance(self.exclude, str):
@@ -155,8 +196,11 @@ class ConvertConfig:
 
     @property
     def selection(self) -> str:
-        """Which rank selection is active: ``"rank"``, ``"energy"`` or ``"flops"``."""
-        return "rank" if self.rank is not None else "energy" if self.energy is not None else "flops"
+        """Which rank selection is active: ``"rank"``, ``"energy"``, ``"flops"`` or ``"latency"``."""
+        for name in ("rank", "energy", "latency"):
+            if getattr(self, name) is not None:
+                return name
+        return "flops"
 
     def rule_for(self, name: str) -> LayerRule | None:
         """The first rule whose pattern matches ``name``, with ``exclude`` patterns turned into rules."""
@@ -187,8 +231,8 @@ class ConvertConfig:
 
     def replace(self, **changes: Any) -> "ConvertConfig":
         """A copy with ``changes``; setting one rank selection clears the others."""
-        if any(k in changes for k in ("rank", "energy", "flops")):
-            base = {k: None for k in ("rank", "energy", "flops")}
+        if any(k in changes for k in ("rank", "energy", "flops", "latency")):
+            base = {k: None for k in ("rank", "energy", "flops", "latency")}
             base.update(changes)
             changes = base
         return replace(self, **changes)

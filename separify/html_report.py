@@ -230,7 +230,7 @@ def _report_body(rep: Report) -> str:
                           _t(r.latency_before), _t(r.latency_after) if r.status == "converted" else "",
                           "" if ratio is None else f"{ratio:.2f}",
                           "" if r.kernel_error is None else f"{r.kernel_error:.3f}",
-                          _e(r.note or "" if r.status == "converted" else r.reason or "")])
+                          _e(r.note or "" if r.status == "converted" else "; ".join(t for t in (r.reason, r.note) if t))])
             lcls.append(["text", "text", "kept" if r.status != "converted" else "text", "text"] + [""] * 5
                         + ["worse" if ratio is not None and ratio > 1 else "", "", "text"])
         parts += ["<h2>Layers</h2>", _table(head, lrows, lcls)]

@@ -9,6 +9,16 @@ exactly the original's output shape and, at full rank, its exact output:
 * padding commutes with a 1×1 conv that has no bias (zeros map to zeros; reflect/replicate/circular copy pixels,
   and a per-pixel linear map commutes with copying), so the first 1×1 of pw-dw-pw may run before the padding;
 * the original bias goes on the last 1×1 conv.
+
+**Layouts.** The same factors can be computed in several ways that give identical outputs and differ, sometimes by
+several times, in speed (``set_layout``; :mod:`separify.latency` measures them and picks the fastest for a target):
+
+* dw-pw with multiplier ``K``: ``"multiplier"`` (one depthwise conv with channel multiplier K, groups M),
+  ``"split"`` (K depthwise convs with multiplier 1, concatenated, then the 1×1; the factors are stored in the
+  order ``k·M + m`` instead of ``m·K + k``), ``"repeat"`` (each input channel repeated K times, then a depthwise conv
+  with multiplier 1 on M·K channels).
+* pw-dw-pw with rank ``R``: ``"plain"``, or ``"padN"`` (R rounded up to a multiple of N with zero terms, for
+  kernels that prefer channel counts in multiples of 8 or 16).
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import decompose as dec
@@ -66,6 +77,16 @@ class SeparableConv2d(nn.Module):
     """Common conv-like interface of the separable forms. Subclasses set ``method`` and build the convs."""
 
     method: str = ""
+    #: the layouts ``set_layout`` accepts (pw-dw-pw also accepts ``"padN"``); the first is the default
+    LAYOUTS: tuple[str, ...] = ()
+
+    def layouts(self) -> list[str]:
+        """The distinct equivalent layouts worth measuring for this module's rank."""
+        raise NotImplementedError
+
+    def set_layout(self, layout: str) -> "SeparableConv2d":
+        """Compute the same function in another way (see the module docstring); returns ``self``."""
+        raise NotImplementedError
 
     def _set_conv_attrs(self, conv_dw: nn.Conv2d, in_channels: int, out_channels: int, rank: int) -> None:
         self.in_channels = in_channels
@@ -79,6 +100,7 @@ class SeparableConv2d(nn.Module):
         self.groups = 1
         self.transposed = False
         self.output_padding = (0, 0)
+        self.layout = self.LAYOUTS[0]
         self.decomposition_error: float | None = None  # ‖W − Ŵ‖/‖W‖, set by from_conv
         self.predicted_output_error: float | None = None  # with calibration moments: see decompose.DwPwFactors
 
@@ -118,6 +140,8 @@ class SeparableConv2d(nn.Module):
             s += f", dilation={self.dilation}"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
+        if self.layout != self.LAYOUTS[0]:
+            s += f", layout={self.layout!r}"
         return s
 
     @classmethod
@@ -159,7 +183,10 @@ class DwPwConv2d(SeparableConv2d):
 
     ``conv_dw``: ``M → M·K`` channels, groups ``M``, with the original stride/padding/dilation/padding mode.
     ``conv_pw``: ``M·K → N``, 1×1, carrying the original bias. Multiply-adds per output pixel: ``K·M·(kh·kw + N)``.
+    Layouts (same function): ``"multiplier"`` (the default), ``"split"``, ``"repeat"`` (module docstring).
     """
+
+    LAYOUTS = ("multiplier", "split", "repeat")
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size, rank: int, *, stride=1, padding=0, dilation=1,
@@ -175,10 +202,51 @@ class DwPwConv2d(SeparableConv2d):
         return self.conv_pw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_pw(self.conv_dw(x))  # (B, M, H, W) → (B, M·K, H', W') → (B, N, H', W')
+        if self.layout == "multiplier" or self.rank == 1:
+            return self.conv_pw(self.conv_dw(x))  # (B, M, H, W) → (B, M·K, H', W') → (B, N, H', W')
+        m, k, dw = self.in_channels, self.rank, self.conv_dw
+        padding = dw.padding
+        if dw.padding_mode != "zeros":  # pad once, as nn.Conv2d does, then convolve unpadded
+            x, padding = F.pad(x, dw._reversed_padding_repeated_twice, mode=dw.padding_mode), 0
+        w = dw.weight  # (M·K, 1, kh, kw)
+        if self.layout == "repeat":  # (B, M, H, W) → (B, M·K, H, W), channel m·K + j = input channel m
+            h = F.conv2d(x.repeat_interleave(k, dim=1), w, None, dw.stride, padding, dw.dilation, m * k)
+        else:  # split: weights stored k-major; K depthwise convs (B, M, H', W') each, concatenated to (B, K·M, H', W')
+            h = torch.cat([F.conv2d(x, w[j * m : (j + 1) * m], None, dw.stride, padding, dw.dilation, m)
+                           for j in range(k)], dim=1)
+        return self.conv_pw(h)
+
+    def _order(self) -> torch.Tensor:
+        """Positions, in the stored order, of the channels ``m·K + k`` of the multiplier layout."""
+        if self.layout != "split":
+            return torch.arange(self.in_channels * self.rank)
+        # stored index k·M + m holds canonical channel m·K + k; invert that map
+        return torch.arange(self.in_channels * self.rank).view(self.rank, self.in_channels).t().reshape(-1)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(depthwise (M·K, 1, kh, kw), pointwise (N, M·K, 1, 1))`` in the multiplier layout's channel order
+        ``m·K + k``, whatever the current layout."""
+        order = self._order()
+        return self.conv_dw.weight[order], self.conv_pw.weight[:, order]
+
+    def layouts(self) -> list[str]:
+        return list(self.LAYOUTS) if self.rank > 1 else ["multiplier"]
+
+    def set_layout(self, layout: str) -> "DwPwConv2d":
+        if layout not in self.LAYOUTS:
+            raise ConfigError(f"unknown dw-pw layout {layout!r}; choose one of {', '.join(self.LAYOUTS)}")
+        if (layout == "split") != (self.layout == "split"):  # reorder the stored channels: m·K + k ↔ k·M + m
+            dw, pw = self.factors()
+            self.layout = layout
+            perm = torch.argsort(self._order())
+            with torch.no_grad():
+                self.conv_dw.weight.copy_(dw[perm])
+                self.conv_pw.weight.copy_(pw[:, perm])
+        self.layout = layout
+        return self
 
     def dense_weight(self) -> torch.Tensor:
-        return dec.dwpw_reconstruct(self.conv_dw.weight, self.conv_pw.weight, self.in_channels)
+        return dec.dwpw_reconstruct(*self.factors(), self.in_channels)
 
     @staticmethod
     def max_rank(conv: nn.Conv2d) -> int:
@@ -212,8 +280,11 @@ class PwDwPwConv2d(SeparableConv2d):
 
     ``conv_pw_in`` has no bias (so it commutes with the padding), ``conv_dw`` carries the original
     stride/padding/dilation/padding mode, ``conv_pw_out`` the original bias. Multiply-adds: ``R·M`` per input pixel
-    plus ``R·(kh·kw + N)`` per output pixel.
+    plus ``R·(kh·kw + N)`` per output pixel. Layouts: ``"plain"``, or ``"padN"``: ``rank`` rounded up to a multiple
+    of N by zero terms (``rank`` is then the padded width).
     """
+
+    LAYOUTS = ("plain",)
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size, rank: int, *, stride=1, padding=0, dilation=1,
@@ -235,6 +306,37 @@ class PwDwPwConv2d(SeparableConv2d):
 
     def dense_weight(self) -> torch.Tensor:
         return dec.cp_reconstruct(self.conv_pw_in.weight, self.conv_dw.weight, self.conv_pw_out.weight)
+
+    def layouts(self) -> list[str]:
+        widths = {-(-self.rank // n) * n: f"pad{n}" for n in (16, 8)}  # a pad8 that is also a pad16 is one layout
+        return ["plain"] + [layout for width, layout in sorted(widths.items()) if width != self.rank]
+
+    def set_layout(self, layout: str) -> "PwDwPwConv2d":
+        """``"padN"`` widens the module to ``ceil(rank/N)·N`` channels whose extra terms are zero (the output is
+        unchanged, FLOPs grow); the padding cannot be undone (``"plain"`` keeps the current width)."""
+        if layout == "plain" or layout == self.layout:
+            return self
+        multiple = int(layout[3:]) if layout.startswith("pad") and layout[3:].isdigit() else 0
+        if multiple <= 0:
+            raise ConfigError(f"unknown pw-dw-pw layout {layout!r}; choose plain or padN (N a positive integer)")
+        width = -(-self.rank // multiple) * multiple
+        if width != self.rank:
+            ref = self.conv_pw_out.weight
+            wide = type(self)(self.in_channels, self.out_channels, self.kernel_size, width, stride=self.stride,
+                              padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
+                              padding_mode=self.padding_mode, device=ref.device, dtype=ref.dtype)
+            with torch.no_grad():
+                for name in ("conv_pw_in", "conv_dw", "conv_pw_out"):
+                    new, old = getattr(wide, name), getattr(self, name)
+                    new.weight.zero_()  # (R', M, 1, 1), (R', 1, kh, kw), (N, R', 1, 1): the extra terms are zero
+                    new.weight[tuple(slice(0, d) for d in old.weight.shape)] = old.weight
+                    if old.bias is not None:
+                        new.bias.copy_(old.bias)
+                    new.train(old.training)
+                    setattr(self, name, new)
+            self.rank = width
+        self.layout = layout
+        return self
 
     @staticmethod
     def max_rank(conv: nn.Conv2d) -> int:

@@ -651,6 +651,10 @@ def convert_onnx(
     if cfg.calib_steps:
         raise ConfigError("calib_steps (layer-wise reconstruction) runs in PyTorch and is not available for ONNX "
                           "models; use the least-squares refit (the default) or fine-tune (--finetune)")
+    if cfg.objective == "latency":
+        raise ConfigError("objective='latency' (--objective latency, --latency-budget) is not available for ONNX input "
+                          "models yet; convert the PyTorch model with the onnxruntime target and export it (-o "
+                          "out.onnx), or convert this file by FLOPs and check it with separify report")
     original = load_onnx(model)
     work = original.clone()  # new nodes and values, shared (never mutated) tensors: the input stays untouched
     work.meta[_EXTERNAL_KEY] = original.meta.get(_EXTERNAL_KEY, False)

@@ -34,7 +34,7 @@ import torch
 
 from . import decompose as dec
 
-__all__ = ["LayerCost", "error_curve", "rank_for_energy", "allocate", "Allocation"]
+__all__ = ["LayerCost", "error_curve", "rank_for_energy", "allocate", "allocate_options", "Allocation"]
 
 
 def _tail_fraction(spectra: torch.Tensor, total: float) -> np.ndarray:
@@ -106,11 +106,12 @@ class LayerCost:
 
 @dataclass(frozen=True)
 class Allocation:
-    """Result of :func:`allocate`: rank per layer (``None`` = stay dense), FLOPs reached and whether it fits."""
+    """Result of :func:`allocate`: rank per layer (``None`` = stay dense), FLOPs (or the cost unit of
+    :func:`allocate_options`) reached and whether it fits."""
 
     ranks: dict[str, int | None]
-    flops: int
-    budget: int
+    flops: float
+    budget: float
     feasible: bool
 
 
@@ -120,21 +121,38 @@ def allocate(layers: list[LayerCost], budget: int) -> Allocation:
     Layers with no saving rank are left dense. If even the cheapest ranks exceed the budget, every layer takes its
     cheapest rank and the allocation is marked infeasible.
     """
-    raw = {}  # name -> (choices: rank or None for dense, flops, err2) over all options
+    options = {}
     for layer in layers:
         ranks = layer.saving_ranks()
         if len(ranks) == 0:
             continue
-        flops = np.array([layer.flops(int(r)) for r in ranks] + [layer.dense_flops], dtype=np.float64)
-        err2 = np.concatenate([layer.errors(ranks) ** 2, [0.0]])
-        raw[layer.name] = ([int(r) for r in ranks] + [None], flops, err2)
+        options[layer.name] = ([int(r) for r in ranks] + [None], [layer.flops(int(r)) for r in ranks] + [layer.dense_flops],
+                               np.concatenate([layer.errors(ranks) ** 2, [0.0]]))
+    alloc = allocate_options(options, budget)
+    return Allocation({layer.name: alloc.ranks.get(layer.name) for layer in layers}, int(alloc.flops), budget,
+                      alloc.feasible)
+
+
+def allocate_options(options: dict[str, tuple[list, "np.ndarray | list", "np.ndarray | list"]],
+                     budget: float) -> Allocation:
+    """The greedy marginal-gain allocation (module docstring) over explicit options.
+
+    ``options[name] = (choices, costs, err2)``: what each option is (a rank, or ``None`` for staying dense), its cost
+    (FLOPs, or measured milliseconds) and its squared relative error. Every layer starts at its cheapest option;
+    ``Allocation.flops`` is the total cost reached (in the unit of ``costs``).
+    """
+    raw = {}  # name -> (choices, costs, err2), sorted by cost
+    for name, (choices, costs, err2) in options.items():
+        order = np.argsort(np.asarray(costs, dtype=np.float64), kind="stable")
+        raw[name] = ([choices[i] for i in order], np.asarray(costs, dtype=np.float64)[order],
+                     np.asarray(err2, dtype=np.float64)[order])
 
     current = {name: 0 for name in raw}  # index into raw
-    used = sum(int(raw[name][1][0]) for name in raw)
+    used = sum(float(raw[name][1][0]) for name in raw)
     feasible = used <= budget
 
     def best_upgrade(name: str, room: float):
-        """(gain, option, extra FLOPs) of the best upgrade of ``name`` costing at most ``room``, or None."""
+        """(gain, option, extra cost) of the best upgrade of ``name`` costing at most ``room``, or None."""
         _, flops, err2 = raw[name]
         i = current[name]
         ok = (flops > flops[i]) & (flops - flops[i] <= room) & (err2 < err2[i])
@@ -144,8 +162,8 @@ def allocate(layers: list[LayerCost], budget: int) -> Allocation:
         k = int(np.argmax(gain))
         return float(gain[k]), k, float(flops[k] - flops[i])
 
-    # the best affordable upgrade (largest error decrease per FLOP added) over all layers, until none fits; a layer's
-    # best upgrade only changes when the layer moves or the upgrade stops fitting, so it is cached
+    # the best affordable upgrade (largest error decrease per unit of cost added) over all layers, until none fits;
+    # a layer's best upgrade only changes when the layer moves or the upgrade stops fitting, so it is cached
     cache = {name: best_upgrade(name, budget - used) for name in raw} if feasible else {}
     while cache:
         room = budget - used
@@ -157,10 +175,8 @@ def allocate(layers: list[LayerCost], budget: int) -> Allocation:
             break
         _, name = max(live)
         _, k, extra = cache[name]
-        used += int(extra)
+        used += extra
         current[name] = k
         cache[name] = best_upgrade(name, budget - used)
-    ranks: dict[str, int | None] = {layer.name: None for layer in layers}
-    for name, i in current.items():
-        ranks[name] = raw[name][0][i]
-    return Allocation(ranks, used, budget, feasible)
+    chosen = {name: raw[name][0][i] for name, i in current.items()}
+    return Allocation(chosen, used, budget, feasible)

@@ -542,13 +542,24 @@ def _conversion(result: ConvertResult | None) -> dict[str, Any] | None:
     if result is None:
         return None
     cfg = result.config
-    target = {"flops": cfg.flops, "rank": cfg.rank, "energy": cfg.energy}.get(cfg.selection)
-    return {"method": cfg.method, "selection": cfg.selection, "target": target, "path": result.path,
-            "trace_error": result.trace_error, "converted_layers": len(result.converted),
-            "conv_layers": len(result.layers),
-            "flops_ratio_at_example_input": _fig(result.flops_ratio, "ratio"),
-            "calibrated": any(r.calib_error_after is not None for r in result.layers),
-            "warnings": list(result.warnings)}
+    target = {"flops": cfg.flops, "rank": cfg.rank, "energy": cfg.energy, "latency": cfg.latency}.get(cfg.selection)
+    doc = {"method": cfg.method, "selection": cfg.selection, "target": target, "path": result.path,
+           "trace_error": result.trace_error, "converted_layers": len(result.converted),
+           "conv_layers": len(result.layers),
+           "flops_ratio_at_example_input": _fig(result.flops_ratio, "ratio"),
+           "calibrated": any(r.calib_error_after is not None for r in result.layers),
+           "objective": cfg.objective,
+           "warnings": list(result.warnings)}
+    if cfg.objective == "latency" and result.latency_target is not None:
+        doc["latency_selection"] = {
+            "target": result.latency_target,
+            "original": _timing(result.latency_before) if result.latency_before else None,
+            "converted": _timing(result.latency_after) if result.latency_after else None,
+            "ratio": _fig(result.latency_ratio, "ratio") if result.latency_ratio is not None else None,
+            "predicted_ratio": _fig(result.latency_predicted, "ratio") if result.latency_predicted is not None
+            else None,
+        }
+    return doc
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -663,7 +674,12 @@ def _rank_of(module: nn.Module | None) -> int | None:
 def _note(rec: LayerRecord | None) -> str | None:
     if rec is None:
         return None
-    parts = [f"BN {rec.bn_folded} folded" if rec.bn_folded else None, rec.note,
+    timed = None
+    if rec.time_before_ms is not None and rec.time_after_ms is not None:
+        timed = f"selected on the target: {rec.time_before_ms:.3g} → {rec.time_after_ms:.3g} ms, layout {rec.layout}"
+    elif rec.time_before_ms is not None and rec.reason is not None and "measured" not in rec.reason:
+        timed = f"dense {rec.time_before_ms:.3g} ms on the target"
+    parts = [f"BN {rec.bn_folded} folded" if rec.bn_folded else None, rec.note, timed,
              f"output error {rec.output_error:.3g} (onnxruntime, random inputs)" if rec.output_error is not None
              else None]
     return "; ".join(p for p in parts if p) or None
@@ -756,7 +772,7 @@ def layer_table(rep: Report) -> Table:
             row += [f"{r.kernel_error:.3f}" if r.kernel_error is not None else ""]
         if calib:
             row += [f"{r.calib_error_before:.3f} → {r.calib_error_after:.3f}" if r.calib_error_after is not None else ""]
-        row += [r.note or "" if converted else f"[yellow]{r.reason}[/yellow]"]
+        row += [r.note or "" if converted else f"[yellow]{r.reason}[/yellow]" + (f"; {r.note}" if r.note else "")]
         table.add_row(*row)
     return table
 
@@ -811,6 +827,15 @@ def print_report(rep: Report, console: Console | None = None) -> None:
         console.print(line)
         if conv["selection"] == "flops":
             console.print(f"FLOPs target {conv['target']:g}: reached {conv['flops_ratio_at_example_input']['value']:.3f}")
+        sel = conv.get("latency_selection")
+        if sel and sel.get("ratio"):
+            line = (f"latency objective on {sel['target']}: whole model {sel['original']['median']['value']:.3g} → "
+                    f"{sel['converted']['median']['value']:.3g} ms, ratio {sel['ratio']['value']:.3f}")
+            if sel.get("predicted_ratio"):
+                line += f" (the layer times predicted {sel['predicted_ratio']['value']:.3f})"
+            if conv["selection"] == "latency":
+                line += f"; target {conv['target']:g}"
+            console.print(line, highlight=False)
         for w in conv["warnings"]:
             console.print(f"[yellow]warning:[/yellow] {w}")
     noisy = [lat.backend for lat in rep.latency for t in (lat.original, lat.converted)

@@ -1,0 +1,435 @@
+"""Latency-aware conversion: time every candidate replacement on the target and choose by measured time.
+
+Fewer FLOPs are not less time. A depthwise conv reads and writes as much memory as it computes, so on many targets a
+separable block is slower than the dense conv it replaces, and how much slower depends on the layout: a depthwise
+conv with channel multiplier 2 can take several times a multiplier-1 conv on the same channels. So, with
+``objective="latency"``, :func:`separify.convert`:
+
+1. times, for every convertible layer at its real input shape (the target's batch size, dtype and memory format),
+   the dense conv and each candidate replacement in each of its equivalent layouts
+   (:meth:`separify.modules.SeparableConv2d.layouts`), keeping the fastest layout per rank;
+2. drops every candidate that is not faster than the dense conv by ``margin``; a layer with none left stays dense,
+   and its record says what was measured;
+3. allocates ranks among the remaining candidates: to meet a FLOPs target (the default) or, with ``latency=L``, a
+   whole-model time of ``L`` × the original's, minimising the summed squared relative error (kernel error, or the
+   predicted output error on calibration data) with :func:`separify.ranks.allocate_options`;
+4. measures both whole models on the target and reports the ratio.
+
+Candidate ranks: every rank for dw-pw (``K`` is small); for pw-dw-pw a geometric grid of multiples of 8 (channel
+counts that vector units and tensor cores handle without remainder loops). Timing is a sum-of-layers model of the
+whole network; step 4 checks it.
+
+Timings are cached on disk (:class:`LatencyCache`), keyed by the machine, software versions, threads, input shape,
+batch size, dtype, memory format, module configuration and layout, so a second conversion on the same machine
+reuses them. A test or a user may inject their own timing function (``timer=``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, SeparifyError, first_line
+from .modules import SeparableConv2d
+
+__all__ = ["LatencyTarget", "LatencyCache", "Timer", "LayerTimes", "measure_modules", "time_model", "module_spec",
+           "rank_grid", "BACKENDS", "DTYPES"]
+
+BACKENDS = ("cpu", "cuda", "onnxruntime")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: ``timer(modules, input_shape, target) -> milliseconds per call of each module`` (input shape incl. the batch)
+Timer = Callable[[Sequence[nn.Module], tuple, "LatencyTarget"], list[float]]
+
+
+@dataclass(frozen=True)
+class LatencyTarget:
+    """Where and how the converted model will run; candidates are timed that way.
+
+    Attributes:
+        backend: ``"cpu"`` (PyTorch eager, ``torch.utils.benchmark``), ``"cuda"`` (PyTorch eager on the current
+            GPU, CUDA events) or ``"onnxruntime"`` (each candidate exported with ``torch.onnx.export`` and run in
+            ONNX Runtime's CPU execution provider).
+        batch_size: batch size to time at (default: the example input's).
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (PyTorch backends; float16 on CUDA only).
+        channels_last: time in the channels-last memory format (PyTorch backends).
+        threads: intra-op CPU threads (default: PyTorch's current setting).
+        min_run_time: seconds of timed calls per candidate, after warm-up.
+    """
+
+    backend: str = "cpu"
+    batch_size: int | None = None
+    dtype: str = "float32"
+    channels_last: bool = False
+    threads: int | None = None
+    min_run_time: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown latency target {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.backend == "onnxruntime" and (self.dtype != "float32" or self.channels_last):
+            raise ConfigError("the onnxruntime target times float32 models in their exported layout; --dtype and "
+                              "--channels-last apply to the cpu and cuda targets")
+        if self.backend == "cpu" and self.dtype == "float16":
+            raise ConfigError("float16 convolutions are for the cuda target; on cpu use float32 or bfloat16")
+        for name in ("batch_size", "threads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.min_run_time, bool) or not isinstance(self.min_run_time, (int, float)) \
+                or not self.min_run_time > 0:
+            raise ConfigError(f"min_run_time must be a positive number of seconds, got {self.min_run_time!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.backend == "cuda" else "cpu"
+
+    def describe(self, batch_size: int | None = None) -> str:
+        """E.g. ``"torch-cpu float32, batch 1, 2 threads"``."""
+        name = {"cpu": "torch-cpu", "cuda": "torch-cuda", "onnxruntime": "onnxruntime-cpu"}[self.backend]
+        parts = [f"{name} {self.dtype}" + (" channels-last" if self.channels_last else "")]
+        batch = self.batch_size or batch_size
+        if batch:
+            parts.append(f"batch {batch}")
+        if self.backend != "cuda":
+            parts.append(f"{self.threads or torch.get_num_threads()} threads")
+        return ", ".join(parts)
+
+    def machine(self) -> dict:
+        """What identifies the timing environment in the cache: device, software versions, threads."""
+        from .measure import cpu_name
+
+        key = {"backend": self.backend, "torch": torch.__version__, "dtype": self.dtype,
+               "channels_last": self.channels_last}
+        if self.backend == "cuda":
+            key.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda",
+                       cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+        else:
+            key.update(device=cpu_name(), cores=os.cpu_count(), threads=self.threads or torch.get_num_threads())
+        if self.backend == "onnxruntime":
+            import onnxruntime
+
+            key["onnxruntime"] = onnxruntime.__version__
+        return key
+
+    def check_available(self) -> None:
+        if self.backend == "cuda" and not torch.cuda.is_available():
+            raise SeparifyError("the latency target is cuda, but PyTorch sees no CUDA device here")
+        if self.backend == "onnxruntime":
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError:
+                raise SeparifyError("the onnxruntime target needs onnxruntime (pip install onnxruntime)") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def _prepare(module: nn.Module, target: LatencyTarget) -> nn.Module:
+    module = copy.deepcopy(module).to(device=target.device, dtype=target.torch_dtype)
+    if target.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module.eval()
+
+
+def _input(shape: tuple, target: LatencyTarget) -> torch.Tensor:
+    x = torch.randn(shape, dtype=target.torch_dtype, device=target.device)
+    return x.contiguous(memory_format=torch.channels_last) if target.channels_last and x.dim() == 4 else x
+
+
+def _export_small(module: nn.Module, x: torch.Tensor, path: str) -> None:
+    """Export one layer: the TorchScript exporter takes a fraction of a second for a few convs; the
+    ``torch.export``-based one (``measure.export_onnx``) is the fallback."""
+    from .measure import export_onnx
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (x,), path, dynamo=False)
+    except Exception:  # noqa: BLE001 - the other exporter says why if it fails too
+        export_onnx(module, (x,), path)
+
+
+def measure_modules(modules: Sequence[nn.Module], input_shape: tuple, target: LatencyTarget) -> list[float]:
+    """Median milliseconds per call of each of ``modules`` on an input of ``input_shape``, timed on ``target``
+    in the same interleaved run (:mod:`separify.measure`)."""
+    from .measure import time_onnxruntime, time_torch
+
+    if target.backend == "onnxruntime":
+        x = torch.randn(input_shape)
+        with tempfile.TemporaryDirectory(prefix="separify-latency-") as tmp:
+            paths = []
+            for i, module in enumerate(modules):
+                paths.append(os.path.join(tmp, f"m{i}.onnx"))
+                _export_small(copy.deepcopy(module).eval(), x, paths[-1])
+            timings = time_onnxruntime(paths, [x], threads=target.threads, min_run_time=target.min_run_time,
+                                       spinning=False)
+    else:
+        prepared = [_prepare(m, target) for m in modules]
+        timings = time_torch(prepared, [_input(input_shape, target)], device=target.device, threads=target.threads,
+                             min_run_time=target.min_run_time)
+    timings = timings if isinstance(timings, list) else [timings]
+    return [t.median_ms for t in timings]
+
+
+def time_model(models: Sequence[nn.Module], inputs: tuple, target: LatencyTarget):
+    """Whole-model :class:`~separify.measure.Timing` of each of ``models`` on ``target`` (interleaved), at the
+    target's batch size (the inputs' first sample repeated) — the check of the sum-of-layers model."""
+    from .measure import export_onnx, frozen_mode, time_onnxruntime, time_torch
+
+    inputs = tuple(_at_batch(t, target.batch_size) for t in inputs)
+    run_time = max(10 * target.min_run_time, 0.5)
+    if target.backend == "onnxruntime":
+        with tempfile.TemporaryDirectory(prefix="separify-latency-") as tmp:
+            paths = []
+            for i, model in enumerate(models):
+                paths.append(os.path.join(tmp, f"model{i}.onnx"))
+                with frozen_mode(model):
+                    export_onnx(model, inputs, paths[-1])
+            return time_onnxruntime(paths, list(inputs), threads=target.threads, min_run_time=run_time)
+    prepared = [_prepare(m, target) for m in models]
+    xs = tuple(t.to(device=target.device, dtype=target.torch_dtype) if t.is_floating_point() else t for t in inputs)
+    if target.channels_last:
+        xs = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in xs)
+    return time_torch(prepared, xs, device=target.device, threads=target.threads, min_run_time=run_time)
+
+
+def _at_batch(t: torch.Tensor, batch: int | None) -> torch.Tensor:
+    if batch is None or not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] == batch:
+        return t
+    return t[:1].expand(batch, *t.shape[1:]).clone()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The cache
+
+
+def module_spec(module: nn.Module) -> dict | None:
+    """Everything about ``module`` that its speed depends on (not its weights); ``None`` if not a conv or a
+    separable replacement."""
+    if isinstance(module, SeparableConv2d):
+        return {"op": module.method, "in": module.in_channels, "out": module.out_channels,
+                "kernel": list(module.kernel_size), "stride": list(module.stride),
+                "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
+                "dilation": list(module.dilation), "padding_mode": module.padding_mode,
+                "bias": module.bias is not None, "rank": module.rank, "layout": module.layout}
+    if type(module) is nn.Conv2d:
+        return {"op": "conv", "in": module.in_channels, "out": module.out_channels,
+                "kernel": list(module.kernel_size), "stride": list(module.stride),
+                "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
+                "dilation": list(module.dilation), "groups": module.groups, "padding_mode": module.padding_mode,
+                "bias": module.bias is not None}
+    return None
+
+
+def default_cache_path() -> Path:
+    """``$SEPARIFY_CACHE_DIR/latency.json``, else ``$XDG_CACHE_HOME/separify/latency.json``, else
+    ``~/.cache/separify/latency.json``."""
+    if os.environ.get("SEPARIFY_CACHE_DIR"):
+        return Path(os.environ["SEPARIFY_CACHE_DIR"]) / "latency.json"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "separify" / "latency.json"
+
+
+class LatencyCache:
+    """Measured layer times on disk: one JSON object ``{key: milliseconds}``.
+
+    The key holds the machine and software (:meth:`LatencyTarget.machine`), the input shape incl. batch size, and
+    the module configuration and layout (:func:`module_spec`). Writes are atomic and merge with what another
+    process wrote meanwhile; an unreadable file is ignored with a warning (and replaced on the next save).
+    ``LatencyCache(None)`` keeps the times in memory only.
+    """
+
+    VERSION = 1
+
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.entries: dict[str, float] = self._read() if self.path is not None else {}
+        self.hits = self.misses = 0
+        self._new: dict[str, float] = {}
+
+    def _read(self) -> dict[str, float]:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("version") != self.VERSION:
+                raise ValueError(f"version {data.get('version')!r}, expected {self.VERSION}")
+            return {str(k): float(v) for k, v in data["times_ms"].items()}
+        except Exception as exc:  # noqa: BLE001 - a damaged cache must not stop a conversion
+            warnings.warn(f"ignoring the latency cache {self.path}: {first_line(exc)}", stacklevel=3)
+            return {}
+
+    @staticmethod
+    def key(target: LatencyTarget, spec: dict, input_shape: tuple) -> str:
+        return json.dumps({"machine": target.machine(), "module": spec, "input": list(input_shape)}, sort_keys=True)
+
+    def get(self, key: str) -> float | None:
+        value = self.entries.get(key)
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return value
+
+    def put(self, key: str, ms: float) -> None:
+        self.entries[key] = ms
+        self._new[key] = ms
+
+    def save(self) -> None:
+        """Write the new entries (merged into the file's current content) atomically."""
+        if self.path is None or not self._new:
+            return
+        from .model_io import atomic_write
+
+        merged = self._read()
+        merged.update(self._new)
+        text = json.dumps({"version": self.VERSION, "times_ms": merged}, indent=0, sort_keys=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
+        except OSError as exc:
+            warnings.warn(f"could not write the latency cache {self.path}: {first_line(exc)}", stacklevel=2)
+            return
+        self.entries.update(merged)
+        self._new.clear()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Candidates
+
+
+def rank_grid(method: str, saving_ranks: Sequence[int], *, multiple: int = 8, ratio: float = 1.5,
+              max_points: int = 12) -> list[int]:
+    """The ranks to time for one layer, from the ranks that save FLOPs (ascending).
+
+    dw-pw: every saving ``K`` (at most ``max_points``, geometrically spaced). pw-dw-pw: multiples of ``multiple``,
+    geometrically spaced by about ``ratio``, always with the largest; a layer too small for any multiple gets its
+    saving ranks, thinned the same way.
+    """
+    ranks = [int(r) for r in saving_ranks]
+    if not ranks:
+        return []
+    if method == "pw-dw-pw":
+        friendly = [r for r in ranks if r % multiple == 0]
+        ranks = friendly or ranks
+    picked = [ranks[0]]
+    for r in ranks[1:]:
+        if r >= picked[-1] * ratio or (method == "dw-pw" and len(ranks) <= max_points):
+            picked.append(r)
+    if picked[-1] != ranks[-1]:
+        picked.append(ranks[-1])
+    if len(picked) > max_points:  # keep both ends, thin the middle evenly
+        idx = sorted({round(i * (len(picked) - 1) / (max_points - 1)) for i in range(max_points)})
+        picked = [picked[i] for i in idx]
+    return picked
+
+
+@dataclass
+class LayerTimes:
+    """Measured times of one layer: the dense conv and, per rank, the fastest layout.
+
+    ``all`` holds every (rank, layout, ms) timed, for the record and the benchmark.
+    """
+
+    dense_ms: float
+    best: dict[int, tuple[str, float]] = field(default_factory=dict)
+    all: list[tuple[int, str, float]] = field(default_factory=list)
+
+    def allowed(self, margin: float) -> dict[int, tuple[str, float]]:
+        """The ranks whose fastest layout beats the dense conv by at least ``margin`` (a fraction)."""
+        return {r: v for r, v in self.best.items() if v[1] <= (1.0 - margin) * self.dense_ms}
+
+    def fastest(self) -> tuple[int, str, float] | None:
+        if not self.best:
+            return None
+        r = min(self.best, key=lambda k: self.best[k][1])
+        return r, *self.best[r]
+
+
+class LayerTimer:
+    """Times layers on a target through the cache (or an injected timing function, uncached)."""
+
+    def __init__(self, target: LatencyTarget, *, cache: LatencyCache | None = None, timer: Timer | None = None):
+        self.target = target
+        self.cache = cache if cache is not None else LatencyCache(None)
+        self.timer = timer
+
+    def time(self, conv: nn.Conv2d, method_cls: type[SeparableConv2d], ranks: Sequence[int],
+             input_shape: tuple) -> LayerTimes:
+        """Time ``conv`` and its replacements at ``ranks`` in each layout at ``input_shape`` (batch set by the
+        target). Candidates carry random weights: speed does not depend on the values."""
+        shape = (self.target.batch_size or input_shape[0], *input_shape[1:])
+        candidates: list[tuple[int | None, str | None, nn.Module]] = [(None, None, conv)]
+        for r in ranks:
+            probe = method_cls.like(conv, r, device="meta")
+            for layout in probe.layouts():
+                candidates.append((r, layout, method_cls.like(conv, r, device="cpu").set_layout(layout)))
+        if self.timer is not None:  # injected: no cache, the function decides
+            ms = list(self.timer([c for _, _, c in candidates], shape, self.target))
+        else:
+            keys = [LatencyCache.key(self.target, module_spec(c), shape) for _, _, c in candidates]
+            ms = [self.cache.get(k) for k in keys]
+            todo = [i for i, v in enumerate(ms) if v is None]
+            if todo:
+                measured = measure_modules([candidates[i][2] for i in todo], shape, self.target)
+                for i, v in zip(todo, measured):
+                    ms[i] = v
+                    self.cache.put(keys[i], v)
+        if len(ms) != len(candidates) or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+                                                 for v in ms):
+            raise SeparifyError(f"the timing function returned {ms!r} for {len(candidates)} modules; expected that "
+                                "many positive milliseconds")
+        times = LayerTimes(float(ms[0]))
+        for (r, layout, _), v in zip(candidates[1:], ms[1:]):
+            times.all.append((r, layout, float(v)))
+            if r not in times.best or v < times.best[r][1]:
+                times.best[r] = (layout, float(v))
+        return times
+
+
+class LatencyPlanner:
+    """The latency side of rank selection (used by :func:`separify.api.choose_ranks`): times each layer's
+    candidates and says which are allowed, recording the times and the reasons on the layer records."""
+
+    def __init__(self, layer_timer: LayerTimer, margin: float, *, original_ms: float | None = None,
+                 batch_size: int | None = None) -> None:
+        self.timer = layer_timer
+        self.margin = margin
+        self.original_ms = original_ms  # whole original model on the target (latency budgets only)
+        self.where = layer_timer.target.describe(batch_size)
+
+    def options(self, rec, conv: nn.Conv2d, input_shape: tuple, ranks: Sequence[int]) -> dict[int, tuple[str, float]]:
+        """``{rank: (fastest layout, ms)}`` for the ranks measured faster than the dense conv by the margin; with
+        none, ``rec.reason`` says what was measured. Sets ``rec.time_before_ms``."""
+        from .modules import FORMS
+
+        times = self.timer.time(conv, FORMS[rec.method], ranks, input_shape)
+        rec.time_before_ms = times.dense_ms
+        allowed = times.allowed(self.margin)
+        if not allowed:
+            best = times.fastest()
+            what = f"rank {best[0]} {best[1]}: {best[2]:.3g} ms" if best else "none"
+            rec.reason = (f"no replacement measured faster than the dense conv by {self.margin:.0%} on {self.where} "
+                          f"(dense {times.dense_ms:.3g} ms; fastest {rec.method} {what})")
+        return allowed
+
+    def save(self) -> None:
+        self.timer.cache.save()

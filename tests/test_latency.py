@@ -1,0 +1,340 @@
+"""Latency-aware conversion: equivalent layouts are exact, the selector follows the (injected) timings, the cache
+round-trips. No assertion here depends on how fast this machine is."""
+
+import copy
+import json
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import separify
+from separify.config import ConvertConfig
+from separify.errors import ConfigError
+from separify.latency import LatencyCache, LatencyTarget, LayerTimer, measure_modules, module_spec, rank_grid
+from separify.modules import DwPwConv2d, PwDwPwConv2d, SeparableConv2d
+
+# (in, out, kernel, stride, padding, dilation, padding_mode, bias)
+CONFIGS = {
+    "3x3": (6, 10, 3, 1, 1, 1, "zeros", True),
+    "3x5-stride2-dil": (5, 7, (3, 5), 2, (1, 2), (2, 1), "zeros", False),
+    "same-reflect": (4, 9, 3, 1, "same", 1, "reflect", True),
+    "valid-7x7": (3, 8, 7, 1, 0, 1, "zeros", True),
+    "circular-stride2": (6, 4, (5, 3), (2, 1), 2, 1, "circular", True),
+    "replicate-dil2": (5, 12, 3, 1, 2, 2, "replicate", False),
+}
+
+
+def _conv(cfg):
+    m, n, k, s, p, d, mode, bias = cfg
+    return nn.Conv2d(m, n, k, stride=s, padding=p, dilation=d, padding_mode=mode, bias=bias).double()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("rank", [2, 3, "exact"])
+def test_dwpw_layouts_are_exact(name, rank):
+    torch.manual_seed(0)
+    conv = _conv(CONFIGS[name])
+    x = torch.randn(2, conv.in_channels, 11, 13, dtype=torch.float64)
+    ref = DwPwConv2d.from_conv(conv, None if rank == "exact" else min(rank, DwPwConv2d.max_rank(conv)))
+    assert ref.layouts() == ["multiplier", "split", "repeat"]
+    y = ref(x)
+    for layout in ref.layouts():
+        mod = copy.deepcopy(ref).set_layout(layout)
+        assert mod.layout == layout and mod.rank == ref.rank
+        torch.testing.assert_close(mod(x), y, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mod.dense_weight(), ref.dense_weight(), rtol=1e-12, atol=1e-12)
+        for back in ("multiplier", "repeat", "split"):  # any layout to any other and back
+            torch.testing.assert_close(copy.deepcopy(mod).set_layout(back)(x), y, rtol=1e-12, atol=1e-12)
+    if rank == "exact":
+        torch.testing.assert_close(copy.deepcopy(ref).set_layout("split")(x), conv(x), rtol=1e-9, atol=1e-9)
+
+
+def test_dwpw_rank1_has_one_layout():
+    mod = DwPwConv2d.from_conv(_conv(CONFIGS["3x3"]), 1)
+    assert mod.layouts() == ["multiplier"]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("rank", [5, 13, 16])
+def test_pwdwpw_padded_layouts_are_exact(name, rank):
+    torch.manual_seed(1)
+    conv = _conv(CONFIGS[name])
+    ref = PwDwPwConv2d.from_conv(conv, rank, max_iter=3)
+    x = torch.randn(2, conv.in_channels, 11, 13, dtype=torch.float64)
+    expected = {5: ["plain", "pad8", "pad16"], 13: ["plain", "pad8"], 16: ["plain"]}[rank]
+    assert ref.layouts() == expected
+    for layout in ref.layouts():
+        mod = copy.deepcopy(ref).set_layout(layout)
+        multiple = int(layout[3:]) if layout != "plain" else 1
+        assert mod.rank % multiple == 0 and mod.rank >= rank
+        assert mod.conv_pw_in.out_channels == mod.conv_dw.in_channels == mod.conv_pw_out.in_channels == mod.rank
+        torch.testing.assert_close(mod(x), ref(x), rtol=1e-12, atol=1e-12)
+        assert (mod.bias is None) == (conv.bias is None)
+
+
+def test_layouts_train_and_export():
+    """A split-layout module is an ordinary module: gradients reach its factors, torch.export traces it."""
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    mod = DwPwConv2d.from_conv(conv, 2).set_layout("split")
+    x = torch.randn(1, 4, 8, 8)
+    mod(x).sum().backward()
+    assert mod.conv_dw.weight.grad is not None and mod.conv_pw.weight.grad.abs().sum() > 0
+    program = torch.export.export(mod.eval(), (x,))
+    torch.testing.assert_close(program.module()(x), mod(x))
+
+
+def test_unknown_layout_is_refused():
+    mod = DwPwConv2d.from_conv(nn.Conv2d(4, 6, 3), 2)
+    with pytest.raises(ConfigError, match="unknown dw-pw layout"):
+        mod.set_layout("pad8")
+    with pytest.raises(ConfigError, match="unknown pw-dw-pw layout"):
+        PwDwPwConv2d.from_conv(nn.Conv2d(4, 6, 3), 3, max_iter=1).set_layout("split")
+
+
+def test_rank_grid():
+    assert rank_grid("dw-pw", range(1, 8)) == list(range(1, 8))
+    grid = rank_grid("pw-dw-pw", range(1, 2000))
+    assert all(r % 8 == 0 for r in grid) and grid[0] == 8 and grid[-1] == 1992 and len(grid) <= 12
+    assert rank_grid("pw-dw-pw", range(1, 6)) == [1, 2, 3, 5]  # too small for a multiple of 8
+    assert rank_grid("pw-dw-pw", []) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The selector, with injected timing functions
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 32, 3, padding=1)
+        self.c = nn.Conv2d(32, 32, 3, padding=1)
+        self.head = nn.Conv2d(32, 10, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
+def _flops_timer(slow_factor=1.0, favour=None, calls=None):
+    """Milliseconds proportional to FLOPs; separable candidates ``slow_factor`` times slower, except the layout
+    ``favour`` (made 4× faster than the others)."""
+
+    def timer(modules, shape, target):
+        if calls is not None:
+            calls.append(len(modules))
+        out = []
+        for m in modules:
+            ms = separify.measure.count_flops(m, torch.zeros(shape)) / 1e6
+            if isinstance(m, SeparableConv2d):
+                ms *= slow_factor
+                if favour is not None and m.layout == favour:
+                    ms /= 4
+            out.append(ms)
+        return out
+
+    return timer
+
+
+def _net():
+    torch.manual_seed(0)
+    return Net().eval(), torch.randn(1, 3, 16, 16)
+
+
+def test_selector_keeps_the_original_when_every_candidate_is_slower():
+    net, x = _net()
+    res = separify.convert(net, example_inputs=x, objective="latency", latency_cache=False,
+                           timer=_flops_timer(slow_factor=50.0))
+    assert not res.converted
+    for name in ("a", "b", "c"):
+        rec = next(r for r in res.layers if r.name == name)
+        assert rec.reason.startswith("no replacement measured faster than the dense conv by 5%"), rec.reason
+        assert rec.time_before_ms > 0 and rec.time_after_ms is None
+    assert not any(isinstance(m, SeparableConv2d) for m in res.model.modules())
+    torch.testing.assert_close(res.model(x), net(x))
+    assert res.latency_ratio == pytest.approx(1.0)
+
+
+def test_selector_converts_when_faster_and_picks_the_fastest_layout():
+    net, x = _net()
+    res = separify.convert(net, example_inputs=x, method="dw-pw", rank=2, objective="latency", latency_cache=False,
+                           timer=_flops_timer(slow_factor=0.9, favour="repeat"))
+    assert {r.name for r in res.converted} == {"a", "b", "c"}
+    for rec in res.converted:
+        assert rec.layout == "repeat" and rec.time_after_ms < rec.time_before_ms
+        assert dict(res.model.named_modules())[rec.name].layout == "repeat"
+    # the layout changes nothing but speed: same outputs as the plain FLOPs conversion at the same ranks
+    plain = separify.convert(net, example_inputs=x, method="dw-pw", rank=2)
+    torch.testing.assert_close(res.model(x), plain.model(x), rtol=1e-5, atol=1e-5)
+    assert res.latency_ratio < 1.0 and res.latency_predicted < 1.0
+
+
+def test_margin_keeps_a_layer_that_is_only_slightly_faster():
+    net, x = _net()
+    res = separify.convert(net, example_inputs=x, rank=8, objective="latency", latency_cache=False, margin=0.5,
+                           timer=_flops_timer(slow_factor=1.0))
+    for rec in res.layers:
+        if rec.time_before_ms is not None and not rec.converted:
+            assert "by 50%" in rec.reason
+    ok = separify.convert(net, example_inputs=x, rank=8, objective="latency", latency_cache=False, margin=0.0,
+                          timer=_flops_timer(slow_factor=1.0))
+    assert len(ok.converted) > len(res.converted)
+
+
+def test_latency_budget_is_allocated_by_measured_time():
+    net, x = _net()
+    tight = separify.convert(net, example_inputs=x, latency=0.4, latency_cache=False, timer=_flops_timer())
+    loose = separify.convert(net, example_inputs=x, latency=0.9, latency_cache=False, timer=_flops_timer())
+    for res, budget in ((tight, 0.4), (loose, 0.9)):
+        assert res.config.selection == "latency" and res.config.objective == "latency"
+        assert res.latency_predicted <= budget + 1e-9
+        assert all(r.rank % 8 == 0 for r in res.converted)  # the pw-dw-pw grid: multiples of 8
+    err = lambda res: sum((r.rel_error or 0) ** 2 for r in res.converted)  # noqa: E731
+    assert tight.latency_predicted < loose.latency_predicted and err(tight) > err(loose)
+
+
+def test_cache_round_trip(tmp_path, monkeypatch):
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    target = LatencyTarget("cpu", threads=1)
+    path = tmp_path / "cache" / "latency.json"
+    calls = []
+
+    def fake_measure(modules, shape, tgt):
+        calls.append([module_spec(m)["op"] for m in modules])
+        return [1.0 + i for i in range(len(modules))]
+
+    monkeypatch.setattr("separify.latency.measure_modules", fake_measure)
+    timer = LayerTimer(target, cache=LatencyCache(path))
+    first = timer.time(conv, PwDwPwConv2d, [8, 16], (1, 8, 12, 12))
+    assert len(calls) == 1 and not path.exists()  # written on save only
+    timer.cache.save()
+    data = json.loads(path.read_text())
+    # dense, R=8 plain, R=8 padded to 16, R=16 plain
+    assert data["version"] == 1 and len(data["times_ms"]) == 4
+    again = LayerTimer(target, cache=LatencyCache(path))
+    second = again.time(conv, PwDwPwConv2d, [8, 16], (1, 8, 12, 12))
+    assert len(calls) == 1 and again.cache.hits == 4 and again.cache.misses == 0
+    assert second.dense_ms == first.dense_ms and second.best == first.best
+    # another batch size, dtype or thread count is another key
+    for other in (LatencyTarget("cpu", threads=1, batch_size=4), LatencyTarget("cpu", threads=1, dtype="bfloat16"),
+                  LatencyTarget("cpu", threads=2)):
+        LayerTimer(other, cache=LatencyCache(path)).time(conv, PwDwPwConv2d, [8], (1, 8, 12, 12))
+    assert len(calls) == 4
+
+
+def test_damaged_cache_is_ignored_with_a_warning(tmp_path):
+    path = tmp_path / "latency.json"
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="ignoring the latency cache"):
+        cache = LatencyCache(path)
+    cache.put("k", 1.5)
+    cache.save()
+    assert LatencyCache(path).get("k") == 1.5
+
+
+def test_convert_uses_the_cache_on_the_second_run(tmp_path, monkeypatch):
+    net, x = _net()
+    calls = []
+    real = _flops_timer()
+
+    def fake_measure(modules, shape, target):
+        calls.append(len(modules))
+        return real(modules, shape, target)
+
+    monkeypatch.setattr("separify.latency.measure_modules", fake_measure)
+    monkeypatch.setattr("separify.latency.time_model", lambda models, inputs, target: [
+        separify.measure.Timing("torch-cpu", 1.0, 0.0, 1, 1, 1, 1) for _ in models])
+    path = tmp_path / "latency.json"
+    first = separify.convert(net, example_inputs=x, objective="latency", latency_cache=str(path))
+    n = len(calls)
+    assert n >= 3 and path.exists()
+    second = separify.convert(net, example_inputs=x, objective="latency", latency_cache=str(path))
+    assert len(calls) == n  # every layer time came from the cache
+    assert [(r.rank, r.layout) for r in second.layers] == [(r.rank, r.layout) for r in first.layers]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Real timing plumbing (what is measured is not asserted, only that it is measured)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "onnxruntime"])
+def test_measure_modules_times_every_candidate(backend):
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    mods = [conv, DwPwConv2d.like(conv, 2).set_layout("split"), PwDwPwConv2d.like(conv, 8)]
+    ms = measure_modules(mods, (1, 8, 10, 10), LatencyTarget(backend, threads=1, min_run_time=0.01))
+    assert len(ms) == 3 and all(v > 0 for v in ms)
+
+
+def test_real_latency_conversion_of_resnet18_is_consistent(tmp_path):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    res = separify.convert(net, example_inputs=x, method="dw-pw", rank=2, objective="latency",
+                           target=LatencyTarget("cpu", threads=1, min_run_time=0.01), latency_cache=str(tmp_path / "c"))
+    timed = [r for r in res.layers if r.time_before_ms is not None]
+    assert len(timed) == 17  # the stem and 16 3×3 convs; the 1×1 downsamples are never candidates
+    for rec in timed:
+        if rec.converted:
+            assert rec.layout in DwPwConv2d.LAYOUTS and rec.time_after_ms < 0.95 * rec.time_before_ms
+        else:
+            assert rec.reason
+    assert res.latency_before.median_ms > 0 and res.latency_after.median_ms > 0
+    ref = separify.convert(net, example_inputs=x, method="dw-pw", rank=2,
+                           exclude=tuple(r.name for r in res.layers if not r.converted))
+    torch.testing.assert_close(res.model(x), ref.model(x), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad settings
+
+
+def test_bad_latency_settings():
+    with pytest.raises(ConfigError, match="unknown latency target"):
+        ConvertConfig(objective="latency", target="tpu")
+    with pytest.raises(ConfigError, match="float16"):
+        LatencyTarget("cpu", dtype="float16")
+    with pytest.raises(ConfigError, match="onnxruntime target"):
+        LatencyTarget("onnxruntime", channels_last=True)
+    with pytest.raises(ConfigError, match="only one of"):
+        ConvertConfig(latency=0.5, flops=0.5)
+    with pytest.raises(ConfigError, match="needs objective='latency'"):
+        ConvertConfig(target="cpu")
+    with pytest.raises(ConfigError, match="margin"):
+        ConvertConfig(objective="latency", margin=1.5)
+    assert ConvertConfig(latency=0.6).objective == "latency"
+    assert ConvertConfig(objective="latency").target == LatencyTarget("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_target_without_gpu_says_so():
+    net, x = _net()
+    with pytest.raises(separify.SeparifyError, match="no CUDA device"):
+        separify.convert(net, example_inputs=x, objective="latency", target="cuda", latency_cache=False)
+
+
+def test_onnx_input_refuses_the_latency_objective(tmp_path):
+    net, x = _net()
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(net, (x,), str(path), dynamo=False)
+    with pytest.raises(ConfigError, match="not available for ONNX input"):
+        separify.convert(str(path), objective="latency")
+
+
+def test_cli_latency_options(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from separify.cli import app
+
+    monkeypatch.setenv("SEPARIFY_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out.pt2"
+    runner = CliRunner()
+    res = runner.invoke(app, ["convert", "-o", str(out), "--objective", "latency", "--rank", "8", "--no-onnx",
+                              "--no-layers", "--no-latency", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "latency objective on torch-cpu float32, batch 1, 1 threads" in res.stdout
+    assert (tmp_path / "cache" / "latency.json").exists() and out.exists()
+    bad = runner.invoke(app, ["convert", "-o", str(tmp_path / "x.pt2"), "--dtype", "bfloat16"])
+    assert bad.exit_code == 1 and "--dtype apply to --objective latency" in bad.stderr
+    assert bad.exception is None or isinstance(bad.exception, SystemExit)
+    both = runner.invoke(app, ["convert", "-o", str(tmp_path / "y.pt2"), "--latency-budget", "0.5", "--flops", "0.5"])
+    assert both.exit_code == 1 and "only one of" in both.stderr
