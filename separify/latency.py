@@ -414,6 +414,7 @@ class LatencyPlanner:
         self.timer = layer_timer
         self.margin = margin
         self.original_ms = original_ms  # whole original model on the target (latency budgets only)
+        self.budget_scale = 1.0  # the layer-time budget's correction from whole-model measurements
         self.where = layer_timer.target.describe(batch_size)
 
     def options(self, rec, conv: nn.Conv2d, input_shape: tuple, ranks: Sequence[int]) -> dict[int, tuple[str, float]]:
