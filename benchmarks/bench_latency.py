@@ -18,7 +18,7 @@ claimed); the embedded model is the trained Fashion-MNIST ResNet. Each conversio
 cache (no disk cache), so "convert s" includes timing every candidate.
 
 Part 2, per target: for 3×3 convs of ResNet-18's stages, the dense conv, the dw-pw block at K = 1, and at K = 2 in
-each layout (multiplier, split, repeat), ms per call, and best-K=2 / K=1.
+each layout (multiplier, split, repeat, branches), ms per call, and best-K=2 / K=1.
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]
 
 
 def part2(targets, args) -> list[str]:
-    lines = ["| target | layer | dense | K=1 | K=2 multiplier | K=2 split | K=2 repeat | best K=2 / K=1 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| target | layer | dense | K=1 | " + " | ".join(f"K=2 {x}" for x in DwPwConv2d.LAYOUTS)
+             + " | best K=2 / K=1 |", "|---|---|---|---|" + "---|" * len(DwPwConv2d.LAYOUTS) + "---|"]
     for backend in targets:
         target = LatencyTarget(backend, batch_size=args.batch_size, dtype=args.dtype, channels_last=args.channels_last,
                                threads=args.threads, min_run_time=max(args.min_run_time, 0.2))

@@ -3,6 +3,7 @@
 Public API::
 
     result = separify.convert(model, example_inputs=x, method="dw-pw", flops=0.5)
+    result = separify.convert(model, example_inputs=x, latency=0.6, target="onnxruntime")  # measured on the target
     result.model        # the converted model
     result.layers       # one LayerRecord per conv: rank, FLOPs before/after, error, or the reason it was skipped
     rep = separify.report(model, result, example_inputs=x, data=images, labels=labels)  # measured before/after
@@ -13,6 +14,7 @@ from .api import ConvertResult, LayerRecord, convert
 from .config import ConvertConfig, LayerRule
 from .finetune import FinetuneResult, distillation_loss, feature_loss, finetune
 from .errors import BadWeightsError, ConfigError, ModelLoadError, SeparifyError, UnsupportedLayerError
+from .latency import LatencyTarget
 from .modules import DwPwConv2d, PwDwPwConv2d, SeparableConv2d
 from .reporting import Comparison, Report, compare, report
 
@@ -32,6 +34,7 @@ __all__ = [
     "ConvertResult",
     "LayerRecord",
     "LayerRule",
+    "LatencyTarget",
     "DwPwConv2d",
     "PwDwPwConv2d",
     "SeparableConv2d",

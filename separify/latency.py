@@ -15,8 +15,8 @@ conv with channel multiplier 2 can take several times a multiplier-1 conv on the
    predicted output error on calibration data) with :func:`separify.ranks.allocate_options`;
 4. measures both whole models on the target and reports the ratio.
 
-Candidate ranks: every rank for dw-pw (``K`` is small); for pw-dw-pw a geometric grid of multiples of 8 (channel
-counts that vector units and tensor cores handle without remainder loops). Timing is a sum-of-layers model of the
+Candidate ranks: every rank for dw-pw (``K`` is small); for pw-dw-pw a geometric grid of multiples of 16 (channel
+counts that blocked CPU layouts and tensor cores handle without remainder loops; 8 for small layers). Timing is a sum-of-layers model of the
 whole network; step 4 checks it.
 
 Timings are cached on disk (:class:`LatencyCache`), keyed by the machine, software versions, threads, input shape,
@@ -195,7 +195,7 @@ def time_model(models: Sequence[nn.Module], inputs: tuple, target: LatencyTarget
     from .measure import export_onnx, frozen_mode, time_onnxruntime, time_torch
 
     inputs = tuple(_at_batch(t, target.batch_size) for t in inputs)
-    run_time = max(10 * target.min_run_time, 0.5)
+    run_time = max(20 * target.min_run_time, 1.0)
     if target.backend == "onnxruntime":
         with tempfile.TemporaryDirectory(prefix="separify-latency-") as tmp:
             paths = []
@@ -316,11 +316,12 @@ class LatencyCache:
 # Candidates
 
 
-def rank_grid(method: str, saving_ranks: Sequence[int], *, multiple: int = 8, ratio: float = 1.5,
+def rank_grid(method: str, saving_ranks: Sequence[int], *, multiples: Sequence[int] = (16, 8), ratio: float = 1.5,
               max_points: int = 12) -> list[int]:
     """The ranks to time for one layer, from the ranks that save FLOPs (ascending).
 
-    dw-pw: every saving ``K`` (at most ``max_points``, geometrically spaced). pw-dw-pw: multiples of ``multiple``,
+    dw-pw: every saving ``K`` (at most ``max_points``, geometrically spaced). pw-dw-pw: multiples of the first of
+    ``multiples`` that has any (16: AVX-512's blocked layouts in oneDNN and ONNX Runtime, tensor-core tiles; then 8),
     geometrically spaced by about ``ratio``, always with the largest; a layer too small for any multiple gets its
     saving ranks, thinned the same way.
     """
@@ -328,8 +329,11 @@ def rank_grid(method: str, saving_ranks: Sequence[int], *, multiple: int = 8, ra
     if not ranks:
         return []
     if method == "pw-dw-pw":
-        friendly = [r for r in ranks if r % multiple == 0]
-        ranks = friendly or ranks
+        for multiple in multiples:
+            friendly = [r for r in ranks if r % multiple == 0]
+            if friendly:
+                ranks = friendly
+                break
     picked = [ranks[0]]
     for r in ranks[1:]:
         if r >= picked[-1] * ratio or (method == "dw-pw" and len(ranks) <= max_points):

@@ -16,7 +16,8 @@ several times, in speed (``set_layout``; :mod:`separify.latency` measures them a
 * dw-pw with multiplier ``K``: ``"multiplier"`` (one depthwise conv with channel multiplier K, groups M),
   ``"split"`` (K depthwise convs with multiplier 1, concatenated, then the 1×1; the factors are stored in the
   order ``k·M + m`` instead of ``m·K + k``), ``"repeat"`` (each input channel repeated K times, then a depthwise conv
-  with multiplier 1 on M·K channels).
+  with multiplier 1 on M·K channels), ``"branches"`` (K depthwise → 1×1 branches, each using its slice of the 1×1
+  weights, summed).
 * pw-dw-pw with rank ``R``: ``"plain"``, or ``"padN"`` (R rounded up to a multiple of N with zero terms, for
   kernels that prefer channel counts in multiples of 8 or 16).
 """
@@ -183,10 +184,12 @@ class DwPwConv2d(SeparableConv2d):
 
     ``conv_dw``: ``M → M·K`` channels, groups ``M``, with the original stride/padding/dilation/padding mode.
     ``conv_pw``: ``M·K → N``, 1×1, carrying the original bias. Multiply-adds per output pixel: ``K·M·(kh·kw + N)``.
-    Layouts (same function): ``"multiplier"`` (the default), ``"split"``, ``"repeat"`` (module docstring).
+    Layouts (same function): ``"multiplier"`` (the default), ``"split"``, ``"repeat"``, ``"branches"`` (module
+    docstring).
     """
 
-    LAYOUTS = ("multiplier", "split", "repeat")
+    LAYOUTS = ("multiplier", "split", "repeat", "branches")
+    _K_MAJOR = ("split", "branches")  # layouts that store the factors in the channel order k·M + m
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size, rank: int, *, stride=1, padding=0, dilation=1,
@@ -211,14 +214,21 @@ class DwPwConv2d(SeparableConv2d):
         w = dw.weight  # (M·K, 1, kh, kw)
         if self.layout == "repeat":  # (B, M, H, W) → (B, M·K, H, W), channel m·K + j = input channel m
             h = F.conv2d(x.repeat_interleave(k, dim=1), w, None, dw.stride, padding, dw.dilation, m * k)
-        else:  # split: weights stored k-major; K depthwise convs (B, M, H', W') each, concatenated to (B, K·M, H', W')
+        elif self.layout == "split":  # weights stored k-major; K depthwise convs, concatenated to (B, K·M, H', W')
             h = torch.cat([F.conv2d(x, w[j * m : (j + 1) * m], None, dw.stride, padding, dw.dilation, m)
                            for j in range(k)], dim=1)
+        else:  # branches: K depthwise → 1×1 branches (B, M, H', W') → (B, N, H', W'), summed; weights k-major
+            pw, out = self.conv_pw.weight, None
+            for j in range(k):
+                h = F.conv2d(x, w[j * m : (j + 1) * m], None, dw.stride, padding, dw.dilation, m)
+                y = F.conv2d(h, pw[:, j * m : (j + 1) * m], self.conv_pw.bias if j == k - 1 else None)
+                out = y if out is None else out + y
+            return out
         return self.conv_pw(h)
 
     def _order(self) -> torch.Tensor:
         """Positions, in the stored order, of the channels ``m·K + k`` of the multiplier layout."""
-        if self.layout != "split":
+        if self.layout not in self._K_MAJOR:
             return torch.arange(self.in_channels * self.rank)
         # stored index k·M + m holds canonical channel m·K + k; invert that map
         return torch.arange(self.in_channels * self.rank).view(self.rank, self.in_channels).t().reshape(-1)
@@ -235,7 +245,7 @@ class DwPwConv2d(SeparableConv2d):
     def set_layout(self, layout: str) -> "DwPwConv2d":
         if layout not in self.LAYOUTS:
             raise ConfigError(f"unknown dw-pw layout {layout!r}; choose one of {', '.join(self.LAYOUTS)}")
-        if (layout == "split") != (self.layout == "split"):  # reorder the stored channels: m·K + k ↔ k·M + m
+        if (layout in self._K_MAJOR) != (self.layout in self._K_MAJOR):  # reorder the channels: m·K + k ↔ k·M + m
             dw, pw = self.factors()
             self.layout = layout
             perm = torch.argsort(self._order())
