@@ -401,13 +401,11 @@ def _meet_latency(cfg, todo, kernels, shapes, flops_before, whitened, planner, f
     """
     plans = []
     result = first
-    for attempt in range(attempts):
-        chosen = {rec.name: (rec.rank, rec.layout) for _, rec, _, _ in todo if rec.rank is not None}
-        if not chosen:
+    for _ in range(attempts):
+        replacements = {rec.name: FORMS[rec.method].like(kernels[rec.name], rec.rank).set_layout(rec.layout)
+                        for _, rec, _, _ in todo if rec.rank is not None}
+        if not replacements:
             break
-        replacements = {name: FORMS[rec.method].like(kernels[name], rank).set_layout(layout)
-                        for _, rec, _, _ in todo if rec.rank is not None
-                        for name, (rank, layout) in [(rec.name, chosen[rec.name])]}
         if gm is not None:
             trial = fx_pass.rewrite_fx(copy.deepcopy(gm), replacements,
                                        {c: b for c, b in folded.items() if c in replacements})
@@ -585,31 +583,31 @@ def choose_ranks(cfg: ConvertConfig, todo: list[tuple[LayerRecord, LayerRule | N
 
     if not planned:
         return None, []
+    # With a planner, each layer's options are the grid ranks measured faster than the dense conv, costed in
+    # FLOPs or in measured ms; a layer with none stays dense (planner.options set the reason).
     options: dict[str, tuple[list, list, np.ndarray]] = {}
-    if planner is None:
-        alloc_cost = {r.name: costs[r.name] for r in planned}
-    else:  # only ranks measured faster than the dense conv; a layer with none stays dense (reason set)
-        alloc_cost = {}
-        timed: dict[str, dict[int, tuple[str, float]]] = {}
-        for rec in planned:
-            grid = latency.rank_grid(rec.method, costs[rec.name].saving_ranks())
-            if not grid:
-                rec.reason = "no FLOPs saved at any rank"
-                continue
-            allowed = planner.options(rec, kernels[rec.name], shapes[rec.name][0], grid)
-            if allowed:
-                timed[rec.name] = allowed
-                alloc_cost[rec.name] = costs[rec.name]
-        for name, allowed in timed.items():
-            choices = sorted(allowed)
-            err2 = np.concatenate([costs[name].errors(np.array(choices)) ** 2, [0.0]])
-            cost_of = [allowed[r][1] for r in choices] if cfg.selection == "latency" else \
-                [costs[name].flops(r) for r in choices]
-            dense = next(r for r in planned if r.name == name)
-            cost_of.append(dense.time_before_ms if cfg.selection == "latency" else dense.flops_before)
-            options[name] = (choices + [None], cost_of, err2)
+    timed: dict[str, dict[int, tuple[str, float]]] = {}  # name -> {rank: (layout, ms)}
+    in_alloc = []
+    for rec in planned:
+        if planner is None:
+            in_alloc.append(rec)
+            continue
+        grid = latency.rank_grid(rec.method, costs[rec.name].saving_ranks())
+        allowed = planner.options(rec, kernels[rec.name], shapes[rec.name][0], grid) if grid else {}
+        if not grid:
+            rec.reason = "no FLOPs saved at any rank"
+        if not allowed:
+            continue
+        in_alloc.append(rec)
+        timed[rec.name] = allowed
+        choices = sorted(allowed)
+        if cfg.selection == "latency":
+            cost_of = [allowed[r][1] for r in choices] + [rec.time_before_ms]
+        else:
+            cost_of = [costs[rec.name].flops(r) for r in choices] + [rec.flops_before]
+        err2 = np.concatenate([costs[rec.name].errors(np.array(choices)) ** 2, [0.0]])
+        options[rec.name] = (choices + [None], cost_of, err2)
     converted_fixed = [r for r, _ in todo if r.rank is not None]
-    in_alloc = [r for r in planned if r.name in alloc_cost]
     msgs = []
     if not in_alloc:  # nothing left to allocate (e.g. no replacement measured faster): the reasons are set
         return None, msgs
@@ -631,7 +629,7 @@ def choose_ranks(cfg: ConvertConfig, todo: list[tuple[LayerRecord, LayerRule | N
         rest = flops_before - sum(r.flops_before for r in in_alloc) - sum(r.flops_before for r in converted_fixed)
         total_budget = int(cfg.flops * flops_before)
         if planner is None:
-            alloc = ranks.allocate([alloc_cost[r.name] for r in in_alloc], total_budget - rest - fixed_after)
+            alloc = ranks.allocate([costs[r.name] for r in in_alloc], total_budget - rest - fixed_after)
         else:
             alloc = ranks.allocate_options(options, total_budget - rest - fixed_after)
         kept_by = "the global FLOPs allocation"
@@ -639,7 +637,7 @@ def choose_ranks(cfg: ConvertConfig, todo: list[tuple[LayerRecord, LayerRule | N
         rank = alloc.ranks.get(rec.name)
         if rank is not None:
             rec.rank = rank
-            if rec.name in options:
+            if rec.name in timed:
                 rec.layout, rec.time_after_ms = timed[rec.name][rank]
         elif len(costs[rec.name].saving_ranks()) == 0:
             rec.reason = "no FLOPs saved at any rank"

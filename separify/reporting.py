@@ -113,6 +113,9 @@ class LayerFigures:
     kernel_error: float | None = None
     calib_error_before: float | None = None
     calib_error_after: float | None = None
+    layout: str | None = None
+    selected_ms_before: float | None = None  # objective="latency": as measured on the target by the selection
+    selected_ms_after: float | None = None
 
     @property
     def latency_ratio(self) -> float | None:
@@ -196,6 +199,9 @@ def _layer_dict(r: LayerFigures) -> dict[str, Any]:
         "kernel_error": _fig(r.kernel_error, "relative") if r.kernel_error is not None else None,
         "calib_error_before": _fig(r.calib_error_before, "relative") if r.calib_error_before is not None else None,
         "calib_error_after": _fig(r.calib_error_after, "relative") if r.calib_error_after is not None else None,
+        "layout": r.layout,
+        "selected_ms_before": _fig(r.selected_ms_before, "ms") if r.selected_ms_before is not None else None,
+        "selected_ms_after": _fig(r.selected_ms_after, "ms") if r.selected_ms_after is not None else None,
     }
 
 
@@ -647,6 +653,9 @@ def _layers(original, converted, inputs, result, device, threads, min_run_time, 
             kernel_error=rec.rel_error if rec is not None else None,
             calib_error_before=rec.calib_error_before if rec is not None else None,
             calib_error_after=rec.calib_error_after if rec is not None else None,
+            layout=rec.layout if rec is not None else getattr(new, "layout", None) if status == "converted" else None,
+            selected_ms_before=rec.time_before_ms if rec is not None else None,
+            selected_ms_after=rec.time_after_ms if rec is not None else None,
         ))
     return rows
 

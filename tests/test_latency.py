@@ -195,6 +195,29 @@ def test_latency_budget_is_allocated_by_measured_time():
     assert tight.latency_predicted < loose.latency_predicted and err(tight) > err(loose)
 
 
+def test_report_shows_the_selection_times(tmp_path):
+    import jsonschema
+
+    from separify.reporting import layer_table, schema
+
+    net, x = _net()
+    res = separify.convert(net, example_inputs=x, method="dw-pw", rank=2, objective="latency", latency_cache=False,
+                           timer=_flops_timer(slow_factor=0.9, favour="split"))
+    rep = separify.report(net, res, example_inputs=x, latency=False, onnx=False, per_layer=False)
+    doc = rep.to_dict()
+    jsonschema.validate(doc, schema())
+    rows = {r["name"]: r for r in doc["layers"]}
+    for rec in res.converted:
+        row = rows[rec.name]
+        assert row["layout"] == "split"
+        assert row["selected_ms_before"]["value"] == pytest.approx(rec.time_before_ms)
+        assert row["selected_ms_after"]["value"] == pytest.approx(rec.time_after_ms)
+        assert "selected on the target" in row["note"]
+    sel = doc["conversion"]["latency_selection"]
+    assert sel["ratio"]["value"] == pytest.approx(res.latency_ratio) and doc["conversion"]["objective"] == "latency"
+    assert layer_table(rep).row_count == len(doc["layers"])
+
+
 def test_latency_budget_is_checked_on_the_whole_model():
     """Inside a model, separable layers gain less than alone (here: 0.3 ms more per separable layer): the plan
     is made again, aiming lower, until the whole model meets the budget."""
