@@ -300,7 +300,7 @@ def convert(
     if batches is not None:
         targets = {site.name: folded.get(site.name, site.name) for site, _, _, _ in todo}
         # the input moments are only needed by the whitening and the data-aware FLOPs allocation
-        need_moments = cfg.calib_whiten or (cfg.calib_ranks and cfg.selection == "flops")
+        need_moments = cfg.calib_whiten or (cfg.calib_ranks and cfg.selection in ("flops", "latency"))
         obs = observe(model, targets, batches, memory_gb=cfg.calib_memory_gb,  # before any rewrite: inplace is safe
                       moments=need_moments)
     covs = obs.covariances if obs is not None else {}
@@ -312,6 +312,8 @@ def convert(
                 whitened[rec.name] = whiten(kernels[rec.name].weight, covs[rec.name], rec.method, damp=cfg.calib_damp)
 
     # Ranks (with objective="latency": measured on the target).
+    if cfg.objective == "latency" and not (isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0):
+        raise SeparifyError("objective='latency' needs a tensor with a batch dimension as the first example input")
     planner = _planner(cfg, root, inputs, timer) if cfg.objective == "latency" and todo else None
     reference = (copy.deepcopy(model) if inplace else model) if planner is not None else None  # timed at the end
     try:
@@ -415,7 +417,7 @@ def _meet_latency(cfg, todo, kernels, shapes, flops_before, whitened, planner, f
         ratio = after / before
         saved = {rec.name: (rec.rank, rec.layout, rec.time_after_ms, rec.reason) for _, rec, _, _ in todo}
         plans.append((ratio, saved, result))
-        if ratio <= cfg.latency * (1 + tolerance):
+        if ratio <= cfg.latency * (1 + tolerance) or len(plans) == attempts:
             break
         planner.budget_scale *= cfg.latency / ratio
         for _, rec, _, _ in todo:
@@ -447,15 +449,18 @@ def _planner(cfg: ConvertConfig, model: nn.Module, inputs: tuple, timer) -> late
     original_ms = None
     if cfg.selection == "latency":
         original_ms = _model_times([model], inputs, target, timer)[0]
-    return latency.LatencyPlanner(layer_timer, cfg.margin, original_ms=original_ms,
-                                  batch_size=int(inputs[0].shape[0]) if inputs[0].dim() else None)
+    return latency.LatencyPlanner(layer_timer, cfg.margin, original_ms=original_ms, batch_size=int(inputs[0].shape[0]))
 
 
-def _model_times(models, inputs: tuple, target, timer) -> list:
-    """Whole-model times (Timing objects, or ms from an injected timer) on the target."""
+def _model_times(models, inputs: tuple, target, timer) -> list[float]:
+    """Whole-model times in ms (measured, or from an injected timer) on the target."""
     if timer is not None:
         shape = (target.batch_size or inputs[0].shape[0], *inputs[0].shape[1:])
-        return [float(v) for v in timer(list(models), shape, target)]
+        ms = list(timer(list(models), shape, target))
+        if len(ms) != len(models) or not all(isinstance(v, (int, float)) and v > 0 and v < float("inf") for v in ms):
+            raise SeparifyError(f"the timing function returned {ms!r} for {len(models)} whole models; expected that "
+                                "many positive milliseconds")
+        return [float(v) for v in ms]
     return [t.median_ms for t in _model_timings(models, inputs, target)]
 
 
@@ -576,7 +581,7 @@ def choose_ranks(cfg: ConvertConfig, todo: list[tuple[LayerRecord, LayerRule | N
         elif planner is None:
             rec.rank = fixed
         else:
-            allowed = planner.options(rec, kernels[rec.name], shapes[rec.name][0], [fixed])
+            allowed = planner.options(rec, kernels[rec.name], shapes[rec.name], [fixed], _width_ok(cfg, rec, costs))
             if fixed in allowed:
                 rec.rank = fixed
                 rec.layout, rec.time_after_ms = allowed[fixed]
@@ -593,7 +598,8 @@ def choose_ranks(cfg: ConvertConfig, todo: list[tuple[LayerRecord, LayerRule | N
             in_alloc.append(rec)
             continue
         grid = latency.rank_grid(rec.method, costs[rec.name].saving_ranks())
-        allowed = planner.options(rec, kernels[rec.name], shapes[rec.name][0], grid) if grid else {}
+        allowed = planner.options(rec, kernels[rec.name], shapes[rec.name], grid, _width_ok(cfg, rec, costs)) \
+            if grid else {}
         if not grid:
             rec.reason = "no FLOPs saved at any rank"
         if not allowed:
@@ -654,6 +660,16 @@ def choose_ranks(cfg: ConvertConfig, todo: list[tuple[LayerRecord, LayerRule | N
                         f"{'its cheapest allowed rank' if planner else 'rank 1'} the model keeps {lowest:.3f} of its "
                         "FLOPs")
     return (int(total_budget) if cfg.selection == "flops" else None), msgs
+
+
+def _width_ok(cfg: ConvertConfig, rec: LayerRecord, costs: dict[str, ranks.LayerCost]):
+    """Which padded widths a layer may run at: none beyond its rank under a FLOPs target (the target counts the
+    rank's FLOPs), and, with ``require_saving``, none that costs the dense conv's FLOPs or more."""
+    if cfg.selection == "flops":
+        return lambda width: False
+    if cfg.require_saving:
+        return lambda width: costs[rec.name].flops(width) < rec.flops_before
+    return None
 
 
 def _join(a: str | None, b: str) -> str:

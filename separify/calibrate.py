@@ -396,9 +396,12 @@ def refit_pointwise(
 
     handles = []
     names = list(layers)
+    # the refit hooks the last 1×1 conv as a module, which only the default layout calls (the others compute the
+    # same function from the same weights), so the replacements run in their default layout meanwhile
+    layouts = {name: converted.get_submodule(name).layout for name in names}
     try:
         for name in names:
-            replacement = converted.get_submodule(name)
+            replacement = converted.get_submodule(name).set_layout(type(converted.get_submodule(name)).LAYOUTS[0])
             handles.append(replacement.register_forward_pre_hook(enter_hook(name)))
             handles.append(replacement._last().register_forward_pre_hook(refit_hook(name)))
         with torch.no_grad(), frozen_mode(converted):
@@ -406,6 +409,8 @@ def refit_pointwise(
     finally:
         for h in handles:
             h.remove()
+        for name, layout in layouts.items():
+            converted.get_submodule(name).set_layout(layout)
     missing = [n for n in names if n not in done]
     if missing:
         raise SeparifyError(f"the calibration data never reaches layer(s) {', '.join(missing[:3])}")

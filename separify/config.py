@@ -156,7 +156,10 @@ class ConvertConfig:
         if isinstance(target, str):
             target = LatencyTarget(target)
         elif isinstance(target, Mapping):
-            target = LatencyTarget(**dict(target))
+            try:
+                target = LatencyTarget(**dict(target))
+            except TypeError as exc:
+                raise ConfigError(f"bad latency target {dict(target)!r}: {exc}") from None
         elif target is None and self.objective == "latency":
             target = LatencyTarget()
         if target is not None and not isinstance(target, LatencyTarget):
@@ -235,5 +238,8 @@ class ConvertConfig:
             base = {k: None for k in ("rank", "energy", "flops", "latency")}
             base.update(changes)
             changes = base
+        if changes.get("objective") == "flops":  # back to FLOPs: the latency settings go with it
+            changes.setdefault("target", None)
+            changes["latency"] = None
         return replace(self, **changes)
 

@@ -46,6 +46,8 @@ __all__ = ["LatencyTarget", "LatencyCache", "Timer", "LayerTimes", "measure_modu
            "rank_grid", "BACKENDS", "DTYPES"]
 
 BACKENDS = ("cpu", "cuda", "onnxruntime")
+#: changes whenever what a cached time means changes (e.g. how ONNX Runtime layers are timed)
+TIMING_METHOD = "layers-v2: torch interleaved; onnxruntime torchscript-export, no spinning, minus a one-node run"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 #: ``timer(modules, input_shape, target) -> milliseconds per call of each module`` (input shape incl. the batch)
@@ -116,12 +118,15 @@ class LatencyTarget:
         from .measure import cpu_name
 
         key = {"backend": self.backend, "torch": torch.__version__, "dtype": self.dtype,
-               "channels_last": self.channels_last}
+               "channels_last": self.channels_last, "method": TIMING_METHOD}
         if self.backend == "cuda":
             key.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda",
-                       cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+                       cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                       cudnn_benchmark=torch.backends.cudnn.benchmark, cudnn_tf32=torch.backends.cudnn.allow_tf32,
+                       matmul_precision=torch.get_float32_matmul_precision())
         else:
-            key.update(device=cpu_name(), cores=os.cpu_count(), threads=self.threads or torch.get_num_threads())
+            key.update(device=cpu_name(), cores=os.cpu_count(), threads=self.threads or torch.get_num_threads(),
+                       mkldnn=torch.backends.mkldnn.enabled)
         if self.backend == "onnxruntime":
             import onnxruntime
 
@@ -175,13 +180,14 @@ def measure_modules(modules: Sequence[nn.Module], input_shape: tuple, target: La
 
     if target.backend == "onnxruntime":
         # Every session run pays a fixed cost (binding the input, allocating the output) that a layer inside a
-        # model does not: it is measured on a one-node graph (a ReLU) in the same run and subtracted.
+        # model does not: it is measured on a one-node graph (a ReLU) in the same run and subtracted. The ReLU's
+        # own pass over the input is subtracted with it, which favours the candidates slightly (all by the same ms).
         x = torch.randn(input_shape)
         with tempfile.TemporaryDirectory(prefix="separify-latency-") as tmp:
             paths = []
             for i, module in enumerate([nn.ReLU(), *modules]):
                 paths.append(os.path.join(tmp, f"m{i}.onnx"))
-                _export_small(copy.deepcopy(module).eval(), x, paths[-1])
+                _export_small(copy.deepcopy(module).to("cpu", torch.float32).eval(), x, paths[-1])
             timings = time_onnxruntime(paths, [x], threads=target.threads, min_run_time=target.min_run_time,
                                        spinning=False)
         base, times = timings[0].median_ms, [t.median_ms for t in timings[1:]]
@@ -262,7 +268,7 @@ class LatencyCache:
     ``LatencyCache(None)`` keeps the times in memory only.
     """
 
-    VERSION = 1
+    VERSION = 2
 
     def __init__(self, path: str | os.PathLike | None) -> None:
         self.path = Path(path) if path is not None else None
@@ -351,6 +357,14 @@ def rank_grid(method: str, saving_ranks: Sequence[int], *, multiples: Sequence[i
     return picked
 
 
+def layout_width(rank: int, layout: str) -> int:
+    """The number of intermediate channels a layout runs with (``padN`` rounds the rank up to a multiple of N)."""
+    if layout.startswith("pad") and layout[3:].isdigit():
+        n = int(layout[3:])
+        return -(-rank // n) * n
+    return rank
+
+
 @dataclass
 class LayerTimes:
     """Measured times of one layer: the dense conv and, per rank, the fastest layout.
@@ -381,15 +395,23 @@ class LayerTimer:
         self.cache = cache if cache is not None else LatencyCache(None)
         self.timer = timer
 
-    def time(self, conv: nn.Conv2d, method_cls: type[SeparableConv2d], ranks: Sequence[int],
-             input_shape: tuple) -> LayerTimes:
-        """Time ``conv`` and its replacements at ``ranks`` in each layout at ``input_shape`` (batch set by the
-        target). Candidates carry random weights: speed does not depend on the values."""
-        shape = (self.target.batch_size or input_shape[0], *input_shape[1:])
+    def time(self, conv: nn.Conv2d, method_cls: type[SeparableConv2d], ranks: Sequence[int], input_shape: tuple,
+             *, example_batch: int | None = None, width_ok: Callable[[int], bool] | None = None) -> LayerTimes:
+        """Time ``conv`` and its replacements at ``ranks`` in each layout at ``input_shape``. With a target batch
+        size, the leading dimension is scaled by target batch / ``example_batch`` (a conv may see B·T samples);
+        ``width_ok(width)`` filters the padded layouts by the width they give. Candidates carry random weights:
+        speed does not depend on the values."""
+        batch = input_shape[0]
+        if self.target.batch_size:
+            batch = input_shape[0] * self.target.batch_size // example_batch if example_batch else \
+                self.target.batch_size
+        shape = (batch, *input_shape[1:])
         candidates: list[tuple[int | None, str | None, nn.Module]] = [(None, None, conv)]
         for r in ranks:
             probe = method_cls.like(conv, r, device="meta")
             for layout in probe.layouts():
+                if width_ok is not None and layout != probe.LAYOUTS[0] and not width_ok(layout_width(r, layout)):
+                    continue
                 candidates.append((r, layout, method_cls.like(conv, r, device="cpu").set_layout(layout)))
         if self.timer is not None:  # injected: no cache, the function decides
             ms = list(self.timer([c for _, _, c in candidates], shape, self.target))
@@ -398,7 +420,11 @@ class LayerTimer:
             ms = [self.cache.get(k) for k in keys]
             todo = [i for i, v in enumerate(ms) if v is None]
             if todo:
-                measured = measure_modules([candidates[i][2] for i in todo], shape, self.target)
+                try:
+                    measured = measure_modules([candidates[i][2] for i in todo], shape, self.target)
+                except Exception as exc:  # noqa: BLE001 - an export or device failure: one clear message
+                    raise SeparifyError(f"could not time the candidates of a {tuple(conv.weight.shape)} conv on "
+                                        f"{self.target.describe()}: {type(exc).__name__}: {first_line(exc)}") from None
                 for i, v in zip(todo, measured):
                     ms[i] = v
                     self.cache.put(keys[i], v)
@@ -422,16 +448,24 @@ class LatencyPlanner:
                  batch_size: int | None = None) -> None:
         self.timer = layer_timer
         self.margin = margin
+        self.example_batch = batch_size
         self.original_ms = original_ms  # whole original model on the target (latency budgets only)
         self.budget_scale = 1.0  # the layer-time budget's correction from whole-model measurements
         self.where = layer_timer.target.describe(batch_size)
 
-    def options(self, rec, conv: nn.Conv2d, input_shape: tuple, ranks: Sequence[int]) -> dict[int, tuple[str, float]]:
+    def options(self, rec, conv: nn.Conv2d, input_shapes: Sequence[tuple], ranks: Sequence[int],
+                width_ok: Callable[[int], bool] | None = None) -> dict[int, tuple[str, float]]:
         """``{rank: (fastest layout, ms)}`` for the ranks measured faster than the dense conv by the margin; with
-        none, ``rec.reason`` says what was measured. Sets ``rec.time_before_ms``."""
+        none, ``rec.reason`` says what was measured. Sets ``rec.time_before_ms``. A layer called several times is
+        timed at its first call's shape, times the number of calls."""
         from .modules import FORMS
 
-        times = self.timer.time(conv, FORMS[rec.method], ranks, input_shape)
+        times = self.timer.time(conv, FORMS[rec.method], ranks, input_shapes[0], example_batch=self.example_batch,
+                                width_ok=width_ok)
+        calls = len(input_shapes)
+        if calls > 1:
+            times = LayerTimes(times.dense_ms * calls, {r: (lay, ms * calls) for r, (lay, ms) in times.best.items()},
+                               [(r, lay, ms * calls) for r, lay, ms in times.all])
         rec.time_before_ms = times.dense_ms
         allowed = times.allowed(self.margin)
         if not allowed:

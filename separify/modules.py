@@ -14,8 +14,8 @@ exactly the original's output shape and, at full rank, its exact output:
 several times, in speed (``set_layout``; :mod:`separify.latency` measures them and picks the fastest for a target):
 
 * dw-pw with multiplier ``K``: ``"multiplier"`` (one depthwise conv with channel multiplier K, groups M),
-  ``"split"`` (K depthwise convs with multiplier 1, concatenated, then the 1×1; the factors are stored in the
-  order ``k·M + m`` instead of ``m·K + k``), ``"repeat"`` (each input channel repeated K times, then a depthwise conv
+  ``"split"`` (K depthwise convs with multiplier 1, their outputs interleaved, then the 1×1), ``"repeat"``
+  (each input channel repeated K times, then a depthwise conv
   with multiplier 1 on M·K channels), ``"branches"`` (K depthwise → 1×1 branches, each using its slice of the 1×1
   weights, summed).
 * pw-dw-pw with rank ``R``: ``"plain"``, or ``"padN"`` (R rounded up to a multiple of N with zero terms, for
@@ -189,7 +189,6 @@ class DwPwConv2d(SeparableConv2d):
     """
 
     LAYOUTS = ("multiplier", "split", "repeat", "branches")
-    _K_MAJOR = ("split", "branches")  # layouts that store the factors in the channel order k·M + m
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size, rank: int, *, stride=1, padding=0, dilation=1,
@@ -211,33 +210,26 @@ class DwPwConv2d(SeparableConv2d):
         padding = dw.padding
         if dw.padding_mode != "zeros":  # pad once, as nn.Conv2d does, then convolve unpadded
             x, padding = F.pad(x, dw._reversed_padding_repeated_twice, mode=dw.padding_mode), 0
-        w = dw.weight  # (M·K, 1, kh, kw)
+        w = dw.weight  # (M·K, 1, kh, kw), channel m·K + j: filter j of input channel m (in every layout)
         if self.layout == "repeat":  # (B, M, H, W) → (B, M·K, H, W), channel m·K + j = input channel m
             h = F.conv2d(x.repeat_interleave(k, dim=1), w, None, dw.stride, padding, dw.dilation, m * k)
-        elif self.layout == "split":  # weights stored k-major; K depthwise convs, concatenated to (B, K·M, H', W')
-            h = torch.cat([F.conv2d(x, w[j * m : (j + 1) * m], None, dw.stride, padding, dw.dilation, m)
-                           for j in range(k)], dim=1)
-        else:  # branches: K depthwise → 1×1 branches (B, M, H', W') → (B, N, H', W'), summed; weights k-major
+        elif self.layout == "split":  # K depthwise convs (B, M, H', W'), interleaved to (B, M·K, H', W')
+            h = torch.stack([F.conv2d(x, w[j::k], None, dw.stride, padding, dw.dilation, m) for j in range(k)],
+                            dim=2).flatten(1, 2)
+        else:  # branches: K depthwise → 1×1 branches (B, M, H', W') → (B, N, H', W'), summed
             pw, out = self.conv_pw.weight, None
             for j in range(k):
-                h = F.conv2d(x, w[j * m : (j + 1) * m], None, dw.stride, padding, dw.dilation, m)
-                y = F.conv2d(h, pw[:, j * m : (j + 1) * m], self.conv_pw.bias if j == k - 1 else None)
+                h = F.conv2d(x, w[j::k], None, dw.stride, padding, dw.dilation, m)
+                y = F.conv2d(h, pw[:, j::k], self.conv_pw.bias if j == k - 1 else None)
                 out = y if out is None else out + y
             return out
         return self.conv_pw(h)
 
-    def _order(self) -> torch.Tensor:
-        """Positions, in the stored order, of the channels ``m·K + k`` of the multiplier layout."""
-        if self.layout not in self._K_MAJOR:
-            return torch.arange(self.in_channels * self.rank)
-        # stored index k·M + m holds canonical channel m·K + k; invert that map
-        return torch.arange(self.in_channels * self.rank).view(self.rank, self.in_channels).t().reshape(-1)
-
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(depthwise (M·K, 1, kh, kw), pointwise (N, M·K, 1, 1))`` in the multiplier layout's channel order
-        ``m·K + k``, whatever the current layout."""
-        order = self._order()
-        return self.conv_dw.weight[order], self.conv_pw.weight[:, order]
+        """``(depthwise (M·K, 1, kh, kw), pointwise (N, M·K, 1, 1))``, channel ``m·K + k`` = filter k of input
+        channel m. Every layout keeps this storage (so state dicts do not depend on the layout); only the forward
+        differs, and it calls ``conv_dw``/``conv_pw`` as modules (hooks fire) in the multiplier layout only."""
+        return self.conv_dw.weight, self.conv_pw.weight
 
     def layouts(self) -> list[str]:
         return list(self.LAYOUTS) if self.rank > 1 else ["multiplier"]
@@ -245,13 +237,6 @@ class DwPwConv2d(SeparableConv2d):
     def set_layout(self, layout: str) -> "DwPwConv2d":
         if layout not in self.LAYOUTS:
             raise ConfigError(f"unknown dw-pw layout {layout!r}; choose one of {', '.join(self.LAYOUTS)}")
-        if (layout in self._K_MAJOR) != (self.layout in self._K_MAJOR):  # reorder the channels: m·K + k ↔ k·M + m
-            dw, pw = self.factors()
-            self.layout = layout
-            perm = torch.argsort(self._order())
-            with torch.no_grad():
-                self.conv_dw.weight.copy_(dw[perm])
-                self.conv_pw.weight.copy_(pw[:, perm])
         self.layout = layout
         return self
 
@@ -336,14 +321,12 @@ class PwDwPwConv2d(SeparableConv2d):
                               padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
                               padding_mode=self.padding_mode, device=ref.device, dtype=ref.dtype)
             with torch.no_grad():
-                for name in ("conv_pw_in", "conv_dw", "conv_pw_out"):
+                for name in ("conv_pw_in", "conv_dw", "conv_pw_out"):  # the same modules (hooks stay), wider weights
                     new, old = getattr(wide, name), getattr(self, name)
                     new.weight.zero_()  # (R', M, 1, 1), (R', 1, kh, kw), (N, R', 1, 1): the extra terms are zero
                     new.weight[tuple(slice(0, d) for d in old.weight.shape)] = old.weight
-                    if old.bias is not None:
-                        new.bias.copy_(old.bias)
-                    new.train(old.training)
-                    setattr(self, name, new)
+                    old.weight = nn.Parameter(new.weight, requires_grad=old.weight.requires_grad)
+                    old.in_channels, old.out_channels, old.groups = new.in_channels, new.out_channels, new.groups
             self.rank = width
         self.layout = layout
         return self

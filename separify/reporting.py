@@ -615,7 +615,12 @@ def _layers(original, converted, inputs, result, device, threads, min_run_time, 
             new = _replacement(name, new_modules, new_order)
             status = "converted" if new is not None else "unmatched"
         flops_before = module_flops(conv, shapes[name]) if shapes[name] else None
-        flops_after = module_flops(new, shapes[name]) if shapes[name] and new is not None else None
+        flops_after = None
+        if shapes[name] and new is not None:
+            try:
+                flops_after = module_flops(new, shapes[name])
+            except Exception:  # noqa: BLE001 - convs lifted from a .pt2 of a non-default layout do not run alone
+                flops_after = None
         reason = rec.reason if rec is not None else None
         if status == "kept" and reason is None:
             reason = "the same conv is in both models"
