@@ -13,11 +13,13 @@ conv with channel multiplier 2 can take several times a multiplier-1 conv on the
 3. allocates ranks among the remaining candidates: to meet a FLOPs target (the default) or, with ``latency=L``, a
    whole-model time of ``L`` × the original's, minimising the summed squared relative error (kernel error, or the
    predicted output error on calibration data) with :func:`separify.ranks.allocate_options`;
-4. measures both whole models on the target and reports the ratio.
+4. with a latency budget, builds the planned model with untrained factors, times it whole against the original
+   and plans again with a corrected budget until it meets the budget (``api._meet_latency``);
+5. measures both whole models on the target and reports the ratio.
 
 Candidate ranks: every rank for dw-pw (``K`` is small); for pw-dw-pw a geometric grid of multiples of 16 (channel
-counts that blocked CPU layouts and tensor cores handle without remainder loops; 8 for small layers). Timing is a sum-of-layers model of the
-whole network; step 4 checks it.
+counts that blocked CPU layouts and tensor cores handle without remainder loops; 8 for small layers). The sum of
+isolated layer times is only a model of the whole network's time; steps 4 and 5 measure the network itself.
 
 Timings are cached on disk (:class:`LatencyCache`), keyed by the machine, software versions, threads, input shape,
 batch size, dtype, memory format, module configuration and layout, so a second conversion on the same machine
