@@ -41,7 +41,7 @@ from .decompose import InputCovariance
 from .errors import SeparifyError
 from .measure import frozen_mode
 
-__all__ = ["LayerFit", "Observation", "PointwiseRefit", "as_batches", "observe", "refit_pointwise"]
+__all__ = ["LayerFit", "Observation", "PointwiseRefit", "als_dw_pw", "as_batches", "observe", "refit_pointwise"]
 
 
 @dataclass(frozen=True)
@@ -337,6 +337,7 @@ def refit_pointwise(
     lr: float = 1e-3,
     batch_size: int = 32,
     seed: int = 0,
+    als: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[LayerFit]:
     """Refit the last 1×1 conv of each replacement to the original outputs, in one forward pass (module docstring).
@@ -346,6 +347,10 @@ def refit_pointwise(
     converted model really gives it, followed by a final least-squares refit of its last 1×1 conv. This costs
     ``steps`` forward/backward passes of each layer but recovers far more than the refit alone where the rank is
     very low (e.g. dw-pw at K = 1).
+
+    With ``als > 0``, each replacement's depthwise conv and last 1×1 conv are first fitted jointly to the original
+    outputs by up to ``als`` iterations of alternating least squares (:func:`als_dw_pw`; for pw-dw-pw on the output
+    of its first 1×1 conv, which stays fixed), before any reconstruction steps and the final refit.
 
     Args:
         converted: the converted model; its replacements' factors are overwritten.
@@ -371,12 +376,16 @@ def refit_pointwise(
             entered.add(name)
             if progress is not None:
                 progress(name)
-            if steps > 0:
+            if steps > 0 or als > 0:
                 x, y = args[0], outputs[name]
                 busy.add(name)  # the calls below run the replacement; its refit hook must wait for the real one
                 try:
                     first_error[name] = _solve(mod._last(), _last_input(mod, x), y, ridge, name).error_before
-                    _reconstruct(mod, x, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+                    if als > 0:
+                        h = mod.conv_pw_in(x) if hasattr(mod, "conv_pw_in") else x  # dw input (n, C, H, W)
+                        als_dw_pw(mod.conv_dw, mod._last(), h, y, iters=als, ridge=ridge, seed=seed)
+                    if steps > 0:
+                        _reconstruct(mod, x, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
                 finally:
                     busy.discard(name)
 
@@ -415,3 +424,186 @@ def refit_pointwise(
     if missing:
         raise SeparifyError(f"the calibration data never reaches layer(s) {', '.join(missing[:3])}")
     return fits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Alternating least squares on the depthwise + last 1×1 part of a replacement
+
+
+_ALS_PIXELS = 8192  # patches sampled per layer for the ALS statistics (at least 4 per unknown of one channel pair)
+
+
+def _patch_statistics(dw: nn.Conv2d, h: torch.Tensor, y: torch.Tensor, *, max_pixels: int, seed: int) -> dict:
+    """Sufficient statistics of ``y ≈ pw(dw(h))`` over (a seeded sample of) the output pixels ``i``.
+
+    ``u_i`` is the patch vector ``(C·P)`` that ``dw`` reads at pixel ``i`` (its own padding, any mode, stride,
+    dilation; ``P = kh·kw``, ordered channel-major) and ``y_i (N)`` the wanted output there. Returned, in float64:
+    ``S = Σ uuᵀ (C·P, C·P)``, ``Yu = Σ y uᵀ (N, C·P)``, ``us = Σ u``, ``ys = Σ y``, ``yy = Σ ‖y‖²`` and the count ``n``.
+    """
+    work = torch.float64 if h.dtype == torch.float64 else torch.float32
+    h = h.detach().to(work)
+    if any(dw._reversed_padding_repeated_twice):
+        h = F.pad(h, tuple(dw._reversed_padding_repeated_twice),
+                  mode="constant" if dw.padding_mode == "zeros" else dw.padding_mode)
+    b, c = h.shape[:2]
+    kh, kw = dw.kernel_size
+    y = y.detach().to(device=h.device, dtype=work).flatten(2)  # (B, N, L)
+    total = y.shape[0] * y.shape[2]
+    keep = None
+    if total > max_pixels:  # a seeded uniform sample of the pixels, sorted so that each chunk takes its own
+        gen = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(total, generator=gen)[:max_pixels].sort().values.to(h.device)
+    cp = c * kh * kw
+    stats = dict(S=torch.zeros(cp, cp, dtype=torch.float64, device=h.device),
+                 Yu=torch.zeros(y.shape[1], cp, dtype=torch.float64, device=h.device),
+                 us=torch.zeros(cp, dtype=torch.float64, device=h.device),
+                 ys=torch.zeros(y.shape[1], dtype=torch.float64, device=h.device), yy=0.0, n=0)
+    step = max(1, _UNFOLD_BYTES // max(1, cp * y.shape[2] * h.element_size()))
+    for start in range(0, b, step):
+        u = F.unfold(h[start:start + step], (kh, kw), dilation=dw.dilation, stride=dw.stride)  # (b, C·P, L)
+        u = u.transpose(1, 2).reshape(-1, cp)  # (b·L, C·P), pixel order (sample, position) as y's
+        t = y[start:start + step].transpose(1, 2).reshape(-1, y.shape[1])  # (b·L, N)
+        if keep is not None:
+            lo = start * y.shape[2]
+            sel = keep[(keep >= lo) & (keep < lo + len(u))] - lo
+            u, t = u[sel], t[sel]
+        stats["S"] += (u.T @ u).double()
+        stats["Yu"] += (t.T @ u).double()
+        stats["us"] += u.sum(0).double()
+        stats["ys"] += t.sum(0).double()
+        stats["yy"] += float((t.double() ** 2).sum())
+        stats["n"] += len(u)
+    return stats
+
+
+def _z_statistics(st: dict, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``z = dw(h)`` with depthwise filters ``d (C, K, P)``: the Gram of ``ž = [z; 1]`` and ``Σ y žᵀ``."""
+    c, k, p = d.shape
+    s4 = st["S"].view(c, p, c, p)
+    gzz = torch.einsum("ckp,cpeq,elq->ckel", d, s4, d).reshape(c * k, c * k)  # Σ z zᵀ
+    zs = torch.einsum("ckp,cp->ck", d, st["us"].view(c, p)).reshape(-1)  # Σ z
+    yz = torch.einsum("ncp,ckp->nck", st["Yu"].view(-1, c, p), d).reshape(-1, c * k)  # Σ y zᵀ
+    gram = torch.cat([torch.cat([gzz, zs[:, None]], 1),
+                      torch.cat([zs, zs.new_tensor([float(st["n"])])])[None]], 0)
+    return gram, torch.cat([yz, st["ys"][:, None]], 1)
+
+
+def _sq_error(st: dict, gram: torch.Tensor, cross: torch.Tensor, w: torch.Tensor) -> float:
+    """``Σ ‖y − W ž‖² = Σ‖y‖² − 2 tr(W Hᵀ) + tr(W G Wᵀ)`` from the statistics, ``W = [P b]``."""
+    return max(st["yy"] - 2 * float((w * cross).sum()) + float(((w @ gram) * w).sum()), 0.0)
+
+
+def _pw_step(gram: torch.Tensor, cross: torch.Tensor, w: torch.Tensor, ridge: float, bias: bool) -> torch.Tensor:
+    """Least-squares ``W = [P b]`` given the depthwise filters (bias column fixed at zero without a bias)."""
+    if not bias:
+        gram, cross, w = gram[:-1, :-1], cross[:, :-1], w[:, :-1]
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
+    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    new = w + torch.linalg.solve(gram + lam * eye, (cross - w @ gram).T).T
+    return new if bias else torch.cat([new, new.new_zeros(len(new), 1)], 1)
+
+
+def _dw_step(st: dict, d: torch.Tensor, w: torch.Tensor, ridge: float, iters: int) -> torch.Tensor:
+    """Least-squares depthwise filters ``d (C, K, P)`` given ``W = [P b]``: block-Jacobi preconditioned CG.
+
+    The output is linear in ``d``: ``ŷ_i = Σ_{c,k} P[:, ck] (d_ckᵀ u_{c,i}) + b``, so the normal equations are
+    ``Σ_{c'k'q} Q[ck, c'k'] S[cp, c'q] d[c'k'q] = Σ_n P[n, ck] (Yu[n, cp] − b_n us[cp])`` with ``Q = PᵀP``: a
+    ``C·K·P`` system applied in ``O(C²·K·P·(K + P))`` without forming it; its ``K·P`` diagonal blocks (one per input
+    channel) precondition it. Warm-started at the current ``d``, with the same relative ridge towards it as the
+    pointwise refit.
+    """
+    c, k, p = d.shape
+    pw, b = w[:, :-1], w[:, -1]
+    q4 = (pw.T @ pw).view(c, k, c, k)
+    s4 = st["S"].view(c, p, c, p)
+    rhs = torch.einsum("nck,ncp->ckp", pw.view(-1, c, k), (st["Yu"] - b[:, None] * st["us"][None]).view(-1, c, p))
+    # diagonal blocks Q[ck, ck'] ⊗ S[cp, cp'] → (C, K·P, K·P)
+    blocks = torch.einsum("ckcl,cpcq->ckplq", q4, s4).reshape(c, k * p, k * p)
+    lam = ridge * float(blocks.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-30))
+    eye = torch.eye(k * p, dtype=d.dtype, device=d.device)
+    # the blocks are PSD up to rounding (the statistics come from float32 products): a relative jitter, raised
+    # until every block factorises, only changes the preconditioner, never the solution
+    scale = blocks.diagonal(dim1=1, dim2=2).abs().amax(-1).clamp_min(1e-300)[:, None, None]  # (C, 1, 1)
+    chol = None
+    for jitter in (1e-6, 1e-4, 1e-2, 1.0):
+        chol, info = torch.linalg.cholesky_ex(blocks + lam * eye + jitter * scale * eye)
+        if not bool(info.any()):
+            break
+        chol = None
+
+    def apply(v):  # (C, K, P) → (C, K, P): (A + λI) v
+        t = torch.einsum("cpeq,elq->cpel", s4, v)  # Σ_q S[cp, eq] v[e, l, q]
+        return torch.einsum("ckel,cpel->ckp", q4, t) + lam * v
+
+    def precondition(r):
+        return r.clone() if chol is None else torch.cholesky_solve(r.reshape(c, k * p, 1), chol).view(c, k, p)
+
+    x = d.clone()
+    r = rhs + lam * d - apply(x)  # ridge pulls towards the current d
+    z = precondition(r)
+    direction = z.clone()
+    rz = float((r * z).sum())
+    norm0 = float(rhs.norm()) + 1e-300
+    for _ in range(iters):
+        if float(r.norm()) <= 1e-12 * norm0:
+            break
+        ad = apply(direction)
+        denom = float((direction * ad).sum())
+        if not denom > 0:
+            break
+        alpha = rz / denom
+        x += alpha * direction
+        r -= alpha * ad
+        z = precondition(r)
+        rz, rz_old = float((r * z).sum()), rz
+        direction = z + (rz / rz_old) * direction
+    return x
+
+
+def als_dw_pw(dw: nn.Conv2d, pw: nn.Conv2d, h: torch.Tensor, y: torch.Tensor, *, iters: int, ridge: float = 1e-6,
+              max_pixels: int = _ALS_PIXELS, seed: int = 0, cg_iters: int = 30, tol: float = 1e-4
+              ) -> tuple[float, float]:
+    """Fit a depthwise conv ``dw`` (``C → C·K``, groups ``C``, no bias) and the 1×1 conv ``pw`` after it (``C·K → N``)
+    to ``pw(dw(h)) ≈ y`` by alternating least squares on the layer's *output*; returns the relative output error
+    ``‖y − ŷ‖/‖y‖`` on the sampled pixels before and after.
+
+    Each iteration solves the depthwise filters with the pointwise layer fixed (:func:`_dw_step`), then the
+    pointwise layer (and bias) with the filters fixed, both in closed form from statistics gathered once
+    (:func:`_patch_statistics`: the ``(C·P)²`` patch Gram of at most ``max_pixels`` sampled pixels), so an iteration
+    costs no pass over the data. The error never increases (each step is a least-squares minimiser, up to the
+    ridge and the rounding of the statistics); iterations stop early once it improves by at most ``tol``
+    relative (``tol=0``: run all ``iters``). The filters are rescaled to unit norm after each step (the scale moves
+    into ``pw``, the product is unchanged). At full rank the fit is exact.
+    """
+    st = _patch_statistics(dw, h, y, max_pixels=max_pixels, seed=seed)
+    c = dw.in_channels
+    k = dw.out_channels // c
+    dtype = torch.float64
+    d = dw.weight.detach().to(dtype).reshape(c, k, -1)  # (C·K, 1, kh, kw) → (C, K, P), channel c·K + k
+    bias = pw.bias is not None
+    w = pw.weight.detach().to(dtype).reshape(pw.out_channels, -1)
+    w = torch.cat([w, pw.bias.detach().to(dtype)[:, None] if bias else w.new_zeros(len(w), 1)], 1)  # [P b]
+    yy = max(st["yy"], 1e-300)
+    gram, cross = _z_statistics(st, d)
+    before = best = _sq_error(st, gram, cross, w)
+    best_d, best_w = d, w
+    for _ in range(iters):
+        d = _dw_step(st, d, w, ridge, cg_iters)
+        scale = d.norm(dim=2, keepdim=True).clamp_min(1e-30)  # (C, K, 1)
+        d = d / scale
+        w = torch.cat([w[:, :-1] * scale.reshape(1, -1), w[:, -1:]], 1)
+        gram, cross = _z_statistics(st, d)
+        w = _pw_step(gram, cross, w, ridge, bias)
+        err = _sq_error(st, gram, cross, w)
+        if not err <= best + 1e-12 * yy:  # worse beyond rounding (or NaN): keep the best factors
+            break
+        done = tol > 0 and best - err <= tol * best
+        best, best_d, best_w = min(err, best), d, w  # a step within rounding of the best is taken
+        if done:
+            break
+    with torch.no_grad():
+        dw.weight.copy_(best_d.reshape_as(dw.weight).to(dw.weight.dtype))
+        pw.weight.copy_(best_w[:, :-1].reshape_as(pw.weight).to(pw.weight.dtype))
+        if bias:
+            pw.bias.copy_(best_w[:, -1].to(pw.bias.dtype))
+    return (before / yy) ** 0.5, (best / yy) ** 0.5

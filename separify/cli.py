@@ -136,6 +136,9 @@ def convert(
     calib_steps: int = typer.Option(0, "--calib-steps", help="With --calib: after the least-squares refit, this many "
                                     "Adam steps on all factors of each replacement against the original layer's "
                                     "outputs (layer-wise reconstruction; slower, much better at very low ranks)."),
+    calib_als: Optional[int] = typer.Option(None, "--calib-als", help="With --calib: iterations of alternating least "
+                                            "squares fitting each replacement's depthwise and last 1×1 conv to the "
+                                            "original layer's outputs (default: the library's; 0 skips it)."),
     finetune_data: Optional[Path] = typer.Option(None, "--finetune", help="Fine-tune the converted model by "
                                                  "distillation from the original on these inputs: a tensor file "
                                                  "(.npy/.npz/.pt; labels used when the .npz/.pt has a 'labels' entry) "
@@ -177,9 +180,11 @@ def convert(
                                margin, latency_cache, no_cache)
         cfg = ConvertConfig(method=method, rank=rank, energy=energy, flops=flops, exclude=tuple(exclude or ()),
                             fold_bn=fold_bn, cp_max_iter=cp_iters, seed=seed, calib_limit=calib_limit,
-                            calib_steps=calib_steps, **lat)
+                            calib_steps=calib_steps, **lat, **({} if calib_als is None else dict(calib_als=calib_als)))
         if calib_steps and calib is None:
             raise SeparifyError("--calib-steps needs --calib DATA")
+        if calib_als and calib is None:
+            raise SeparifyError("--calib-als needs --calib DATA")
         out = _output(model, output, to)
         if model is not None and is_onnx(model):
             if arch or allow_pickle:

@@ -251,3 +251,104 @@ def test_reconstruction_settings_are_checked():
         separify.ConvertConfig(calib_steps=-1)
     with pytest.raises(SeparifyError, match="calib_lr"):
         separify.ConvertConfig(calib_lr=0)
+
+
+ALS_CONFIGS = [
+    pytest.param(dict(kernel_size=3, padding=1), id="3x3-pad1"),
+    pytest.param(dict(kernel_size=3, padding="same", padding_mode="reflect"), id="3x3-same-reflect"),
+    pytest.param(dict(kernel_size=3, padding=1, padding_mode="circular", bias=False), id="3x3-circular-nobias"),
+    pytest.param(dict(kernel_size=3, stride=2, padding=2, dilation=2), id="3x3-stride2-dil2"),
+    pytest.param(dict(kernel_size=(1, 3), padding=(0, 1), padding_mode="replicate"), id="1x3-replicate"),
+    pytest.param(dict(kernel_size=(5, 3), stride=(2, 1), padding=(2, 1)), id="5x3-stride21"),
+]
+
+
+@pytest.mark.parametrize("cfg", ALS_CONFIGS)
+def test_als_is_exact_at_full_rank_from_a_random_start(cfg):
+    from separify.calibrate import als_dw_pw
+    from separify.modules import DwPwConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 7, **cfg).double()
+    x = torch.randn(3, 5, 11, 12, dtype=torch.float64)
+    with torch.no_grad():
+        y = conv(x)
+    kh, kw = conv.kernel_size
+    mod = DwPwConv2d.from_conv(conv, min(7, kh * kw))  # K = min(N, kh·kw): the form is exact
+    with torch.no_grad():  # forget the SVD: start from random factors
+        for p in mod.parameters():
+            p.normal_()
+    before, after = als_dw_pw(mod.conv_dw, mod.conv_pw, x, y, iters=100, max_pixels=10**9, tol=0.0)
+    assert before > 0.5 and after < 1e-6
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x), y, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("cfg", ALS_CONFIGS[:4])
+@pytest.mark.parametrize("rank", [1, 2])
+def test_als_never_increases_the_output_error_and_reports_it_exactly(cfg, rank):
+    from separify.calibrate import als_dw_pw
+    from separify.modules import DwPwConv2d
+
+    torch.manual_seed(1)
+    conv = nn.Conv2d(6, 9, **cfg).double()
+    x = _correlated_inputs(8, 6, 12).double()
+    with torch.no_grad():
+        y = conv(x)
+    mod = DwPwConv2d.from_conv(conv, rank)
+    errors = []
+    with torch.no_grad():
+        start = _rel(mod(x), y)
+    for _ in range(4):  # one iteration at a time: each reported error is the true error of the written factors
+        before, after = als_dw_pw(mod.conv_dw, mod.conv_pw, x, y, iters=1, max_pixels=10**9, ridge=0.0)
+        with torch.no_grad():
+            real = _rel(mod(x), y)
+        assert after == pytest.approx(real, rel=1e-6, abs=1e-9)
+        assert after <= before * (1 + 1e-9)
+        errors.append(after)
+    assert errors[-1] < 0.9 * start  # and it does fit: the first SVD factors are not output-optimal here
+
+
+@pytest.mark.parametrize("method, rank", [("dw-pw", 1), ("dw-pw", 2), ("pw-dw-pw", 4)])
+def test_calibration_with_als_beats_the_refit_alone(method, rank):
+    torch.manual_seed(0)
+    model = OneConv().eval()
+    calib, test = _correlated_inputs(64, 16, 12, seed=1), _correlated_inputs(32, 16, 12, seed=2)
+    opts = dict(example_inputs=calib[:1], method=method, rank=rank, calibration=calib)
+    refit = separify.convert(model, **opts, calib_als=0)
+    als = separify.convert(model, **opts, calib_als=10)
+    again = separify.convert(model, **opts, calib_als=10)
+    rec = als.converted[0]
+    assert rec.calib_error_after < refit.converted[0].calib_error_after
+    assert rec.calib_error_before == pytest.approx(refit.converted[0].calib_error_before)  # the same start
+    with torch.no_grad():
+        ref = model(test)
+        assert _rel(als.model(test), ref) < _rel(refit.model(test), ref)  # on held-out inputs too
+        torch.testing.assert_close(als.model(test), again.model(test), rtol=0, atol=0)  # deterministic
+
+
+def test_als_samples_pixels_deterministically_and_still_fits():
+    from separify.calibrate import als_dw_pw
+    from separify.modules import DwPwConv2d
+
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    x = _correlated_inputs(16, 8, 16)
+    with torch.no_grad():
+        y = conv(x)
+    first = DwPwConv2d.from_conv(conv, 1)
+    second = DwPwConv2d.from_conv(conv, 1)
+    with torch.no_grad():
+        start = _rel(first(x), y)
+    a = als_dw_pw(first.conv_dw, first.conv_pw, x, y, iters=5, max_pixels=500, seed=3)  # of 4,096 pixels
+    b = als_dw_pw(second.conv_dw, second.conv_pw, x, y, iters=5, max_pixels=500, seed=3)
+    assert a == b
+    torch.testing.assert_close(first.conv_dw.weight, second.conv_dw.weight, rtol=0, atol=0)
+    with torch.no_grad():
+        assert _rel(first(x), y) < start  # fitted on a sample, better on all pixels
+
+
+def test_als_setting_is_checked():
+    with pytest.raises(SeparifyError, match="calib_als"):
+        separify.ConvertConfig(calib_als=-1)
+    with pytest.raises(SeparifyError, match="calib_als"):
+        separify.ConvertConfig(calib_als=True)

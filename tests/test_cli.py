@@ -172,11 +172,13 @@ def test_state_dict_needs_matching_arch(files, tmp_path):
     (["--input-shape", "1,3,224,224"], "does not run on the example input", 1),
     (["--calib-steps", "10"], "--calib-steps needs --calib DATA", 1),
     (["--calib-steps", "-1", "--calib", "x.npy"], "calib_steps must be a non-negative integer", 1),
+    (["--calib-als", "5"], "--calib-als needs --calib DATA", 1),
+    (["--calib-als", "-1", "--calib", "x.npy"], "calib_als must be a non-negative integer", 1),
     (["--json", "report.txt"], "must end in .json", 1),
     (["--threads", "0"], "--threads must be a positive integer", 1),
     (["--report-batch-size", "0"], "batch size must be a positive integer", 1),
 ], ids=["rank0", "rank-neg", "rank-float", "energy0", "energy>1", "flops0", "flops>1", "two", "method", "shape-bad", "shape-zero",
-        "shape-mismatch", "calib-steps-no-data", "calib-steps-neg", "json-suffix", "threads0", "report-batch0"])
+        "shape-mismatch", "calib-steps-no-data", "calib-steps-neg", "calib-als-no-data", "calib-als-neg", "json-suffix", "threads0", "report-batch0"])
 def test_bad_options(files, tmp_path, args, match, code):
     digest = _digest(files["pt2"])
     _bad(None, files["pt2"], "-o", tmp_path / "o.pt2", *args, match=match, code=code)
