@@ -14,7 +14,8 @@ Prints a markdown table and writes it to ``--out``. Measured:
    at the ranks separify chose for ``pw-dw-pw, flops=0.75`` (so matched FLOPs), if tensorly-torch is installed.
 3. ``separify.convert`` with calibration data (``--calib-images`` random 224² images: the time does not depend
    on what the images show), one run each: the observing pass over the original model, the data-aware allocation
-   and the one-pass least-squares refit included.
+   and the one-pass least-squares refit with the alternating least squares (`calib_als`, default 10) included,
+   and once more with `calib_als=0` for its cost.
 4. One CP fit of a 512×512×3×3 kernel at rank 1100 (half the dense FLOPs of that layer): separify's ALS vs
    ``tensorly.decomposition.parafac`` (pytorch backend), same number of sweeps; the reason separify has its own ALS.
 
@@ -88,15 +89,19 @@ def main() -> None:
             peer_ranks_from = res
 
     lines += ["", f"With calibration ({args.calib_images} random 1×3×224×224 images; one run each):", "",
-              "| model | method | ranks | FLOPs after / before | convert time without / with calibration (s) |",
-              "|---|---|---|---|---|"]
+              "| model | method | ranks | FLOPs after / before | convert time without / with calibration (s) | "
+              "with calibration, `calib_als=0` (s) |",
+              "|---|---|---|---|---|---|"]
     calib = torch.randn(args.calib_images, 3, 224, 224)
     for method, sel in (("dw-pw", {"rank": 2}), ("pw-dw-pw", {"flops": 0.75})):
         plain_s, _ = _best(lambda: separify.convert(model, example_inputs=x, method=method, **sel), 1)
         cal_s, res = _best(lambda: separify.convert(model, example_inputs=x, method=method, calibration=calib,
                                                     **sel), 1)
+        no_als_s, _ = _best(lambda: separify.convert(model, example_inputs=x, method=method, calibration=calib,
+                                                     calib_als=0, **sel), 1)
         label = ", ".join(f"{k}={v}" for k, v in sel.items())
-        lines.append(f"| resnet50 | {method} | {label} | {res.flops_ratio:.3f} | {plain_s:.1f} / {cal_s:.1f} |")
+        lines.append(f"| resnet50 | {method} | {label} | {res.flops_ratio:.3f} | {plain_s:.1f} / {cal_s:.1f} | "
+                     f"{no_als_s:.1f} |")
         print(lines[-1], flush=True)
 
     if not args.skip_peers:

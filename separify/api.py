@@ -370,6 +370,8 @@ def convert(
         for fit in fits:
             by_name[fit.name].calib_error_before = fit.error_before
             by_name[fit.name].calib_error_after = fit.error_after
+            if fit.note:
+                by_name[fit.name].note = _join(by_name[fit.name].note, fit.note)
 
     # The fastest equivalent layout of each replacement (exactly the same function; after the refit, which fits
     # the last 1×1 conv in whatever channel order it has).

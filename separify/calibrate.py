@@ -41,7 +41,7 @@ from .decompose import InputCovariance
 from .errors import SeparifyError
 from .measure import frozen_mode
 
-__all__ = ["LayerFit", "Observation", "PointwiseRefit", "als_dw_pw", "as_batches", "observe", "refit_pointwise"]
+__all__ = ["LayerFit", "Observation", "PatchStatistics", "PointwiseRefit", "als_dw_pw", "als_fit", "as_batches", "observe", "refit_pointwise"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class LayerFit:
     error_before: float
     error_after: float
     pixels: int
+    note: str | None = None
 
 
 @dataclass
@@ -254,6 +255,10 @@ class PointwiseRefit:
             self.e2 += float((e.double() ** 2).sum())
             self.pixels += y.shape[0]
 
+    def current_error(self) -> float:
+        """Relative output error ``‖y − ŷ‖/‖y‖`` of the current weights on the data added so far."""
+        return (self.e2 / max(self.y2, 1e-300)) ** 0.5
+
     def apply(self) -> LayerFit:
         """Solve, write the refitted weights into the conv, and return the errors before and after."""
         last, c, gram, resid = self.last, self.c, self.gram, self.resid
@@ -263,7 +268,7 @@ class PointwiseRefit:
         delta = torch.linalg.solve(gram + lam * eye, resid.T).T
         # ‖E − ΔŽ‖² = ‖E‖² − 2 tr(Δ Rᵀ) + tr(Δ G Δᵀ), from the accumulated statistics
         sq = self.e2 - 2 * float((delta * resid).sum()) + float(((delta @ gram) * delta).sum())
-        before = (self.e2 / max(self.y2, 1e-300)) ** 0.5
+        before = self.current_error()
         after = (max(sq, 0.0) / max(self.y2, 1e-300)) ** 0.5
         new = self.old + delta
         if not after <= before:  # numerical trouble: keep the current factors
@@ -368,6 +373,7 @@ def refit_pointwise(
     done: set[str] = set()
     busy: set[str] = set()
     first_error: dict[str, float] = {}  # error before anything, for layers reconstructed before their refit
+    notes: dict[str, str] = {}
 
     def enter_hook(name):  # on the replacement, before it runs: progress, and the reconstruction if asked for
         def hook(mod, args):
@@ -376,14 +382,21 @@ def refit_pointwise(
             entered.add(name)
             if progress is not None:
                 progress(name)
-            if steps > 0 or als > 0:
+            size = mod.conv_dw.in_channels * mod.conv_dw.kernel_size[0] * mod.conv_dw.kernel_size[1]
+            layer_als = als if size <= _ALS_MAX_CP else 0
+            if layer_als != als:
+                notes[name] = f"no ALS: its depthwise conv reads {size:,} values per pixel (> {_ALS_MAX_CP:,})"
+            if steps > 0 or layer_als > 0:
                 x, y = args[0], outputs[name]
                 busy.add(name)  # the calls below run the replacement; its refit hook must wait for the real one
                 try:
-                    first_error[name] = _solve(mod._last(), _last_input(mod, x), y, ridge, name).error_before
-                    if als > 0:
+                    if layer_als > 0:  # starts with its own pointwise step: no refit first; the error before it
+                        # is measured on the pixels it samples
                         h = mod.conv_pw_in(x) if hasattr(mod, "conv_pw_in") else x  # dw input (n, C, H, W)
-                        als_dw_pw(mod.conv_dw, mod._last(), h, y, iters=als, ridge=ridge, seed=seed)
+                        first_error[name] = als_dw_pw(mod.conv_dw, mod._last(), h, y, iters=layer_als, ridge=ridge,
+                                                      seed=seed)[0]
+                    else:  # the reconstruction starts from the refitted layer
+                        first_error[name] = _solve(mod._last(), _last_input(mod, x), y, ridge, name).error_before
                     if steps > 0:
                         _reconstruct(mod, x, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
                 finally:
@@ -397,8 +410,9 @@ def refit_pointwise(
                 return
             done.add(name)
             fit = _solve(mod, args[0], outputs[name], ridge, name)
-            if name in first_error:
-                fit = LayerFit(name, first_error[name], fit.error_after, fit.pixels)
+            if name in first_error or name in notes:
+                fit = LayerFit(name, first_error.get(name, fit.error_before), fit.error_after, fit.pixels,
+                               notes.get(name))
             fits.append(fit)
 
         return hook
@@ -430,67 +444,97 @@ def refit_pointwise(
 # Alternating least squares on the depthwise + last 1×1 part of a replacement
 
 
-_ALS_PIXELS = 8192  # patches sampled per layer for the ALS statistics (at least 4 per unknown of one channel pair)
+_ALS_PIXELS = (1024, 4096)  # pixels sampled per layer for the ALS statistics: at least, at most
+_ALS_GRAM = 1 << 34  # and no more than this many multiply-adds for their Gram (pixels·(C·P)²) above the least
+_ALS_MAX_CP = 8192  # larger depthwise convs (C·P > this: a (C·P)² Gram over 512 MiB) get the refit only
 
 
-def _patch_statistics(dw: nn.Conv2d, h: torch.Tensor, y: torch.Tensor, *, max_pixels: int, seed: int) -> dict:
-    """Sufficient statistics of ``y ≈ pw(dw(h))`` over (a seeded sample of) the output pixels ``i``.
+class PatchStatistics:
+    """Sufficient statistics of ``y ≈ pw(dw(h))`` over a seeded sample of the output pixels ``i``, streamed.
 
     ``u_i`` is the patch vector ``(C·P)`` that ``dw`` reads at pixel ``i`` (its own padding, any mode, stride,
-    dilation; ``P = kh·kw``, ordered channel-major) and ``y_i (N)`` the wanted output there. Returned, in float64:
-    ``S = Σ uuᵀ (C·P, C·P)``, ``Yu = Σ y uᵀ (N, C·P)``, ``us = Σ u``, ``ys = Σ y``, ``yy = Σ ‖y‖²`` and the count ``n``.
+    dilation; ``P = kh·kw``, ordered channel-major) and ``y_i (N)`` the wanted output there. Kept, in float64:
+    ``S = Σ uuᵀ (C·P, C·P)``, ``Yu = Σ y uᵀ (N, C·P)``, ``us = Σ u``, ``ys = Σ y``, ``yy = Σ ‖y‖²`` and the count
+    ``n``. :meth:`add` takes batches ``h (B, C, H, W)``, ``y (B, N, H', W')`` in order; of the ``total`` pixels
+    (``samples × H'·W'``, all batches together) a uniform sample of ``max_pixels`` (seeded) is used.
     """
-    work = torch.float64 if h.dtype == torch.float64 else torch.float32
-    h = h.detach().to(work)
-    if any(dw._reversed_padding_repeated_twice):
-        h = F.pad(h, tuple(dw._reversed_padding_repeated_twice),
-                  mode="constant" if dw.padding_mode == "zeros" else dw.padding_mode)
-    b, c = h.shape[:2]
-    kh, kw = dw.kernel_size
-    y = y.detach().to(device=h.device, dtype=work).flatten(2)  # (B, N, L)
-    total = y.shape[0] * y.shape[2]
-    keep = None
-    if total > max_pixels:  # a seeded uniform sample of the pixels, sorted so that each chunk takes its own
-        gen = torch.Generator().manual_seed(seed)
-        keep = torch.randperm(total, generator=gen)[:max_pixels].sort().values.to(h.device)
-    cp = c * kh * kw
-    stats = dict(S=torch.zeros(cp, cp, dtype=torch.float64, device=h.device),
-                 Yu=torch.zeros(y.shape[1], cp, dtype=torch.float64, device=h.device),
-                 us=torch.zeros(cp, dtype=torch.float64, device=h.device),
-                 ys=torch.zeros(y.shape[1], dtype=torch.float64, device=h.device), yy=0.0, n=0)
-    step = max(1, _UNFOLD_BYTES // max(1, cp * y.shape[2] * h.element_size()))
-    for start in range(0, b, step):
-        u = F.unfold(h[start:start + step], (kh, kw), dilation=dw.dilation, stride=dw.stride)  # (b, C·P, L)
-        u = u.transpose(1, 2).reshape(-1, cp)  # (b·L, C·P), pixel order (sample, position) as y's
-        t = y[start:start + step].transpose(1, 2).reshape(-1, y.shape[1])  # (b·L, N)
-        if keep is not None:
-            lo = start * y.shape[2]
-            sel = keep[(keep >= lo) & (keep < lo + len(u))] - lo
-            u, t = u[sel], t[sel]
-        stats["S"] += (u.T @ u).double()
-        stats["Yu"] += (t.T @ u).double()
-        stats["us"] += u.sum(0).double()
-        stats["ys"] += t.sum(0).double()
-        stats["yy"] += float((t.double() ** 2).sum())
-        stats["n"] += len(u)
-    return stats
+
+    def __init__(self, dw: nn.Conv2d, out_channels: int, total: int, *, max_pixels: int | None = None,
+                 seed: int = 0, device=None) -> None:
+        self.dw = dw
+        kh, kw = dw.kernel_size
+        self.cp = cp = dw.in_channels * kh * kw
+        if max_pixels is None:  # 4,096 pixels, fewer (down to 1,024) where C·P is large: the Gram costs n·(C·P)²
+            max_pixels = max(_ALS_PIXELS[0], min(_ALS_PIXELS[1], _ALS_GRAM // cp**2))
+        self.keep = None
+        if total > max_pixels:  # sorted, so that each batch takes its own
+            gen = torch.Generator().manual_seed(seed)
+            self.keep = torch.randperm(total, generator=gen)[:max_pixels].sort().values.to(device)
+        self.offset = 0
+        z = dict(dtype=torch.float64, device=device)
+        self.S, self.Yu = torch.zeros(cp, cp, **z), torch.zeros(out_channels, cp, **z)
+        self.us, self.ys = torch.zeros(cp, **z), torch.zeros(out_channels, **z)
+        self.yy, self.n = 0.0, 0
+        self.dtype = torch.float32  # the precision of the data (float64 once any batch was float64)
+
+    def add(self, h: torch.Tensor, y: torch.Tensor) -> None:
+        dw = self.dw
+        work = torch.float64 if h.dtype == torch.float64 else torch.float32
+        if work == torch.float64:
+            self.dtype = work
+        h = h.detach().to(device=self.S.device, dtype=work)
+        if any(dw._reversed_padding_repeated_twice):
+            h = F.pad(h, tuple(dw._reversed_padding_repeated_twice),
+                      mode="constant" if dw.padding_mode == "zeros" else dw.padding_mode)
+        y = y.detach()
+        b, _, ho, wo = y.shape
+        (sy, sx), (dy, dx), (kh, kw) = dw.stride, dw.dilation, dw.kernel_size
+        if (h.shape[2] - dy * (kh - 1) - 1) // sy + 1 != ho or (h.shape[3] - dx * (kw - 1) - 1) // sx + 1 != wo:
+            raise SeparifyError(f"the depthwise conv's input {tuple(h.shape[2:])} does not give the original output "
+                                f"size {(ho, wo)}")
+        lo, self.offset = self.offset, self.offset + b * ho * wo
+        idx = torch.arange(lo, self.offset, device=h.device) if self.keep is None else \
+            self.keep[(self.keep >= lo) & (self.keep < self.offset)]
+        idx = idx - lo  # pixels of this batch, in (sample, row, column) order as y's
+        for part in idx.split(1 << 16):  # bounded gathers: (n, C·P) at most 65,536 rows
+            bi, rest = part // (ho * wo), part % (ho * wo)
+            oy, ox = rest // wo, rest % wo
+            # u[i, c, (i_k, j_k)] = h[b_i, c, oy_i·sy + i_k·dy, ox_i·sx + j_k·dx]: the patch dw reads at pixel i
+            rows = (oy * sy)[:, None] + torch.arange(kh, device=h.device).repeat_interleave(kw)[None] * dy  # (n, P)
+            cols = (ox * sx)[:, None] + torch.arange(kw, device=h.device).repeat(kh)[None] * dx
+            u = h[bi[:, None], :, rows, cols]  # (n, P, C)
+            u = u.transpose(1, 2).reshape(len(part), -1)  # (n, C·P), channel-major as the statistics
+            t = y[bi, :, oy, ox].to(work)  # (n, N)
+            self.S += (u.T @ u).double()
+            self.Yu += (t.T @ u).double()
+            self.us += u.sum(0).double()
+            self.ys += t.sum(0).double()
+            self.yy += float((t.double() ** 2).sum())
+            self.n += len(part)
+        self._s_work = None
+
+    def s_work(self) -> torch.Tensor:
+        """``S`` in the precision of the data (cached)."""
+        if getattr(self, "_s_work", None) is None or self._s_work.dtype != self.dtype:
+            self._s_work = self.S.to(self.dtype)
+        return self._s_work
 
 
-def _z_statistics(st: dict, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _z_statistics(st: PatchStatistics, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For ``z = dw(h)`` with depthwise filters ``d (C, K, P)``: the Gram of ``ž = [z; 1]`` and ``Σ y žᵀ``."""
     c, k, p = d.shape
-    s4 = st["S"].view(c, p, c, p)
+    s4 = st.S.view(c, p, c, p)
     gzz = torch.einsum("ckp,cpeq,elq->ckel", d, s4, d).reshape(c * k, c * k)  # Σ z zᵀ
-    zs = torch.einsum("ckp,cp->ck", d, st["us"].view(c, p)).reshape(-1)  # Σ z
-    yz = torch.einsum("ncp,ckp->nck", st["Yu"].view(-1, c, p), d).reshape(-1, c * k)  # Σ y zᵀ
+    zs = torch.einsum("ckp,cp->ck", d, st.us.view(c, p)).reshape(-1)  # Σ z
+    yz = torch.einsum("ncp,ckp->nck", st.Yu.view(-1, c, p), d).reshape(-1, c * k)  # Σ y zᵀ
     gram = torch.cat([torch.cat([gzz, zs[:, None]], 1),
-                      torch.cat([zs, zs.new_tensor([float(st["n"])])])[None]], 0)
-    return gram, torch.cat([yz, st["ys"][:, None]], 1)
+                      torch.cat([zs, zs.new_tensor([float(st.n)])])[None]], 0)
+    return gram, torch.cat([yz, st.ys[:, None]], 1)
 
 
-def _sq_error(st: dict, gram: torch.Tensor, cross: torch.Tensor, w: torch.Tensor) -> float:
+def _sq_error(st: PatchStatistics, gram: torch.Tensor, cross: torch.Tensor, w: torch.Tensor) -> float:
     """``Σ ‖y − W ž‖² = Σ‖y‖² − 2 tr(W Hᵀ) + tr(W G Wᵀ)`` from the statistics, ``W = [P b]``."""
-    return max(st["yy"] - 2 * float((w * cross).sum()) + float(((w @ gram) * w).sum()), 0.0)
+    return max(st.yy - 2 * float((w * cross).sum()) + float(((w @ gram) * w).sum()), 0.0)
 
 
 def _pw_step(gram: torch.Tensor, cross: torch.Tensor, w: torch.Tensor, ridge: float, bias: bool) -> torch.Tensor:
@@ -503,20 +547,21 @@ def _pw_step(gram: torch.Tensor, cross: torch.Tensor, w: torch.Tensor, ridge: fl
     return new if bias else torch.cat([new, new.new_zeros(len(new), 1)], 1)
 
 
-def _dw_step(st: dict, d: torch.Tensor, w: torch.Tensor, ridge: float, iters: int) -> torch.Tensor:
+def _dw_step(st: PatchStatistics, d: torch.Tensor, w: torch.Tensor, ridge: float, iters: int) -> torch.Tensor:
     """Least-squares depthwise filters ``d (C, K, P)`` given ``W = [P b]``: block-Jacobi preconditioned CG.
 
     The output is linear in ``d``: ``ŷ_i = Σ_{c,k} P[:, ck] (d_ckᵀ u_{c,i}) + b``, so the normal equations are
     ``Σ_{c'k'q} Q[ck, c'k'] S[cp, c'q] d[c'k'q] = Σ_n P[n, ck] (Yu[n, cp] − b_n us[cp])`` with ``Q = PᵀP``: a
     ``C·K·P`` system applied in ``O(C²·K·P·(K + P))`` without forming it; its ``K·P`` diagonal blocks (one per input
     channel) precondition it. Warm-started at the current ``d``, with the same relative ridge towards it as the
-    pointwise refit.
+    pointwise refit; ``iters`` CG steps at most (a partial solve still lowers the error, and the next alternation
+    continues from it).
     """
     c, k, p = d.shape
     pw, b = w[:, :-1], w[:, -1]
     q4 = (pw.T @ pw).view(c, k, c, k)
-    s4 = st["S"].view(c, p, c, p)
-    rhs = torch.einsum("nck,ncp->ckp", pw.view(-1, c, k), (st["Yu"] - b[:, None] * st["us"][None]).view(-1, c, p))
+    s4 = st.S.view(c, p, c, p)
+    rhs = torch.einsum("nck,ncp->ckp", pw.view(-1, c, k), (st.Yu - b[:, None] * st.us[None]).view(-1, c, p))
     # diagonal blocks Q[ck, ck'] ⊗ S[cp, cp'] → (C, K·P, K·P)
     blocks = torch.einsum("ckcl,cpcq->ckplq", q4, s4).reshape(c, k * p, k * p)
     lam = ridge * float(blocks.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-30))
@@ -530,10 +575,15 @@ def _dw_step(st: dict, d: torch.Tensor, w: torch.Tensor, ridge: float, iters: in
         if not bool(info.any()):
             break
         chol = None
+    # the products run in the precision of the data (float32 unless it was float64): reading S dominates
+    work = st.dtype
+    q_by_e = q4.permute(2, 0, 1, 3).reshape(c, c * k, k).to(work)  # (E, C·K, L): Q[ck, el] for each e
+    s_rows = st.s_work().view(c, p, c * p)  # (C, P, E·Q): S[cp, eq]
 
     def apply(v):  # (C, K, P) → (C, K, P): (A + λI) v
-        t = torch.einsum("cpeq,elq->cpel", s4, v)  # Σ_q S[cp, eq] v[e, l, q]
-        return torch.einsum("ckel,cpel->ckp", q4, t) + lam * v
+        vq = torch.bmm(q_by_e, v.to(work))  # (E, C·K, Q): Σ_l Q[ck, el] v[e, l, q]
+        vq = vq.view(c, c, k, p).permute(1, 2, 0, 3).reshape(c, k, c * p)  # (C, K, E·Q)
+        return torch.bmm(vq, s_rows.transpose(1, 2)).to(v.dtype) + lam * v  # Σ_eq vq[c, k, eq] S[cp, eq]
 
     def precondition(r):
         return r.clone() if chol is None else torch.cholesky_solve(r.reshape(c, k * p, 1), chol).view(c, k, p)
@@ -561,21 +611,31 @@ def _dw_step(st: dict, d: torch.Tensor, w: torch.Tensor, ridge: float, iters: in
 
 
 def als_dw_pw(dw: nn.Conv2d, pw: nn.Conv2d, h: torch.Tensor, y: torch.Tensor, *, iters: int, ridge: float = 1e-6,
-              max_pixels: int = _ALS_PIXELS, seed: int = 0, cg_iters: int = 30, tol: float = 1e-4
+              max_pixels: int | None = None, seed: int = 0, cg_iters: int = 8, tol: float = 1e-4
               ) -> tuple[float, float]:
     """Fit a depthwise conv ``dw`` (``C → C·K``, groups ``C``, no bias) and the 1×1 conv ``pw`` after it (``C·K → N``)
     to ``pw(dw(h)) ≈ y`` by alternating least squares on the layer's *output*; returns the relative output error
     ``‖y − ŷ‖/‖y‖`` on the sampled pixels before and after.
 
-    Each iteration solves the depthwise filters with the pointwise layer fixed (:func:`_dw_step`), then the
-    pointwise layer (and bias) with the filters fixed, both in closed form from statistics gathered once
-    (:func:`_patch_statistics`: the ``(C·P)²`` patch Gram of at most ``max_pixels`` sampled pixels), so an iteration
+    After a first pointwise step, each iteration solves the depthwise filters with the pointwise layer fixed
+    (:func:`_dw_step`), then the pointwise layer (and bias) with the filters fixed, both in closed form from statistics gathered once
+    (:class:`PatchStatistics`: the ``(C·P)²`` patch Gram of at most ``max_pixels`` sampled pixels; by default 4,096,
+    down to 1,024 for layers with a large ``C·P``, to bound its cost), so an iteration
     costs no pass over the data. The error never increases (each step is a least-squares minimiser, up to the
     ridge and the rounding of the statistics); iterations stop early once it improves by at most ``tol``
     relative (``tol=0``: run all ``iters``). The filters are rescaled to unit norm after each step (the scale moves
     into ``pw``, the product is unchanged). At full rank the fit is exact.
     """
-    st = _patch_statistics(dw, h, y, max_pixels=max_pixels, seed=seed)
+    y = y.to(h.device)
+    st = PatchStatistics(dw, y.shape[1], y.shape[0] * y[0, 0].numel(), max_pixels=max_pixels, seed=seed,
+                         device=h.device)
+    st.add(h, y)
+    return als_fit(dw, pw, st, iters=iters, ridge=ridge, cg_iters=cg_iters, tol=tol)
+
+
+def als_fit(dw: nn.Conv2d, pw: nn.Conv2d, st: PatchStatistics, *, iters: int, ridge: float = 1e-6,
+            cg_iters: int = 8, tol: float = 1e-4) -> tuple[float, float]:
+    """:func:`als_dw_pw` from statistics already gathered (streamed by the caller, as the ONNX pass does)."""
     c = dw.in_channels
     k = dw.out_channels // c
     dtype = torch.float64
@@ -583,10 +643,15 @@ def als_dw_pw(dw: nn.Conv2d, pw: nn.Conv2d, h: torch.Tensor, y: torch.Tensor, *,
     bias = pw.bias is not None
     w = pw.weight.detach().to(dtype).reshape(pw.out_channels, -1)
     w = torch.cat([w, pw.bias.detach().to(dtype)[:, None] if bias else w.new_zeros(len(w), 1)], 1)  # [P b]
-    yy = max(st["yy"], 1e-300)
+    yy = max(st.yy, 1e-300)
     gram, cross = _z_statistics(st, d)
     before = best = _sq_error(st, gram, cross, w)
     best_d, best_w = d, w
+    w = _pw_step(gram, cross, w, ridge, bias)  # start from the output-optimal pointwise layer for these filters
+    err = _sq_error(st, gram, cross, w)
+    if err <= best:
+        best, best_w = err, w
+    w = best_w
     for _ in range(iters):
         d = _dw_step(st, d, w, ridge, cg_iters)
         scale = d.norm(dim=2, keepdim=True).clamp_min(1e-30)  # (C, K, 1)

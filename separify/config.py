@@ -114,7 +114,7 @@ class ConvertConfig:
             outputs (:func:`separify.calibrate.als_dw_pw`: closed-form steps from the patch statistics of one pass, at
             most 8,192 sampled pixels per layer; for pw-dw-pw the first 1×1 conv stays as decomposed; 0 skips it).
             On the OCR benchmark at FLOPs 0.5 it took dw-pw from 0.124 to 0.556 word accuracy and pw-dw-pw from
-            0.812 to 0.846 for a few seconds more (README, "Measured"). Torch models only: ONNX models get the refit.
+            0.812 to 0.846 for a few seconds more (README, "Measured"). Also for ONNX models (statistics from onnxruntime).
         tracer: ``"auto"`` (torch.fx, falling back to the module tree), ``"fx"`` (fail if tracing fails) or
             ``"module"`` (module tree only; keeps the model's own class, no BatchNorm folding).
     """

@@ -21,7 +21,9 @@ The factors come from the same code as the torch path: each Conv node becomes an
 weights, stride and dilation; padding applied to the input shape), and ``DwPwConv2d.from_conv`` /
 ``PwDwPwConv2d.from_conv`` (:mod:`separify.decompose`) decompose it; ranks are chosen by the same
 :func:`separify.api.choose_ranks` (a global FLOPs target, a fixed rank, or an energy), and calibration uses the same
-moments (:mod:`separify.calibrate`) and least-squares refit (:class:`~separify.calibrate.PointwiseRefit`).
+moments (:mod:`separify.calibrate`), alternating least squares of the depthwise and last 1×1 conv
+(:func:`~separify.calibrate.als_fit`, statistics streamed from onnxruntime) and least-squares refit
+(:class:`~separify.calibrate.PointwiseRefit`).
 
 Why onnx-ir (``onnx_ir``, the IR that onnxscript's rewriter and ``torch.onnx`` are built on) rather than editing
 protobufs with ``onnx.helper``: its values know their producer and their uses, so "replace every use of this output,
@@ -60,8 +62,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import measure
-from .api import ConvertResult, LayerRecord, choose_ranks, _warn
-from .calibrate import PointwiseRefit, _accumulate, _Moments, as_batches
+from .api import ConvertResult, LayerRecord, choose_ranks, _join, _warn
+from .calibrate import _ALS_MAX_CP, PatchStatistics, PointwiseRefit, _accumulate, _Moments, als_fit, as_batches
 from .config import ConvertConfig, LayerRule
 from .decompose import check_weight, whiten
 from .errors import BadWeightsError, ConfigError, SeparifyError, first_line
@@ -735,7 +737,8 @@ def convert_onnx(
 
     # Calibration, then: refit every last 1×1 conv on the converted model's own inputs, layer by layer.
     if batches is not None and replaced:
-        _refit(original, work, replaced, batches, fixed_batch, cfg.calib_ridge, threads, {r.name: r for r in records})
+        _refit(original, work, replaced, batches, fixed_batch, cfg.calib_ridge, threads, {r.name: r for r in records},
+               als=cfg.calib_als, seed=cfg.seed, pads={r.name: by_name[r.name].pads for r in items})
 
     proto_checked = _check_converted(work) if replaced else True
     result = OnnxConvertResult(
@@ -796,17 +799,38 @@ def _prefix(model: ir.Model, outputs: Sequence[str]) -> ir.Model:
 
 
 def _refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, ridge, threads,
-           records: Mapping[str, LayerRecord]) -> None:
+           records: Mapping[str, LayerRecord], *, als: int = 0, seed: int = 0, pads=None) -> None:
     """Least-squares refit of every replacement's last 1×1 conv, layer by layer in graph order (module docstring):
     for each layer, onnxruntime runs the original model up to that layer's output and the converted model, with every
-    earlier layer already refitted, up to the input of the layer's last 1×1 conv; the sums are streamed."""
+    earlier layer already refitted, up to the input of the layer's last 1×1 conv; the sums are streamed. With
+    ``als > 0`` a first pass streams the patch statistics of the depthwise conv's input (padded by the layer's
+    ``pads``) for :func:`~separify.calibrate.als_fit`, before the refit."""
     input_name = graph_inputs(original)[0].name
+    samples = sum(len(c) for c in _chunks(batches, fixed))
     for name, (mod, inits, dtype) in replaced.items():  # graph order
         # the replacement's output carries the original conv output's name: the same name in both models
         y_name = _output_name(inits)
         z_name = _last_input_name(inits)
         orig_sess = session(_prefix(original, [y_name]), threads=threads)
-        conv_sess = session(_prefix(converted, [z_name]), threads=threads)
+        before = None
+        size = mod.conv_dw.in_channels * mod.conv_dw.kernel_size[0] * mod.conv_dw.kernel_size[1]
+        if als > 0 and size > _ALS_MAX_CP:
+            records[name].note = _join(records[name].note, f"no ALS: its depthwise conv reads {size:,} values per "
+                                                           f"pixel (> {_ALS_MAX_CP:,})")
+        elif als > 0:
+            h_name = inits["dw.weight"].uses()[0].node.inputs[0].name  # the depthwise conv's (unpadded) input
+            conv_sess = session(_prefix(converted, [h_name]), threads=threads)
+            stats = None
+            p = list(pads[name])  # ONNX [top, left, bottom, right] → F.pad (left, right, top, bottom)
+            for chunk in _chunks(batches, fixed):
+                y = torch.from_numpy(orig_sess.run([y_name], {input_name: chunk})[0]).float()
+                h = torch.from_numpy(conv_sess.run([h_name], {input_name: chunk})[0]).float()
+                if stats is None:
+                    stats = PatchStatistics(mod.conv_dw, y.shape[1], samples * y[0, 0].numel(), seed=seed)
+                stats.add(F.pad(h, (p[1], p[3], p[0], p[2])), y)
+            before = als_fit(mod.conv_dw, mod._last(), stats, iters=als, ridge=ridge)[0]  # on the sampled pixels
+            _update(inits, mod, dtype)
+        conv_sess = session(_prefix(converted, [z_name]), threads=threads)  # after the update: z is the new one
         fit = PointwiseRefit(mod._last(), name, ridge=ridge)
         for chunk in _chunks(batches, fixed):
             y = orig_sess.run([y_name], {input_name: chunk})[0]
@@ -814,7 +838,8 @@ def _refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, ri
             fit.add(torch.from_numpy(z).float(), torch.from_numpy(y).float())
         res = fit.apply()
         _update(inits, mod, dtype)
-        records[name].calib_error_before, records[name].calib_error_after = res.error_before, res.error_after
+        records[name].calib_error_before = res.error_before if before is None else before
+        records[name].calib_error_after = res.error_after
 
 
 def _last_node(inits: Mapping[str, ir.Value]) -> ir.Node:

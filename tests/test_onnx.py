@@ -284,6 +284,28 @@ def test_calibration_through_onnxruntime_matches_the_torch_path(method, rank):
     assert all(r.calib_error_after < r.calib_error_before for r in res.converted)
 
 
+@pytest.mark.parametrize("method,rank", [("dw-pw", 1), ("pw-dw-pw", 3)])
+def test_als_through_onnxruntime_beats_the_refit_alone_with_asymmetric_pads(method, rank):
+    """The alternating least squares streams the depthwise conv's input from onnxruntime and pads it as the node
+    does (asymmetric pads, dilation, stride): it must lower the held-out error below the refit alone."""
+    proto = _conv_graph([(12, (3, 3), {"pads": [0, 1, 2, 1]}, True),
+                         (12, (3, 3), {"dilations": [2, 1], "pads": [2, 1, 1, 0], "strides": [1, 2]}, True)],
+                        in_shape=("N", 8, 12, 12))
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(8, 2, generator=gen)
+    data = torch.einsum("cm,nmhw->nchw", mix, torch.randn(96, 2, 12, 12, generator=gen))
+    data = data + 0.05 * torch.randn(data.shape, generator=gen)
+    calib, held = data[:64], data[64:]
+    ref = OrtModule(load_onnx(proto))(held)
+    kw = dict(input_shapes=(1, 8, 12, 12), calibration=calib, method=method, rank=rank)
+    refit = convert_onnx(proto, calib_als=0, **kw)
+    als = convert_onnx(proto, **kw)  # the default: calib_als=10
+    for a, b in zip(als.converted, refit.converted):
+        assert a.calib_error_before == pytest.approx(b.calib_error_before, rel=0.05)  # same start, sampled pixels
+        assert a.calib_error_after < b.calib_error_after
+    assert _rel(ref, OrtModule(als.model)(held)) < _rel(ref, OrtModule(refit.model)(held))
+
+
 def test_calibration_on_an_exported_network_matches_the_torch_refit_at_full_rank(exported):
     data = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     res = convert_onnx(exported["vgg11_bn"], method="pw-dw-pw", rank=10_000, require_saving=False, calibration=data)
