@@ -15,11 +15,12 @@ Models:
   over 1,024 rendered images (batch 32).
 
 For each model, form and global FLOPs target: the original accuracy; weight-space init (``convert`` without data);
-calibration-aware init (``calibration=``, the defaults: data-aware rank allocation and the least-squares refit);
+calibration-aware init (``calibration=``, the defaults: data-aware rank allocation, alternating least squares of
+each replacement's depthwise and last 1×1 conv on the layer's outputs, and the least-squares refit);
 that model after ``separify.finetune``; and tensorly-torch's ``FactorizedConv.from_conv(factorization="cp",
 implementation="mobilenet")`` at the same per-layer ranks as separify's weight-space pw-dw-pw (so the same FLOPs),
 if tensorly-torch is installed. A second table takes the calibrated pw-dw-pw model at FLOPs 0.5 apart (refit only,
-+ data-aware ranks, + whitened decomposition). Times are wall-clock on this machine.
++ data-aware ranks, + ALS, + whitened decomposition). Times are wall-clock on this machine.
 """
 
 from __future__ import annotations
@@ -155,11 +156,12 @@ def ablation(setup: dict, lines: list[str]) -> None:
               "| calibration settings | ranks | accuracy |", "|---|---|---|"]
     for label, opts in (
         ("none (weight-space init)", None),
-        ("refit only (`calib_ranks=False`)", dict(calib_ranks=False)),
-        ("refit + data-aware ranks (default)", dict()),
-        ("refit + data-aware ranks + whitened decomposition (`calib_whiten=True`)", dict(calib_whiten=True)),
-        ("refit + whitened decomposition (`calib_ranks=False, calib_whiten=True`)",
-         dict(calib_ranks=False, calib_whiten=True)),
+        ("refit only (`calib_ranks=False, calib_als=0`)", dict(calib_ranks=False, calib_als=0)),
+        ("refit + data-aware ranks (`calib_als=0`)", dict(calib_als=0)),
+        ("refit + data-aware ranks + ALS (default)", dict()),
+        ("refit + data-aware ranks + ALS + whitened decomposition (`calib_whiten=True`)", dict(calib_whiten=True)),
+        ("refit + whitened decomposition (`calib_ranks=False, calib_whiten=True, calib_als=0`)",
+         dict(calib_ranks=False, calib_whiten=True, calib_als=0)),
     ):
         extra = {} if opts is None else dict(calibration=setup["calib"], **opts)
         res = separify.convert(model, example_inputs=example, method="pw-dw-pw", flops=0.5, **extra)
