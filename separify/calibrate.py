@@ -19,12 +19,19 @@ works in two passes over the data:
    excite keep their values). The weights are replaced before the conv runs, so the forward continues with the
    refitted layer: every later layer sees, and corrects, the error left upstream, in one pass instead of one pass
    per layer. At full rank the refit reproduces the original layer exactly.
+
+   Before the refit (``calib_als > 0``, the default), when the forward reaches a replacement, its depthwise conv
+   ``D`` and last 1×1 conv ``P`` are fitted *jointly* to ``y`` by alternating least squares (:func:`als_dw_pw`):
+   ``ŷ_i = P·dw_D(u_i) + b`` is linear in ``D`` for fixed ``P`` and in ``[P b]`` for fixed ``D``, so both
+   half-steps are least-squares solves from the patch statistics ``S = Σ u uᵀ``, ``Σ y uᵀ`` of the depthwise conv's
+   input ``u`` (``C·P`` values per pixel; a seeded sample of pixels), gathered once — no further pass over the data.
 3. Optionally (``calib_steps > 0``), in the same pass, each replacement is *reconstructed* before the forward moves
    on: a few hundred Adam steps on all of its factors against the same targets, then the least-squares refit again.
 
 Memory: the kept outputs (every converted layer's output for every sample, float32 — float64 for float64 models; bounded by
 ``calib_memory_gb``, with a clear error beyond), plus one forward pass of the converted model on all samples at
-once, plus ``(C+1)²`` float64 statistics for one layer at a time. A module called several times in one forward
+once, plus ``(C+1)²`` float64 statistics for one layer at a time (with ALS also its ``(C·P)²`` patch Gram, at most
+512 MiB: larger layers skip ALS with a note). A module called several times in one forward
 pass is calibrated on its first call.
 """
 
@@ -523,8 +530,9 @@ class PatchStatistics:
 def _z_statistics(st: PatchStatistics, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For ``z = dw(h)`` with depthwise filters ``d (C, K, P)``: the Gram of ``ž = [z; 1]`` and ``Σ y žᵀ``."""
     c, k, p = d.shape
-    s4 = st.S.view(c, p, c, p)
-    gzz = torch.einsum("ckp,cpeq,elq->ckel", d, s4, d).reshape(c * k, c * k)  # Σ z zᵀ
+    t = torch.bmm(d, st.S.view(c, p, c * p))  # (C, K, E·Q): Σ_p d[c,k,p] S[cp, eq], S read once, no copy
+    t = t.view(c * k, c, p).transpose(0, 1)  # (E, C·K, Q)
+    gzz = torch.bmm(t, d.transpose(1, 2)).permute(1, 0, 2).reshape(c * k, c * k)  # Σ z zᵀ: [ck, el]
     zs = torch.einsum("ckp,cp->ck", d, st.us.view(c, p)).reshape(-1)  # Σ z
     yz = torch.einsum("ncp,ckp->nck", st.Yu.view(-1, c, p), d).reshape(-1, c * k)  # Σ y zᵀ
     gram = torch.cat([torch.cat([gzz, zs[:, None]], 1),
@@ -560,10 +568,11 @@ def _dw_step(st: PatchStatistics, d: torch.Tensor, w: torch.Tensor, ridge: float
     c, k, p = d.shape
     pw, b = w[:, :-1], w[:, -1]
     q4 = (pw.T @ pw).view(c, k, c, k)
-    s4 = st.S.view(c, p, c, p)
     rhs = torch.einsum("nck,ncp->ckp", pw.view(-1, c, k), (st.Yu - b[:, None] * st.us[None]).view(-1, c, p))
-    # diagonal blocks Q[ck, ck'] ⊗ S[cp, cp'] → (C, K·P, K·P)
-    blocks = torch.einsum("ckcl,cpcq->ckplq", q4, s4).reshape(c, k * p, k * p)
+    # diagonal blocks Q[ck, ck'] ⊗ S[cp, cp'] → (C, K·P, K·P), from strided views of the diagonals
+    s_diag = st.S.view(c, p, c, p).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (C, P, P)
+    q_diag = q4.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (C, K, K)
+    blocks = (q_diag[:, :, None, :, None] * s_diag[:, None, :, None, :]).reshape(c, k * p, k * p)
     lam = ridge * float(blocks.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-30))
     eye = torch.eye(k * p, dtype=d.dtype, device=d.device)
     # the blocks are PSD up to rounding (the statistics come from float32 products): a relative jitter, raised
@@ -611,7 +620,7 @@ def _dw_step(st: PatchStatistics, d: torch.Tensor, w: torch.Tensor, ridge: float
 
 
 def als_dw_pw(dw: nn.Conv2d, pw: nn.Conv2d, h: torch.Tensor, y: torch.Tensor, *, iters: int, ridge: float = 1e-6,
-              max_pixels: int | None = None, seed: int = 0, cg_iters: int = 8, tol: float = 1e-4
+              max_pixels: int | None = None, seed: int = 0, cg_iters: int = 2, tol: float = 1e-4
               ) -> tuple[float, float]:
     """Fit a depthwise conv ``dw`` (``C → C·K``, groups ``C``, no bias) and the 1×1 conv ``pw`` after it (``C·K → N``)
     to ``pw(dw(h)) ≈ y`` by alternating least squares on the layer's *output*; returns the relative output error
@@ -634,7 +643,7 @@ def als_dw_pw(dw: nn.Conv2d, pw: nn.Conv2d, h: torch.Tensor, y: torch.Tensor, *,
 
 
 def als_fit(dw: nn.Conv2d, pw: nn.Conv2d, st: PatchStatistics, *, iters: int, ridge: float = 1e-6,
-            cg_iters: int = 8, tol: float = 1e-4) -> tuple[float, float]:
+            cg_iters: int = 2, tol: float = 1e-4) -> tuple[float, float]:
     """:func:`als_dw_pw` from statistics already gathered (streamed by the caller, as the ONNX pass does)."""
     c = dw.in_channels
     k = dw.out_channels // c

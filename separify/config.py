@@ -109,12 +109,13 @@ class ConvertConfig:
             ``calib_lr``, minibatches of 32 samples) on all factors of each replacement against the original layer's
             outputs (layer-wise reconstruction; 0, the default, skips it). Costs ``calib_steps`` forward/backward
             passes per layer; it is what makes very low ranks usable (README, "Measured").
-        calib_als: with calibration data, before that refit, up to this many iterations of alternating least
-            squares fitting each replacement's depthwise conv and last 1×1 conv jointly to the original layer's
-            outputs (:func:`separify.calibrate.als_dw_pw`: closed-form steps from the patch statistics of one pass, at
-            most 8,192 sampled pixels per layer; for pw-dw-pw the first 1×1 conv stays as decomposed; 0 skips it).
-            On the OCR benchmark at FLOPs 0.5 it took dw-pw from 0.124 to 0.556 word accuracy and pw-dw-pw from
-            0.812 to 0.846 for a few seconds more (README, "Measured"). Also for ONNX models (statistics from onnxruntime).
+        calib_als: with calibration data, before the least-squares refit of each replacement, up to this many
+            iterations of alternating least squares fitting its depthwise conv and last 1×1 conv jointly to the
+            original layer's outputs (:func:`separify.calibrate.als_dw_pw`: closed-form steps from patch statistics
+            gathered once on at most 4,096 sampled pixels per layer; for pw-dw-pw the first 1×1 conv stays as
+            decomposed; layers whose depthwise conv reads over 8,192 values per pixel are skipped with a note; 0
+            turns it off). Both the torch and the ONNX paths. It is what makes dw-pw usable after calibration on
+            the OCR benchmark network (README, "Measured").
         tracer: ``"auto"`` (torch.fx, falling back to the module tree), ``"fx"`` (fail if tracing fails) or
             ``"module"`` (module tree only; keeps the model's own class, no BatchNorm folding).
     """
