@@ -29,14 +29,13 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_result  # noqa: E402
 
 from separify import measure  # noqa: E402
-from separify.onnx_pass import OrtModule, convert_onnx, load_onnx, onnx_flops, example_feeds  # noqa: E402
+from separify.onnx_pass import OrtModule, convert_onnx, load_onnx, example_feeds  # noqa: E402
 
 
 class _OcrRunner(torch.nn.Module):
@@ -130,7 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [f"Measured on {measure.cpu_name()}, onnxruntime CPU, {args.threads} threads; command: "
-            f"`python benchmarks/bench_onnx.py --threads {args.threads}`. Latency: median ms of one call at batch 1 "
+            f"`python benchmarks/bench_onnx.py {' '.join(sys.argv[1:])}`. Latency: median ms of one call at batch 1 "
             "(* = noisy, IQR above 10% of the median). FLOPs of Conv/Gemm/MatMul nodes (ddddocr's LSTM not "
             "counted). Convert s: wall time of convert_onnx incl. the onnxruntime check.",
             "",
