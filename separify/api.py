@@ -364,8 +364,8 @@ def convert(
 
     if obs is not None:
         fits = refit_pointwise(new_model, [r.name for r in records if r.converted], obs.outputs,
-                               torch.cat(batches), ridge=cfg.calib_ridge, steps=cfg.calib_steps, lr=cfg.calib_lr, als=cfg.calib_als,
-                               seed=cfg.seed, progress=progress if callable(progress) else None)
+                               torch.cat(batches), ridge=cfg.calib_ridge, steps=cfg.calib_steps, lr=cfg.calib_lr,
+                               als=cfg.calib_als, seed=cfg.seed, progress=progress if callable(progress) else None)
         by_name = {r.name: r for r in records}
         for fit in fits:
             by_name[fit.name].calib_error_before = fit.error_before

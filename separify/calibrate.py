@@ -48,7 +48,8 @@ from .decompose import InputCovariance
 from .errors import SeparifyError
 from .measure import frozen_mode
 
-__all__ = ["LayerFit", "Observation", "PatchStatistics", "PointwiseRefit", "als_dw_pw", "als_fit", "as_batches", "observe", "refit_pointwise"]
+__all__ = ["LayerFit", "Observation", "PatchStatistics", "PointwiseRefit", "als_dw_pw", "als_fit", "als_skip_reason",
+           "as_batches", "observe", "refit_pointwise"]
 
 
 @dataclass(frozen=True)
@@ -262,10 +263,6 @@ class PointwiseRefit:
             self.e2 += float((e.double() ** 2).sum())
             self.pixels += y.shape[0]
 
-    def current_error(self) -> float:
-        """Relative output error ``‖y − ŷ‖/‖y‖`` of the current weights on the data added so far."""
-        return (self.e2 / max(self.y2, 1e-300)) ** 0.5
-
     def apply(self) -> LayerFit:
         """Solve, write the refitted weights into the conv, and return the errors before and after."""
         last, c, gram, resid = self.last, self.c, self.gram, self.resid
@@ -275,7 +272,7 @@ class PointwiseRefit:
         delta = torch.linalg.solve(gram + lam * eye, resid.T).T
         # ‖E − ΔŽ‖² = ‖E‖² − 2 tr(Δ Rᵀ) + tr(Δ G Δᵀ), from the accumulated statistics
         sq = self.e2 - 2 * float((delta * resid).sum()) + float(((delta @ gram) * delta).sum())
-        before = self.current_error()
+        before = (self.e2 / max(self.y2, 1e-300)) ** 0.5
         after = (max(sq, 0.0) / max(self.y2, 1e-300)) ** 0.5
         new = self.old + delta
         if not after <= before:  # numerical trouble: keep the current factors
@@ -389,10 +386,10 @@ def refit_pointwise(
             entered.add(name)
             if progress is not None:
                 progress(name)
-            size = mod.conv_dw.in_channels * mod.conv_dw.kernel_size[0] * mod.conv_dw.kernel_size[1]
-            layer_als = als if size <= _ALS_MAX_CP else 0
-            if layer_als != als:
-                notes[name] = f"no ALS: its depthwise conv reads {size:,} values per pixel (> {_ALS_MAX_CP:,})"
+            skip = als_skip_reason(mod.conv_dw) if als > 0 else None
+            layer_als = 0 if skip else als
+            if skip:
+                notes[name] = skip
             if steps > 0 or layer_als > 0:
                 x, y = args[0], outputs[name]
                 busy.add(name)  # the calls below run the replacement; its refit hook must wait for the real one
@@ -456,6 +453,14 @@ _ALS_GRAM = 1 << 34  # and no more than this many multiply-adds for their Gram (
 _ALS_MAX_CP = 8192  # larger depthwise convs (C·P > this: a (C·P)² Gram over 512 MiB) get the refit only
 
 
+def als_skip_reason(dw: nn.Conv2d) -> str | None:
+    """Why the alternating least squares is not run for the depthwise conv ``dw`` (``None``: it is): its ``(C·P)²``
+    patch Gram would exceed the bound."""
+    size = dw.in_channels * dw.kernel_size[0] * dw.kernel_size[1]
+    return f"no ALS: its depthwise conv reads {size:,} values per pixel (> {_ALS_MAX_CP:,})" if size > _ALS_MAX_CP \
+        else None
+
+
 class PatchStatistics:
     """Sufficient statistics of ``y ≈ pw(dw(h))`` over a seeded sample of the output pixels ``i``, streamed.
 
@@ -483,6 +488,7 @@ class PatchStatistics:
         self.us, self.ys = torch.zeros(cp, **z), torch.zeros(out_channels, **z)
         self.yy, self.n = 0.0, 0
         self.dtype = torch.float32  # the precision of the data (float64 once any batch was float64)
+        self._s_work: torch.Tensor | None = None  # S in that precision, made on first use after the last add
 
     def add(self, h: torch.Tensor, y: torch.Tensor) -> None:
         dw = self.dw
@@ -522,7 +528,7 @@ class PatchStatistics:
 
     def s_work(self) -> torch.Tensor:
         """``S`` in the precision of the data (cached)."""
-        if getattr(self, "_s_work", None) is None or self._s_work.dtype != self.dtype:
+        if self._s_work is None:
             self._s_work = self.S.to(self.dtype)
         return self._s_work
 
@@ -627,9 +633,9 @@ def als_dw_pw(dw: nn.Conv2d, pw: nn.Conv2d, h: torch.Tensor, y: torch.Tensor, *,
     ``‖y − ŷ‖/‖y‖`` on the sampled pixels before and after.
 
     After a first pointwise step, each iteration solves the depthwise filters with the pointwise layer fixed
-    (:func:`_dw_step`), then the pointwise layer (and bias) with the filters fixed, both in closed form from statistics gathered once
-    (:class:`PatchStatistics`: the ``(C·P)²`` patch Gram of at most ``max_pixels`` sampled pixels; by default 4,096,
-    down to 1,024 for layers with a large ``C·P``, to bound its cost), so an iteration
+    (:func:`_dw_step`), then the pointwise layer (and bias) with the filters fixed, both in closed form from
+    statistics gathered once (:class:`PatchStatistics`: the ``(C·P)²`` patch Gram of at most ``max_pixels`` sampled
+    pixels; by default 4,096, down to 1,024 for layers with a large ``C·P``, to bound its cost), so an iteration
     costs no pass over the data. The error never increases (each step is a least-squares minimiser, up to the
     ridge and the rounding of the statistics); iterations stop early once it improves by at most ``tol``
     relative (``tol=0``: run all ``iters``). The filters are rescaled to unit norm after each step (the scale moves

@@ -63,7 +63,7 @@ from torch import nn
 
 from . import measure
 from .api import ConvertResult, LayerRecord, choose_ranks, _join, _warn
-from .calibrate import _ALS_MAX_CP, PatchStatistics, PointwiseRefit, _accumulate, _Moments, als_fit, as_batches
+from .calibrate import PatchStatistics, PointwiseRefit, _accumulate, _Moments, als_fit, als_skip_reason, as_batches
 from .config import ConvertConfig, LayerRule
 from .decompose import check_weight, whiten
 from .errors import BadWeightsError, ConfigError, SeparifyError, first_line
@@ -813,10 +813,9 @@ def _refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, ri
         z_name = _last_input_name(inits)
         orig_sess = session(_prefix(original, [y_name]), threads=threads)
         before = None
-        size = mod.conv_dw.in_channels * mod.conv_dw.kernel_size[0] * mod.conv_dw.kernel_size[1]
-        if als > 0 and size > _ALS_MAX_CP:
-            records[name].note = _join(records[name].note, f"no ALS: its depthwise conv reads {size:,} values per "
-                                                           f"pixel (> {_ALS_MAX_CP:,})")
+        skip = als_skip_reason(mod.conv_dw) if als > 0 else None
+        if skip:
+            records[name].note = _join(records[name].note, skip)
         elif als > 0:
             h_name = inits["dw.weight"].uses()[0].node.inputs[0].name  # the depthwise conv's (unpadded) input
             conv_sess = session(_prefix(converted, [h_name]), threads=threads)
