@@ -29,5 +29,5 @@ PY
 # Class folders are numbered in sorted name order, so the "0_..", "1_.." prefixes keep Fashion-MNIST's label order.
 separify convert --method dw-pw --flops 0.25 -o plain.pt2 --force
 separify convert --method dw-pw --flops 0.25 --calib calib -o calibrated.pt2 --force
-separify convert --method dw-pw --flops 0.25 --calib calib --finetune tune --epochs 1 --batch-size 128 \
+separify convert --method dw-pw --flops 0.25 --calib calib --finetune tune --epochs 1 --finetune-batch-size 128 \
     --checkpoint tune.ckpt -o finetuned.pt2 --force

@@ -49,7 +49,7 @@ _JSON = typer.Option(None, "--json", help="Also write the report as JSON (versio
 _HTML = typer.Option(None, "--html", help="Also write the report as one self-contained HTML page with plots.")
 _PNG = typer.Option(None, "--png", help="Also write the report's plots as one PNG.")
 _THREADS = typer.Option(None, "--threads", help="CPU threads for timing (PyTorch and ONNX Runtime; default: all).")
-_LATENCY = typer.Option(True, "--latency/--no-latency", help="Time the whole models.")
+_TIMING = typer.Option(True, "--timing/--no-timing", help="Time the whole models.")
 _ONNX = typer.Option(True, "--onnx/--no-onnx", help="Also export both models to ONNX and time them in ONNX Runtime.")
 _MIN_TIME = typer.Option(0.5, "--min-time", help="Seconds of timed runs per model (after warm-up); per layer a tenth.")
 _ARCH = typer.Option(None, "--arch", help="Architecture for a state dict, as package.module:callable (e.g. "
@@ -104,13 +104,12 @@ def convert(
     target: Optional[str] = typer.Option(None, "--target", help="Latency target (implies --objective latency): "
                                          "cpu (PyTorch eager), cuda (PyTorch eager on the GPU) or onnxruntime "
                                          "(ONNX Runtime CPU). Default cpu."),
-    latency_budget: Optional[float] = typer.Option(None, "--latency-budget", help="Keep this fraction of the "
-                                                   "whole model's time measured on --target, in (0, 1] (implies "
-                                                   "--objective latency; instead of --flops). (--latency/--no-latency "
-                                                   "switch the report's whole-model timing.)"),
-    target_batch: Optional[int] = typer.Option(None, "--target-batch-size", help="Batch size the latency target "
-                                               "times at (default: the example input's). --batch-size is the "
-                                               "fine-tuning batch."),
+    latency_budget: Optional[float] = typer.Option(None, "--latency", "--latency-budget", help="Keep this fraction "
+                                                   "of the whole model's time measured on --target, in (0, 1] "
+                                                   "(implies --objective latency; instead of --flops)."),
+    target_batch: Optional[int] = typer.Option(None, "--batch-size", "--target-batch-size", help="Batch size the "
+                                               "latency target times at (default: the example input's). The "
+                                               "fine-tuning batch is --finetune-batch-size."),
     dtype: str = typer.Option("float32", "--dtype", help="Latency target dtype: float32, bfloat16 or float16 "
                               "(cuda)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Time the latency target in channels-last "
@@ -151,7 +150,7 @@ def convert(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning epochs (default 1 with --finetune)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Fine-tuning steps, instead of --epochs."),
     lr: float = typer.Option(1e-4, "--lr", help="Fine-tuning learning rate (AdamW, cosine schedule)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Fine-tuning batch size."),
+    batch_size: int = typer.Option(64, "--finetune-batch-size", help="Fine-tuning batch size."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Fine-tuning checkpoint file: saved "
                                               "periodically, resumed from if it exists."),
     cp_iters: int = typer.Option(25, "--cp-iters", help="ALS sweeps for pw-dw-pw."),
@@ -162,7 +161,7 @@ def convert(
     html_out: Optional[Path] = _HTML,
     png_out: Optional[Path] = _PNG,
     threads: Optional[int] = _THREADS,
-    latency: bool = _LATENCY,
+    timing: bool = _TIMING,
     onnx: bool = _ONNX,
     layers: bool = _LAYERS,
     min_time: float = _MIN_TIME,
@@ -172,7 +171,7 @@ def convert(
     """Convert the dense k×k convs of MODEL to depthwise-separable form and print the before/after report."""
     def work():
         image_opts = _image_opts(image_size, resize, mean, std)
-        reporting = _Reporting(data, data_limit, json_out, html_out, png_out, threads, latency, onnx, layers, min_time,
+        reporting = _Reporting(data, data_limit, json_out, html_out, png_out, threads, timing, onnx, layers, min_time,
                                force, report_batch_size)
         tune = dict(data=finetune_data, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size,
                     checkpoint=checkpoint)
@@ -203,12 +202,13 @@ def _latency_options(objective, target, budget, batch, dtype, channels_last, thr
     if objective not in ("flops", "latency"):
         raise SeparifyError(f"--objective must be flops or latency, got {objective!r}")
     if objective == "flops" and target is None and budget is None:
-        given = [name for name, on in (("--target-batch-size", batch is not None), ("--dtype", dtype != "float32"),
+        given = [name for name, on in (("--batch-size", batch is not None), ("--dtype", dtype != "float32"),
                                        ("--channels-last", channels_last), ("--margin", margin != 0.05),
                                        ("--latency-cache", cache_path is not None),
                                        ("--no-latency-cache", no_cache)) if on]
         if given:
-            raise SeparifyError(f"{', '.join(given)} apply to --objective latency")
+            raise SeparifyError(f"{', '.join(given)} apply to --objective latency (the latency target)"
+                                + ("; the fine-tuning batch is --finetune-batch-size" if batch is not None else ""))
         return {}
     if cache_path is not None and no_cache:
         raise SeparifyError("give --latency-cache or --no-latency-cache, not both")
@@ -539,7 +539,7 @@ def report(
     json_out: Optional[Path] = _JSON,
     html_out: Optional[Path] = _HTML,
     png_out: Optional[Path] = _PNG,
-    latency: bool = _LATENCY,
+    timing: bool = _TIMING,
     onnx: bool = _ONNX,
     layers: bool = _LAYERS,
     min_time: float = _MIN_TIME,
@@ -550,7 +550,7 @@ def report(
     def work():
         console = _console()
         image_opts = _image_opts(image_size, resize, mean, std)
-        reporting = _Reporting(data, data_limit, json_out, html_out, png_out, threads, latency, onnx, layers,
+        reporting = _Reporting(data, data_limit, json_out, html_out, png_out, threads, timing, onnx, layers,
                                min_time, force, batch_size)
         reporting.check((original_path, converted_path))
         onnx_files = [is_onnx(p) for p in (original_path, converted_path)]
@@ -690,7 +690,7 @@ def _few(names) -> str:
 def _finetune(console, tune, seed, x, y, *, run) -> None:
     """Batch the fine-tuning data and call ``run(batches, **finetune options)`` (separify.finetune or finetune_onnx)."""
     if tune["batch_size"] <= 0:
-        raise SeparifyError(f"--batch-size must be a positive integer, got {tune['batch_size']}")
+        raise SeparifyError(f"--finetune-batch-size must be a positive integer, got {tune['batch_size']}")
     epochs = tune["epochs"] if tune["epochs"] is not None or tune["steps"] is not None else 1
     batches = [(x[i : i + tune["batch_size"]],) + ((y[i : i + tune["batch_size"]],) if y is not None else ())
                for i in range(0, len(x), tune["batch_size"])]

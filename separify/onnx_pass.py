@@ -654,7 +654,7 @@ def convert_onnx(
         raise ConfigError("calib_steps (layer-wise reconstruction) runs in PyTorch and is not available for ONNX "
                           "models; use the least-squares refit (the default) or fine-tune (--finetune)")
     if cfg.objective == "latency":
-        raise ConfigError("objective='latency' (--objective latency, --latency-budget) is not available for ONNX input "
+        raise ConfigError("objective='latency' (--objective latency, --latency) is not available for ONNX input "
                           "models yet; convert the PyTorch model with the onnxruntime target and export it (-o "
                           "out.onnx), or convert this file by FLOPs and check it with separify report")
     original = load_onnx(model)

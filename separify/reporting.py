@@ -307,7 +307,7 @@ def report(
                     if isinstance(t, NotMeasured):
                         not_measured.append((f"{lat.backend} latency of the {side} model", t.why))
         else:
-            not_measured.append(("whole-model latency", "turned off (latency=False / --no-latency)"))
+            not_measured.append(("whole-model latency", "turned off (latency=False / --no-timing)"))
 
         layers = _layers(original, model, inputs, result, device, threads, layer_min_run_time if per_layer else None,
                          bar)
@@ -380,7 +380,7 @@ def report_onnx(
             latencies.append(Latency("onnxruntime-cpu", *time_onnxruntime([original, converted], inputs,
                                                                           threads=threads, min_run_time=min_run_time)))
         else:
-            not_measured.append(("whole-model latency", "turned off (latency=False / --no-latency)"))
+            not_measured.append(("whole-model latency", "turned off (latency=False / --no-timing)"))
         bar.step("pairing the layers")
         records = {r.name: r for r in result.layers} if result is not None else {}
         layers = []

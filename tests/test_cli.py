@@ -24,7 +24,7 @@ runner = CliRunner()
 
 def _run(*args: str, timing: bool = False):
     """``separify convert ARGS``; the report's timings are off unless ``timing`` (test_report covers them)."""
-    extra = [] if timing else ["--no-latency", "--no-layers"]
+    extra = [] if timing else ["--no-timing", "--no-layers"]
     return runner.invoke(app, ["convert", *map(str, args), *extra])
 
 
@@ -291,7 +291,7 @@ def test_finetune_from_the_command_line(files, tmp_path):
     np.savez(data, images=images.numpy(), labels=labels.numpy())
     out, ckpt = tmp_path / "o.pt2", tmp_path / "tune.ckpt"
     args = (files["state"], "-o", out, "--arch", ARCH, "--input-shape", SHAPE, "--flops", "0.3", "--finetune", data,
-            "--steps", "3", "--batch-size", "16", "--checkpoint", ckpt)
+            "--steps", "3", "--finetune-batch-size", "16", "--checkpoint", ckpt)
     res = _run(*args)
     assert res.exit_code == 0, res.output
     assert "Fine-tuning on" in res.stdout and "with labels" in res.stdout and "fine-tuned 3 steps" in res.stdout
@@ -335,7 +335,7 @@ def test_finetune_image_folder_and_options(files, tmp_path):
     folder = _image_folder(tmp_path / "imgs", size=(40, 36))
     out = tmp_path / "o.pt"
     res = _run(files["state"], "-o", out, "--arch", ARCH, "--input-shape", SHAPE, "--rank", "2", "--method", "dw-pw",
-               "--finetune", folder, "--steps", "2", "--batch-size", "4", "--image-size", "28", "--resize", "32",
+               "--finetune", folder, "--steps", "2", "--finetune-batch-size", "4", "--image-size", "28", "--resize", "32",
                "--mean", "0.3", "--std", "0.35")
     assert res.exit_code == 0, res.output
     assert "Fine-tuning data:" in res.stdout and "8 images in 2 classes" in res.stdout

@@ -452,12 +452,17 @@ def test_cli_latency_options(tmp_path, monkeypatch):
     out = tmp_path / "out.pt2"
     runner = CliRunner()
     res = runner.invoke(app, ["convert", "-o", str(out), "--objective", "latency", "--rank", "8", "--no-onnx",
-                              "--no-layers", "--no-latency", "--threads", "1"])
+                              "--no-layers", "--no-timing", "--threads", "1", "--batch-size", "2"])
     assert res.exit_code == 0, res.output
-    assert "latency objective on torch-cpu float32, batch 1, 1 threads" in res.stdout
+    assert "latency objective on torch-cpu float32, batch 2, 1 threads" in res.stdout
     assert (tmp_path / "cache" / "latency.json").exists() and out.exists()
     bad = runner.invoke(app, ["convert", "-o", str(tmp_path / "x.pt2"), "--dtype", "bfloat16"])
     assert bad.exit_code == 1 and "--dtype apply to --objective latency" in bad.stderr
     assert bad.exception is None or isinstance(bad.exception, SystemExit)
-    both = runner.invoke(app, ["convert", "-o", str(tmp_path / "y.pt2"), "--latency-budget", "0.5", "--flops", "0.5"])
-    assert both.exit_code == 1 and "only one of" in both.stderr
+    # the spelling (--latency L, --batch-size B) and the longer names are the same options
+    for budget in ("--latency", "--latency-budget"):
+        both = runner.invoke(app, ["convert", "-o", str(tmp_path / "y.pt2"), budget, "0.5", "--flops", "0.5"])
+        assert both.exit_code == 1 and "only one of" in both.stderr
+    tune_batch = runner.invoke(app, ["convert", "-o", str(tmp_path / "z.pt2"), "--batch-size", "8"])
+    assert tune_batch.exit_code == 1 and "--batch-size apply to --objective latency" in tune_batch.stderr
+    assert "--finetune-batch-size" in tune_batch.stderr and not (tmp_path / "z.pt2").exists()

@@ -466,7 +466,7 @@ def test_cli_converts_and_reports_onnx(tmp_path):
     # the same pair through `separify report`, with labelled data
     np.savez(tmp_path / "data.npz", images=np.random.default_rng(0).standard_normal((20, 3, 16, 16), np.float32),
              labels=np.arange(20) % 5)
-    res = _cli("report", src, out, "--no-latency", "--data", tmp_path / "data.npz", "--json", tmp_path / "r2.json")
+    res = _cli("report", src, out, "--no-timing", "--data", tmp_path / "data.npz", "--json", tmp_path / "r2.json")
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "r2.json").read_text())
     assert {q["metric"] for q in doc["quality"]} >= {"top-1 accuracy", "top-1 agreement with the original"}
@@ -474,7 +474,7 @@ def test_cli_converts_and_reports_onnx(tmp_path):
     # calibration and fine-tuning from the command line
     np.save(tmp_path / "calib.npy", np.random.default_rng(1).standard_normal((32, 3, 16, 16), np.float32))
     res = _cli("convert", src, "-o", tmp_path / "tuned.onnx", "--rank", "1", "--calib", tmp_path / "calib.npy",
-               "--finetune", tmp_path / "data.npz", "--steps", "2", "--no-latency")
+               "--finetune", tmp_path / "data.npz", "--steps", "2", "--no-timing")
     assert res.exit_code == 0, res.output
     assert "written back" in res.output
 
@@ -491,28 +491,28 @@ def test_cli_onnx_errors(tmp_path):
         (("-o", tmp_path / "x.onnx", "--calib", tmp_path / "missing.npy"), "missing.npy"),
         (("-o", tmp_path / "x.onnx", "--calib-steps", "5", "--calib", src), "calib"),
     ]:
-        res = _cli("convert", src, *args, "--no-latency")
+        res = _cli("convert", src, *args, "--no-timing")
         assert res.exit_code == 1, res.output
         assert match in res.stderr and "Traceback" not in res.output, res.stderr
     assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
     assert not (tmp_path / "x.onnx").exists()
     np.savez(tmp_path / "small.npz", images=np.zeros((2, 3, 16, 16), np.float32))
-    res = _cli("report", src, tmp_path / "small.npz", "--no-latency")
+    res = _cli("report", src, tmp_path / "small.npz", "--no-timing")
     assert res.exit_code == 1 and "two ONNX files" in res.stderr
     (tmp_path / "exists.onnx").write_bytes(b"keep me")
-    res = _cli("convert", src, "-o", tmp_path / "exists.onnx", "--no-latency")
+    res = _cli("convert", src, "-o", tmp_path / "exists.onnx", "--no-timing")
     assert res.exit_code == 1 and "exists" in res.stderr
     assert (tmp_path / "exists.onnx").read_bytes() == b"keep me"
 
 
 def test_cli_writes_a_torch_model_as_onnx(tmp_path):
     out = tmp_path / "fashion.onnx"
-    res = _cli("convert", "--to", "onnx", "-o", out, "--no-latency", "--no-layers")
+    res = _cli("convert", "--to", "onnx", "-o", out, "--no-timing", "--no-layers")
     assert res.exit_code == 0, res.output
     from separify.embedded import load_eval_data
 
     images, _ = load_eval_data()
     converted = OrtModule(load_onnx(out))(images[:16])
     assert converted.shape == (16, 10)
-    res = _cli("convert", "--to", "onnx", "-o", tmp_path / "x.pt2", "--no-latency")
+    res = _cli("convert", "--to", "onnx", "-o", tmp_path / "x.pt2", "--no-timing")
     assert res.exit_code == 1 and "--to onnx writes a .onnx file" in res.stderr

@@ -238,7 +238,7 @@ def saved_pair(tmp_path_factory):
     torch.export.save(torch.export.export(load_default_model().eval(), (x[:1],)), str(original))
     converted = folder / "conv.pt2"
     res = runner.invoke(app, ["convert", str(original), "-o", str(converted), "--method", "dw-pw", "--rank", "1",
-                              "--no-latency", "--no-layers"])
+                              "--no-timing", "--no-layers"])
     assert res.exit_code == 0, res.output
     return original, converted
 
@@ -262,7 +262,7 @@ def test_report_command_pairs_layers_of_exported_models_and_writes_files(saved_p
     assert "not_measured" not in doc["layers"][0]["latency_after"]
     assert page.read_text().count("<svg") == 3
     # an existing report file is not overwritten without --force
-    res = runner.invoke(app, ["report", str(original), str(converted), "--json", str(out), "--no-latency"])
+    res = runner.invoke(app, ["report", str(original), str(converted), "--json", str(out), "--no-timing"])
     assert res.exit_code == 1 and "exists; pass --force" in res.output
 
 
