@@ -219,7 +219,8 @@ def convert(
         from .onnx_pass import convert_onnx
 
         shape = tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else None
-        return convert_onnx(model, cfg, input_shapes=shape, calibration=calibration, progress=progress is True)
+        return convert_onnx(model, cfg, input_shapes=shape, calibration=calibration, progress=progress is True,
+                            timer=timer)
     if not isinstance(model, nn.Module):
         raise SeparifyError(f"convert() takes an nn.Module or an ONNX model, got {type(model).__name__} (load "
                             "PyTorch files with separify.model_io.load_model)")
@@ -320,8 +321,17 @@ def convert(
         budget, rank_warnings = choose_ranks(cfg, [(rec, rule) for _, rec, _, rule in todo], kernels, shapes,
                                              flops_before, whitened, planner)
         if planner is not None and cfg.selection == "latency":
-            budget, rank_warnings = _meet_latency(cfg, todo, kernels, shapes, flops_before, whitened, planner,
-                                                  (budget, rank_warnings), gm, work, sites, folded, inputs, timer)
+            def trial_times(replacements):  # the original and the planned model (untrained factors), timed
+                if gm is not None:
+                    trial = fx_pass.rewrite_fx(copy.deepcopy(gm), replacements,
+                                               {c: b for c, b in folded.items() if c in replacements})
+                else:  # the module tree: swap in a copy of the model
+                    trial = fx_pass.rewrite_modules(copy.deepcopy(work), replacements,
+                                                    {s.name: s.aliases for s in sites})
+                return _model_times([gm if gm is not None else work, trial], inputs, planner.timer.target, timer)
+
+            budget, rank_warnings = meet_latency(cfg, [(rec, rule) for _, rec, _, rule in todo], kernels, shapes,
+                                                 flops_before, whitened, planner, (budget, rank_warnings), trial_times)
     finally:
         if planner is not None:
             planner.save()
@@ -393,44 +403,40 @@ def convert(
     return result
 
 
-def _meet_latency(cfg, todo, kernels, shapes, flops_before, whitened, planner, first, gm, work, sites, folded,
-                  inputs, timer, *, attempts: int = 3, tolerance: float = 0.02):
+def meet_latency(cfg, todo, kernels, shapes, flops_before, whitened, planner, first, trial_times, *,
+                 attempts: int = 3, tolerance: float = 0.02):
     """Check a latency plan on the whole model and re-plan until the measured time meets the budget.
 
     The layer times are measured one layer at a time; inside the model the separable layers may gain less (on 2
     cores in ONNX Runtime, a plan predicted at 0.41 of ResNet-18's time measured 0.60). So the planned model is
     built with untrained factors at the chosen ranks and layouts (speed does not depend on the weights; no
-    decomposition yet), timed against the original, and the layer-time budget is scaled by target / measured
-    before planning again (the layer times are cached). The plan that met the budget, or else the fastest, is kept.
+    decomposition yet) and ``trial_times(replacements)`` times it against the original, ``(ms original, ms
+    planned)``; the layer-time budget is scaled by target / measured before planning again (the layer times are
+    cached). The plan that met the budget, or else the fastest, is kept. Shared by the torch and the ONNX pass;
+    ``todo`` is ``[(record, rule)]``, the rest as for :func:`choose_ranks`, ``first`` its first answer.
     """
     plans = []
     result = first
     for _ in range(attempts):
         replacements = {rec.name: FORMS[rec.method].like(kernels[rec.name], rec.rank).set_layout(rec.layout)
-                        for _, rec, _, _ in todo if rec.rank is not None}
+                        for rec, _ in todo if rec.rank is not None}
         if not replacements:
             break
-        if gm is not None:
-            trial = fx_pass.rewrite_fx(copy.deepcopy(gm), replacements,
-                                       {c: b for c, b in folded.items() if c in replacements})
-        else:  # the module tree: swap in a copy of the model
-            trial = fx_pass.rewrite_modules(copy.deepcopy(work), replacements, {s.name: s.aliases for s in sites})
-        before, after = _model_times([gm if gm is not None else work, trial], inputs, planner.timer.target, timer)
+        before, after = trial_times(replacements)
         ratio = after / before
-        saved = {rec.name: (rec.rank, rec.layout, rec.time_after_ms, rec.reason) for _, rec, _, _ in todo}
+        saved = {rec.name: (rec.rank, rec.layout, rec.time_after_ms, rec.reason) for rec, _ in todo}
         plans.append((ratio, saved, result))
         if ratio <= cfg.latency * (1 + tolerance) or len(plans) == attempts:
             break
         planner.budget_scale *= cfg.latency / ratio
-        for _, rec, _, _ in todo:
+        for rec, _ in todo:
             rec.rank = rec.layout = rec.time_after_ms = rec.reason = None
-        result = choose_ranks(cfg, [(rec, rule) for _, rec, _, rule in todo], kernels, shapes, flops_before,
-                              whitened, planner)
+        result = choose_ranks(cfg, todo, kernels, shapes, flops_before, whitened, planner)
     if not plans:
         return result
     met = [p for p in plans if p[0] <= cfg.latency * (1 + tolerance)]
     ratio, saved, result = met[0] if met else min(plans, key=lambda p: p[0])
-    for _, rec, _, _ in todo:
+    for rec, _ in todo:
         rec.rank, rec.layout, rec.time_after_ms, rec.reason = saved[rec.name]
     budget, msgs = result
     msgs = list(msgs)
@@ -474,17 +480,24 @@ def _model_timings(models, inputs: tuple, target) -> list:
 
 
 def _check_latency(result: ConvertResult, original: nn.Module, inputs: tuple, planner, timer, msgs: list) -> None:
-    """Time both whole models on the target and compare with what the layer times predicted."""
+    """Time both whole models on the target (see :func:`record_latency`)."""
     target = planner.timer.target
-    result.latency_target = planner.where
-    saved = sum(r.time_before_ms - r.time_after_ms for r in result.converted if r.time_after_ms is not None)
     if timer is not None:
         before, after = _model_times([original, result.model], inputs, target, timer)
-        result.latency_before = measure.Timing(target.backend, before, 0.0, 1, 1, target.threads, target.batch_size)
-        result.latency_after = measure.Timing(target.backend, after, 0.0, 1, 1, target.threads, target.batch_size)
+        timings = [measure.Timing(target.backend, ms, 0.0, 1, 1, target.threads, target.batch_size)
+                   for ms in (before, after)]
     else:
-        result.latency_before, result.latency_after = _model_timings([original, result.model], inputs, target)
-    base = result.latency_before.median_ms
+        timings = _model_timings([original, result.model], inputs, target)
+    record_latency(result, planner, *timings, msgs)
+
+
+def record_latency(result: ConvertResult, planner, before: measure.Timing, after: measure.Timing, msgs: list) -> None:
+    """Keep both whole models' times on the target in ``result``, with what the layer times predicted, and warn
+    if the converted model was not faster. Shared by the torch and the ONNX pass."""
+    result.latency_target = planner.where
+    result.latency_before, result.latency_after = before, after
+    saved = sum(r.time_before_ms - r.time_after_ms for r in result.converted if r.time_after_ms is not None)
+    base = before.median_ms
     result.latency_predicted = (base - saved) / base if base > 0 else None
     ratio = result.latency_ratio
     if ratio is not None and ratio >= 1.0 and result.converted:

@@ -14,7 +14,7 @@ conv with channel multiplier 2 can take several times a multiplier-1 conv on the
    whole-model time of ``L`` × the original's, minimising the summed squared relative error (kernel error, or the
    predicted output error on calibration data) with :func:`separify.ranks.allocate_options`;
 4. with a latency budget, builds the planned model with untrained factors, times it whole against the original
-   and plans again with a corrected budget until it meets the budget (``api._meet_latency``);
+   and plans again with a corrected budget until it meets the budget (``api.meet_latency``);
 5. measures both whole models on the target and reports the ratio.
 
 Candidate ranks: every rank for dw-pw (``K`` is small); for pw-dw-pw a geometric grid of multiples of 16 (channel
@@ -392,10 +392,13 @@ class LayerTimes:
 class LayerTimer:
     """Times layers on a target through the cache (or an injected timing function, uncached)."""
 
-    def __init__(self, target: LatencyTarget, *, cache: LatencyCache | None = None, timer: Timer | None = None):
+    def __init__(self, target: LatencyTarget, *, cache: LatencyCache | None = None, timer: Timer | None = None,
+                 layouts: Callable[[SeparableConv2d], Sequence[str]] | None = None):
         self.target = target
         self.cache = cache if cache is not None else LatencyCache(None)
         self.timer = timer
+        # which layouts of a replacement may be used (default: all it offers; the ONNX pass writes fewer)
+        self.layouts = layouts or (lambda module: module.layouts())
 
     def time(self, conv: nn.Conv2d, method_cls: type[SeparableConv2d], ranks: Sequence[int], input_shape: tuple,
              *, example_batch: int | None = None, width_ok: Callable[[int], bool] | None = None) -> LayerTimes:
@@ -411,7 +414,7 @@ class LayerTimer:
         candidates: list[tuple[int | None, str | None, nn.Module]] = [(None, None, conv)]
         for r in ranks:
             probe = method_cls.like(conv, r, device="meta")
-            for layout in probe.layouts():
+            for layout in self.layouts(probe):
                 if width_ok is not None and layout != probe.LAYOUTS[0] and not width_ok(layout_width(r, layout)):
                     continue
                 candidates.append((r, layout, method_cls.like(conv, r, device="cpu").set_layout(layout)))

@@ -20,7 +20,9 @@ Match → check → rewrite, as in onnxscript's rewriter rules:
 The factors come from the same code as the torch path: each Conv node becomes an equivalent ``nn.Conv2d`` (its
 weights, stride and dilation; padding applied to the input shape), and ``DwPwConv2d.from_conv`` /
 ``PwDwPwConv2d.from_conv`` (:mod:`separify.decompose`) decompose it; ranks are chosen by the same
-:func:`separify.api.choose_ranks` (a global FLOPs target, a fixed rank, or an energy), and calibration uses the same
+:func:`separify.api.choose_ranks` (a global FLOPs target, a fixed rank, an energy, or with ``objective="latency"``
+candidates timed in ONNX Runtime by :mod:`separify.latency` and whole graphs checked by
+:func:`separify.api.meet_latency`), and calibration uses the same
 moments (:mod:`separify.calibrate`), alternating least squares of the depthwise and last 1×1 conv
 (:func:`~separify.calibrate.als_fit`, statistics streamed from onnxruntime) and least-squares refit
 (:class:`~separify.calibrate.PointwiseRefit`).
@@ -47,6 +49,7 @@ average, thanks to the cut). Memory: the least-squares sums, ``(C+1)²``, and on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -61,12 +64,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import measure
-from .api import ConvertResult, LayerRecord, choose_ranks, _join, _warn
+from . import latency, measure
+from .api import ConvertResult, LayerRecord, choose_ranks, meet_latency, record_latency, _join, _warn
 from .calibrate import PatchStatistics, PointwiseRefit, _accumulate, _Moments, als_fit, als_skip_reason, as_batches
 from .config import ConvertConfig, LayerRule
 from .decompose import check_weight, whiten
 from .errors import BadWeightsError, ConfigError, SeparifyError, first_line
+from .latency import LatencyTarget
 from .modules import FORMS, SeparableConv2d, why_not_convertible
 
 __all__ = ["MIN_OPSET", "OnnxConvertResult", "OrtModule", "convert_onnx", "load_onnx", "save_onnx", "onnx_flops",
@@ -287,6 +291,7 @@ class OrtModule(nn.Module):
         inputs = graph_inputs(model)
         if len(inputs) != 1:
             raise SeparifyError(f"only single-input ONNX models can be evaluated on data (this one has {len(inputs)})")
+        self.model = model
         self.input_name = inputs[0].name
         first = inputs[0].shape[0] if inputs[0].shape is not None and len(inputs[0].shape) else None
         self.fixed_batch = first if isinstance(first, int) else None
@@ -575,11 +580,16 @@ def _drop_if_unused(graph: ir.Graph, v: ir.Value | None) -> None:
 
 
 def _update(inits: Mapping[str, ir.Value], mod: SeparableConv2d, dtype: np.dtype) -> None:
-    """Write the (refitted or fine-tuned) factors of ``mod`` into its initializers."""
+    """Write the (refitted, fine-tuned or widened) factors of ``mod`` into its initializers; the depthwise node's
+    group follows its width (a ``padN`` layout adds zero terms)."""
     for role, conv in _factors(mod):
         inits[f"{role}.weight"].const_value = ir.tensor(conv.weight.detach().cpu().numpy().astype(dtype))
         if f"{role}.bias" in inits:
             inits[f"{role}.bias"].const_value = ir.tensor(conv.bias.detach().cpu().numpy().astype(dtype))
+    dw_node = inits["dw.weight"].uses()[0].node
+    dw_node.attributes["group"] = ir.AttrInt64("group", mod.conv_dw.in_channels)
+    for role, conv in _factors(mod):  # keep the declared shapes of the initializers in step
+        inits[f"{role}.weight"].shape = ir.Shape(conv.weight.shape)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -628,6 +638,7 @@ def convert_onnx(
     check_samples: int = 8,
     threads: int | None = None,
     progress: bool = False,
+    timer: latency.Timer | None = None,
     **options: Any,
 ) -> OnnxConvertResult:
     """Replace the dense Conv nodes of an ONNX model with separable Conv nodes (see the module docstring).
@@ -641,6 +652,15 @@ def convert_onnx(
         calibration: input data (a tensor ``(N, ...)`` or an iterable of batches) for the calibration-aware
             initialisation, run through onnxruntime; single-input models only.
         check_samples: random inputs for the final comparison in onnxruntime (0: skip it).
+        timer: with ``objective="latency"``, a timing function as for :func:`separify.convert` (layers as modules;
+            whole graphs as :class:`OrtModule`), for tests; default: timed in ONNX Runtime through the cache.
+
+    With ``objective="latency"`` (a latency budget, or ``objective="latency"`` with a FLOPs target or fixed
+    ranks), every candidate is timed in ONNX Runtime at the layer's input shape, as the torch pass does with the
+    ``onnxruntime`` target (``"cpu"`` is read as ONNX Runtime on the CPU): a layer stays dense unless a replacement
+    is faster by the margin, pw-dw-pw may be widened to a faster ``padN`` width, and both whole graphs are timed at
+    the end (``result.latency_ratio``). ``dw-pw`` replacements are written as one grouped conv, so their other
+    layouts are not candidates here.
 
     Returns:
         :class:`OnnxConvertResult`.
@@ -653,10 +673,7 @@ def convert_onnx(
     if cfg.calib_steps:
         raise ConfigError("calib_steps (layer-wise reconstruction) runs in PyTorch and is not available for ONNX "
                           "models; use the least-squares refit (the default) or fine-tune (--finetune)")
-    if cfg.objective == "latency":
-        raise ConfigError("objective='latency' (--objective latency, --latency) is not available for ONNX input "
-                          "models yet; convert the PyTorch model with the onnxruntime target and export it (-o "
-                          "out.onnx), or convert this file by FLOPs and check it with separify report")
+    target = _onnx_target(cfg) if cfg.objective == "latency" else None
     original = load_onnx(model)
     work = original.clone()  # new nodes and values, shared (never mutated) tensors: the input stays untouched
     work.meta[_EXTERNAL_KEY] = original.meta.get(_EXTERNAL_KEY, False)
@@ -709,7 +726,24 @@ def convert_onnx(
             if rec.name in covs:
                 whitened[rec.name] = whiten(kernels[rec.name].weight, covs[rec.name], rec.method, damp=cfg.calib_damp)
 
-    budget, rank_warnings = choose_ranks(cfg, todo, kernels, layer_shapes, flops_before, whitened)
+    # Ranks (with objective="latency": every candidate timed in ONNX Runtime, in the layouts this pass can write).
+    planner = _onnx_planner(cfg, target, original, feeds, timer, threads) if target is not None and todo else None
+    try:
+        budget, rank_warnings = choose_ranks(cfg, todo, kernels, layer_shapes, flops_before, whitened, planner)
+        if planner is not None and cfg.selection == "latency":
+            def trial_times(replacements):  # the original and the planned graph (untrained factors), timed
+                trial = original.clone()
+                trial_sites = {s.name: s for s in match(trial)}
+                names = {v.name for v in _all_values(trial)} | {n.name for n in trial.graph if n.name}
+                for name, mod in replacements.items():
+                    _rewrite(trial, trial_sites[name], mod.eval(), by_name[name].weight.dtype, names)
+                return _ort_times([original, trial], feeds, target, timer, threads)
+
+            budget, rank_warnings = meet_latency(cfg, todo, kernels, layer_shapes, flops_before, whitened, planner,
+                                                 (budget, rank_warnings), trial_times)
+    finally:
+        if planner is not None:
+            planner.save()
 
     # Decompose and rewrite.
     value_names = {v.name for v in _all_values(work)} | {n.name for n in work.graph if n.name}
@@ -740,6 +774,18 @@ def convert_onnx(
         _refit(original, work, replaced, batches, fixed_batch, cfg.calib_ridge, threads, {r.name: r for r in records},
                als=cfg.calib_als, seed=cfg.seed, pads={r.name: by_name[r.name].pads for r in items})
 
+    # The fastest layout that the latency objective chose (after the refit, as in the torch pass): padN widens a
+    # pw-dw-pw replacement by zero terms; the graph's initializers and the depthwise group follow.
+    for rec in items:
+        mod, inits, dtype = replaced[rec.name]
+        if rec.layout is not None and rec.layout != mod.LAYOUTS[0]:
+            mod.set_layout(rec.layout)
+            if mod.rank != rec.rank:
+                rec.note = _join(rec.note, f"rank {rec.rank} padded to {mod.rank} channels by zero terms (faster)")
+            _update(inits, mod, dtype)
+            rec.flops_after = measure.module_flops(mod, layer_shapes[rec.name])
+            rec.params_after = measure.count_params(mod)
+
     proto_checked = _check_converted(work) if replaced else True
     result = OnnxConvertResult(
         work, records, "onnx", cfg, None, flops_before, onnx_flops(work, feeds, threads=threads), params_before, onnx_params(work), budget,
@@ -750,8 +796,81 @@ def convert_onnx(
     if check_samples and replaced:
         result.output_error = _compare(original, work, feeds, check_samples, cfg.seed, replaced,
                                        {r.name: r for r in records}, threads)
+    if planner is not None:
+        record_latency(result, planner, *_ort_timings([original, work], feeds, target, timer, threads),
+                       rank_warnings)
     _warn(result, rank_warnings)
     return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# objective="latency": ONNX Runtime is the target
+
+
+def _onnx_target(cfg: ConvertConfig) -> LatencyTarget:
+    """The latency target of an ONNX model: ONNX Runtime on the CPU (``"cpu"``, the default target, is read as
+    that); the PyTorch CUDA target does not apply."""
+    target = cfg.target
+    if target.backend == "cuda":
+        raise ConfigError("an ONNX model is timed in ONNX Runtime on the CPU (--target onnxruntime); the cuda target "
+                          "times PyTorch models")
+    if target.backend == "cpu":
+        try:
+            target = dataclasses.replace(target, backend="onnxruntime")
+        except ConfigError as exc:
+            raise ConfigError(f"an ONNX model is timed in ONNX Runtime: {exc}") from None
+    return target
+
+
+def _onnx_layouts(module: SeparableConv2d) -> list[str]:
+    """The layouts this pass writes as Conv nodes: pw-dw-pw plain or padN; dw-pw as one grouped conv (its other
+    layouts are several nodes, not written yet)."""
+    return module.layouts() if module.method == "pw-dw-pw" else [module.LAYOUTS[0]]
+
+
+def _onnx_planner(cfg: ConvertConfig, target: LatencyTarget, original: ir.Model, feeds, timer, threads):
+    """The layer timer for ONNX Runtime (through the disk cache unless a timing function is injected); with a
+    latency budget, the original graph's time is measured first."""
+    batch = int(next(iter(feeds.values())).shape[0])
+    if target.batch_size is not None and target.batch_size != batch:
+        raise ConfigError(f"the latency target's batch size {target.batch_size} differs from the ONNX model's input "
+                          f"batch {batch}; give the whole shape with --input-shape (input_shapes=)")
+    if target.threads is None and threads is not None:
+        target = dataclasses.replace(target, threads=threads)
+    if timer is None:
+        target.check_available()
+    path = latency.default_cache_path() if cfg.latency_cache is True else (cfg.latency_cache or None)
+    layer_timer = latency.LayerTimer(target, cache=latency.LatencyCache(path), timer=timer, layouts=_onnx_layouts)
+    original_ms = _ort_times([original], feeds, target, timer, threads)[0] if cfg.selection == "latency" else None
+    return latency.LatencyPlanner(layer_timer, cfg.margin, original_ms=original_ms, batch_size=batch)
+
+
+def _ort_timings(models: Sequence[ir.Model], feeds, target: LatencyTarget, timer, threads) -> list[measure.Timing]:
+    """Whole-graph :class:`~separify.measure.Timing` of each model in ONNX Runtime (interleaved), or from an injected
+    ``timer(modules, input_shape, target)``, which gets the graphs as :class:`OrtModule`."""
+    if timer is not None:
+        shape = tuple(next(iter(feeds.values())).shape)
+        ms = list(timer([OrtModule(m, threads=threads) for m in models], shape, target))
+        if len(ms) != len(models) or not all(isinstance(v, (int, float)) and 0 < v < float("inf") for v in ms):
+            raise SeparifyError(f"the timing function returned {ms!r} for {len(models)} whole models; expected that "
+                                "many positive milliseconds")
+        return [measure.Timing("onnxruntime-cpu", float(v), 0.0, 1, 1, target.threads, target.batch_size) for v in ms]
+    inputs = [torch.from_numpy(np.ascontiguousarray(feeds[v.name])) for v in graph_inputs(models[0])]
+    try:
+        with tempfile.TemporaryDirectory(prefix="separify-latency-") as tmp:
+            paths = []
+            for i, m in enumerate(models):
+                paths.append(Path(tmp) / f"model{i}.onnx")
+                save_onnx(m, paths[-1])
+            timings = measure.time_onnxruntime([str(p) for p in paths], inputs, threads=target.threads or threads,
+                                               min_run_time=max(20 * target.min_run_time, 1.0))
+    except Exception as exc:  # noqa: BLE001 - one clear message
+        raise SeparifyError(f"could not time the whole model on {target.describe()}: {first_line(exc)}") from None
+    return timings if isinstance(timings, list) else [timings]
+
+
+def _ort_times(models, feeds, target, timer, threads) -> list[float]:
+    return [t.median_ms for t in _ort_timings(models, feeds, target, timer, threads)]
 
 
 def _all_values(model: ir.Model) -> Iterator[ir.Value]:

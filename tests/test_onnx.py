@@ -516,3 +516,109 @@ def test_cli_writes_a_torch_model_as_onnx(tmp_path):
     assert converted.shape == (16, 10)
     res = _cli("convert", "--to", "onnx", "-o", tmp_path / "x.pt2", "--no-timing")
     assert res.exit_code == 1 and "--to onnx writes a .onnx file" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------- objective="latency"
+
+def _onnx_timer(slow_factor=1.0, favour=None, hidden_ms=0.0):
+    """Milliseconds proportional to FLOPs for layer candidates (separable ones ``slow_factor`` times slower, the
+    layout ``favour`` 4× faster) and for whole graphs (ONNX FLOPs, plus ``hidden_ms`` per separable Conv group)."""
+    from separify.modules import SeparableConv2d
+
+    def timer(modules, shape, target):
+        assert target.backend == "onnxruntime"
+        out = []
+        for m in modules:
+            if isinstance(m, OrtModule):
+                feeds = {m.input_name: np.zeros(shape, np.float32)}
+                dw = sum(1 for n in m.model.graph if n.op_type == "Conv" and "separify" in (n.doc_string or "")
+                         and n.name.endswith("/dw"))
+                out.append(onnx_flops(m.model, feeds) / 1e6 + hidden_ms * dw)
+                continue
+            ms = measure.count_flops(m, torch.zeros(shape)) / 1e6
+            if isinstance(m, SeparableConv2d):
+                ms *= slow_factor
+                if favour is not None and m.layout == favour:
+                    ms /= 4
+            out.append(ms)
+        return out
+
+    return timer
+
+
+LAT_SPECS = [(16, (3, 3), {"pads": [1, 1, 1, 1]}, True), (32, (3, 3), {"pads": [0, 1, 1, 0]}, True),
+             (32, (3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2]}, False)]
+
+
+def test_onnx_latency_keeps_every_node_when_no_replacement_is_faster():
+    proto = _conv_graph(LAT_SPECS, in_shape=(1, 8, 16, 16))
+    with pytest.warns(UserWarning, match="no layer was converted"):
+        res = convert_onnx(proto, objective="latency", rank=4, latency_cache=False,
+                           timer=_onnx_timer(slow_factor=50.0))
+    assert not res.converted and len(res.layers) == 3
+    for rec in res.layers:
+        assert rec.reason.startswith("no replacement measured faster than the dense conv by 5% on onnxruntime"), \
+            rec.reason
+        assert rec.time_before_ms > 0
+    assert len(_dense_left(res.model)) == 3 and len([n for n in res.model.graph if n.op_type == "Conv"]) == 3
+    assert res.latency_target.startswith("onnxruntime") and "not faster" not in " ".join(res.warnings)
+
+
+def test_onnx_latency_writes_the_padded_layout_and_stays_exact():
+    """A timer that makes pw-dw-pw's pad16 layout fastest: the graph gets the widened factors (zero terms, the
+    depthwise group follows) and computes the same as the plain conversion at the same rank."""
+    proto = _conv_graph(LAT_SPECS, in_shape=(1, 8, 16, 16))
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 8, 16, 16)).astype(np.float32)}
+    res = convert_onnx(proto, method="pw-dw-pw", rank=5, objective="latency", latency_cache=False,
+                       timer=_onnx_timer(slow_factor=0.9, favour="pad16"))
+    plain = convert_onnx(proto, method="pw-dw-pw", rank=5)
+    padded = [r for r in res.converted if r.layout == "pad16"]
+    assert padded and all("padded to 16 channels" in r.note for r in padded)
+    onnx.checker.check_model(ir.to_proto(res.model), full_check=True)
+    for rec in padded:
+        dw = next(n for n in res.model.graph if n.name == f"{rec.name}/dw")
+        assert dw.attributes["group"].value == 16 and dw.inputs[1].const_value.shape[0] == 16
+    for a, b in zip(_run(res.model, feeds), _run(plain.model, feeds)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert res.latency_ratio < 1.0 and res.latency_before.backend == "onnxruntime-cpu"
+
+
+def test_onnx_latency_budget_is_met_on_the_whole_graph():
+    """Inside the graph each separable layer costs 0.05 ms more than alone: the plan is made again, aiming lower,
+    until the whole graph meets the budget; dw-pw candidates are only the layout this pass writes."""
+    proto = _conv_graph(LAT_SPECS, in_shape=(1, 8, 16, 16))
+    seen = []
+
+    def timer(modules, shape, target):
+        seen.extend(getattr(m, "layout", None) for m in modules)
+        return _onnx_timer(hidden_ms=0.05)(modules, shape, target)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = convert_onnx(proto, method="dw-pw", latency=0.6, latency_cache=False, timer=timer)
+    assert res.converted and res.latency_ratio <= 0.6 * 1.02 and res.latency_predicted < 0.6
+    assert set(seen) - {None} == {"multiplier"}
+    assert res.config.selection == "latency"
+
+
+def test_onnx_latency_target_errors():
+    proto = _conv_graph(LAT_SPECS, in_shape=(1, 8, 16, 16))
+    with pytest.raises(SeparifyError, match="timed in ONNX Runtime on the CPU"):
+        convert_onnx(proto, objective="latency", target="cuda", latency_cache=False, timer=_onnx_timer())
+    with pytest.raises(SeparifyError, match="batch size 4 differs from the ONNX model's input batch 1"):
+        convert_onnx(proto, objective="latency", target=separify.LatencyTarget("onnxruntime", batch_size=4),
+                     latency_cache=False, timer=_onnx_timer())
+    with pytest.raises(SeparifyError, match="ONNX Runtime: the onnxruntime target times float32"):
+        convert_onnx(proto, objective="latency", target=separify.LatencyTarget("cpu", dtype="bfloat16"),
+                     latency_cache=False, timer=_onnx_timer())
+
+
+def test_cli_onnx_latency_objective_times_in_onnxruntime(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEPARIFY_CACHE_DIR", str(tmp_path / "cache"))
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(_conv_graph(LAT_SPECS, in_shape=(1, 8, 16, 16)), src)
+    res = _cli("convert", src, "-o", out, "--objective", "latency", "--rank", "4", "--threads", "1",
+               "--no-timing", "--no-layers")
+    assert res.exit_code == 0, res.output
+    assert "latency objective on onnxruntime" in res.stdout and out.is_file()
+    assert (tmp_path / "cache" / "latency.json").is_file()
