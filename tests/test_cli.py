@@ -304,6 +304,8 @@ def test_finetune_from_the_command_line(files, tmp_path):
     np.savez(bad, images=images.numpy(), labels=np.arange(64) + 5)
     _bad(None, files["state"], "-o", tmp_path / "x.pt2", "--arch", ARCH, "--input-shape", SHAPE, "--finetune", bad,
          "--steps", "1", match="labels must be in [0, 9]")
+    _bad(None, files["state"], "-o", tmp_path / "x.pt2", "--arch", ARCH, "--input-shape", SHAPE, "--finetune", data,
+         "--steps", "1", "--temperature", "0", match="--temperature must be a positive number")
 
 
 def _image_folder(root: Path, classes=("bags", "shoes"), per_class: int = 4, size=(28, 28)) -> Path:
@@ -335,7 +337,7 @@ def test_finetune_image_folder_and_options(files, tmp_path):
     folder = _image_folder(tmp_path / "imgs", size=(40, 36))
     out = tmp_path / "o.pt"
     res = _run(files["state"], "-o", out, "--arch", ARCH, "--input-shape", SHAPE, "--rank", "2", "--method", "dw-pw",
-               "--finetune", folder, "--steps", "2", "--finetune-batch-size", "4", "--image-size", "28", "--resize", "32",
+               "--finetune", folder, "--steps", "2", "--finetune-batch-size", "4", "--temperature", "1", "--image-size", "28", "--resize", "32",
                "--mean", "0.3", "--std", "0.35")
     assert res.exit_code == 0, res.output
     assert "Fine-tuning data:" in res.stdout and "8 images in 2 classes" in res.stdout
