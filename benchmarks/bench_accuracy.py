@@ -12,7 +12,7 @@ Models:
   images with labels (batch 128).
 * ``ocr``: ddddocr's ``common.onnx`` text recogniser (``benchmarks/second_model.py``); word accuracy on 500 rendered
   strings. Calibration: 256 rendered images with other strings; fine-tuning: distillation only (no labels), 1 epoch
-  over 1,024 rendered images (batch 32).
+  over 1,024 rendered images (batch 32; ``--ocr-tune-images``, ``--tune-temperature`` and ``--tune-lr`` change it).
 
 For each model, form and global FLOPs target: the original accuracy; weight-space init (``convert`` without data);
 calibration-aware init (``calibration=``, the defaults: data-aware rank allocation, alternating least squares of
@@ -74,20 +74,22 @@ def embedded_setup():
     )
 
 
-def ocr_setup():
+def ocr_setup(tune_images: int = 1024, temperature: float = 4.0, lr: float = 1e-4):
     sys.path.insert(0, str(Path(__file__).parent))
     import second_model as sm
 
     model = sm.load_model()
     # different seed stream from the calibration set; strings of the eval set excluded by construction
-    tune_x = sm.calibration_inputs(256 + 1024)[256:]
+    tune_x = sm.calibration_inputs(256 + tune_images)[256:]
+    batches = [tune_x[i : i + 32] for i in range(0, len(tune_x), 32)]
     return dict(
         name="ddddocr common.onnx text recogniser (word accuracy, 500 rendered strings)",
         model=model, example=sm.example_input(), evaluate=lambda m: sm.evaluate(m, 500),
         calib=sm.calibration_inputs(256), calib_note="256 rendered images",
-        tune=[tune_x[i : i + 32] for i in range(0, len(tune_x), 32)],
-        tune_note="1 epoch, 1,024 rendered images without labels (distillation only), batch 32 (32 steps), lr 1e-4",
-        class_dim=-1,
+        tune=batches,
+        tune_note=f"1 epoch, {tune_images:,} rendered images without labels (distillation only), batch 32 "
+                  f"({len(batches)} steps), lr {lr:g}, temperature {temperature:g}",
+        class_dim=-1, temperature=temperature, lr=lr,
     )
 
 
@@ -134,8 +136,8 @@ def run(setup: dict, lines: list[str], *, finetune: bool, forms=("pw-dw-pw", "dw
             acc_ft, t_ft = "not run", ""
             if finetune:
                 t0 = time.perf_counter()
-                separify.finetune(cal.model, model, setup["tune"], epochs=1, lr=1e-4, seed=0,
-                                  class_dim=setup["class_dim"])
+                separify.finetune(cal.model, model, setup["tune"], epochs=1, lr=setup.get("lr", 1e-4), seed=0,
+                                  class_dim=setup["class_dim"], temperature=setup.get("temperature", 4.0))
                 t_ft = f"{time.perf_counter() - t0:.0f}"
                 cal.model.eval()
                 acc_ft = f"{evaluate(cal.model):.3f}"
@@ -206,6 +208,8 @@ def main() -> None:
     ap.add_argument("--tune-lr", type=float, default=1e-4)
     ap.add_argument("--tune-temperature", type=float, default=4.0)
     ap.add_argument("--tune-feature-weight", type=float, default=0.0)
+    ap.add_argument("--ocr-tune-images", type=int, default=1024, help="OCR fine-tuning set (1 epoch, batch 32); "
+                    "--tune-lr and --tune-temperature apply to it too")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.md"))
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -216,13 +220,14 @@ def main() -> None:
     lines = [f"Command: `python benchmarks/bench_accuracy.py {flags}`; {torch.get_num_threads()} "
              f"threads, CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
              f"separify {separify.__version__}."]
-    setups = {"embedded": embedded_setup, "ocr": ocr_setup}
+    setups = {"embedded": embedded_setup,
+              "ocr": lambda: ocr_setup(args.ocr_tune_images, args.tune_temperature, args.tune_lr)}
     if args.long_tune:
         lines[0] = lines[0].replace(f"`python benchmarks/bench_accuracy.py {flags}`",
                                     f"`python benchmarks/bench_accuracy.py --long-tune {args.long_tune} --tune-lr "
                                     f"{args.tune_lr:g} --tune-temperature {args.tune_temperature:g} "
                                     f"--tune-feature-weight {args.tune_feature_weight:g} --calib-steps {args.calib_steps}`")
-        longer_finetune(ocr_setup(), lines, args.long_tune, lr=args.tune_lr, temperature=args.tune_temperature,
+        longer_finetune(ocr_setup(0), lines, args.long_tune, lr=args.tune_lr, temperature=args.tune_temperature,
                         feature_weight=args.tune_feature_weight, calib_steps=args.calib_steps)
         write_result(args.out, lines)
         return

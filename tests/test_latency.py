@@ -14,6 +14,7 @@ from separify.config import ConvertConfig
 from separify.errors import ConfigError
 from separify.latency import LatencyCache, LatencyTarget, LayerTimer, measure_modules, module_spec, rank_grid
 from separify.modules import DwPwConv2d, PwDwPwConv2d, SeparableConv2d
+from timers import flops_timer as _flops_timer
 
 # (in, out, kernel, stride, padding, dilation, padding_mode, bias)
 CONFIGS = {
@@ -143,26 +144,6 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.head(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
-
-
-def _flops_timer(slow_factor=1.0, favour=None, calls=None):
-    """Milliseconds proportional to FLOPs; separable candidates ``slow_factor`` times slower, except the layout
-    ``favour`` (made 4× faster than the others)."""
-
-    def timer(modules, shape, target):
-        if calls is not None:
-            calls.append(len(modules))
-        out = []
-        for m in modules:
-            ms = separify.measure.count_flops(m, torch.zeros(shape)) / 1e6
-            if isinstance(m, SeparableConv2d):
-                ms *= slow_factor
-                if favour is not None and m.layout == favour:
-                    ms /= 4
-            out.append(ms)
-        return out
-
-    return timer
 
 
 def _net():

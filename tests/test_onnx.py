@@ -21,6 +21,7 @@ import separify
 from separify import measure
 from separify.errors import SeparifyError
 from separify.onnx_pass import OrtModule, convert_onnx, load_onnx, onnx_flops, example_feeds
+from timers import onnx_timer as _onnx_timer
 
 
 def _run(model, feeds: dict) -> list[np.ndarray]:
@@ -519,32 +520,6 @@ def test_cli_writes_a_torch_model_as_onnx(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- objective="latency"
-
-def _onnx_timer(slow_factor=1.0, favour=None, hidden_ms=0.0):
-    """Milliseconds proportional to FLOPs for layer candidates (separable ones ``slow_factor`` times slower, the
-    layout ``favour`` 4× faster) and for whole graphs (ONNX FLOPs, plus ``hidden_ms`` per separable Conv group)."""
-    from separify.modules import SeparableConv2d
-
-    def timer(modules, shape, target):
-        assert target.backend == "onnxruntime"
-        out = []
-        for m in modules:
-            if isinstance(m, OrtModule):
-                feeds = {m.input_name: np.zeros(shape, np.float32)}
-                dw = sum(1 for n in m.model.graph if n.op_type == "Conv" and "separify" in (n.doc_string or "")
-                         and n.name.endswith("/dw"))
-                out.append(onnx_flops(m.model, feeds) / 1e6 + hidden_ms * dw)
-                continue
-            ms = measure.count_flops(m, torch.zeros(shape)) / 1e6
-            if isinstance(m, SeparableConv2d):
-                ms *= slow_factor
-                if favour is not None and m.layout == favour:
-                    ms /= 4
-            out.append(ms)
-        return out
-
-    return timer
-
 
 LAT_SPECS = [(16, (3, 3), {"pads": [1, 1, 1, 1]}, True), (32, (3, 3), {"pads": [0, 1, 1, 0]}, True),
              (32, (3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2]}, False)]
