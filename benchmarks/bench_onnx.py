@@ -3,7 +3,7 @@
 Run from the repository root (``pip install -e '.[bench]'`` first; the OCR model's evaluation images also need
 Debian's ``fonts-dejavu-core``)::
 
-    python benchmarks/bench_onnx.py [--threads 2] [--out benchmarks/results/onnx.md]
+    python benchmarks/bench_onnx.py [--threads 2] [--models ocr,exported,latency] [--out benchmarks/results/onnx.md]
 
 Models:
 
@@ -15,6 +15,8 @@ Models:
   strings, captured through onnxruntime (no torch code).
 * torchvision ``resnet18`` and ``vgg11_bn`` (random weights, so only agreement and output error mean anything),
   exported with ``torch.onnx.export`` at 1×3×224×224.
+
+``latency``: the OCR file and an exported resnet18 converted with ``objective="latency"`` (timed in onnxruntime).
 
 Every row: FLOPs of the Conv/Gemm/MatMul nodes (the LSTM is not counted), onnxruntime CPU latency of both files
 in the same run (median of timed blocks, alternating halves), and quality. Latency ratio < 1 means faster.
@@ -121,6 +123,42 @@ def _exported(rows, threads, tmp: Path) -> None:
             print(rows[-1], flush=True)
 
 
+def _latency_objective(rows, threads, tmp: Path) -> None:
+    """``objective="latency"`` on ONNX files: every candidate timed in onnxruntime (fresh, no cache), at FLOPs 0.5
+    and with a latency budget of 0.6; both files then timed again by :func:`_row`."""
+    import second_model as sm
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18().eval()
+    resnet = tmp / "resnet18_lat.onnx"
+    measure.export_onnx(net, (torch.randn(1, 3, 224, 224),), resnet)
+    rows += ["", "`objective=\"latency\"` (pw-dw-pw, weight-space init; fresh timing cache, so convert s includes "
+             "timing every candidate; \"selection\": layers converted, `convert`'s own whole-graph check and what the "
+             "layer times predicted):", "",
+             "| model | setting | FLOPs ratio | ms original | ms converted | latency ratio | selection | convert s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, path, shape in (("ddddocr common.onnx", sm._ddddocr_dir() / "common.onnx", (1, 1, 64, 192)),
+                              ("resnet18 (random weights)", resnet, (1, 3, 224, 224))):
+        original = load_onnx(path)
+        feeds = example_feeds(original, shape)
+        for setting, opts in (("latency objective, FLOPs 0.5", dict(objective="latency", flops=0.5)),
+                              ("latency budget 0.6", dict(latency=0.6))):
+            t = time.perf_counter()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                res = convert_onnx(original, method="pw-dw-pw", input_shapes=shape, threads=threads,
+                                   latency_cache=False, **opts)
+            seconds = time.perf_counter() - t
+            out = tmp / f"{path.stem}_{int(seconds * 1000)}.onnx"
+            res.save(out)
+            note = "; warned: " + caught[0].message.args[0][:120] if caught else ""
+            selection = (f"{len(res.converted)}/{len(res.layers)} converted; check {res.latency_ratio:.3f}, "
+                         f"predicted {res.latency_predicted:.3f}{note}")
+            rows.append(_row(name, f"pw-dw-pw, {setting}", res, path, out, feeds, threads, selection, seconds))
+            print(rows[-1], flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -140,6 +178,8 @@ def main() -> None:
             _ocr(rows, args.threads, Path(tmp))
         if "exported" in args.models:
             _exported(rows, args.threads, Path(tmp))
+        if "latency" in args.models:
+            _latency_objective(rows, args.threads, Path(tmp))
     write_result(args.out, rows)
 
 
