@@ -152,7 +152,7 @@ def _latency_objective(rows, threads, tmp: Path) -> None:
             seconds = time.perf_counter() - t
             out = tmp / f"{path.stem}_{int(seconds * 1000)}.onnx"
             res.save(out)
-            note = "; warned: " + caught[0].message.args[0][:120] if caught else ""
+            note = "".join(f"; warned: {w.message}" for w in caught)
             selection = (f"{len(res.converted)}/{len(res.layers)} converted; check {res.latency_ratio:.3f}, "
                          f"predicted {res.latency_predicted:.3f}{note}")
             rows.append(_row(name, f"pw-dw-pw, {setting}", res, path, out, feeds, threads, selection, seconds))
@@ -169,10 +169,10 @@ def main() -> None:
     rows = [f"Measured on {measure.cpu_name()}, onnxruntime CPU, {args.threads} threads; command: "
             f"`python benchmarks/bench_onnx.py {' '.join(sys.argv[1:])}`. Latency: median ms of one call at batch 1 "
             "(* = noisy, IQR above 10% of the median). FLOPs of Conv/Gemm/MatMul nodes (ddddocr's LSTM not "
-            "counted). Convert s: wall time of convert_onnx incl. the onnxruntime check.",
-            "",
-            "| model | setting | FLOPs ratio | ms original | ms converted | latency ratio | quality | convert s |",
-            "|---|---|---|---|---|---|---|---|"]
+            "counted). Convert s: wall time of convert_onnx incl. the onnxruntime check."]
+    if "ocr" in args.models or "exported" in args.models:
+        rows += ["", "| model | setting | FLOPs ratio | ms original | ms converted | latency ratio | quality | convert s |",
+                 "|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         if "ocr" in args.models:
             _ocr(rows, args.threads, Path(tmp))
