@@ -187,6 +187,8 @@ def convert(
             raise SeparifyError("--calib-steps needs --calib DATA")
         if calib_als and calib is None:
             raise SeparifyError("--calib-als needs --calib DATA")
+        if not 0 < temperature < math.inf:  # before the conversion, not after it
+            raise SeparifyError(f"--temperature must be a positive number, got {temperature}")
         out = _output(model, output, to)
         if model is not None and is_onnx(model):
             if arch or allow_pickle:
@@ -698,8 +700,6 @@ def _finetune(console, tune, seed, x, y, *, run) -> None:
     batches = [(x[i : i + tune["batch_size"]],) + ((y[i : i + tune["batch_size"]],) if y is not None else ())
                for i in range(0, len(x), tune["batch_size"])]
     console.print(f"Fine-tuning on {tune['data']}: {len(x)} samples, {'with' if y is not None else 'without'} labels")
-    if not (tune["temperature"] > 0 and math.isfinite(tune["temperature"])):
-        raise SeparifyError(f"--temperature must be a positive number, got {tune['temperature']}")
     res = run(batches, epochs=epochs, steps=tune["steps"], lr=tune["lr"], seed=seed, checkpoint=tune["checkpoint"],
               temperature=tune["temperature"], progress=True)
     if res.losses:

@@ -195,6 +195,8 @@ def finetune(
     was_training = student.training
     if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or not feature_weight >= 0:
         raise SeparifyError(f"feature_weight must be a non-negative number, got {feature_weight!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise SeparifyError(f"temperature must be a positive number, got {temperature!r}")
     use_features = bool(features) and feature_weight > 0
 
     torch.manual_seed(seed)

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import latency, measure
-from .api import ConvertResult, LayerRecord, choose_ranks, meet_latency, record_latency, _join, _warn
+from .api import ConvertResult, LayerRecord, choose_ranks, meet_latency, record_latency, _join, _model_times, _warn
 from .calibrate import PatchStatistics, PointwiseRefit, _accumulate, _Moments, als_fit, als_skip_reason, as_batches
 from .config import ConvertConfig, LayerRule
 from .decompose import check_weight, whiten
@@ -584,12 +584,11 @@ def _update(inits: Mapping[str, ir.Value], mod: SeparableConv2d, dtype: np.dtype
     group follows its width (a ``padN`` layout adds zero terms)."""
     for role, conv in _factors(mod):
         inits[f"{role}.weight"].const_value = ir.tensor(conv.weight.detach().cpu().numpy().astype(dtype))
+        inits[f"{role}.weight"].shape = ir.Shape(conv.weight.shape)  # the declared shape keeps in step
         if f"{role}.bias" in inits:
             inits[f"{role}.bias"].const_value = ir.tensor(conv.bias.detach().cpu().numpy().astype(dtype))
     dw_node = inits["dw.weight"].uses()[0].node
     dw_node.attributes["group"] = ir.AttrInt64("group", mod.conv_dw.in_channels)
-    for role, conv in _factors(mod):  # keep the declared shapes of the initializers in step
-        inits[f"{role}.weight"].shape = ir.Shape(conv.weight.shape)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -734,7 +733,7 @@ def convert_onnx(
             def trial_times(replacements):  # the original and the planned graph (untrained factors), timed
                 trial = original.clone()
                 trial_sites = {s.name: s for s in match(trial)}
-                names = {v.name for v in _all_values(trial)} | {n.name for n in trial.graph if n.name}
+                names = _taken_names(trial)
                 for name, mod in replacements.items():
                     _rewrite(trial, trial_sites[name], mod.eval(), by_name[name].weight.dtype, names)
                 return _ort_times([original, trial], feeds, target, timer, threads)
@@ -746,7 +745,7 @@ def convert_onnx(
             planner.save()
 
     # Decompose and rewrite.
-    value_names = {v.name for v in _all_values(work)} | {n.name for n in work.graph if n.name}
+    value_names = _taken_names(work)
     replaced: dict[str, tuple[SeparableConv2d, dict[str, ir.Value], np.dtype]] = {}
     items = [rec for rec, _ in todo if rec.rank is not None]
     iterator = items
@@ -848,14 +847,10 @@ def _onnx_planner(cfg: ConvertConfig, target: LatencyTarget, original: ir.Model,
 def _ort_timings(models: Sequence[ir.Model], feeds, target: LatencyTarget, timer, threads) -> list[measure.Timing]:
     """Whole-graph :class:`~separify.measure.Timing` of each model in ONNX Runtime (interleaved), or from an injected
     ``timer(modules, input_shape, target)``, which gets the graphs as :class:`OrtModule`."""
-    if timer is not None:
-        shape = tuple(next(iter(feeds.values())).shape)
-        ms = list(timer([OrtModule(m, threads=threads) for m in models], shape, target))
-        if len(ms) != len(models) or not all(isinstance(v, (int, float)) and 0 < v < float("inf") for v in ms):
-            raise SeparifyError(f"the timing function returned {ms!r} for {len(models)} whole models; expected that "
-                                "many positive milliseconds")
-        return [measure.Timing("onnxruntime-cpu", float(v), 0.0, 1, 1, target.threads, target.batch_size) for v in ms]
     inputs = [torch.from_numpy(np.ascontiguousarray(feeds[v.name])) for v in graph_inputs(models[0])]
+    if timer is not None:  # checked as for torch models
+        ms = _model_times([OrtModule(m, threads=threads) for m in models], tuple(inputs), target, timer)
+        return [measure.Timing("onnxruntime-cpu", v, 0.0, 1, 1, target.threads, target.batch_size) for v in ms]
     try:
         with tempfile.TemporaryDirectory(prefix="separify-latency-") as tmp:
             paths = []
@@ -871,6 +866,11 @@ def _ort_timings(models: Sequence[ir.Model], feeds, target: LatencyTarget, timer
 
 def _ort_times(models, feeds, target, timer, threads) -> list[float]:
     return [t.median_ms for t in _ort_timings(models, feeds, target, timer, threads)]
+
+
+def _taken_names(model: ir.Model) -> set[str]:
+    """The value and node names in use in ``model`` (new ones are made unique against these by :func:`_unique`)."""
+    return {v.name for v in _all_values(model)} | {n.name for n in model.graph if n.name}
 
 
 def _all_values(model: ir.Model) -> Iterator[ir.Value]:

@@ -129,6 +129,9 @@ def test_bad_arguments_and_labels():
         finetune(student, teacher, _data(), steps=2, epochs=1)
     with pytest.raises(SeparifyError, match="empty"):
         finetune(student, teacher, [], epochs=1)
+    for bad_t in (0.0, -1.0, float("nan")):
+        with pytest.raises(SeparifyError, match="temperature must be a positive number"):
+            finetune(student, teacher, _data(), steps=1, temperature=bad_t)
     bad = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 7, 2]))]
     with pytest.raises(SeparifyError, match=r"labels must be in \[0, 4\]"):
         finetune(student, teacher, bad, steps=1)
