@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -70,11 +71,16 @@ def feature_loss(student_features: Sequence[torch.Tensor], teacher_features: Seq
 
 
 class _Taps:
-    """Forward hooks that keep the output of the first call of each named module in a forward pass."""
+    """Forward hooks that keep the output of the first call of each named module in a forward pass.
+
+    Only forward passes inside :meth:`recording` count, so that a model run elsewhere (e.g. an evaluation in the
+    user's callback, at another batch size) is not mistaken for the training step's.
+    """
 
     def __init__(self, model: nn.Module, names: Sequence[str], *, detach: bool) -> None:
         self.names = list(names)
         self.out: dict[str, torch.Tensor] = {}
+        self.active = False
         self.handles = []
         for name in self.names:
             try:
@@ -85,10 +91,18 @@ class _Taps:
 
     def _hook(self, name: str, detach: bool):
         def hook(_mod, _args, output):
-            if name not in self.out:
+            if self.active and name not in self.out:
                 self.out[name] = output.detach() if detach else output
 
         return hook
+
+    @contextmanager
+    def recording(self):
+        self.out, self.active = {}, True
+        try:
+            yield self
+        finally:
+            self.active = False
 
     def take(self) -> list[torch.Tensor]:
         missing = [n for n in self.names if n not in self.out]
@@ -112,6 +126,10 @@ class FinetuneResult:
     losses: list[float] = field(default_factory=list)
     resumed_from: int | None = None
     stopped: str | None = None
+
+
+def _recording(taps: _Taps | None):
+    return taps.recording() if taps is not None else nullcontext()
 
 
 def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -278,13 +296,16 @@ def finetune(
                     y = y[rank::world] if y is not None else None
                 x = x.to(device)
                 y = y.to(device) if (y is not None and use_labels) else None
-                with torch.no_grad(), frozen_mode(teacher):
+                set_modes()  # again at every step: a callback may have switched modes (e.g. to evaluate)
+                with torch.no_grad(), frozen_mode(teacher), _recording(t_taps):
                     t_logits = teacher(x)
                 if y is not None and (int(y.min()) < 0 or int(y.max()) >= t_logits.shape[class_dim]):
                     raise SeparifyError(f"labels must be in [0, {t_logits.shape[class_dim] - 1}], got values from "
                                         f"{int(y.min())} to {int(y.max())}")
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = distillation_loss(model(x), t_logits, y, temperature=temperature, alpha=alpha,
+                    with _recording(s_taps):
+                        s_logits = model(x)
+                    loss = distillation_loss(s_logits, t_logits, y, temperature=temperature, alpha=alpha,
                                              class_dim=class_dim)
                     if use_features:
                         loss = loss + feature_weight * feature_loss(s_taps.take(), t_taps.take())

@@ -170,6 +170,28 @@ def test_feature_distillation_pulls_converted_layers_to_the_original():
         finetune(copy.deepcopy(res.model), teacher, data, steps=1, features={"nope": "3"}, feature_weight=1.0)
 
 
+def test_a_callback_that_evaluates_does_not_change_the_run():
+    """Evaluating inside the callback (other batch size, eval then train mode, teacher run too) neither feeds the
+    feature loss stale outputs nor unfreezes BatchNorm statistics: the run equals one without the evaluations."""
+    teacher = _teacher(dropout=0.0)
+    res = separify.convert(teacher, example_inputs=torch.randn(1, 3, 8, 8), method="dw-pw", rank=1)
+    data = _data(labels=False)
+    quiet, busy = copy.deepcopy(res.model), copy.deepcopy(res.model)
+
+    def evaluate(step, _loss):
+        with torch.no_grad():
+            busy.eval()(torch.randn(3, 3, 8, 8))
+            teacher(torch.randn(3, 3, 8, 8))
+        busy.train()  # as an evaluation helper might leave it: BatchNorm in training mode
+
+    kw = dict(steps=12, lr=5e-3, seed=0, features=res.feature_pairs(), feature_weight=1.0)
+    finetune(quiet, teacher, data, **kw)
+    out = finetune(busy, teacher, data, callback=evaluate, **kw)
+    assert out.steps == 12 and out.stopped is None
+    for (k, a), b in zip(quiet.state_dict().items(), busy.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=k)
+
+
 def test_sequence_logits_use_class_dim():
     s, t = torch.randn(4, 7, 11), torch.randn(4, 7, 11)
     per_step = sum(float(distillation_loss(s[:, i], t[:, i])) for i in range(7))
