@@ -12,7 +12,8 @@ Models:
   images with labels (batch 128).
 * ``ocr``: ddddocr's ``common.onnx`` text recogniser (``benchmarks/second_model.py``); word accuracy on 500 rendered
   strings. Calibration: 256 rendered images with other strings; fine-tuning: distillation only (no labels), 1 epoch
-  over 1,024 rendered images (batch 32; ``--ocr-tune-images``, ``--tune-temperature`` and ``--tune-lr`` change it).
+  over 1,024 rendered images (batch 32; ``--ocr-tune-images``, ``--ocr-tune-epochs``, ``--tune-temperature`` and
+  ``--tune-lr`` change it).
 
 For each model, form and global FLOPs target: the original accuracy; weight-space init (``convert`` without data);
 calibration-aware init (``calibration=``, the defaults: data-aware rank allocation, alternating least squares of
@@ -74,7 +75,7 @@ def embedded_setup():
     )
 
 
-def ocr_setup(tune_images: int = 1024, temperature: float = 4.0, lr: float = 1e-4):
+def ocr_setup(tune_images: int = 1024, temperature: float = 4.0, lr: float = 1e-4, epochs: int = 1):
     sys.path.insert(0, str(Path(__file__).parent))
     import second_model as sm
 
@@ -87,9 +88,10 @@ def ocr_setup(tune_images: int = 1024, temperature: float = 4.0, lr: float = 1e-
         model=model, example=sm.example_input(), evaluate=lambda m: sm.evaluate(m, 500),
         calib=sm.calibration_inputs(256), calib_note="256 rendered images",
         tune=batches,
-        tune_note=f"1 epoch, {tune_images:,} rendered images without labels (distillation only), batch 32 "
-                  f"({len(batches)} steps), lr {lr:g}, temperature {temperature:g}",
-        class_dim=-1, temperature=temperature, lr=lr,
+        tune_note=f"{epochs} epoch{'s' if epochs > 1 else ''} over {tune_images:,} rendered images without labels "
+                  f"(distillation only), batch 32 ({epochs * len(batches)} steps), lr {lr:g} (cosine schedule), "
+                  f"temperature {temperature:g}",
+        class_dim=-1, temperature=temperature, lr=lr, epochs=epochs,
     )
 
 
@@ -136,7 +138,7 @@ def run(setup: dict, lines: list[str], *, finetune: bool, forms=("pw-dw-pw", "dw
             acc_ft, t_ft = "not run", ""
             if finetune:
                 t0 = time.perf_counter()
-                separify.finetune(cal.model, model, setup["tune"], epochs=1, lr=setup.get("lr", 1e-4), seed=0,
+                separify.finetune(cal.model, model, setup["tune"], epochs=setup.get("epochs", 1), lr=setup.get("lr", 1e-4), seed=0,
                                   class_dim=setup["class_dim"], temperature=setup.get("temperature", 4.0))
                 t_ft = f"{time.perf_counter() - t0:.0f}"
                 cal.model.eval()
@@ -208,8 +210,9 @@ def main() -> None:
     ap.add_argument("--tune-lr", type=float, default=1e-4)
     ap.add_argument("--tune-temperature", type=float, default=4.0)
     ap.add_argument("--tune-feature-weight", type=float, default=0.0)
-    ap.add_argument("--ocr-tune-images", type=int, default=1024, help="OCR fine-tuning set (1 epoch, batch 32); "
-                    "--tune-lr and --tune-temperature apply to it too")
+    ap.add_argument("--ocr-tune-images", type=int, default=1024, help="OCR fine-tuning set (batch 32); "
+                    "--tune-lr, --tune-temperature and --ocr-tune-epochs apply to it too")
+    ap.add_argument("--ocr-tune-epochs", type=int, default=1, help="OCR fine-tuning epochs over that set")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.md"))
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -221,7 +224,7 @@ def main() -> None:
              f"threads, CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
              f"separify {separify.__version__}."]
     setups = {"embedded": embedded_setup,
-              "ocr": lambda: ocr_setup(args.ocr_tune_images, args.tune_temperature, args.tune_lr)}
+              "ocr": lambda: ocr_setup(args.ocr_tune_images, args.tune_temperature, args.tune_lr, args.ocr_tune_epochs)}
     if args.long_tune:
         lines[0] = lines[0].replace(f"`python benchmarks/bench_accuracy.py {flags}`",
                                     f"`python benchmarks/bench_accuracy.py --long-tune {args.long_tune} --tune-lr "
