@@ -19,7 +19,7 @@ Models:
 ``latency``: the OCR file and an exported resnet18 converted with ``objective="latency"`` (timed in onnxruntime).
 
 Every row: FLOPs of the Conv/Gemm/MatMul nodes (the LSTM is not counted), onnxruntime CPU latency of both files
-in the same run (median of timed blocks, alternating halves), and quality. Latency ratio < 1 means faster.
+in the same run (median of timed blocks, alternating turns), and quality. Latency ratio < 1 means faster.
 """
 
 from __future__ import annotations

@@ -329,7 +329,7 @@ def time_onnxruntime(paths: str | os.PathLike | Sequence[str | os.PathLike], inp
                      spinning: bool = True) -> Timing | list[Timing]:
     """Latency of ONNX models in ONNX Runtime's CPU execution provider with ``threads`` intra-op threads (default:
     PyTorch's current setting), all graph optimisations and ONNX Runtime's default thread spinning on; several paths
-    are timed in alternating halves (A B A B), so that drift in the machine's speed hits them alike.
+    are timed in alternating turns of about 0.25 s (A B A B ...), so that drift in the machine's speed hits them alike.
 
     ``spinning=False`` turns the intra-op threads' spin-waiting off, so that sessions cannot steal the cores from
     each other, and interleaves the models block by block as :func:`time_torch` does. Each run then pays the
@@ -360,10 +360,12 @@ def time_onnxruntime(paths: str | os.PathLike | Sequence[str | os.PathLike], inp
         timings = [_summarise("onnxruntime-cpu", b, n, threads, batch) for b, n in timed]
         return timings[0] if single else timings
     # Not interleaved block by block as in time_torch: each session's intra-op threads spin for a while after a run
-    # and would steal the cores from the next session. Instead, each model in turn for half the time, twice.
+    # and would steal the cores from the next session. Instead, each model in turn for a quarter of a second or so
+    # (at least twice each): on shared machines the speed of a small graph can switch between two levels for seconds
+    # at a time (benchmarks/results/ort_repeat.md), and short turns let both models see the same mix of them.
     blocks: list[list[float]] = [[] for _ in fns]
     runs = [0] * len(fns)
-    rounds = 1 if single else 2
+    rounds = 1 if single else max(2, round(min_run_time / 0.25))
     for r in range(rounds):
         for i, fn in enumerate(fns):
             (b, n), = _time_blocks([fn], min_run_time=min_run_time / rounds, warmup=warmup if r == 0 else 1,
