@@ -202,13 +202,14 @@ def measure_modules(modules: Sequence[nn.Module], input_shape: tuple, target: La
     return [t.median_ms for t in timings]
 
 
-def time_model(models: Sequence[nn.Module], inputs: tuple, target: LatencyTarget):
-    """Whole-model :class:`~separify.measure.Timing` of each of ``models`` on ``target`` (interleaved), at the
-    target's batch size (the inputs' first sample repeated) — the check of the sum-of-layers model."""
+def time_model(models: Sequence[nn.Module], inputs: tuple, target: LatencyTarget, *, scale: float = 1.0):
+    """Whole-model :class:`~separify.measure.Timing` of each of ``models`` on ``target`` (interleaved, for ``scale`` ×
+    20 × the target's ``min_run_time``, at least ``scale`` seconds), at the target's batch size (the inputs' first
+    sample repeated) — the check of the sum-of-layers model."""
     from .measure import export_onnx, frozen_mode, time_onnxruntime, time_torch
 
     inputs = tuple(_at_batch(t, target.batch_size) for t in inputs)
-    run_time = max(20 * target.min_run_time, 1.0)
+    run_time = scale * max(20 * target.min_run_time, 1.0)
     if target.backend == "onnxruntime":
         with tempfile.TemporaryDirectory(prefix="separify-latency-") as tmp:
             paths = []

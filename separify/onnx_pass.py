@@ -796,8 +796,9 @@ def convert_onnx(
         result.output_error = _compare(original, work, feeds, check_samples, cfg.seed, replaced,
                                        {r.name: r for r in records}, threads)
     if planner is not None:
-        record_latency(result, planner, *_ort_timings([original, work], feeds, target, timer, threads),
-                       rank_warnings)
+        record_latency(result, planner, lambda scale: _ort_timings([original, work], feeds, target, timer, threads,
+                                                                   scale=scale),
+                       rank_warnings, measured=timer is None)
     _warn(result, rank_warnings)
     return result
 
@@ -844,9 +845,11 @@ def _onnx_planner(cfg: ConvertConfig, target: LatencyTarget, original: ir.Model,
     return latency.LatencyPlanner(layer_timer, cfg.margin, original_ms=original_ms, batch_size=batch)
 
 
-def _ort_timings(models: Sequence[ir.Model], feeds, target: LatencyTarget, timer, threads) -> list[measure.Timing]:
-    """Whole-graph :class:`~separify.measure.Timing` of each model in ONNX Runtime (interleaved), or from an injected
-    ``timer(modules, input_shape, target)``, which gets the graphs as :class:`OrtModule`."""
+def _ort_timings(models: Sequence[ir.Model], feeds, target: LatencyTarget, timer, threads, *,
+                 scale: float = 1.0) -> list[measure.Timing]:
+    """Whole-graph :class:`~separify.measure.Timing` of each model in ONNX Runtime (interleaved; ``scale`` × the
+    usual run time), or from an injected ``timer(modules, input_shape, target)``, which gets the graphs as
+    :class:`OrtModule`."""
     inputs = [torch.from_numpy(np.ascontiguousarray(feeds[v.name])) for v in graph_inputs(models[0])]
     if timer is not None:  # checked as for torch models
         ms = _model_times([OrtModule(m, threads=threads) for m in models], tuple(inputs), target, timer)
@@ -858,7 +861,7 @@ def _ort_timings(models: Sequence[ir.Model], feeds, target: LatencyTarget, timer
                 paths.append(Path(tmp) / f"model{i}.onnx")
                 save_onnx(m, paths[-1])
             timings = measure.time_onnxruntime([str(p) for p in paths], inputs, threads=target.threads or threads,
-                                               min_run_time=max(20 * target.min_run_time, 1.0))
+                                               min_run_time=scale * max(20 * target.min_run_time, 1.0))
     except Exception as exc:  # noqa: BLE001 - one clear message
         raise SeparifyError(f"could not time the whole model on {target.describe()}: {first_line(exc)}") from None
     return timings if isinstance(timings, list) else [timings]

@@ -315,7 +315,7 @@ def test_convert_uses_the_cache_on_the_second_run(tmp_path, monkeypatch):
         return real(modules, shape, target)
 
     monkeypatch.setattr("separify.latency.measure_modules", fake_measure)
-    monkeypatch.setattr("separify.latency.time_model", lambda models, inputs, target: [
+    monkeypatch.setattr("separify.latency.time_model", lambda models, inputs, target, scale=1.0: [
         separify.measure.Timing("torch-cpu", 1.0, 0.0, 1, 1, 1, 1) for _ in models])
     path = tmp_path / "latency.json"
     first = separify.convert(net, example_inputs=x, objective="latency", latency_cache=str(path))
@@ -324,6 +324,27 @@ def test_convert_uses_the_cache_on_the_second_run(tmp_path, monkeypatch):
     second = separify.convert(net, example_inputs=x, objective="latency", latency_cache=str(path))
     assert len(calls) == n  # every layer time came from the cache
     assert [(r.rank, r.layout) for r in second.layers] == [(r.rank, r.layout) for r in first.layers]
+
+
+@pytest.mark.parametrize("second, slower", [(0.8, False), (1.1, True)], ids=["noise", "confirmed"])
+def test_a_slower_whole_model_reading_is_timed_again_before_the_warning(monkeypatch, second, slower):
+    """The final check reads 1.2× the original's time; a second timing, three times as long, decides."""
+    net, x = _net()
+    monkeypatch.setattr("separify.latency.measure_modules", _flops_timer())
+    scales = []
+
+    def fake_time_model(models, inputs, target, scale=1.0):
+        scales.append(scale)
+        after = 1.2 if len(scales) == 1 else second
+        return [separify.measure.Timing("torch-cpu", ms, 0.0, 1, 1, 1, 1) for ms in (1.0, after)]
+
+    monkeypatch.setattr("separify.latency.time_model", fake_time_model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = separify.convert(net, example_inputs=x, objective="latency", latency_cache=False)
+    assert res.converted and scales == [1.0, 3.0]
+    assert res.latency_ratio == pytest.approx(second)
+    assert any("measured 1.10× the original's time" in str(w.message) for w in caught) == slower
 
 
 # --------------------------------------------------------------------------------------------------------------
