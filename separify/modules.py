@@ -15,9 +15,9 @@ several times, in speed (``set_layout``; :mod:`separify.latency` measures them a
 
 * dw-pw with multiplier ``K``: ``"multiplier"`` (one depthwise conv with channel multiplier K, groups M),
   ``"split"`` (K depthwise convs with multiplier 1, their outputs interleaved, then the 1×1), ``"repeat"``
-  (each input channel repeated K times, then a depthwise conv
-  with multiplier 1 on M·K channels), ``"branches"`` (K depthwise → 1×1 branches, each using its slice of the 1×1
-  weights, summed).
+  (each input channel repeated K times, then a depthwise conv with multiplier 1 on M·K channels; exported to ONNX,
+  and written by the ONNX pass, as ``Tile`` → ``Conv`` → ``Conv`` with the factors permuted to the tiled order),
+  ``"branches"`` (K depthwise → 1×1 branches, each using its slice of the 1×1 weights, summed).
 * pw-dw-pw with rank ``R``: ``"plain"``, or ``"padN"`` (R rounded up to a multiple of N with zero terms, for
   kernels that prefer channel counts in multiples of 8 or 16).
 """
@@ -211,7 +211,12 @@ class DwPwConv2d(SeparableConv2d):
         if dw.padding_mode != "zeros":  # pad once, as nn.Conv2d does, then convolve unpadded
             x, padding = F.pad(x, dw._reversed_padding_repeated_twice, mode=dw.padding_mode), 0
         w = dw.weight  # (M·K, 1, kh, kw), channel m·K + j: filter j of input channel m (in every layout)
-        if self.layout == "repeat":  # (B, M, H, W) → (B, M·K, H, W), channel m·K + j = input channel m
+        if self.layout == "repeat":
+            if torch.onnx.is_in_onnx_export():  # as the ONNX pass writes it: Tile, factors in the tiled order
+                wk, pk = self.repeat_factors()  # (B, M, H, W) → (B, K·M, H, W): channel j·M + m = input channel m
+                return F.conv2d(F.conv2d(x.repeat(1, k, 1, 1), wk, None, dw.stride, padding, dw.dilation, m * k),
+                                pk, self.conv_pw.bias)
+            # eager: no copy of the weights; (B, M, H, W) → (B, M·K, H, W), channel m·K + j = input channel m
             h = F.conv2d(x.repeat_interleave(k, dim=1), w, None, dw.stride, padding, dw.dilation, m * k)
         elif self.layout == "split":  # K depthwise convs (B, M, H', W'), interleaved to (B, M·K, H', W')
             h = torch.stack([F.conv2d(x, w[j::k], None, dw.stride, padding, dw.dilation, m) for j in range(k)],
@@ -224,6 +229,14 @@ class DwPwConv2d(SeparableConv2d):
                 out = y if out is None else out + y
             return out
         return self.conv_pw(h)
+
+    def repeat_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors in the ``repeat`` layout's channel order, ``j·M + m`` (the input tiled K times) instead of
+        ``m·K + j``: depthwise ``(K·M, 1, kh, kw)``, pointwise ``(N, K·M, 1, 1)``."""
+        m, k = self.in_channels, self.rank
+        dw, pw = self.conv_dw.weight, self.conv_pw.weight
+        return (dw.reshape(m, k, *dw.shape[1:]).transpose(0, 1).reshape(dw.shape),
+                pw.reshape(pw.shape[0], m, k, 1, 1).transpose(1, 2).reshape(pw.shape))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(depthwise (M·K, 1, kh, kw), pointwise (N, M·K, 1, 1))``, channel ``m·K + k`` = filter k of input

@@ -10,6 +10,8 @@ Match → check → rewrite, as in onnxscript's rewriter rules:
 
   - ``dw-pw``:    ``x → Conv(W_dw (M·K, 1, kh, kw), group=M, <spatial>) → Conv(W_pw (N, M·K, 1, 1), B) → y``
   - ``pw-dw-pw``: ``x → Conv(W_in (R, M, 1, 1)) → Conv(W_dw (R, 1, kh, kw), group=R, <spatial>) → Conv(W_out, B) → y``
+  - ``dw-pw`` in the ``repeat`` layout (chosen by ``objective="latency"``): ``x → Tile([1, K, 1, 1]) → Conv(W_dw
+    permuted, group=M·K, <spatial>) → Conv(W_pw permuted, B) → y`` (channel ``j·M + m`` = input channel m)
 
   ``<spatial>`` is the original node's ``kernel_shape``, ``strides``, ``dilations``, ``pads`` and ``auto_pad``,
   copied verbatim, so asymmetric pads and ``SAME_UPPER``/``SAME_LOWER`` behave exactly as before at every input
@@ -579,16 +581,41 @@ def _drop_if_unused(graph: ir.Graph, v: ir.Value | None) -> None:
         graph.remove(producer, safe=True)
 
 
+def _repeat_layout(mod: SeparableConv2d) -> bool:
+    return mod.method == "dw-pw" and mod.layout == "repeat" and mod.rank > 1
+
+
 def _update(inits: Mapping[str, ir.Value], mod: SeparableConv2d, dtype: np.dtype) -> None:
     """Write the (refitted, fine-tuned or widened) factors of ``mod`` into its initializers; the depthwise node's
-    group follows its width (a ``padN`` layout adds zero terms)."""
+    group follows its width (a ``padN`` layout adds zero terms). In the dw-pw ``repeat`` layout (after
+    :func:`_tile_input`) the factors are written in its channel order and the depthwise conv has M·K groups."""
+    weights = {role: conv.weight for role, conv in _factors(mod)}
+    group = mod.conv_dw.in_channels
+    if _repeat_layout(mod):
+        weights["dw"], weights["pw"] = mod.repeat_factors()
+        group *= mod.rank
     for role, conv in _factors(mod):
-        inits[f"{role}.weight"].const_value = ir.tensor(conv.weight.detach().cpu().numpy().astype(dtype))
-        inits[f"{role}.weight"].shape = ir.Shape(conv.weight.shape)  # the declared shape keeps in step
+        w = weights[role].detach().cpu().numpy().astype(dtype)
+        inits[f"{role}.weight"].const_value = ir.tensor(w)
+        inits[f"{role}.weight"].shape = ir.Shape(w.shape)  # the declared shape keeps in step
         if f"{role}.bias" in inits:
             inits[f"{role}.bias"].const_value = ir.tensor(conv.bias.detach().cpu().numpy().astype(dtype))
     dw_node = inits["dw.weight"].uses()[0].node
-    dw_node.attributes["group"] = ir.AttrInt64("group", mod.conv_dw.in_channels)
+    dw_node.attributes["group"] = ir.AttrInt64("group", group)
+
+
+def _tile_input(model: ir.Model, inits: Mapping[str, ir.Value], mod: SeparableConv2d, value_names: set[str]) -> None:
+    """The dw-pw ``repeat`` layout: a ``Tile`` node repeats the depthwise conv's input K times along the channels,
+    ``(B, M, H, W) → (B, K·M, H, W)``; :func:`_update` then writes the factors in that channel order."""
+    dw_node = inits["dw.weight"].uses()[0].node
+    repeats = ir.Value(name=_unique(value_names, f"{dw_node.name}.repeats"),
+                       const_value=ir.tensor(np.array([1, mod.rank, 1, 1], dtype=np.int64)))
+    model.graph.register_initializer(repeats)
+    tiled = ir.Value(name=_unique(value_names, f"{dw_node.name}.tiled"))
+    tile = ir.node("Tile", [dw_node.inputs[0], repeats], outputs=[tiled], name=_unique(value_names, f"{dw_node.name}/tile"),
+                   doc_string=dw_node.doc_string)
+    model.graph.insert_before(dw_node, [tile])
+    dw_node.replace_input_with(0, tiled)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -658,8 +685,8 @@ def convert_onnx(
     ranks), every candidate is timed in ONNX Runtime at the layer's input shape, as the torch pass does with the
     ``onnxruntime`` target (``"cpu"`` is read as ONNX Runtime on the CPU): a layer stays dense unless a replacement
     is faster by the margin, pw-dw-pw may be widened to a faster ``padN`` width, and both whole graphs are timed at
-    the end (``result.latency_ratio``). ``dw-pw`` replacements are written as one grouped conv, so their other
-    layouts are not candidates here.
+    the end (``result.latency_ratio``). ``dw-pw`` replacements are written as one grouped conv or, for K > 1, in
+    the ``repeat`` layout (``Tile`` → depthwise ``Conv`` → ``Conv``); their other layouts are not candidates here.
 
     Returns:
         :class:`OnnxConvertResult`.
@@ -781,6 +808,8 @@ def convert_onnx(
             mod.set_layout(rec.layout)
             if mod.rank != rec.rank:
                 rec.note = _join(rec.note, f"rank {rec.rank} padded to {mod.rank} channels by zero terms (faster)")
+            if _repeat_layout(mod):
+                _tile_input(work, inits, mod, value_names)
             _update(inits, mod, dtype)
             rec.flops_after = measure.module_flops(mod, layer_shapes[rec.name])
             rec.params_after = measure.count_params(mod)
@@ -823,9 +852,11 @@ def _onnx_target(cfg: ConvertConfig) -> LatencyTarget:
 
 
 def _onnx_layouts(module: SeparableConv2d) -> list[str]:
-    """The layouts this pass writes as Conv nodes: pw-dw-pw plain or padN; dw-pw as one grouped conv (its other
-    layouts are several nodes, not written yet)."""
-    return module.layouts() if module.method == "pw-dw-pw" else [module.LAYOUTS[0]]
+    """The layouts this pass writes: pw-dw-pw plain or padN; dw-pw as one grouped conv (``multiplier``) or, for
+    K > 1, ``repeat`` (``Tile`` → depthwise ``Conv`` → ``Conv``); ``split`` and ``branches`` are not written."""
+    if module.method == "pw-dw-pw":
+        return module.layouts()
+    return [layout for layout in module.layouts() if layout in ("multiplier", "repeat")]
 
 
 def _onnx_planner(cfg: ConvertConfig, target: LatencyTarget, original: ir.Model, feeds, timer, threads):

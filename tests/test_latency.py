@@ -52,6 +52,34 @@ def test_dwpw_layouts_are_exact(name, rank):
         torch.testing.assert_close(copy.deepcopy(ref).set_layout("split")(x), conv(x), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_dwpw_repeat_layout_in_its_exported_form_is_exact(name, monkeypatch):
+    """Under ONNX export the repeat layout tiles the input and permutes the factors (what the ONNX pass writes)."""
+    torch.manual_seed(0)
+    conv = _conv(CONFIGS[name])
+    x = torch.randn(2, conv.in_channels, 11, 13, dtype=torch.float64)
+    mod = DwPwConv2d.from_conv(conv, min(3, DwPwConv2d.max_rank(conv))).set_layout("repeat")
+    eager = mod(x)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    torch.testing.assert_close(mod(x), eager, rtol=1e-12, atol=1e-12)
+
+
+def test_dwpw_repeat_layout_exports_as_tile(tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    mod = DwPwConv2d.from_conv(conv, 2).set_layout("repeat").eval()
+    x = torch.randn(1, 4, 8, 8)
+    path = str(tmp_path / "m.onnx")
+    torch.onnx.export(mod, (x,), path, dynamo=False, input_names=["x"])
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert "Tile" in ops and ops.count("Conv") == 2
+    got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(got[0], mod(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_dwpw_rank1_has_one_layout():
     mod = DwPwConv2d.from_conv(_conv(CONFIGS["3x3"]), 1)
     assert mod.layouts() == ["multiplier"]

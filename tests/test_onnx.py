@@ -572,8 +572,27 @@ def test_onnx_latency_budget_is_met_on_the_whole_graph():
         warnings.simplefilter("error")
         res = convert_onnx(proto, method="dw-pw", latency=0.6, latency_cache=False, timer=timer)
     assert res.converted and res.latency_ratio <= 0.6 * 1.02 and res.latency_predicted < 0.6
-    assert set(seen) - {None} == {"multiplier"}
+    assert set(seen) - {None} == {"multiplier", "repeat"}  # split and branches are not written as ONNX nodes
     assert res.config.selection == "latency"
+
+
+def test_onnx_latency_writes_the_repeat_layout_and_stays_exact():
+    """A timer that makes dw-pw's repeat layout fastest: Tile → depthwise Conv (M·K groups) → Conv, with the
+    factors permuted to the tiled channel order, computing the same as the one-grouped-conv conversion."""
+    proto = _conv_graph(LAT_SPECS, in_shape=(1, 8, 16, 16))
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 8, 16, 16)).astype(np.float32)}
+    res = convert_onnx(proto, method="dw-pw", rank=2, objective="latency", latency_cache=False,
+                       timer=_onnx_timer(slow_factor=0.9, favour="repeat"))
+    plain = convert_onnx(proto, method="dw-pw", rank=2)
+    assert res.converted and all(r.layout == "repeat" for r in res.converted)
+    onnx.checker.check_model(ir.to_proto(res.model), full_check=True)
+    for rec in res.converted:
+        dw = next(n for n in res.model.graph if n.name == f"{rec.name}/dw")
+        tile = dw.inputs[0].producer()
+        assert tile.op_type == "Tile" and list(tile.inputs[1].const_value.numpy()) == [1, 2, 1, 1]
+        assert dw.attributes["group"].value == 2 * rec.in_channels == dw.inputs[1].const_value.shape[0]
+    for a, b in zip(_run(res.model, feeds), _run(plain.model, feeds)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_onnx_latency_target_errors():
