@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -123,9 +124,10 @@ def _exported(rows, threads, tmp: Path) -> None:
             print(rows[-1], flush=True)
 
 
-def _latency_objective(rows, threads, tmp: Path) -> None:
+def _latency_objective(rows, threads, tmp: Path, method: str = "pw-dw-pw") -> None:
     """``objective="latency"`` on ONNX files: every candidate timed in onnxruntime (fresh, no cache), at FLOPs 0.5
-    and with a latency budget of 0.6; both files then timed again by :func:`_row`."""
+    and with a latency budget of 0.6; both files then timed again by :func:`_row`. The selection column counts the
+    layouts chosen."""
     import second_model as sm
     import torchvision
 
@@ -133,7 +135,7 @@ def _latency_objective(rows, threads, tmp: Path) -> None:
     net = torchvision.models.resnet18().eval()
     resnet = tmp / "resnet18_lat.onnx"
     measure.export_onnx(net, (torch.randn(1, 3, 224, 224),), resnet)
-    rows += ["", "`objective=\"latency\"` (pw-dw-pw, weight-space init; fresh timing cache, so convert s includes "
+    rows += ["", f"`objective=\"latency\"` ({method}, weight-space init; fresh timing cache, so convert s includes "
              "timing every candidate; \"selection\": layers converted, `convert`'s own whole-graph check and what the "
              "layer times predicted):", "",
              "| model | setting | FLOPs ratio | ms original | ms converted | latency ratio | selection | convert s |",
@@ -147,15 +149,17 @@ def _latency_objective(rows, threads, tmp: Path) -> None:
             t = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                res = convert_onnx(original, method="pw-dw-pw", input_shapes=shape, threads=threads,
+                res = convert_onnx(original, method=method, input_shapes=shape, threads=threads,
                                    latency_cache=False, **opts)
             seconds = time.perf_counter() - t
             out = tmp / f"{path.stem}_{int(seconds * 1000)}.onnx"
             res.save(out)
             note = "".join(f"; warned: {w.message}" for w in caught)
-            selection = (f"{len(res.converted)}/{len(res.layers)} converted; check {res.latency_ratio:.3f}, "
-                         f"predicted {res.latency_predicted:.3f}{note}")
-            rows.append(_row(name, f"pw-dw-pw, {setting}", res, path, out, feeds, threads, selection, seconds))
+            layouts = Counter(f"{r.layout} (rank {r.rank})" if method == "dw-pw" else r.layout for r in res.converted)
+            selection = (f"{len(res.converted)}/{len(res.layers)} converted ("
+                         + ", ".join(f"{n}× {k}" for k, n in sorted(layouts.items())) + f"); check "
+                         f"{res.latency_ratio:.3f}, predicted {res.latency_predicted:.3f}{note}")
+            rows.append(_row(name, f"{method}, {setting}", res, path, out, feeds, threads, selection, seconds))
             print(rows[-1], flush=True)
 
 
@@ -163,6 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="ocr,exported")
+    parser.add_argument("--latency-method", default="pw-dw-pw", help="the form for --models latency")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "onnx.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -179,7 +184,7 @@ def main() -> None:
         if "exported" in args.models:
             _exported(rows, args.threads, Path(tmp))
         if "latency" in args.models:
-            _latency_objective(rows, args.threads, Path(tmp))
+            _latency_objective(rows, args.threads, Path(tmp), args.latency_method)
     write_result(args.out, rows)
 
 
