@@ -597,7 +597,8 @@ def _update(inits: Mapping[str, ir.Value], mod: SeparableConv2d, dtype: np.dtype
     for role, conv in _factors(mod):
         w = weights[role].detach().cpu().numpy().astype(dtype)
         inits[f"{role}.weight"].const_value = ir.tensor(w)
-        inits[f"{role}.weight"].shape = ir.Shape(w.shape)  # the declared shape keeps in step
+        if inits[f"{role}.weight"].shape is not None:  # a declared shape keeps in step (with its type)
+            inits[f"{role}.weight"].shape = ir.Shape(w.shape)
         if f"{role}.bias" in inits:
             inits[f"{role}.bias"].const_value = ir.tensor(conv.bias.detach().cpu().numpy().astype(dtype))
     dw_node = inits["dw.weight"].uses()[0].node
