@@ -138,8 +138,9 @@ def run(setup: dict, lines: list[str], *, finetune: bool, forms=("pw-dw-pw", "dw
             acc_ft, t_ft = "not run", ""
             if finetune:
                 t0 = time.perf_counter()
-                separify.finetune(cal.model, model, setup["tune"], epochs=setup.get("epochs", 1), lr=setup.get("lr", 1e-4), seed=0,
-                                  class_dim=setup["class_dim"], temperature=setup.get("temperature", 4.0))
+                separify.finetune(cal.model, model, setup["tune"], epochs=setup.get("epochs", 1),
+                                  lr=setup.get("lr", 1e-4), seed=0, class_dim=setup["class_dim"],
+                                  temperature=setup.get("temperature", 4.0))
                 t_ft = f"{time.perf_counter() - t0:.0f}"
                 cal.model.eval()
                 acc_ft = f"{evaluate(cal.model):.3f}"

@@ -472,6 +472,12 @@ def _model_times(models, inputs: tuple, target, timer) -> list[float]:
     return [t.median_ms for t in _model_timings(models, inputs, target)]
 
 
+def injected_timings(models, inputs: tuple, target, timer, backend: str) -> list[measure.Timing]:
+    """:func:`_model_times` from an injected timer, as :class:`~separify.measure.Timing` (one exact reading each)."""
+    return [measure.Timing(backend, ms, 0.0, 1, 1, target.threads, target.batch_size)
+            for ms in _model_times(models, inputs, target, timer)]
+
+
 def _model_timings(models, inputs: tuple, target, *, scale: float = 1.0) -> list:
     try:
         return list(latency.time_model(list(models), inputs, target, scale=scale))
@@ -485,8 +491,7 @@ def _check_latency(result: ConvertResult, original: nn.Module, inputs: tuple, pl
 
     def timings(scale: float) -> list[measure.Timing]:
         if timer is not None:
-            return [measure.Timing(target.backend, ms, 0.0, 1, 1, target.threads, target.batch_size)
-                    for ms in _model_times([original, result.model], inputs, target, timer)]
+            return injected_timings([original, result.model], inputs, target, timer, target.backend)
         return _model_timings([original, result.model], inputs, target, scale=scale)
 
     record_latency(result, planner, timings, msgs, measured=timer is None)

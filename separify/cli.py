@@ -6,7 +6,6 @@ reported by the parser). The input file is only ever read.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
@@ -22,6 +21,7 @@ from . import __version__
 from .api import convert as convert_model
 from .config import METHODS, ConvertConfig
 from .errors import SeparifyError, first_line
+from .finetune import check_temperature
 from .model_io import (ImagePreprocessing, atomic_write, check_output_path, is_onnx, load_image_folder,
                        load_labeled_file, load_model, load_tensor_file, parse_shape, save_model)
 
@@ -187,8 +187,7 @@ def convert(
             raise SeparifyError("--calib-steps needs --calib DATA")
         if calib_als and calib is None:
             raise SeparifyError("--calib-als needs --calib DATA")
-        if not 0 < temperature < math.inf:  # before the conversion, not after it
-            raise SeparifyError(f"--temperature must be a positive number, got {temperature}")
+        check_temperature(temperature, "--temperature")  # before the conversion, not after it
         out = _output(model, output, to)
         if model is not None and is_onnx(model):
             if arch or allow_pickle:

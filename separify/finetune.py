@@ -128,6 +128,13 @@ class FinetuneResult:
     stopped: str | None = None
 
 
+def check_temperature(value: Any, name: str = "temperature") -> None:
+    """Refuse a distillation temperature that is not a positive finite number (``name`` is how the caller spells
+    the option)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise SeparifyError(f"{name} must be a positive number, got {value!r}")
+
+
 def _recording(taps: _Taps | None):
     return taps.recording() if taps is not None else nullcontext()
 
@@ -213,8 +220,7 @@ def finetune(
     was_training = student.training
     if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or not feature_weight >= 0:
         raise SeparifyError(f"feature_weight must be a non-negative number, got {feature_weight!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-        raise SeparifyError(f"temperature must be a positive number, got {temperature!r}")
+    check_temperature(temperature)
     use_features = bool(features) and feature_weight > 0
 
     torch.manual_seed(seed)

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import latency, measure
-from .api import ConvertResult, LayerRecord, choose_ranks, meet_latency, record_latency, _join, _model_times, _warn
+from .api import ConvertResult, LayerRecord, choose_ranks, injected_timings, meet_latency, record_latency, _join, _warn
 from .calibrate import PatchStatistics, PointwiseRefit, _accumulate, _Moments, als_fit, als_skip_reason, as_batches
 from .config import ConvertConfig, LayerRule
 from .decompose import check_weight, whiten
@@ -884,8 +884,8 @@ def _ort_timings(models: Sequence[ir.Model], feeds, target: LatencyTarget, timer
     :class:`OrtModule`."""
     inputs = [torch.from_numpy(np.ascontiguousarray(feeds[v.name])) for v in graph_inputs(models[0])]
     if timer is not None:  # checked as for torch models
-        ms = _model_times([OrtModule(m, threads=threads) for m in models], tuple(inputs), target, timer)
-        return [measure.Timing("onnxruntime-cpu", v, 0.0, 1, 1, target.threads, target.batch_size) for v in ms]
+        return injected_timings([OrtModule(m, threads=threads) for m in models], tuple(inputs), target, timer,
+                                "onnxruntime-cpu")
     try:
         with tempfile.TemporaryDirectory(prefix="separify-latency-") as tmp:
             paths = []

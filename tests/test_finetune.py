@@ -46,20 +46,21 @@ def _params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+def _mean_kd(model: nn.Module, teacher: nn.Module, data) -> float:
+    """The distillation loss of ``model`` against ``teacher``, averaged over the (input, label) batches of ``data``."""
+    with torch.no_grad():
+        return sum(float(distillation_loss(model.eval()(x), teacher(x))) for x, _ in data) / len(data)
+
+
 def test_loss_decreases_and_bn_statistics_stay_frozen():
     teacher = _teacher()
     student = _student(teacher)
     bn_before = {k: v.clone() for k, v in student.state_dict().items() if "running" in k}
     data = _data()
-
-    def mean_kd(model):
-        with torch.no_grad():
-            return sum(float(distillation_loss(model.eval()(x), teacher(x))) for x, _ in data) / len(data)
-
-    before = mean_kd(student)
+    before = _mean_kd(student, teacher, data)
     res = finetune(student, teacher, data, epochs=8, lr=5e-3, seed=0)
     assert res.steps == 48 and res.stopped is None and len(res.losses) == 48
-    assert mean_kd(student) < 0.5 * before
+    assert _mean_kd(student, teacher, data) < 0.5 * before
     assert all(torch.equal(student.state_dict()[k], v) for k, v in bn_before.items())
 
 
@@ -69,15 +70,10 @@ def test_bfloat16_autocast_trains_and_keeps_float32_weights():
     teacher = _teacher()
     student = _student(teacher)
     data = _data()
-
-    def mean_kd(model):
-        with torch.no_grad():
-            return sum(float(distillation_loss(model.eval()(x), teacher(x))) for x, _ in data) / len(data)
-
-    before = mean_kd(student)
+    before = _mean_kd(student, teacher, data)
     res = finetune(student, teacher, data, epochs=8, lr=5e-3, seed=0, amp=True)
     assert res.stopped is None and all(torch.isfinite(torch.tensor(res.losses)))
-    assert mean_kd(student) < 0.5 * before
+    assert _mean_kd(student, teacher, data) < 0.5 * before
     assert all(p.dtype == torch.float32 for p in student.parameters())
 
 
