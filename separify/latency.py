@@ -49,7 +49,8 @@ __all__ = ["LatencyTarget", "LatencyCache", "Timer", "LayerTimes", "measure_modu
 
 BACKENDS = ("cpu", "cuda", "onnxruntime")
 #: changes whenever what a cached time means changes (e.g. how ONNX Runtime layers are timed)
-TIMING_METHOD = "layers-v2: torch interleaved; onnxruntime torchscript-export, no spinning, minus a one-node run"
+TIMING_METHOD = ("layers-v3: torch interleaved; onnxruntime torchscript-export (split as Concat), no spinning, "
+                 "minus a one-node run")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 #: ``timer(modules, input_shape, target) -> milliseconds per call of each module`` (input shape incl. the batch)
@@ -393,13 +394,10 @@ class LayerTimes:
 class LayerTimer:
     """Times layers on a target through the cache (or an injected timing function, uncached)."""
 
-    def __init__(self, target: LatencyTarget, *, cache: LatencyCache | None = None, timer: Timer | None = None,
-                 layouts: Callable[[SeparableConv2d], Sequence[str]] | None = None):
+    def __init__(self, target: LatencyTarget, *, cache: LatencyCache | None = None, timer: Timer | None = None):
         self.target = target
         self.cache = cache if cache is not None else LatencyCache(None)
         self.timer = timer
-        # which layouts of a replacement may be used (default: all it offers; the ONNX pass writes fewer)
-        self.layouts = layouts or (lambda module: module.layouts())
 
     def time(self, conv: nn.Conv2d, method_cls: type[SeparableConv2d], ranks: Sequence[int], input_shape: tuple,
              *, example_batch: int | None = None, width_ok: Callable[[int], bool] | None = None) -> LayerTimes:
@@ -415,7 +413,7 @@ class LayerTimer:
         candidates: list[tuple[int | None, str | None, nn.Module]] = [(None, None, conv)]
         for r in ranks:
             probe = method_cls.like(conv, r, device="meta")
-            for layout in self.layouts(probe):
+            for layout in probe.layouts():
                 if width_ok is not None and layout != probe.LAYOUTS[0] and not width_ok(layout_width(r, layout)):
                     continue
                 candidates.append((r, layout, method_cls.like(conv, r, device="cpu").set_layout(layout)))

@@ -14,7 +14,9 @@ exactly the original's output shape and, at full rank, its exact output:
 several times, in speed (``set_layout``; :mod:`separify.latency` measures them and picks the fastest for a target):
 
 * dw-pw with multiplier ``K``: ``"multiplier"`` (one depthwise conv with channel multiplier K, groups M),
-  ``"split"`` (K depthwise convs with multiplier 1, their outputs interleaved, then the 1×1), ``"repeat"``
+  ``"split"`` (K depthwise convs with multiplier 1, their outputs interleaved, then the 1×1; exported to ONNX, and
+  written by the ONNX pass, as K ``Conv`` → ``Concat`` → ``Conv`` with the 1×1 weights in the concatenated order),
+  ``"repeat"``
   (each input channel repeated K times, then a depthwise conv with multiplier 1 on M·K channels; exported to ONNX,
   and written by the ONNX pass, as ``Tile`` → ``Conv`` → ``Conv`` with the factors permuted to the tiled order),
   ``"branches"`` (K depthwise → 1×1 branches, each using its slice of the 1×1 weights, summed).
@@ -219,6 +221,9 @@ class DwPwConv2d(SeparableConv2d):
             # eager: no copy of the weights; (B, M, H, W) → (B, M·K, H, W), channel m·K + j = input channel m
             h = F.conv2d(x.repeat_interleave(k, dim=1), w, None, dw.stride, padding, dw.dilation, m * k)
         elif self.layout == "split":  # K depthwise convs (B, M, H', W'), interleaved to (B, M·K, H', W')
+            if torch.onnx.is_in_onnx_export():  # as the ONNX pass writes it: Concat, pointwise in the concat order
+                hs = [F.conv2d(x, w[j::k], None, dw.stride, padding, dw.dilation, m) for j in range(k)]
+                return F.conv2d(torch.cat(hs, dim=1), self.repeat_factors()[1], self.conv_pw.bias)  # j·M + m
             h = torch.stack([F.conv2d(x, w[j::k], None, dw.stride, padding, dw.dilation, m) for j in range(k)],
                             dim=2).flatten(1, 2)
         else:  # branches: K depthwise → 1×1 branches (B, M, H', W') → (B, N, H', W'), summed

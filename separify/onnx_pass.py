@@ -12,6 +12,9 @@ Match → check → rewrite, as in onnxscript's rewriter rules:
   - ``pw-dw-pw``: ``x → Conv(W_in (R, M, 1, 1)) → Conv(W_dw (R, 1, kh, kw), group=R, <spatial>) → Conv(W_out, B) → y``
   - ``dw-pw`` in the ``repeat`` layout (chosen by ``objective="latency"``): ``x → Tile([1, K, 1, 1]) → Conv(W_dw
     permuted, group=M·K, <spatial>) → Conv(W_pw permuted, B) → y`` (channel ``j·M + m`` = input channel m)
+  - ``dw-pw`` in the ``split`` layout: K nodes ``Conv(W_dw[j::K], group=M, <spatial>)`` → ``Concat`` →
+    ``Conv(W_pw permuted, B)``; in the ``branches`` layout: K chains ``Conv(W_dw[j::K], group=M, <spatial>) →
+    Conv(W_pw[:, j::K])`` (the bias on the last) summed by ``Add`` nodes (:func:`_split_depthwise`)
 
   ``<spatial>`` is the original node's ``kernel_shape``, ``strides``, ``dilations``, ``pads`` and ``auto_pad``,
   copied verbatim, so asymmetric pads and ``SAME_UPPER``/``SAME_LOWER`` behave exactly as before at every input
@@ -54,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -524,7 +528,8 @@ def _factors(mod: SeparableConv2d) -> list[tuple[str, nn.Conv2d]]:
 
 def _rewrite(model: ir.Model, site: OnnxConvSite, mod: SeparableConv2d, dtype: np.dtype,
              value_names: set[str]) -> dict[str, ir.Value]:
-    """Replace ``site.node`` by the replacement's Conv nodes; returns its weight/bias initializers by role."""
+    """Replace ``site.node`` by the replacement's Conv nodes; returns its weight/bias initializers by role
+    (``"dw.weight"``, ``"pw.bias"``, ...) and, as ``"output"``, the replacement's output value."""
     graph, node = model.graph, site.node
     x, old_w = node.inputs[0], node.inputs[1]
     old_b = node.inputs[2] if len(node.inputs) > 2 else None
@@ -566,6 +571,7 @@ def _rewrite(model: ir.Model, site: OnnxConvSite, mod: SeparableConv2d, dtype: n
     graph.remove(node, safe=True)
     for v in (old_w, old_b):
         _drop_if_unused(graph, v)
+    inits["output"] = h  # not an initializer: the replacement's output, which keeps the original's name
     return inits
 
 
@@ -617,6 +623,90 @@ def _tile_input(model: ir.Model, inits: Mapping[str, ir.Value], mod: SeparableCo
                    doc_string=dw_node.doc_string)
     model.graph.insert_before(dw_node, [tile])
     dw_node.replace_input_with(0, tiled)
+
+
+def _branched_layout(mod: SeparableConv2d) -> bool:
+    return mod.method == "dw-pw" and mod.layout in ("split", "branches") and mod.rank > 1
+
+
+def _split_depthwise(model: ir.Model, inits: dict[str, ir.Value], mod: SeparableConv2d, dtype: np.dtype,
+                     value_names: set[str]) -> None:
+    """The dw-pw ``split`` and ``branches`` layouts as ONNX nodes, in place of the grouped depthwise ``Conv``
+    (``(B, M, H, W) → (B, M·K, H', W')``, channel ``m·K + j``) and the 1×1 ``Conv`` after it:
+
+    * K depthwise ``Conv`` nodes with multiplier 1, ``<layer>/dw_j``: weights ``W_dw[j::K]`` ``(M, 1, kh, kw)``,
+      ``group=M`` and the original spatial attributes, each ``(B, M, H, W) → (B, M, H', W')``;
+    * ``split``: ``Concat(axis=1)`` → ``(B, K·M, H', W')`` (channel ``j·M + m``) → the 1×1 ``Conv`` ``<layer>/pw``
+      with its weights permuted to that order (:meth:`DwPwConv2d.repeat_factors`);
+    * ``branches``: one 1×1 ``Conv`` per branch, ``<layer>/pw_j``, weights ``W_pw[:, j::K]`` ``(N, M, 1, 1)``, the
+      bias on the last, summed by a chain of ``Add`` nodes (as ``torch.onnx.export`` writes the module), the last of
+      which takes over the output's name.
+
+    ``inits`` is updated to the new initializers (``"dw_j.weight"``, ``"pw.weight"`` or ``"pw_j.weight"``, ...)."""
+    graph = model.graph
+    m, k = mod.in_channels, mod.rank
+    dw_node, pw_node = inits["dw.weight"].uses()[0].node, inits["pw.weight"].uses()[0].node
+    layer = dw_node.name.rsplit("/", 1)[0]
+    x, doc = dw_node.inputs[0], dw_node.doc_string
+    spatial = {key: a.value for key, a in dw_node.attributes.items() if key != "group"}
+    dw, pw = mod.conv_dw.weight.detach().cpu().numpy(), mod.conv_pw.weight.detach().cpu().numpy()
+    bias, old_dw = inits.pop("pw.bias", None), inits.pop("dw.weight")
+
+    def const(role: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=_unique(value_names, f"{layer}.{role}"), const_value=ir.tensor(array.astype(dtype)))
+        graph.register_initializer(value)
+        inits[role] = value
+        return value
+
+    def conv(role: str, ins: list, attrs: dict) -> tuple[ir.Node, ir.Value]:
+        out = ir.Value(name=_unique(value_names, f"{layer}.{role}.out"))
+        return ir.node("Conv", ins, attrs, outputs=[out], name=_unique(value_names, f"{layer}/{role}"),
+                       doc_string=doc), out
+
+    new_nodes, hs = [], []
+    for j in range(k):  # branch j: filter j of every input channel
+        node, h = conv(f"dw_{j}", [x, const(f"dw_{j}.weight", dw[j::k])], {**spatial, "group": m})
+        new_nodes.append(node)
+        hs.append(h)
+    if mod.layout == "split":
+        cat = ir.Value(name=_unique(value_names, f"{layer}.concat"))
+        new_nodes.append(ir.node("Concat", hs, {"axis": 1}, outputs=[cat],
+                                 name=_unique(value_names, f"{layer}/concat"), doc_string=doc))
+        graph.insert_before(dw_node, new_nodes)
+        pw_node.replace_input_with(0, cat)
+        permuted = mod.repeat_factors()[1].detach().cpu().numpy().astype(dtype)  # (N, K·M, 1, 1), column j·M + m
+        inits["pw.weight"].const_value = ir.tensor(permuted)
+        if inits["pw.weight"].shape is not None:
+            inits["pw.weight"].shape = ir.Shape(permuted.shape)
+        if bias is not None:
+            inits["pw.bias"] = bias
+        graph.remove(dw_node, safe=True)
+    else:
+        out, old_out = None, pw_node.outputs[0]
+        for j, h in enumerate(hs):
+            ins = [h, const(f"pw_{j}.weight", pw[:, j::k])]
+            if j == k - 1 and bias is not None:
+                ins.append(bias)
+                inits[f"pw_{j}.bias"] = bias
+            node, y = conv(f"pw_{j}", ins, {"kernel_shape": [1, 1]})
+            new_nodes.append(node)
+            if out is not None:
+                total = ir.Value(name=_unique(value_names, f"{layer}.sum_{j}"))
+                new_nodes.append(ir.node("Add", [out, y], outputs=[total],
+                                         name=_unique(value_names, f"{layer}/add_{j}"), doc_string=doc))
+                y = total
+            out = y
+        graph.insert_before(dw_node, new_nodes)
+        name = old_out.name  # the last Add takes over the output's name, type, shape and uses
+        old_out.name = _unique(value_names, f"{name}.replaced")
+        out.name = name
+        out.type, out.shape = old_out.type, old_out.shape
+        ir.convenience.replace_all_uses_with(old_out, out, replace_graph_outputs=True)
+        old_pw = inits.pop("pw.weight")
+        graph.remove([pw_node, dw_node], safe=True)
+        _drop_if_unused(graph, old_pw)
+        inits["output"] = out
+    _drop_if_unused(graph, old_dw)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -687,7 +777,7 @@ def convert_onnx(
     ``onnxruntime`` target (``"cpu"`` is read as ONNX Runtime on the CPU): a layer stays dense unless a replacement
     is faster by the margin, pw-dw-pw may be widened to a faster ``padN`` width, and both whole graphs are timed at
     the end (``result.latency_ratio``). ``dw-pw`` replacements are written as one grouped conv or, for K > 1, in
-    the ``repeat`` layout (``Tile`` → depthwise ``Conv`` → ``Conv``); their other layouts are not candidates here.
+    whichever of the ``repeat``, ``split`` and ``branches`` layouts measured fastest (module docstring).
 
     Returns:
         :class:`OnnxConvertResult`.
@@ -811,7 +901,10 @@ def convert_onnx(
                 rec.note = _join(rec.note, f"rank {rec.rank} padded to {mod.rank} channels by zero terms (faster)")
             if _repeat_layout(mod):
                 _tile_input(work, inits, mod, value_names)
-            _update(inits, mod, dtype)
+            if _branched_layout(mod):
+                _split_depthwise(work, inits, mod, dtype, value_names)
+            else:
+                _update(inits, mod, dtype)
             rec.flops_after = measure.module_flops(mod, layer_shapes[rec.name])
             rec.params_after = measure.count_params(mod)
 
@@ -852,14 +945,6 @@ def _onnx_target(cfg: ConvertConfig) -> LatencyTarget:
     return target
 
 
-def _onnx_layouts(module: SeparableConv2d) -> list[str]:
-    """The layouts this pass writes: pw-dw-pw plain or padN; dw-pw as one grouped conv (``multiplier``) or, for
-    K > 1, ``repeat`` (``Tile`` → depthwise ``Conv`` → ``Conv``); ``split`` and ``branches`` are not written."""
-    if module.method == "pw-dw-pw":
-        return module.layouts()
-    return [layout for layout in module.layouts() if layout in ("multiplier", "repeat")]
-
-
 def _onnx_planner(cfg: ConvertConfig, target: LatencyTarget, original: ir.Model, feeds, timer, threads):
     """The layer timer for ONNX Runtime (through the disk cache unless a timing function is injected); with a
     latency budget, the original graph's time is measured first."""
@@ -872,7 +957,7 @@ def _onnx_planner(cfg: ConvertConfig, target: LatencyTarget, original: ir.Model,
     if timer is None:
         target.check_available()
     path = latency.default_cache_path() if cfg.latency_cache is True else (cfg.latency_cache or None)
-    layer_timer = latency.LayerTimer(target, cache=latency.LatencyCache(path), timer=timer, layouts=_onnx_layouts)
+    layer_timer = latency.LayerTimer(target, cache=latency.LatencyCache(path), timer=timer)
     original_ms = _ort_times([original], feeds, target, timer, threads)[0] if cfg.selection == "latency" else None
     return latency.LatencyPlanner(layer_timer, cfg.margin, original_ms=original_ms, batch_size=batch)
 
@@ -1002,7 +1087,7 @@ def _last_node(inits: Mapping[str, ir.Value]) -> ir.Node:
 
 def _output_name(inits: Mapping[str, ir.Value]) -> str:
     """The replacement's output (it carries the original conv output's name)."""
-    return _last_node(inits).outputs[0].name
+    return inits["output"].name
 
 
 def _last_input_name(inits: Mapping[str, ir.Value]) -> str:
@@ -1059,29 +1144,40 @@ def _compare(original: ir.Model, converted: ir.Model, feeds, samples: int, seed:
 def pair_layers(original: ir.Model, converted: ir.Model, feeds: Mapping[str, np.ndarray], *,
                 threads: int | None = None) -> list[LayerRecord]:
     """Pair every Conv node of ``original`` with the converted model's node(s) of the same name: the node itself
-    (status ``"kept"``) or the ``<name>/pw_in``, ``<name>/dw``, ``<name>/pw[_out]`` nodes this pass writes
-    (``"converted"``, with method, rank and FLOPs after), else ``"unmatched"``."""
+    (status ``"kept"``) or the ``<name>/pw_in``, ``<name>/dw``, ``<name>/pw[_out]`` nodes this pass writes (or, in
+    the dw-pw ``split``/``branches`` layouts, ``<name>/dw_j`` and ``<name>/pw[_j]``) (``"converted"``, with method,
+    rank and FLOPs after), else ``"unmatched"``."""
     _, old_shapes = _probe(original, feeds, threads)
     _, new_shapes = _probe(converted, feeds, threads)
     new_nodes = {n.name: n for n in converted.graph if n.op_type == "Conv" and n.name}
+    written: dict[str, dict[str, list[ir.Node]]] = {}  # layer → role → its Conv nodes
+    for node_name, node in new_nodes.items():
+        layer, _, part = node_name.rpartition("/")
+        role = _ROLE.fullmatch(part)
+        if layer and role:
+            written.setdefault(layer, {}).setdefault(role.group(1), []).append(node)
     pairs = []
     for site in match(original):
         pair = _record(site, old_shapes)
         pair.status, pair.flops_after = "unmatched", None
-        parts = [new_nodes.get(f"{site.name}/{role}") for role in ("pw_in", "dw", "pw_out", "pw")]
+        parts = written.get(site.name, {})
         if site.name in new_nodes:
             pair.status, pair.flops_after = "kept", _node_flops(new_nodes[site.name], new_shapes)
-        elif parts[1] is not None:
+        elif "dw" in parts:
             pair.status = "converted"
-            pair.flops_after = sum(_node_flops(n, new_shapes) for n in parts if n is not None)
-            dw = new_shapes.get(parts[1].inputs[1].name)
-            if parts[0] is not None:
-                pair.method, pair.rank = "pw-dw-pw", int(dw[0]) if dw else None
-            else:
+            pair.flops_after = sum(_node_flops(n, new_shapes) for nodes in parts.values() for n in nodes)
+            dw = [new_shapes.get(n.inputs[1].name) for n in parts["dw"]]
+            known = all(dw)
+            if "pw_in" in parts:
+                pair.method, pair.rank = "pw-dw-pw", int(dw[0][0]) if known else None
+            else:  # depthwise output channels over all dw nodes, M·K
                 pair.method = "dw-pw"
-                pair.rank = int(dw[0]) // pair.in_channels if dw and pair.in_channels else None
+                pair.rank = sum(int(s[0]) for s in dw) // pair.in_channels if known and pair.in_channels else None
         pairs.append(pair)
     return pairs
+
+
+_ROLE = re.compile(r"(pw_in|dw|pw_out|pw)(?:_\d+)?")  # the Conv nodes a replacement writes: <layer>/<role>[_j]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -52,30 +52,33 @@ def test_dwpw_layouts_are_exact(name, rank):
         torch.testing.assert_close(copy.deepcopy(ref).set_layout("split")(x), conv(x), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("layout", ["repeat", "split"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_dwpw_repeat_layout_in_its_exported_form_is_exact(name, monkeypatch):
-    """Under ONNX export the repeat layout tiles the input and permutes the factors (what the ONNX pass writes)."""
+def test_dwpw_layouts_in_their_exported_form_are_exact(name, layout, monkeypatch):
+    """Under ONNX export the repeat layout tiles the input, the split layout concatenates the K depthwise outputs,
+    and both permute the factors to that channel order (what the ONNX pass writes)."""
     torch.manual_seed(0)
     conv = _conv(CONFIGS[name])
     x = torch.randn(2, conv.in_channels, 11, 13, dtype=torch.float64)
-    mod = DwPwConv2d.from_conv(conv, min(3, DwPwConv2d.max_rank(conv))).set_layout("repeat")
+    mod = DwPwConv2d.from_conv(conv, min(3, DwPwConv2d.max_rank(conv))).set_layout(layout)
     eager = mod(x)
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     torch.testing.assert_close(mod(x), eager, rtol=1e-12, atol=1e-12)
 
 
-def test_dwpw_repeat_layout_exports_as_tile(tmp_path):
+@pytest.mark.parametrize("layout, op, convs", [("repeat", "Tile", 2), ("split", "Concat", 3)])
+def test_dwpw_layouts_export_as_the_onnx_pass_writes_them(tmp_path, layout, op, convs):
     import numpy as np
     import onnx
     import onnxruntime as ort
 
     conv = nn.Conv2d(4, 6, 3, padding=1)
-    mod = DwPwConv2d.from_conv(conv, 2).set_layout("repeat").eval()
+    mod = DwPwConv2d.from_conv(conv, 2).set_layout(layout).eval()
     x = torch.randn(1, 4, 8, 8)
     path = str(tmp_path / "m.onnx")
     torch.onnx.export(mod, (x,), path, dynamo=False, input_names=["x"])
     ops = [n.op_type for n in onnx.load(path).graph.node]
-    assert "Tile" in ops and ops.count("Conv") == 2
+    assert op in ops and ops.count("Conv") == convs
     got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
     np.testing.assert_allclose(got[0], mod(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 import separify
 from separify import measure
 from separify.errors import SeparifyError
-from separify.onnx_pass import OrtModule, convert_onnx, load_onnx, onnx_flops, example_feeds
+from separify.onnx_pass import OrtModule, convert_onnx, example_feeds, load_onnx, onnx_flops, pair_layers
 from timers import onnx_timer as _onnx_timer
 
 
@@ -575,27 +575,56 @@ def test_onnx_latency_budget_is_met_on_the_whole_graph():
         warnings.simplefilter("error")
         res = convert_onnx(proto, method="dw-pw", latency=0.6, latency_cache=False, timer=timer)
     assert res.converted and res.latency_ratio <= 0.6 * 1.02 and res.latency_predicted < 0.6
-    assert set(seen) - {None} == {"multiplier", "repeat"}  # split and branches are not written as ONNX nodes
+    assert set(seen) - {None} == {"multiplier", "split", "repeat", "branches"}  # every layout is written
     assert res.config.selection == "latency"
 
 
-def test_onnx_latency_writes_the_repeat_layout_and_stays_exact():
-    """A timer that makes dw-pw's repeat layout fastest: Tile → depthwise Conv (M·K groups) → Conv, with the
-    factors permuted to the tiled channel order, computing the same as the one-grouped-conv conversion."""
+@pytest.mark.parametrize("layout", ["repeat", "split", "branches"])
+def test_onnx_latency_writes_the_dwpw_layouts_and_stays_exact(layout):
+    """A timer that makes one dw-pw layout fastest: it is written as ONNX nodes computing the same as the
+    one-grouped-conv conversion (repeat: Tile → depthwise Conv with M·K groups → Conv, the factors permuted to the
+    tiled order; split: K depthwise Convs → Concat → Conv; branches: K depthwise → 1×1 Conv chains summed by Add);
+    the graph passes the full checker, the report pairs each layer with its rank and FLOPs, and fine-tuning sees
+    every factor node."""
     proto = _conv_graph(LAT_SPECS, in_shape=(1, 8, 16, 16))
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 8, 16, 16)).astype(np.float32)}
-    res = convert_onnx(proto, method="dw-pw", rank=2, objective="latency", latency_cache=False,
-                       timer=_onnx_timer(slow_factor=0.9, favour="repeat"))
-    plain = convert_onnx(proto, method="dw-pw", rank=2)
-    assert res.converted and all(r.layout == "repeat" for r in res.converted)
+    res = convert_onnx(proto, method="dw-pw", rank=3, objective="latency", latency_cache=False,
+                       timer=_onnx_timer(slow_factor=0.9, favour=layout))
+    plain = convert_onnx(proto, method="dw-pw", rank=3)
+    assert res.converted and all(r.layout == layout for r in res.converted)
     onnx.checker.check_model(ir.to_proto(res.model), full_check=True)
+    nodes = {n.name: n for n in res.model.graph}
     for rec in res.converted:
-        dw = next(n for n in res.model.graph if n.name == f"{rec.name}/dw")
-        tile = dw.inputs[0].producer()
-        assert tile.op_type == "Tile" and list(tile.inputs[1].const_value.numpy()) == [1, 2, 1, 1]
-        assert dw.attributes["group"].value == 2 * rec.in_channels == dw.inputs[1].const_value.shape[0]
+        m = rec.in_channels
+        if layout == "repeat":
+            dw = nodes[f"{rec.name}/dw"]
+            tile = dw.inputs[0].producer()
+            assert tile.op_type == "Tile" and list(tile.inputs[1].const_value.numpy()) == [1, 3, 1, 1]
+            assert dw.attributes["group"].value == 3 * m == dw.inputs[1].const_value.shape[0]
+            assert res.factor_nodes[rec.name] == [f"{rec.name}/dw", f"{rec.name}/pw"]
+            continue
+        dws = [nodes[f"{rec.name}/dw_{j}"] for j in range(3)]
+        assert f"{rec.name}/dw" not in nodes and len({dw.inputs[0] for dw in dws}) == 1  # K convs of one input
+        for dw in dws:
+            assert dw.attributes["group"].value == m and dw.inputs[1].const_value.shape[:2] == (m, 1)
+        if layout == "split":
+            cat = nodes[f"{rec.name}/pw"].inputs[0].producer()
+            assert cat.op_type == "Concat" and [v.producer() for v in cat.inputs] == dws
+            assert set(res.factor_nodes[rec.name]) == {n.name for n in dws} | {f"{rec.name}/pw"}
+        else:
+            pws = [nodes[f"{rec.name}/pw_{j}"] for j in range(3)]
+            assert [p.inputs[0].producer() for p in pws] == dws and f"{rec.name}/pw" not in nodes
+            assert all(len(p.inputs) == 2 for p in pws[:-1])  # the bias (if any) on the last branch only
+            assert sum(n.op_type == "Add" and n.name.startswith(f"{rec.name}/") for n in res.model.graph) == 2
+            assert set(res.factor_nodes[rec.name]) == {n.name for n in dws + pws}
     for a, b in zip(_run(res.model, feeds), _run(plain.model, feeds)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert all(r.output_error is not None and r.output_error < 1 for r in res.converted)
+    pairs = {p.name: p for p in pair_layers(ir.from_proto(proto), res.model, feeds)}
+    for rec in res.converted:
+        pair = pairs[rec.name]
+        assert (pair.status, pair.method, pair.rank) == ("converted", "dw-pw", 3)
+        assert pair.flops_after == pytest.approx(rec.flops_after, rel=1e-6)
 
 
 def test_onnx_latency_target_errors():
