@@ -394,12 +394,19 @@ def _small_cnn_onnx(path: Path) -> None:
     onnx.save(proto, path)
 
 
-def test_finetune_onnx_trains_the_factors_and_writes_them_back(tmp_path):
+@pytest.mark.parametrize("layout", [None, "split", "branches"])
+def test_finetune_onnx_trains_the_factors_and_writes_them_back(tmp_path, layout):
     from separify.onnx_pass import finetune_onnx, import_torch
 
     _small_cnn_onnx(tmp_path / "small.onnx")
     original = load_onnx(tmp_path / "small.onnx")
-    res = convert_onnx(original, method="dw-pw", rank=1, input_shapes=(1, 3, 16, 16))
+    if layout is None:
+        res = convert_onnx(original, method="dw-pw", rank=1, input_shapes=(1, 3, 16, 16))
+    else:  # K = 2 in a layout with K depthwise nodes: every one of them is trained and written back
+        res = convert_onnx(original, method="dw-pw", rank=2, input_shapes=(1, 3, 16, 16), objective="latency",
+                           latency_cache=False, timer=_onnx_timer(slow_factor=0.9, favour=layout))
+        assert res.converted and all(r.layout == layout for r in res.converted)
+        assert all(len(nodes) >= 3 for nodes in res.factor_nodes.values())
     data = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     batches = [data[i:i + 16] for i in range(0, 64, 16)]
     before = {k: v.const_value.numpy().copy() for k, v in res.model.graph.initializers.items()}
