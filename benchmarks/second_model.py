@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 NAME = "ddddocr common.onnx (beta OCR: Fused-MBConv backbone + BiLSTM + CTC), backbone via onnx2torch"
@@ -277,10 +278,33 @@ def example_input() -> torch.Tensor:
     return eval_set(1)[0].clone()
 
 
+def calibration_set(n: int) -> tuple[torch.Tensor, list[str]]:
+    """``n`` images and their strings from another seed; strings among the first 10,000 eval strings are skipped."""
+    return _dataset(CALIB_SEED, n, _labels(EVAL_SEED, 10_000))
+
+
 def calibration_inputs(n: int) -> torch.Tensor:
-    """``n`` images from another seed; strings among the first 10,000 eval strings are skipped."""
-    x, _ = _dataset(CALIB_SEED, n, _labels(EVAL_SEED, 10_000))
-    return x
+    """The images of :func:`calibration_set`."""
+    return calibration_set(n)[0]
+
+
+def ctc_targets(strings: list[str]) -> torch.Tensor:
+    """CTC targets ``(B, S)``: each string's charset indices, padded with the blank (0)."""
+    index = {c: i for i, c in enumerate(charset())}
+    out = torch.zeros(len(strings), max(len(t) for t in strings), dtype=torch.long)
+    for row, text in enumerate(strings):
+        out[row, : len(text)] = torch.tensor([index[c] for c in text])
+    return out
+
+
+def ctc_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CTC loss of ``(B, T, classes)`` logits against :func:`ctc_targets`, summed over each string and averaged over
+    the batch (the scale of the per-sample distillation term)."""
+    log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, classes)
+    b, t = logits.shape[:2]
+    lengths = (targets > 0).sum(1)
+    return F.ctc_loss(log_probs, targets, torch.full((b,), t, dtype=torch.long), lengths, blank=0,
+                      reduction="sum", zero_infinity=True) / b
 
 
 # ----------------------------------------------------------------------------------------------- metric

@@ -2,8 +2,9 @@
 
 Loss (Hinton et al. 2015): ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` between teacher logits ``t`` and student logits
 ``s`` at temperature ``T``, mixed with cross-entropy on labels when the data carries them:
-``α · KD + (1 − α) · CE``. With ``features`` (pairs of converted layer → original layer, e.g.
-:meth:`separify.ConvertResult.feature_pairs`) and ``feature_weight > 0``, a feature term
+``α · KD + (1 − α) · CE`` (or another label loss, ``label_loss=``, e.g. CTC for a sequence model). With
+``features`` (pairs of converted layer → original layer, e.g. :meth:`separify.ConvertResult.feature_pairs`) and
+``feature_weight > 0``, a feature term
 ``feature_weight · mean_l ‖s_l − t_l‖² / ‖t_l‖²`` pulls each converted layer's output ``s_l`` towards the original
 layer's output ``t_l`` on the same batch (relative, so layers of any scale count alike). :func:`distillation_loss`
 and :func:`feature_loss` are the same losses for use in your own training loop.
@@ -40,21 +41,27 @@ __all__ = ["distillation_loss", "feature_loss", "finetune", "FinetuneResult"]
 
 CHECKPOINT_FORMAT = "separify-finetune-1"
 
+LabelLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student logits, labels) → scalar loss
+
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
-                      *, temperature: float = 4.0, alpha: float = 0.9, class_dim: int = 1) -> torch.Tensor:
+                      *, temperature: float = 4.0, alpha: float = 0.9, class_dim: int = 1,
+                      label_loss: LabelLoss | None = None) -> torch.Tensor:
     """``α·T²·KL(teacher ‖ student) + (1 − α)·CE(student, labels)`` (just the KL term without labels).
 
     Logits are ``(B, C)``, or any shape with the classes along ``class_dim`` (e.g. ``(B, T, C)`` per time step of a
     sequence model with ``class_dim=-1``; the KL is then summed over the other positions and averaged over ``B``);
-    labels ``(B,)`` integer classes, for ``(B, C)`` logits only.
+    labels ``(B,)`` integer classes, for ``(B, C)`` logits only. ``label_loss(student_logits, labels)`` replaces the
+    cross-entropy for other kinds of labels (e.g. CTC targets of a sequence model); the labels are then whatever it
+    takes.
     """
     t = temperature
     kd = F.kl_div(F.log_softmax(student_logits / t, dim=class_dim), F.log_softmax(teacher_logits / t, dim=class_dim),
                   reduction="batchmean", log_target=True) * (t * t)
     if labels is None:
         return kd
-    return alpha * kd + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+    task = label_loss(student_logits, labels) if label_loss is not None else F.cross_entropy(student_logits, labels)
+    return alpha * kd + (1.0 - alpha) * task
 
 
 def feature_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -167,6 +174,7 @@ def finetune(
     temperature: float = 4.0,
     alpha: float = 0.9,
     use_labels: bool = True,
+    label_loss: LabelLoss | None = None,
     class_dim: int = 1,
     features: Mapping[str, str] | None = None,
     feature_weight: float = 0.0,
@@ -188,6 +196,8 @@ def finetune(
         steps, epochs: how long (give exactly one). ``steps`` cycles through the data as needed.
         lr, weight_decay: AdamW settings; the learning rate follows a cosine schedule to 0.
         temperature, alpha: distillation loss settings; ``use_labels=False`` ignores labels in the data.
+        label_loss: ``label_loss(student_logits, labels)``, the label term instead of the cross-entropy (for labels
+            that are not one class per sample, e.g. CTC targets; see :func:`distillation_loss`).
         class_dim: the class dimension of the model's output (``-1`` for ``(B, T, C)`` sequence logits).
         features, feature_weight: student module name → teacher module name whose outputs should match (e.g.
             ``result.feature_pairs()`` from :func:`separify.convert`), and the weight of that term (0: off).
@@ -305,14 +315,15 @@ def finetune(
                 set_modes()  # again at every step: a callback may have switched modes (e.g. to evaluate)
                 with torch.no_grad(), frozen_mode(teacher), _recording(t_taps):
                     t_logits = teacher(x)
-                if y is not None and (int(y.min()) < 0 or int(y.max()) >= t_logits.shape[class_dim]):
+                if y is not None and label_loss is None and (int(y.min()) < 0
+                                                             or int(y.max()) >= t_logits.shape[class_dim]):
                     raise SeparifyError(f"labels must be in [0, {t_logits.shape[class_dim] - 1}], got values from "
                                         f"{int(y.min())} to {int(y.max())}")
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     with _recording(s_taps):
                         s_logits = model(x)
                     loss = distillation_loss(s_logits, t_logits, y, temperature=temperature, alpha=alpha,
-                                             class_dim=class_dim)
+                                             class_dim=class_dim, label_loss=label_loss)
                     if use_features:
                         loss = loss + feature_weight * feature_loss(s_taps.take(), t_taps.take())
                 if not torch.isfinite(loss):

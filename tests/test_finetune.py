@@ -188,6 +188,29 @@ def test_a_callback_that_evaluates_does_not_change_the_run():
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=k)
 
 
+def test_a_label_loss_replaces_the_cross_entropy():
+    """Labels of another kind (here: target logits, scored by MSE) reach the loss through ``label_loss``: the
+    formula holds, the class-range check does not apply to them, and training on labels only (alpha 0) moves the
+    student towards them."""
+    s, t, y = torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 5) * 9
+    mse = torch.nn.functional.mse_loss
+    got = distillation_loss(s, t, y, alpha=0.25, label_loss=mse)
+    assert float(got) == pytest.approx(0.25 * float(distillation_loss(s, t)) + 0.75 * float(mse(s, y)), rel=1e-6)
+    teacher = _teacher(dropout=0.0)
+    student = _student(teacher)
+    g = torch.Generator().manual_seed(3)
+    target = torch.randn(1, 5, generator=g) * 9  # far outside any class range
+    data = [(x, target.expand(len(x), 5)) for x, _ in _data()]
+
+    def dist(model):
+        with torch.no_grad():
+            return sum(float(mse(model.eval()(x), y)) for x, y in data) / len(data)
+
+    before = dist(student)
+    out = finetune(student, teacher, data, steps=30, lr=5e-3, alpha=0.0, label_loss=mse, seed=0)
+    assert out.stopped is None and dist(student) < 0.5 * before
+
+
 def test_sequence_logits_use_class_dim():
     s, t = torch.randn(4, 7, 11), torch.randn(4, 7, 11)
     per_step = sum(float(distillation_loss(s[:, i], t[:, i])) for i in range(7))
