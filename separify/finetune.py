@@ -197,7 +197,8 @@ def finetune(
         lr, weight_decay: AdamW settings; the learning rate follows a cosine schedule to 0.
         temperature, alpha: distillation loss settings; ``use_labels=False`` ignores labels in the data.
         label_loss: ``label_loss(student_logits, labels)``, the label term instead of the cross-entropy (for labels
-            that are not one class per sample, e.g. CTC targets; see :func:`distillation_loss`).
+            that are not one class per sample, e.g. CTC targets; see :func:`distillation_loss`); under ``amp`` it
+            gets bfloat16 logits (cast them up if the loss needs it).
         class_dim: the class dimension of the model's output (``-1`` for ``(B, T, C)`` sequence logits).
         features, feature_weight: student module name → teacher module name whose outputs should match (e.g.
             ``result.feature_pairs()`` from :func:`separify.convert`), and the weight of that term (0: off).

@@ -625,6 +625,19 @@ def _tile_input(model: ir.Model, inits: Mapping[str, ir.Value], mod: SeparableCo
     dw_node.replace_input_with(0, tiled)
 
 
+def _write_layout(model: ir.Model, inits: dict[str, ir.Value], mod: SeparableConv2d, dtype: np.dtype,
+                  value_names: set[str]) -> None:
+    """Bring the nodes :func:`_rewrite` wrote for ``mod`` (one grouped depthwise conv) to ``mod``'s layout and
+    current factors: a ``Tile`` for ``repeat``, K depthwise nodes for ``split``/``branches``, wider factors for
+    ``padN``."""
+    if _repeat_layout(mod):
+        _tile_input(model, inits, mod, value_names)
+    if _branched_layout(mod):
+        _split_depthwise(model, inits, mod, dtype, value_names)
+    else:
+        _update(inits, mod, dtype)
+
+
 def _branched_layout(mod: SeparableConv2d) -> bool:
     return mod.method == "dw-pw" and mod.layout in ("split", "branches") and mod.rank > 1
 
@@ -852,8 +865,9 @@ def convert_onnx(
                 trial = original.clone()
                 trial_sites = {s.name: s for s in match(trial)}
                 names = _taken_names(trial)
-                for name, mod in replacements.items():
-                    _rewrite(trial, trial_sites[name], mod.eval(), by_name[name].weight.dtype, names)
+                for name, mod in replacements.items():  # in their chosen layouts, as the final graph is written
+                    dtype = by_name[name].weight.dtype
+                    _write_layout(trial, _rewrite(trial, trial_sites[name], mod.eval(), dtype, names), mod, dtype, names)
                 return _ort_times([original, trial], feeds, target, timer, threads)
 
             budget, rank_warnings = meet_latency(cfg, todo, kernels, layer_shapes, flops_before, whitened, planner,
@@ -899,12 +913,7 @@ def convert_onnx(
             mod.set_layout(rec.layout)
             if mod.rank != rec.rank:
                 rec.note = _join(rec.note, f"rank {rec.rank} padded to {mod.rank} channels by zero terms (faster)")
-            if _repeat_layout(mod):
-                _tile_input(work, inits, mod, value_names)
-            if _branched_layout(mod):
-                _split_depthwise(work, inits, mod, dtype, value_names)
-            else:
-                _update(inits, mod, dtype)
+            _write_layout(work, inits, mod, dtype, value_names)
             rec.flops_after = measure.module_flops(mod, layer_shapes[rec.name])
             rec.params_after = measure.count_params(mod)
 
@@ -1150,11 +1159,11 @@ def pair_layers(original: ir.Model, converted: ir.Model, feeds: Mapping[str, np.
     _, old_shapes = _probe(original, feeds, threads)
     _, new_shapes = _probe(converted, feeds, threads)
     new_nodes = {n.name: n for n in converted.graph if n.op_type == "Conv" and n.name}
-    written: dict[str, dict[str, list[ir.Node]]] = {}  # layer → role → its Conv nodes
+    written: dict[str, dict[str, list[ir.Node]]] = {}  # layer → role → the Conv nodes this pass wrote for it
     for node_name, node in new_nodes.items():
         layer, _, part = node_name.rpartition("/")
         role = _ROLE.fullmatch(part)
-        if layer and role:
+        if layer and role and (node.doc_string or "").startswith("separify:"):
             written.setdefault(layer, {}).setdefault(role.group(1), []).append(node)
     pairs = []
     for site in match(original):
@@ -1177,7 +1186,7 @@ def pair_layers(original: ir.Model, converted: ir.Model, feeds: Mapping[str, np.
     return pairs
 
 
-_ROLE = re.compile(r"(pw_in|dw|pw_out|pw)(?:_\d+)?")  # the Conv nodes a replacement writes: <layer>/<role>[_j]
+_ROLE = re.compile(r"(pw_in|dw|pw_out|pw)(?:_\d+)*")  # <layer>/<role>[_j][_k]: _k made unique by _unique
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -570,7 +570,7 @@ def test_onnx_latency_writes_the_padded_layout_and_stays_exact(caplog, capfd):
 
 def test_onnx_latency_budget_is_met_on_the_whole_graph():
     """Inside the graph each separable layer costs 0.05 ms more than alone: the plan is made again, aiming lower,
-    until the whole graph meets the budget; dw-pw candidates are only the layout this pass writes."""
+    until the whole graph meets the budget; every dw-pw layout is a candidate (the pass writes them all)."""
     proto = _conv_graph(LAT_SPECS, in_shape=(1, 8, 16, 16))
     seen = []
 
@@ -586,31 +586,52 @@ def test_onnx_latency_budget_is_met_on_the_whole_graph():
     assert res.config.selection == "latency"
 
 
+def test_onnx_latency_budget_times_the_planned_graph_in_its_layouts():
+    """The whole graphs timed while re-planning a latency budget carry the layouts chosen (here branches: K
+    depthwise Conv nodes per layer), not the one grouped conv."""
+    proto = _conv_graph(LAT_SPECS, in_shape=(1, 8, 16, 16))
+    graphs = []
+    base = _onnx_timer(slow_factor=0.9, favour="branches", hidden_ms=0.05)
+
+    def timer(modules, shape, target):
+        graphs.extend(m.model for m in modules if isinstance(m, OrtModule))
+        return base(modules, shape, target)
+
+    res = convert_onnx(proto, method="dw-pw", latency=0.6, latency_cache=False, timer=timer)
+    assert any(r.layout == "branches" for r in res.converted)
+    planned = [g for g in graphs if any("/dw" in (n.name or "") for n in g.graph)]
+    assert planned and all(not any(n.name.endswith("/dw") for n in g.graph) for g in planned)
+    assert any(n.name.endswith("/dw_1") for n in planned[0].graph)
+
+
+@pytest.mark.parametrize("specs, in_shape, k", [(LAT_SPECS, (1, 8, 16, 16), 3), (SPATIAL, (1, 4, 17, 13), 2)],
+                         ids=["pads-strides", "auto_pad-dilations"])
 @pytest.mark.parametrize("layout", ["repeat", "split", "branches"])
-def test_onnx_latency_writes_the_dwpw_layouts_and_stays_exact(layout):
+def test_onnx_latency_writes_the_dwpw_layouts_and_stays_exact(layout, specs, in_shape, k):
     """A timer that makes one dw-pw layout fastest: it is written as ONNX nodes computing the same as the
     one-grouped-conv conversion (repeat: Tile → depthwise Conv with M·K groups → Conv, the factors permuted to the
-    tiled order; split: K depthwise Convs → Concat → Conv; branches: K depthwise → 1×1 Conv chains summed by Add);
-    the graph passes the full checker, the report pairs each layer with its rank and FLOPs, and fine-tuning sees
-    every factor node."""
-    proto = _conv_graph(LAT_SPECS, in_shape=(1, 8, 16, 16))
-    feeds = {"x": np.random.default_rng(0).standard_normal((1, 8, 16, 16)).astype(np.float32)}
-    res = convert_onnx(proto, method="dw-pw", rank=3, objective="latency", latency_cache=False,
+    tiled order; split: K depthwise Convs → Concat → Conv; branches: K depthwise → 1×1 Conv chains summed by Add,
+    the bias on the last), with pads, strides, auto_pad and dilations; the graph passes the full checker, the
+    report pairs each layer with its rank and FLOPs, and fine-tuning sees every factor node."""
+    proto = _conv_graph(specs, in_shape=in_shape)
+    feeds = {"x": np.random.default_rng(0).standard_normal(in_shape).astype(np.float32)}
+    res = convert_onnx(proto, method="dw-pw", rank=k, objective="latency", latency_cache=False,
                        timer=_onnx_timer(slow_factor=0.9, favour=layout))
-    plain = convert_onnx(proto, method="dw-pw", rank=3)
-    assert res.converted and all(r.layout == layout for r in res.converted)
+    plain = convert_onnx(proto, method="dw-pw", rank=k)
+    assert len(res.converted) == len(specs) and all(r.layout == layout for r in res.converted)
     onnx.checker.check_model(ir.to_proto(res.model), full_check=True)
     nodes = {n.name: n for n in res.model.graph}
+    has_bias = {f"conv{i}": spec[3] for i, spec in enumerate(specs)}
     for rec in res.converted:
         m = rec.in_channels
         if layout == "repeat":
             dw = nodes[f"{rec.name}/dw"]
             tile = dw.inputs[0].producer()
-            assert tile.op_type == "Tile" and list(tile.inputs[1].const_value.numpy()) == [1, 3, 1, 1]
-            assert dw.attributes["group"].value == 3 * m == dw.inputs[1].const_value.shape[0]
+            assert tile.op_type == "Tile" and list(tile.inputs[1].const_value.numpy()) == [1, k, 1, 1]
+            assert dw.attributes["group"].value == k * m == dw.inputs[1].const_value.shape[0]
             assert res.factor_nodes[rec.name] == [f"{rec.name}/dw", f"{rec.name}/pw"]
             continue
-        dws = [nodes[f"{rec.name}/dw_{j}"] for j in range(3)]
+        dws = [nodes[f"{rec.name}/dw_{j}"] for j in range(k)]
         assert f"{rec.name}/dw" not in nodes and len({dw.inputs[0] for dw in dws}) == 1  # K convs of one input
         for dw in dws:
             assert dw.attributes["group"].value == m and dw.inputs[1].const_value.shape[:2] == (m, 1)
@@ -619,18 +640,19 @@ def test_onnx_latency_writes_the_dwpw_layouts_and_stays_exact(layout):
             assert cat.op_type == "Concat" and [v.producer() for v in cat.inputs] == dws
             assert set(res.factor_nodes[rec.name]) == {n.name for n in dws} | {f"{rec.name}/pw"}
         else:
-            pws = [nodes[f"{rec.name}/pw_{j}"] for j in range(3)]
+            pws = [nodes[f"{rec.name}/pw_{j}"] for j in range(k)]
             assert [p.inputs[0].producer() for p in pws] == dws and f"{rec.name}/pw" not in nodes
-            assert all(len(p.inputs) == 2 for p in pws[:-1])  # the bias (if any) on the last branch only
-            assert sum(n.op_type == "Add" and n.name.startswith(f"{rec.name}/") for n in res.model.graph) == 2
+            assert [len(p.inputs) for p in pws] == [2] * (k - 1) + [3 if has_bias[rec.name] else 2]  # bias: last
+            assert sum(n.op_type == "Add" and n.name.startswith(f"{rec.name}/") for n in res.model.graph) == k - 1
             assert set(res.factor_nodes[rec.name]) == {n.name for n in dws + pws}
     for a, b in zip(_run(res.model, feeds), _run(plain.model, feeds)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    assert all(r.output_error is not None and r.output_error < 1 for r in res.converted)
+    for rec, ref in zip(res.converted, plain.converted):  # each layer's output inside the graph, as before
+        assert rec.output_error == pytest.approx(ref.output_error, rel=1e-3, abs=1e-6)
     pairs = {p.name: p for p in pair_layers(ir.from_proto(proto), res.model, feeds)}
     for rec in res.converted:
         pair = pairs[rec.name]
-        assert (pair.status, pair.method, pair.rank) == ("converted", "dw-pw", 3)
+        assert (pair.status, pair.method, pair.rank) == ("converted", "dw-pw", k)
         assert pair.flops_after == pytest.approx(rec.flops_after, rel=1e-6)
 
 

@@ -40,8 +40,9 @@ def onnx_timer(slow_factor=1.0, favour=None, hidden_ms=0.0):
         for m in modules:
             if isinstance(m, OrtModule):
                 feeds = {m.input_name: np.zeros(shape, np.float32)}
-                dw = sum(1 for n in m.model.graph if n.op_type == "Conv" and "separify" in (n.doc_string or "")
-                         and n.name.endswith("/dw"))
+                dw = len({n.name.rpartition("/")[0] for n in m.model.graph  # replacements, by their dw node(s)
+                          if n.op_type == "Conv" and "separify" in (n.doc_string or "")
+                          and n.name.rpartition("/")[2].startswith("dw")})
                 out.append(onnx_flops(m.model, feeds) / 1e6 + hidden_ms * dw)
             else:
                 out += layers([m], shape, target)
