@@ -44,6 +44,7 @@ def main() -> None:
     x, strings = sm.calibration_set(256 + args.images)  # the first 256 calibrate; the rest fine-tune
     model, example = sm.load_model(), sm.example_input()
     batches = [x[i : i + 32] for i in range(256, len(x), 32)]
+    print(f"original: word accuracy {sm.evaluate(model, args.eval):.3f} on {args.eval} strings", flush=True)
     labelled = {}
     if args.ctc is not None:
         batches = [(b, sm.ctc_targets(strings[i : i + 32])) for b, i in zip(batches, range(256, len(x), 32))]
