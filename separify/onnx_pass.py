@@ -601,14 +601,18 @@ def _update(inits: Mapping[str, ir.Value], mod: SeparableConv2d, dtype: np.dtype
         weights["dw"], weights["pw"] = mod.repeat_factors()
         group *= mod.rank
     for role, conv in _factors(mod):
-        w = weights[role].detach().cpu().numpy().astype(dtype)
-        inits[f"{role}.weight"].const_value = ir.tensor(w)
-        if inits[f"{role}.weight"].shape is not None:  # a declared shape keeps in step (with its type)
-            inits[f"{role}.weight"].shape = ir.Shape(w.shape)
+        _set_const(inits[f"{role}.weight"], weights[role].detach().cpu().numpy().astype(dtype))
         if f"{role}.bias" in inits:
             inits[f"{role}.bias"].const_value = ir.tensor(conv.bias.detach().cpu().numpy().astype(dtype))
     dw_node = inits["dw.weight"].uses()[0].node
     dw_node.attributes["group"] = ir.AttrInt64("group", group)
+
+
+def _set_const(value: ir.Value, array: np.ndarray) -> None:
+    """New contents for an initializer; a declared shape keeps in step (with its type)."""
+    value.const_value = ir.tensor(array)
+    if value.shape is not None:
+        value.shape = ir.Shape(array.shape)
 
 
 def _tile_input(model: ir.Model, inits: Mapping[str, ir.Value], mod: SeparableConv2d, value_names: set[str]) -> None:
@@ -663,7 +667,7 @@ def _split_depthwise(model: ir.Model, inits: dict[str, ir.Value], mod: Separable
     x, doc = dw_node.inputs[0], dw_node.doc_string
     spatial = {key: a.value for key, a in dw_node.attributes.items() if key != "group"}
     dw, pw = mod.conv_dw.weight.detach().cpu().numpy(), mod.conv_pw.weight.detach().cpu().numpy()
-    bias, old_dw = inits.pop("pw.bias", None), inits.pop("dw.weight")
+    old_dw = inits.pop("dw.weight")
 
     def const(role: str, array: np.ndarray) -> ir.Value:
         value = ir.Value(name=_unique(value_names, f"{layer}.{role}"), const_value=ir.tensor(array.astype(dtype)))
@@ -687,15 +691,11 @@ def _split_depthwise(model: ir.Model, inits: dict[str, ir.Value], mod: Separable
                                  name=_unique(value_names, f"{layer}/concat"), doc_string=doc))
         graph.insert_before(dw_node, new_nodes)
         pw_node.replace_input_with(0, cat)
-        permuted = mod.repeat_factors()[1].detach().cpu().numpy().astype(dtype)  # (N, K·M, 1, 1), column j·M + m
-        inits["pw.weight"].const_value = ir.tensor(permuted)
-        if inits["pw.weight"].shape is not None:
-            inits["pw.weight"].shape = ir.Shape(permuted.shape)
-        if bias is not None:
-            inits["pw.bias"] = bias
+        # (N, K·M, 1, 1), column j·M + m
+        _set_const(inits["pw.weight"], mod.repeat_factors()[1].detach().cpu().numpy().astype(dtype))
         graph.remove(dw_node, safe=True)
     else:
-        out, old_out = None, pw_node.outputs[0]
+        out, old_out, bias = None, pw_node.outputs[0], inits.pop("pw.bias", None)
         for j, h in enumerate(hs):
             ins = [h, const(f"pw_{j}.weight", pw[:, j::k])]
             if j == k - 1 and bias is not None:
@@ -867,7 +867,8 @@ def convert_onnx(
                 names = _taken_names(trial)
                 for name, mod in replacements.items():  # in their chosen layouts, as the final graph is written
                     dtype = by_name[name].weight.dtype
-                    _write_layout(trial, _rewrite(trial, trial_sites[name], mod.eval(), dtype, names), mod, dtype, names)
+                    inits = _rewrite(trial, trial_sites[name], mod.eval(), dtype, names)
+                    _write_layout(trial, inits, mod, dtype, names)
                 return _ort_times([original, trial], feeds, target, timer, threads)
 
             budget, rank_warnings = meet_latency(cfg, todo, kernels, layer_shapes, flops_before, whitened, planner,
