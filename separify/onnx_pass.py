@@ -1025,7 +1025,7 @@ def _moments(original: ir.Model, sites: list[OnnxConvSite], kernels: Mapping[str
     sess = session(original, list(names.values()), threads=threads)
     input_name = graph_inputs(original)[0].name
     want = list(dict.fromkeys(names.values()))
-    acc = {s.name: _Moments() for s in sites}
+    acc = {s.name: _Moments(sum(len(b) for b in batches)) for s in sites}
     for chunk in _chunks(batches, fixed):
         outs = dict(zip(want, sess.run(want, {input_name: chunk})))
         for s in sites:

@@ -186,6 +186,79 @@ def test_observed_moments_match_the_patches_the_conv_reads():
     torch.testing.assert_close(obs.outputs["0"], model(x))  # kept in float64 for a float64 model
 
 
+def test_observation_in_small_forwards_gives_the_same_outputs_and_moments(monkeypatch):
+    """One sample per forward (the pass splits large batches) changes nothing: same kept outputs, same moments."""
+    from separify import calibrate as cal
+
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3, stride=2)).double().eval()
+    x = torch.randn(6, 3, 10, 10, dtype=torch.float64)
+    layers = {"0": "0", "2": "2"}
+    whole = cal.observe(model, layers, [x])
+    monkeypatch.setattr(cal, "_OBSERVE_BYTES", 1)
+    split = cal.observe(model, layers, [x])
+    for name in layers:
+        torch.testing.assert_close(split.outputs[name], whole.outputs[name], rtol=0, atol=1e-12)
+        torch.testing.assert_close(split.covariances[name].spatial, whole.covariances[name].spatial)
+        torch.testing.assert_close(split.covariances[name].channel, whole.covariances[name].channel)
+
+
+def test_patch_moments_from_a_sample_are_close_deterministic_and_exact_per_channel(monkeypatch):
+    """Beyond ``_MOMENT_PATCHES`` patches in all, the spatial moments come from a seeded sample scaled to the full
+    count: close to the exact ones, the same on every run; the channel moments still use every pixel."""
+    from separify import calibrate as cal
+
+    conv = nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", dilation=(1, 2), bias=False).double()
+    model = nn.Sequential(conv).eval()
+    x = _correlated_inputs(8, 4, 20).double() + 0.3
+    exact = cal.observe(model, {"0": "0"}, [x[:3], x[3:]]).covariances["0"]
+    monkeypatch.setattr(cal, "_MOMENT_PATCHES", 800)  # of 8·20·18 = 2,880 patches
+    first = cal.observe(model, {"0": "0"}, [x[:3], x[3:]]).covariances["0"]
+    again = cal.observe(model, {"0": "0"}, [x[:3], x[3:]]).covariances["0"]
+    torch.testing.assert_close(first.spatial, again.spatial, rtol=0, atol=0)
+    torch.testing.assert_close(first.channel, exact.channel, rtol=1e-12, atol=1e-12)
+    assert first.count == exact.count == 2880
+    rel = float((first.spatial - exact.spatial).norm() / exact.spatial.norm())
+    assert 0 < rel < 0.1, rel
+    # the sampled patches are the ones the conv reads: all of them, gathered, equal unfold's
+    xp = nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode="reflect")
+    every = cal._gather_patches(xp, torch.arange(2880), 18, 20 * 18, conv.kernel_size, conv.stride, conv.dilation)
+    unfolded = nn.functional.unfold(xp, (3, 3), dilation=(1, 2)).transpose(1, 2).reshape(2880, -1)
+    torch.testing.assert_close(every, unfolded, rtol=0, atol=0)
+
+
+def test_freed_memory_is_reused_only_while_calibrating_and_settings_are_restored(monkeypatch):
+    """The allocator thresholds are raised inside, set back and the heap trimmed on exit (also on an error); the
+    user's own tuning (``MALLOC_MMAP_THRESHOLD_``) or ``SEPARIFY_MALLOPT=0`` switch it off."""
+    from separify import calibrate as cal
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+            return 1
+
+    monkeypatch.setattr(cal, "_glibc", lambda: FakeLibc())
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("SEPARIFY_MALLOPT", raising=False)
+    with pytest.raises(RuntimeError):
+        with cal.reuse_freed_memory():
+            assert calls == [(cal._M_MMAP_THRESHOLD, 1 << 30), (cal._M_TRIM_THRESHOLD, 1 << 30)]
+            raise RuntimeError("inside")
+    assert calls[2:] == [(cal._M_MMAP_THRESHOLD, 32 << 20), (cal._M_TRIM_THRESHOLD, 64 << 20), ("trim", 0)]
+    for var, value in (("MALLOC_MMAP_THRESHOLD_", "65536"), ("SEPARIFY_MALLOPT", "0")):
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setenv(var, value)
+            with cal.reuse_freed_memory():
+                pass
+        assert calls == []
+
+
 class TwoBranches(nn.Module):
     """Two convs with the same weights; the first only ever sees inputs that are one number per image (the same in
     every channel and pixel), so a rank-1 CP model reproduces its output exactly."""
