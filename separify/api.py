@@ -348,7 +348,7 @@ def convert(
         if callable(progress):
             progress(site.name)
         cls = FORMS[rec.method]
-        extra = dict(max_iter=cfg.cp_max_iter, tol=cfg.cp_tol, seed=cfg.seed) if rec.method == "pw-dw-pw" else {}
+        extra = dict(max_iter=cfg.cp_sweeps(batches is not None), tol=cfg.cp_tol, seed=cfg.seed) if rec.method == "pw-dw-pw" else {}
         if cfg.calib_whiten and site.name in covs:
             extra.update(cov=covs[site.name], damp=cfg.calib_damp)
         new = cls.from_conv(kernels[site.name], rec.rank, **extra)

@@ -548,6 +548,21 @@ def als_skip_reason(dw: nn.Conv2d) -> str | None:
         else None
 
 
+def _gram(u: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """``uᵀu`` for ``u (n, d)``: for wide ``u``, only the blocks on and above the diagonal of a ``blocks × blocks``
+    partition are multiplied (``(blocks+1)/(2·blocks)`` of the multiply-adds, 5/8 at 4) and mirrored."""
+    d = u.shape[1]
+    if d < 1024:
+        return u.T @ u
+    out = u.new_empty(d, d)
+    edges = [d * i // blocks for i in range(blocks + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        row = u[:, lo:hi].T @ u[:, lo:]  # (hi − lo, d − lo): block row from the diagonal on
+        out[lo:hi, lo:] = row
+        out[hi:, lo:hi] = row[:, hi - lo :].T
+    return out
+
+
 class PatchStatistics:
     """Sufficient statistics of ``y ≈ pw(dw(h))`` over a seeded sample of the output pixels ``i``, streamed.
 
@@ -601,7 +616,7 @@ class PatchStatistics:
             bi, rest = part // (ho * wo), part % (ho * wo)
             oy, ox = rest // wo, rest % wo
             t = y[bi, :, oy, ox].to(work)  # (n, N)
-            self.S += (u.T @ u).double()
+            self.S += _gram(u).double()
             self.Yu += (t.T @ u).double()
             self.us += u.sum(0).double()
             self.ys += t.sum(0).double()
@@ -619,9 +634,11 @@ class PatchStatistics:
 def _z_statistics(st: PatchStatistics, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For ``z = dw(h)`` with depthwise filters ``d (C, K, P)``: the Gram of ``ž = [z; 1]`` and ``Σ y žᵀ``."""
     c, k, p = d.shape
-    t = torch.bmm(d, st.S.view(c, p, c * p))  # (C, K, E·Q): Σ_p d[c,k,p] S[cp, eq], S read once, no copy
+    # in the precision of the data (S came from its products): reading S dominates, float32 halves it
+    dw = d.to(st.dtype)
+    t = torch.bmm(dw, st.s_work().view(c, p, c * p))  # (C, K, E·Q): Σ_p d[c,k,p] S[cp, eq], S read once, no copy
     t = t.view(c * k, c, p).transpose(0, 1)  # (E, C·K, Q)
-    gzz = torch.bmm(t, d.transpose(1, 2)).permute(1, 0, 2).reshape(c * k, c * k)  # Σ z zᵀ: [ck, el]
+    gzz = torch.bmm(t, dw.transpose(1, 2)).permute(1, 0, 2).reshape(c * k, c * k).to(d.dtype)  # Σ z zᵀ: [ck, el]
     zs = torch.einsum("ckp,cp->ck", d, st.us.view(c, p)).reshape(-1)  # Σ z
     yz = torch.einsum("ncp,ckp->nck", st.Yu.view(-1, c, p), d).reshape(-1, c * k)  # Σ y zᵀ
     gram = torch.cat([torch.cat([gzz, zs[:, None]], 1),

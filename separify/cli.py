@@ -156,7 +156,8 @@ def convert(
     batch_size: int = typer.Option(64, "--finetune-batch-size", help="Fine-tuning batch size."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Fine-tuning checkpoint file: saved "
                                               "periodically, resumed from if it exists."),
-    cp_iters: int = typer.Option(25, "--cp-iters", help="ALS sweeps for pw-dw-pw."),
+    cp_iters: Optional[int] = typer.Option(None, "--cp-iters", help="CP-ALS sweeps for pw-dw-pw (default 25, or 5 "
+                                           "with --calib, whose least squares refit the layer afterwards)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the example input and the CP solver."),
     data: Optional[Path] = _DATA,
     data_limit: int = _DATA_LIMIT,

@@ -15,6 +15,8 @@ __all__ = ["ConvertConfig", "LayerRule", "LatencyTarget", "METHODS", "OBJECTIVES
 METHODS = ("dw-pw", "pw-dw-pw")
 TRACERS = ("auto", "fx", "module")
 OBJECTIVES = ("flops", "latency")
+CP_SWEEPS = 25  # CP-ALS sweeps (pw-dw-pw) by default
+CP_SWEEPS_BEFORE_ALS = 5  # ... when the calibration's alternating least squares refits the layer afterwards
 
 
 def _check_rank(value: Any, what: str) -> None:
@@ -94,7 +96,10 @@ class ConvertConfig:
         fold_bn: fold a BatchNorm2d (eval mode) that only follows a conv into that conv before decomposing.
         require_saving: skip layers whose replacement would cost at least the dense conv's FLOPs (set False to
             convert anyway, e.g. to check exactness at full rank).
-        cp_max_iter, cp_tol, seed: controls of the CP solver (pw-dw-pw).
+        cp_max_iter, cp_tol, seed: controls of the CP solver (pw-dw-pw). ``cp_max_iter=None`` (the default): 25
+            sweeps, or 5 when calibration data is given and ``calib_als > 0``, since the alternating least squares
+            then refits the depthwise and last 1×1 conv to the layer's outputs anyway: on both benchmark networks the
+            calibrated accuracy did not change (README, "Measured"), and a ResNet-50's conversion took about 8 s less.
         calib_limit: at most this many calibration samples are used (when ``convert`` gets calibration data).
         calib_ridge: relative ridge term of the least-squares refit.
         calib_whiten: with calibration data, decompose the kernel whitened by its measured input moments (minimise
@@ -128,7 +133,7 @@ class ConvertConfig:
     rules: tuple[LayerRule, ...] = ()
     fold_bn: bool = True
     require_saving: bool = True
-    cp_max_iter: int = 25
+    cp_max_iter: int | None = None
     cp_tol: float = 1e-4
     seed: int = 0
     tracer: str = "auto"
@@ -188,8 +193,9 @@ class ConvertConfig:
         for rule in self.rules:
             if not isinstance(rule, LayerRule):
                 raise ConfigError(f"rules must be LayerRule objects, got {type(rule).__name__}")
-        if isinstance(self.cp_max_iter, bool) or not isinstance(self.cp_max_iter, int) or self.cp_max_iter < 0:
-            raise ConfigError(f"cp_max_iter must be a non-negative integer, got {self.cp_max_iter!r}")
+        if self.cp_max_iter is not None and (isinstance(self.cp_max_iter, bool) or not isinstance(self.cp_max_iter, int)
+                                             or self.cp_max_iter < 0):
+            raise ConfigError(f"cp_max_iter must be a non-negative integer or None, got {self.cp_max_iter!r}")
         if isinstance(self.calib_limit, bool) or not isinstance(self.calib_limit, int) or self.calib_limit <= 0:
             raise ConfigError(f"calib_limit must be a positive integer, got {self.calib_limit!r}")
         for name in ("calib_ridge", "calib_damp", "calib_memory_gb"):
@@ -206,6 +212,12 @@ class ConvertConfig:
             raise ConfigError(f"calib_memory_gb must be positive, got {self.calib_memory_gb!r}")
         if not given:
             object.__setattr__(self, "flops", 0.5)
+
+    def cp_sweeps(self, calibrated: bool) -> int:
+        """CP-ALS sweeps for a conversion with (``calibrated``) or without calibration data (see ``cp_max_iter``)."""
+        if self.cp_max_iter is not None:
+            return self.cp_max_iter
+        return CP_SWEEPS_BEFORE_ALS if calibrated and self.calib_als > 0 else CP_SWEEPS
 
     @property
     def selection(self) -> str:

@@ -889,7 +889,7 @@ def convert_onnx(
     for rec in iterator:
         site = by_name[rec.name]
         cls = FORMS[rec.method]
-        extra = dict(max_iter=cfg.cp_max_iter, tol=cfg.cp_tol, seed=cfg.seed) if rec.method == "pw-dw-pw" else {}
+        extra = dict(max_iter=cfg.cp_sweeps(batches is not None), tol=cfg.cp_tol, seed=cfg.seed) if rec.method == "pw-dw-pw" else {}
         if cfg.calib_whiten and rec.name in covs:
             extra.update(cov=covs[rec.name], damp=cfg.calib_damp)
         mod = cls.from_conv(kernels[rec.name], rec.rank, **extra).eval()

@@ -439,3 +439,36 @@ def test_als_is_skipped_with_a_note_where_its_statistics_would_be_too_large(monk
     rec = res.converted[0]
     assert "no ALS" in rec.note and "144" in rec.note
     assert rec.calib_error_after == pytest.approx(refit.converted[0].calib_error_after)  # the refit alone
+
+
+def test_cp_sweeps_default_to_fewer_when_the_calibration_refits_the_layer(monkeypatch):
+    """``cp_max_iter=None``: 25 CP sweeps without calibration or with ``calib_als=0``, 5 when the ALS refits the
+    depthwise and last 1×1 conv afterwards; an explicit value always wins."""
+    import separify.decompose as dec
+
+    seen = []
+    real = dec.cp_decompose
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["max_iter"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dec, "cp_decompose", recording)
+    model = OneConv().eval()
+    x = _correlated_inputs(8, 16, 8)
+    cases = [(dict(), 25), (dict(calibration=x), 5), (dict(calibration=x, calib_als=0), 25),
+             (dict(calibration=x, cp_max_iter=7), 7)]
+    for options, sweeps in cases:
+        seen.clear()
+        separify.convert(model, example_inputs=x[:1], method="pw-dw-pw", rank=6, **options)
+        assert seen == [sweeps], (options, seen)
+    with pytest.raises(separify.ConfigError, match="cp_max_iter"):
+        separify.ConvertConfig(cp_max_iter=-1)
+
+
+@pytest.mark.parametrize("d", [7, 1024, 1031], ids=lambda d: f"d{d}")
+def test_blocked_gram_equals_the_full_product(d):
+    from separify.calibrate import _gram
+
+    u = torch.randn(300, d, dtype=torch.float64)
+    torch.testing.assert_close(_gram(u), u.T @ u, rtol=1e-12, atol=1e-10)
