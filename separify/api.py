@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from . import fx_pass, latency, measure, ranks
-from .calibrate import as_batches, observe, refit_pointwise
+from .calibrate import als_runs, as_batches, observe, refit_pointwise
 from .config import ConvertConfig, LayerRule
 from .decompose import check_weight, whiten
 from .errors import BadWeightsError, SeparifyError, first_line
@@ -348,7 +349,8 @@ def convert(
         if callable(progress):
             progress(site.name)
         cls = FORMS[rec.method]
-        extra = dict(max_iter=cfg.cp_sweeps(batches is not None), tol=cfg.cp_tol, seed=cfg.seed) if rec.method == "pw-dw-pw" else {}
+        refitted = batches is not None and als_runs(rec.rank * math.prod(kernels[site.name].kernel_size))
+        extra = dict(max_iter=cfg.cp_sweeps(refitted), tol=cfg.cp_tol, seed=cfg.seed) if rec.method == "pw-dw-pw" else {}
         if cfg.calib_whiten and site.name in covs:
             extra.update(cov=covs[site.name], damp=cfg.calib_damp)
         new = cls.from_conv(kernels[site.name], rec.rank, **extra)

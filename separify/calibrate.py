@@ -28,10 +28,10 @@ works in two passes over the data:
 3. Optionally (``calib_steps > 0``), in the same pass, each replacement is *reconstructed* before the forward moves
    on: a few hundred Adam steps on all of its factors against the same targets, then the least-squares refit again.
 
-Speed: both passes run inside :func:`reuse_freed_memory`. glibc hands every block above its mmap threshold (at most
+Speed: both passes (of the PyTorch path) run inside :func:`reuse_freed_memory`, a process-wide allocator setting. glibc hands every block above its mmap threshold (at most
 32 MiB by default) back to the kernel when it is freed, so each large activation of a forward pass is a fresh
 mapping whose pages fault in zeroed; at batch 64 at 224², a converted ResNet-50's forward took 7.2 s for it against
-3.1 s (2-core CPU). The observation pass also runs a few samples per forward.
+3.1 s (2-core CPU). On the CPU the observation pass also runs a few samples per forward.
 
 Memory: the kept outputs (every converted layer's output for every sample, float32 — float64 for float64 models; bounded by
 ``calib_memory_gb``, with a clear error beyond), plus one forward pass of the converted model on all samples at
@@ -47,6 +47,7 @@ import ctypes
 import os
 import platform
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -59,7 +60,7 @@ from .errors import SeparifyError
 from .measure import frozen_mode
 
 __all__ = ["LayerFit", "Observation", "PatchStatistics", "PointwiseRefit", "als_dw_pw", "als_fit", "als_skip_reason",
-           "as_batches", "observe", "refit_pointwise", "reuse_freed_memory"]
+           "als_runs", "as_batches", "observe", "refit_pointwise", "reuse_freed_memory"]
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)
@@ -72,29 +73,54 @@ def _glibc() -> Any:
         libc = ctypes.CDLL(None)
     except OSError:  # pragma: no cover - a static interpreter
         return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        return None
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return libc
+
+
+_ALLOCATOR_LOCK = threading.Lock()
+_allocator_depth = 0  # calibrations running now (nested or in other threads): the first sets, the last restores
+
+
+def _allocator_tuned_by_user() -> bool:
+    env = os.environ
+    return (any(k in env for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+            or "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
+            or env.get("SEPARIFY_MALLOPT", "").strip().lower() in ("0", "false", "no", "off"))
 
 
 @contextlib.contextmanager
 def reuse_freed_memory() -> Iterator[None]:
     """Let glibc reuse freed large blocks for the duration (see the module docstring).
 
-    Raises the mmap and trim thresholds to 1 GiB; on exit sets them to the values glibc's dynamic threshold settles
-    at (32 MiB, 64 MiB) and trims the heap, so the memory goes back to the system. A no-op off glibc, when the user
-    set ``MALLOC_MMAP_THRESHOLD_`` (their tuning wins) and when ``SEPARIFY_MALLOPT=0``.
+    Raises glibc's mmap and trim thresholds to 1 GiB. On exit (of the outermost use, when several run at once) it
+    sets them to 32 MiB and 64 MiB, the largest values glibc's own dynamic threshold moves to, and trims the heap so
+    the memory goes back to the system. This is a process-wide setting, and it stays fixed afterwards: glibc's
+    dynamic adjustment, which starts at 128 KiB, is off for the rest of the process once any threshold is set. It is
+    a no-op off glibc, when the user tuned the allocator (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or a
+    ``glibc.malloc`` tunable in ``GLIBC_TUNABLES``: their tuning wins), and with ``SEPARIFY_MALLOPT=0``.
     """
-    libc = _glibc()
-    if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get("SEPARIFY_MALLOPT") == "0":
+    global _allocator_depth
+    libc = None if _allocator_tuned_by_user() else _glibc()
+    if libc is None:
         yield
         return
-    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    with _ALLOCATOR_LOCK:
+        _allocator_depth += 1
+        if _allocator_depth == 1:
+            libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
     try:
         yield
     finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-        libc.malloc_trim(0)
+        with _ALLOCATOR_LOCK:
+            _allocator_depth -= 1
+            if _allocator_depth == 0:
+                libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+                libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+                libc.malloc_trim(0)
 
 
 @dataclass(frozen=True)
@@ -120,7 +146,8 @@ class Observation:
 @dataclass
 class _Moments:
     """Running sums of one conv's input moments. ``samples``: how many samples the calibration set holds in all (the
-    spatial moments then use a seeded uniform sample of at most ``_MOMENT_PATCHES`` of its patches; ``None``: all)."""
+    spatial moments then use a seeded uniform sample of about ``_MOMENT_PATCHES`` of its patches per call of the
+    conv in a forward pass, rounded up per batch; ``None``: all)."""
 
     samples: int | None = None
     channel: torch.Tensor | None = None
@@ -135,9 +162,9 @@ class _Moments:
                                self.patches)
 
 
-_UNFOLD_BYTES = 1 << 28  # bound on one unfold buffer (256 MiB)
+_UNFOLD_BYTES = 1 << 28  # bound on one buffer of patches (256 MiB)
 _OBSERVE_BYTES = 1 << 21  # input bytes per forward of the observation pass (3 images of 3×224²)
-_MOMENT_PATCHES = 1 << 16  # patches per layer (over the whole calibration set) for the spatial moments, at most
+_MOMENT_PATCHES = 1 << 16  # patches per layer (over the whole calibration set) for the spatial moments, about
 
 
 def _out_size(size: int, k: int, stride: int, dilation: int) -> int:
@@ -182,9 +209,12 @@ def _accumulate(conv: nn.Conv2d, x: torch.Tensor, acc: _Moments) -> None:
         if acc.gen is None:
             acc.gen = torch.Generator().manual_seed(0)
         idx = torch.randperm(total, generator=acc.gen)[:keep].to(x.device)
-        u = _gather_patches(x, idx, wo, ho * wo, conv.kernel_size, conv.stride, conv.dilation)  # (n, M·P)
-        u = u.view(keep, m, p).permute(1, 2, 0)  # (M, P, n)
-        spatial = torch.bmm(u, u.transpose(1, 2)).double() * (total / keep)
+        spatial = torch.zeros(m, p, p, dtype=torch.float64, device=x.device)
+        for part in idx.split(max(1, _UNFOLD_BYTES // (m * p * x.element_size()))):
+            u = _gather_patches(x, part, wo, ho * wo, conv.kernel_size, conv.stride, conv.dilation)  # (n, M·P)
+            u = u.view(len(part), m, p).permute(1, 2, 0)  # (M, P, n)
+            spatial += torch.bmm(u, u.transpose(1, 2)).double()
+        spatial *= total / keep
     else:
         spatial = torch.zeros(m, p, p, dtype=torch.float64, device=x.device)
         per_sample = max(1, x[0].numel() * p * x.element_size())
@@ -286,8 +316,10 @@ def observe(
             handles.append(model.get_submodule(target).register_forward_hook(post(name)))
         with torch.no_grad(), frozen_mode(model), reuse_freed_memory():
             for batch in batches:
-                # a few samples per forward: large batches of large images ran 1.5–2× slower on a CPU
-                for x in batch.split(max(1, _OBSERVE_BYTES // max(1, batch[0].numel() * batch.element_size()))):
+                # on a CPU, a few samples per forward: large batches of large images ran 1.5–2× slower
+                size = _OBSERVE_BYTES // max(1, batch[0].numel() * batch.element_size()) \
+                    if batch.device.type == "cpu" else len(batch)
+                for x in batch.split(max(1, size)):
                     seen.clear()
                     model(x)
     finally:
@@ -540,12 +572,18 @@ _ALS_GRAM = 1 << 34  # and no more than this many multiply-adds for their Gram (
 _ALS_MAX_CP = 8192  # larger depthwise convs (C·P > this: a (C·P)² Gram over 512 MiB) get the refit only
 
 
+def als_runs(depthwise_values: int) -> bool:
+    """Whether the alternating least squares runs for a depthwise conv that reads ``depthwise_values`` (``C·P``)
+    values per output pixel."""
+    return depthwise_values <= _ALS_MAX_CP
+
+
 def als_skip_reason(dw: nn.Conv2d) -> str | None:
     """Why the alternating least squares is not run for the depthwise conv ``dw`` (``None``: it is): its ``(C·P)²``
     patch Gram would exceed the bound."""
     size = dw.in_channels * dw.kernel_size[0] * dw.kernel_size[1]
-    return f"no ALS: its depthwise conv reads {size:,} values per pixel (> {_ALS_MAX_CP:,})" if size > _ALS_MAX_CP \
-        else None
+    return None if als_runs(size) else \
+        f"no ALS: its depthwise conv reads {size:,} values per pixel (> {_ALS_MAX_CP:,})"
 
 
 def _gram(u: torch.Tensor, blocks: int = 4) -> torch.Tensor:

@@ -157,7 +157,7 @@ def convert(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Fine-tuning checkpoint file: saved "
                                               "periodically, resumed from if it exists."),
     cp_iters: Optional[int] = typer.Option(None, "--cp-iters", help="CP-ALS sweeps for pw-dw-pw (default 25, or 5 "
-                                           "with --calib, whose least squares refit the layer afterwards)."),
+                                           "for layers that --calib's alternating least squares refits afterwards)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the example input and the CP solver."),
     data: Optional[Path] = _DATA,
     data_limit: int = _DATA_LIMIT,

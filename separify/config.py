@@ -97,9 +97,10 @@ class ConvertConfig:
         require_saving: skip layers whose replacement would cost at least the dense conv's FLOPs (set False to
             convert anyway, e.g. to check exactness at full rank).
         cp_max_iter, cp_tol, seed: controls of the CP solver (pw-dw-pw). ``cp_max_iter=None`` (the default): 25
-            sweeps, or 5 when calibration data is given and ``calib_als > 0``, since the alternating least squares
-            then refits the depthwise and last 1×1 conv to the layer's outputs anyway: on both benchmark networks the
-            calibrated accuracy did not change (README, "Measured"), and a ResNet-50's conversion took about 8 s less.
+            sweeps, or 5 for a layer that the alternating least squares will refit (calibration data given,
+            ``calib_als > 0``, and the layer not skipped by it for its size), since that refits the depthwise and
+            last 1×1 conv to the layer's outputs anyway: on both benchmark networks the calibrated accuracy did not
+            change (README, "Measured"), and a ResNet-50's conversion took about 8 s less.
         calib_limit: at most this many calibration samples are used (when ``convert`` gets calibration data).
         calib_ridge: relative ridge term of the least-squares refit.
         calib_whiten: with calibration data, decompose the kernel whitened by its measured input moments (minimise
@@ -213,11 +214,12 @@ class ConvertConfig:
         if not given:
             object.__setattr__(self, "flops", 0.5)
 
-    def cp_sweeps(self, calibrated: bool) -> int:
-        """CP-ALS sweeps for a conversion with (``calibrated``) or without calibration data (see ``cp_max_iter``)."""
+    def cp_sweeps(self, refitted: bool) -> int:
+        """CP-ALS sweeps for a layer that calibration's alternating least squares will refit (``refitted``: data
+        given and the layer within its size bound; ``calib_als`` is checked here) or not (see ``cp_max_iter``)."""
         if self.cp_max_iter is not None:
             return self.cp_max_iter
-        return CP_SWEEPS_BEFORE_ALS if calibrated and self.calib_als > 0 else CP_SWEEPS
+        return CP_SWEEPS_BEFORE_ALS if refitted and self.calib_als > 0 else CP_SWEEPS
 
     @property
     def selection(self) -> str:

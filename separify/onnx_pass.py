@@ -72,7 +72,8 @@ from torch import nn
 
 from . import latency, measure
 from .api import ConvertResult, LayerRecord, choose_ranks, injected_timings, meet_latency, record_latency, _join, _warn
-from .calibrate import PatchStatistics, PointwiseRefit, _accumulate, _Moments, als_fit, als_skip_reason, as_batches
+from .calibrate import (PatchStatistics, PointwiseRefit, _accumulate, _Moments, als_fit, als_runs, als_skip_reason,
+                        as_batches)
 from .config import ConvertConfig, LayerRule
 from .decompose import check_weight, whiten
 from .errors import BadWeightsError, ConfigError, SeparifyError, first_line
@@ -889,7 +890,8 @@ def convert_onnx(
     for rec in iterator:
         site = by_name[rec.name]
         cls = FORMS[rec.method]
-        extra = dict(max_iter=cfg.cp_sweeps(batches is not None), tol=cfg.cp_tol, seed=cfg.seed) if rec.method == "pw-dw-pw" else {}
+        refitted = batches is not None and als_runs(rec.rank * math.prod(kernels[rec.name].kernel_size))
+        extra = dict(max_iter=cfg.cp_sweeps(refitted), tol=cfg.cp_tol, seed=cfg.seed) if rec.method == "pw-dw-pw" else {}
         if cfg.calib_whiten and rec.name in covs:
             extra.update(cov=covs[rec.name], damp=cfg.calib_damp)
         mod = cls.from_conv(kernels[rec.name], rec.rank, **extra).eval()
@@ -1025,7 +1027,8 @@ def _moments(original: ir.Model, sites: list[OnnxConvSite], kernels: Mapping[str
     sess = session(original, list(names.values()), threads=threads)
     input_name = graph_inputs(original)[0].name
     want = list(dict.fromkeys(names.values()))
-    acc = {s.name: _Moments(sum(len(b) for b in batches)) for s in sites}
+    samples = sum(len(c) for c in _chunks(batches, fixed))  # as run: a fixed batch size drops a partial batch
+    acc = {s.name: _Moments(samples) for s in sites}
     for chunk in _chunks(batches, fixed):
         outs = dict(zip(want, sess.run(want, {input_name: chunk})))
         for s in sites:

@@ -219,11 +219,14 @@ def test_patch_moments_from_a_sample_are_close_deterministic_and_exact_per_chann
     assert first.count == exact.count == 2880
     rel = float((first.spatial - exact.spatial).norm() / exact.spatial.norm())
     assert 0 < rel < 0.1, rel
-    # the sampled patches are the ones the conv reads: all of them, gathered, equal unfold's
+    # the sampled patches are the ones the conv reads: all of them, gathered, equal unfold's (also strided)
     xp = nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode="reflect")
-    every = cal._gather_patches(xp, torch.arange(2880), 18, 20 * 18, conv.kernel_size, conv.stride, conv.dilation)
-    unfolded = nn.functional.unfold(xp, (3, 3), dilation=(1, 2)).transpose(1, 2).reshape(2880, -1)
-    torch.testing.assert_close(every, unfolded, rtol=0, atol=0)
+    for stride in ((1, 1), (2, 3)):
+        ho, wo = (22 - 3) // stride[0] + 1, (22 - 5) // stride[1] + 1  # padded 22×22, reach 3 × 5
+        n = 8 * ho * wo
+        every = cal._gather_patches(xp, torch.arange(n), wo, ho * wo, (3, 3), stride, (1, 2))
+        unfolded = nn.functional.unfold(xp, (3, 3), dilation=(1, 2), stride=stride).transpose(1, 2).reshape(n, -1)
+        torch.testing.assert_close(every, unfolded, rtol=0, atol=0)
 
 
 def test_freed_memory_is_reused_only_while_calibrating_and_settings_are_restored(monkeypatch):
@@ -243,14 +246,20 @@ def test_freed_memory_is_reused_only_while_calibrating_and_settings_are_restored
             return 1
 
     monkeypatch.setattr(cal, "_glibc", lambda: FakeLibc())
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.delenv("SEPARIFY_MALLOPT", raising=False)
+    for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "SEPARIFY_MALLOPT"):
+        monkeypatch.delenv(var, raising=False)
+    raised = [(cal._M_MMAP_THRESHOLD, 1 << 30), (cal._M_TRIM_THRESHOLD, 1 << 30)]
     with pytest.raises(RuntimeError):
         with cal.reuse_freed_memory():
-            assert calls == [(cal._M_MMAP_THRESHOLD, 1 << 30), (cal._M_TRIM_THRESHOLD, 1 << 30)]
+            assert calls == raised
+            with cal.reuse_freed_memory():  # nested (or another thread's): nothing set again, nothing restored
+                pass
+            assert calls == raised
             raise RuntimeError("inside")
     assert calls[2:] == [(cal._M_MMAP_THRESHOLD, 32 << 20), (cal._M_TRIM_THRESHOLD, 64 << 20), ("trim", 0)]
-    for var, value in (("MALLOC_MMAP_THRESHOLD_", "65536"), ("SEPARIFY_MALLOPT", "0")):
+    for var, value in (("MALLOC_MMAP_THRESHOLD_", "65536"), ("MALLOC_TRIM_THRESHOLD_", "0"),
+                       ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536"), ("SEPARIFY_MALLOPT", "0"),
+                       ("SEPARIFY_MALLOPT", "off")):
         calls.clear()
         with monkeypatch.context() as m:
             m.setenv(var, value)
@@ -462,6 +471,13 @@ def test_cp_sweeps_default_to_fewer_when_the_calibration_refits_the_layer(monkey
         seen.clear()
         separify.convert(model, example_inputs=x[:1], method="pw-dw-pw", rank=6, **options)
         assert seen == [sweeps], (options, seen)
+    # a layer the alternating least squares skips for its size gets the full sweeps
+    from separify import calibrate as cal
+
+    monkeypatch.setattr(cal, "_ALS_MAX_CP", 6 * 9 - 1)  # rank 6 · 9 taps = 54 values per pixel: skipped
+    seen.clear()
+    separify.convert(model, example_inputs=x[:1], method="pw-dw-pw", rank=6, calibration=x)
+    assert seen == [25]
     with pytest.raises(separify.ConfigError, match="cp_max_iter"):
         separify.ConvertConfig(cp_max_iter=-1)
 
