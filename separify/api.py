@@ -349,11 +349,8 @@ def convert(
         if callable(progress):
             progress(site.name)
         cls = FORMS[rec.method]
-        refitted = batches is not None and als_runs(rec.rank * math.prod(kernels[site.name].kernel_size))
-        extra = dict(max_iter=cfg.cp_sweeps(refitted), tol=cfg.cp_tol, seed=cfg.seed) if rec.method == "pw-dw-pw" else {}
-        if cfg.calib_whiten and site.name in covs:
-            extra.update(cov=covs[site.name], damp=cfg.calib_damp)
-        new = cls.from_conv(kernels[site.name], rec.rank, **extra)
+        new = cls.from_conv(kernels[site.name], rec.rank,
+                            **from_conv_options(cfg, rec, kernels[site.name], batches is not None, covs))
         new.train(site.module.training)
         replacements[site.name] = new
         rec.status = "converted"
@@ -690,6 +687,20 @@ def choose_ranks(cfg: ConvertConfig, todo: list[tuple[LayerRecord, LayerRule | N
                         f"{'its cheapest allowed rank' if planner else 'rank 1'} the model keeps {lowest:.3f} of its "
                         "FLOPs")
     return (int(total_budget) if cfg.selection == "flops" else None), msgs
+
+
+def from_conv_options(cfg: ConvertConfig, rec: LayerRecord, kernel: nn.Conv2d, calibrated: bool,
+                      covs: dict) -> dict[str, Any]:
+    """Keyword arguments of ``from_conv`` for one layer (both passes): for pw-dw-pw the CP solver's controls, with
+    the fewer sweeps where calibration's alternating least squares will refit the layer (its depthwise conv reads
+    ``R·kh·kw`` values per pixel); with ``calib_whiten``, the layer's input moments."""
+    extra: dict[str, Any] = {}
+    if rec.method == "pw-dw-pw":
+        refitted = calibrated and als_runs(rec.rank * math.prod(kernel.kernel_size))
+        extra.update(max_iter=cfg.cp_sweeps(refitted), tol=cfg.cp_tol, seed=cfg.seed)
+    if cfg.calib_whiten and rec.name in covs:
+        extra.update(cov=covs[rec.name], damp=cfg.calib_damp)
+    return extra
 
 
 def _width_ok(cfg: ConvertConfig, rec: LayerRecord, costs: dict[str, ranks.LayerCost]):

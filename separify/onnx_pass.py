@@ -71,9 +71,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import latency, measure
-from .api import ConvertResult, LayerRecord, choose_ranks, injected_timings, meet_latency, record_latency, _join, _warn
-from .calibrate import (PatchStatistics, PointwiseRefit, _accumulate, _Moments, als_fit, als_runs, als_skip_reason,
-                        as_batches)
+from .api import (ConvertResult, LayerRecord, choose_ranks, from_conv_options, injected_timings, meet_latency,
+                  record_latency, _join, _warn)
+from .calibrate import PatchStatistics, PointwiseRefit, _accumulate, _Moments, als_fit, als_skip_reason, as_batches
 from .config import ConvertConfig, LayerRule
 from .decompose import check_weight, whiten
 from .errors import BadWeightsError, ConfigError, SeparifyError, first_line
@@ -543,15 +543,12 @@ def _rewrite(model: ir.Model, site: OnnxConvSite, mod: SeparableConv2d, dtype: n
     parts = _factors(mod)
     for i, (role, conv) in enumerate(parts):
         last = i == len(parts) - 1
-        w = ir.Value(name=_unique(value_names, f"{site.name}.{role}.weight"),
-                     const_value=ir.tensor(conv.weight.detach().numpy().astype(dtype)))
-        graph.register_initializer(w)
+        w = _initializer(graph, value_names, f"{site.name}.{role}.weight", conv.weight.detach().numpy().astype(dtype))
         inits[f"{role}.weight"] = w
         ins = [h, w]
         if last and conv.bias is not None:
-            bias = ir.Value(name=_unique(value_names, f"{site.name}.{role}.bias"),
-                            const_value=ir.tensor(conv.bias.detach().numpy().astype(dtype)))
-            graph.register_initializer(bias)
+            bias = _initializer(graph, value_names, f"{site.name}.{role}.bias",
+                                conv.bias.detach().numpy().astype(dtype))
             inits[f"{role}.bias"] = bias
             ins.append(bias)
         if role == "dw":
@@ -563,17 +560,28 @@ def _rewrite(model: ir.Model, site: OnnxConvSite, mod: SeparableConv2d, dtype: n
                                  doc_string=f"separify: {mod.method} rank {mod.rank} replacement of {site.name}"))
         h = out
     graph.insert_before(node, new_nodes)
-    # the last node's output takes over the original output's name, type and shape, and every use of it
-    name = old_out.name
-    old_out.name = _unique(value_names, f"{name}.replaced")
-    h.name = name
-    h.type, h.shape = old_out.type, old_out.shape
-    ir.convenience.replace_all_uses_with(old_out, h, replace_graph_outputs=True)
+    _take_over_output(old_out, h, value_names)  # the last node's output: the original's name, type, shape, uses
     graph.remove(node, safe=True)
     for v in (old_w, old_b):
         _drop_if_unused(graph, v)
     inits["output"] = h  # not an initializer: the replacement's output, which keeps the original's name
     return inits
+
+
+def _initializer(graph: ir.Graph, value_names: set[str], name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer holding ``array``, under a name not yet taken (from ``name``)."""
+    value = ir.Value(name=_unique(value_names, name), const_value=ir.tensor(array))
+    graph.register_initializer(value)
+    return value
+
+
+def _take_over_output(old: ir.Value, new: ir.Value, value_names: set[str]) -> None:
+    """``new`` takes over ``old``'s name, type, shape and every use (graph outputs too); ``old`` is renamed."""
+    name = old.name
+    old.name = _unique(value_names, f"{name}.replaced")
+    new.name = name
+    new.type, new.shape = old.type, old.shape
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
 
 
 def _drop_if_unused(graph: ir.Graph, v: ir.Value | None) -> None:
@@ -604,7 +612,7 @@ def _update(inits: Mapping[str, ir.Value], mod: SeparableConv2d, dtype: np.dtype
     for role, conv in _factors(mod):
         _set_const(inits[f"{role}.weight"], weights[role].detach().cpu().numpy().astype(dtype))
         if f"{role}.bias" in inits:
-            inits[f"{role}.bias"].const_value = ir.tensor(conv.bias.detach().cpu().numpy().astype(dtype))
+            _set_const(inits[f"{role}.bias"], conv.bias.detach().cpu().numpy().astype(dtype))
     dw_node = inits["dw.weight"].uses()[0].node
     dw_node.attributes["group"] = ir.AttrInt64("group", group)
 
@@ -620,9 +628,8 @@ def _tile_input(model: ir.Model, inits: Mapping[str, ir.Value], mod: SeparableCo
     """The dw-pw ``repeat`` layout: a ``Tile`` node repeats the depthwise conv's input K times along the channels,
     ``(B, M, H, W) → (B, K·M, H, W)``; :func:`_update` then writes the factors in that channel order."""
     dw_node = inits["dw.weight"].uses()[0].node
-    repeats = ir.Value(name=_unique(value_names, f"{dw_node.name}.repeats"),
-                       const_value=ir.tensor(np.array([1, mod.rank, 1, 1], dtype=np.int64)))
-    model.graph.register_initializer(repeats)
+    repeats = _initializer(model.graph, value_names, f"{dw_node.name}.repeats",
+                           np.array([1, mod.rank, 1, 1], dtype=np.int64))
     tiled = ir.Value(name=_unique(value_names, f"{dw_node.name}.tiled"))
     tile = ir.node("Tile", [dw_node.inputs[0], repeats], outputs=[tiled], name=_unique(value_names, f"{dw_node.name}/tile"),
                    doc_string=dw_node.doc_string)
@@ -671,10 +678,8 @@ def _split_depthwise(model: ir.Model, inits: dict[str, ir.Value], mod: Separable
     old_dw = inits.pop("dw.weight")
 
     def const(role: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=_unique(value_names, f"{layer}.{role}"), const_value=ir.tensor(array.astype(dtype)))
-        graph.register_initializer(value)
-        inits[role] = value
-        return value
+        inits[role] = _initializer(graph, value_names, f"{layer}.{role}", array.astype(dtype))
+        return inits[role]
 
     def conv(role: str, ins: list, attrs: dict) -> tuple[ir.Node, ir.Value]:
         out = ir.Value(name=_unique(value_names, f"{layer}.{role}.out"))
@@ -711,11 +716,7 @@ def _split_depthwise(model: ir.Model, inits: dict[str, ir.Value], mod: Separable
                 y = total
             out = y
         graph.insert_before(dw_node, new_nodes)
-        name = old_out.name  # the last Add takes over the output's name, type, shape and uses
-        old_out.name = _unique(value_names, f"{name}.replaced")
-        out.name = name
-        out.type, out.shape = old_out.type, old_out.shape
-        ir.convenience.replace_all_uses_with(old_out, out, replace_graph_outputs=True)
+        _take_over_output(old_out, out, value_names)  # the last Add: the output's name, type, shape and uses
         old_pw = inits.pop("pw.weight")
         graph.remove([pw_node, dw_node], safe=True)
         _drop_if_unused(graph, old_pw)
@@ -890,11 +891,8 @@ def convert_onnx(
     for rec in iterator:
         site = by_name[rec.name]
         cls = FORMS[rec.method]
-        refitted = batches is not None and als_runs(rec.rank * math.prod(kernels[rec.name].kernel_size))
-        extra = dict(max_iter=cfg.cp_sweeps(refitted), tol=cfg.cp_tol, seed=cfg.seed) if rec.method == "pw-dw-pw" else {}
-        if cfg.calib_whiten and rec.name in covs:
-            extra.update(cov=covs[rec.name], damp=cfg.calib_damp)
-        mod = cls.from_conv(kernels[rec.name], rec.rank, **extra).eval()
+        mod = cls.from_conv(kernels[rec.name], rec.rank,
+                            **from_conv_options(cfg, rec, kernels[rec.name], batches is not None, covs)).eval()
         dtype = site.weight.dtype
         inits = _rewrite(work, site, mod, dtype, value_names)
         replaced[rec.name] = (mod, inits, dtype)
