@@ -171,18 +171,23 @@ def _out_size(size: int, k: int, stride: int, dilation: int) -> int:
     return (size - dilation * (k - 1) - 1) // stride + 1
 
 
-def _gather_patches(h: torch.Tensor, idx: torch.Tensor, out_w: int, out_hw: int, kernel_size, stride,
-                    dilation) -> torch.Tensor:
-    """The patches a conv (no padding: ``h (B, C, H, W)`` is already padded) reads at the output pixels ``idx``
-    (flat ``(sample, row, column)`` indices, ``out_hw`` pixels per sample, rows ``out_w`` wide), as ``(n, C·P)``,
-    channel-major: ``u[i, c·P + (i_k·kw + j_k)] = h[b_i, c, oy_i·sy + i_k·dy, ox_i·sx + j_k·dx]``."""
-    (kh, kw), (sy, sx), (dy, dx) = kernel_size, stride, dilation
+def _pixel_coords(idx: torch.Tensor, out_w: int, out_hw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat output-pixel indices ``(sample, row, column)`` (``out_hw`` pixels per sample, rows ``out_w`` wide) →
+    sample, row and column."""
     bi, rest = idx // out_hw, idx % out_hw
-    oy, ox = rest // out_w, rest % out_w
+    return bi, rest // out_w, rest % out_w
+
+
+def _gather_patches(h: torch.Tensor, bi: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, kernel_size, stride,
+                    dilation) -> torch.Tensor:
+    """The patches a conv (no padding: ``h (B, C, H, W)`` is already padded) reads at the output pixels
+    ``(bi, oy, ox)`` (:func:`_pixel_coords`), as ``(n, C·P)``, channel-major:
+    ``u[i, c·P + (i_k·kw + j_k)] = h[b_i, c, oy_i·sy + i_k·dy, ox_i·sx + j_k·dx]``."""
+    (kh, kw), (sy, sx), (dy, dx) = kernel_size, stride, dilation
     rows = (oy * sy)[:, None] + torch.arange(kh, device=h.device).repeat_interleave(kw)[None] * dy  # (n, P)
     cols = (ox * sx)[:, None] + torch.arange(kw, device=h.device).repeat(kh)[None] * dx
     u = h.permute(0, 2, 3, 1)[bi[:, None], rows, cols]  # (n, P, C): channels-last rows, contiguous reads
-    return u.transpose(1, 2).reshape(len(idx), -1)  # (n, C·P)
+    return u.transpose(1, 2).reshape(len(bi), -1)  # (n, C·P)
 
 
 def _accumulate(conv: nn.Conv2d, x: torch.Tensor, acc: _Moments) -> None:
@@ -211,7 +216,8 @@ def _accumulate(conv: nn.Conv2d, x: torch.Tensor, acc: _Moments) -> None:
         idx = torch.randperm(total, generator=acc.gen)[:keep].to(x.device)
         spatial = torch.zeros(m, p, p, dtype=torch.float64, device=x.device)
         for part in idx.split(max(1, _UNFOLD_BYTES // (m * p * x.element_size()))):
-            u = _gather_patches(x, part, wo, ho * wo, conv.kernel_size, conv.stride, conv.dilation)  # (n, M·P)
+            u = _gather_patches(x, *_pixel_coords(part, wo, ho * wo), conv.kernel_size, conv.stride,
+                                conv.dilation)  # (n, M·P)
             u = u.view(len(part), m, p).permute(1, 2, 0)  # (M, P, n)
             spatial += torch.bmm(u, u.transpose(1, 2)).double()
         spatial *= total / keep
@@ -650,9 +656,8 @@ class PatchStatistics:
             self.keep[(self.keep >= lo) & (self.keep < self.offset)]
         idx = idx - lo  # pixels of this batch, in (sample, row, column) order as y's
         for part in idx.split(1 << 16):  # bounded gathers: (n, C·P) at most 65,536 rows
-            u = _gather_patches(h, part, wo, ho * wo, dw.kernel_size, dw.stride, dw.dilation)  # (n, C·P)
-            bi, rest = part // (ho * wo), part % (ho * wo)
-            oy, ox = rest // wo, rest % wo
+            bi, oy, ox = _pixel_coords(part, wo, ho * wo)
+            u = _gather_patches(h, bi, oy, ox, dw.kernel_size, dw.stride, dw.dilation)  # (n, C·P)
             t = y[bi, :, oy, ox].to(work)  # (n, N)
             self.S += _gram(u).double()
             self.Yu += (t.T @ u).double()

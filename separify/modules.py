@@ -221,11 +221,10 @@ class DwPwConv2d(SeparableConv2d):
             # eager: no copy of the weights; (B, M, H, W) → (B, M·K, H, W), channel m·K + j = input channel m
             h = F.conv2d(x.repeat_interleave(k, dim=1), w, None, dw.stride, padding, dw.dilation, m * k)
         elif self.layout == "split":  # K depthwise convs (B, M, H', W'), interleaved to (B, M·K, H', W')
+            hs = [F.conv2d(x, w[j::k], None, dw.stride, padding, dw.dilation, m) for j in range(k)]
             if torch.onnx.is_in_onnx_export():  # as the ONNX pass writes it: Concat, pointwise in the concat order
-                hs = [F.conv2d(x, w[j::k], None, dw.stride, padding, dw.dilation, m) for j in range(k)]
                 return F.conv2d(torch.cat(hs, dim=1), self.repeat_factors()[1], self.conv_pw.bias)  # j·M + m
-            h = torch.stack([F.conv2d(x, w[j::k], None, dw.stride, padding, dw.dilation, m) for j in range(k)],
-                            dim=2).flatten(1, 2)
+            h = torch.stack(hs, dim=2).flatten(1, 2)  # channel m·K + j
         else:  # branches: K depthwise → 1×1 branches (B, M, H', W') → (B, N, H', W'), summed
             pw, out = self.conv_pw.weight, None
             for j in range(k):

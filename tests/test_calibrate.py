@@ -224,7 +224,7 @@ def test_patch_moments_from_a_sample_are_close_deterministic_and_exact_per_chann
     for stride in ((1, 1), (2, 3)):
         ho, wo = (22 - 3) // stride[0] + 1, (22 - 5) // stride[1] + 1  # padded 22×22, reach 3 × 5
         n = 8 * ho * wo
-        every = cal._gather_patches(xp, torch.arange(n), wo, ho * wo, (3, 3), stride, (1, 2))
+        every = cal._gather_patches(xp, *cal._pixel_coords(torch.arange(n), wo, ho * wo), (3, 3), stride, (1, 2))
         unfolded = nn.functional.unfold(xp, (3, 3), dilation=(1, 2), stride=stride).transpose(1, 2).reshape(n, -1)
         torch.testing.assert_close(every, unfolded, rtol=0, atol=0)
 
