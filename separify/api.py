@@ -16,7 +16,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from . import fx_pass, latency, measure, ranks
-from .calibrate import als_runs, as_batches, observe, refit_pointwise
+from .calibrate import PIXELS_PER_INPUT, als_runs, as_batches, observe, refit_pointwise, scarce
 from .config import ConvertConfig, LayerRule
 from .decompose import check_weight, whiten
 from .errors import BadWeightsError, SeparifyError, first_line
@@ -350,7 +350,8 @@ def convert(
             progress(site.name)
         cls = FORMS[rec.method]
         new = cls.from_conv(kernels[site.name], rec.rank,
-                            **from_conv_options(cfg, rec, kernels[site.name], batches is not None, covs))
+                            **from_conv_options(cfg, rec, kernels[site.name], batches is not None, covs,
+                                                _output_pixels(obs, site.name)))
         new.train(site.module.training)
         replacements[site.name] = new
         rec.status = "converted"
@@ -381,6 +382,7 @@ def convert(
             by_name[fit.name].calib_error_after = fit.error_after
             if fit.note:
                 by_name[fit.name].note = _join(by_name[fit.name].note, fit.note)
+        scarce_warning(records, sum(len(b) for b in batches), rank_warnings)
 
     # The fastest equivalent layout of each replacement (exactly the same function; after the refit, which fits
     # the last 1×1 conv in whatever channel order it has).
@@ -690,17 +692,27 @@ def choose_ranks(cfg: ConvertConfig, todo: list[tuple[LayerRecord, LayerRule | N
 
 
 def from_conv_options(cfg: ConvertConfig, rec: LayerRecord, kernel: nn.Conv2d, calibrated: bool,
-                      covs: dict) -> dict[str, Any]:
+                      covs: dict, pixels: int | None = None) -> dict[str, Any]:
     """Keyword arguments of ``from_conv`` for one layer (both passes): for pw-dw-pw the CP solver's controls, with
     the fewer sweeps where calibration's alternating least squares will refit the layer (its depthwise conv reads
-    ``R·kh·kw`` values per pixel); with ``calib_whiten``, the layer's input moments."""
+    ``R·kh·kw`` values per pixel, and the layer's ``pixels`` calibration pixels are not scarce for the ``R``
+    inputs of its last 1×1 conv); with ``calib_whiten``, the layer's input moments."""
     extra: dict[str, Any] = {}
     if rec.method == "pw-dw-pw":
-        refitted = calibrated and als_runs(rec.rank * math.prod(kernel.kernel_size))
+        refitted = (calibrated and als_runs(rec.rank * math.prod(kernel.kernel_size))
+                    and not (pixels is not None and scarce(pixels, rec.rank)))
         extra.update(max_iter=cfg.cp_sweeps(refitted), tol=cfg.cp_tol, seed=cfg.seed)
     if cfg.calib_whiten and rec.name in covs:
         extra.update(cov=covs[rec.name], damp=cfg.calib_damp)
     return extra
+
+
+def _output_pixels(obs, name: str) -> int | None:
+    """Pixels of a layer's output over the whole calibration set (``None`` without calibration)."""
+    if obs is None or name not in obs.outputs:
+        return None
+    y = obs.outputs[name]  # (n, N, H, W)
+    return y.shape[0] * y[0, 0].numel()
 
 
 def _width_ok(cfg: ConvertConfig, rec: LayerRecord, costs: dict[str, ranks.LayerCost]):
@@ -715,6 +727,17 @@ def _width_ok(cfg: ConvertConfig, rec: LayerRecord, costs: dict[str, ranks.Layer
 
 def _join(a: str | None, b: str) -> str:
     return b if not a else a if b in a.split("; ") else f"{a}; {b}"
+
+
+def scarce_warning(records: Sequence[LayerRecord], samples: int, msgs: list[str]) -> None:
+    """Add a warning when calibration data was scarce for some layers (their notes say how it was handled)."""
+    names = [r.name for r in records if r.note and "scarce calibration data" in r.note]
+    if names:
+        msgs.append(f"the {samples} calibration sample(s) are few for {len(names)} layer(s) "
+                    f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}): fewer than {PIXELS_PER_INPUT} "
+                    "output pixels per input of their last 1×1 conv, so their refit was regularised by "
+                    "cross-validation or skipped, and their alternating least squares not run (each layer's note "
+                    "says which); more samples give better factors")
 
 
 def _warn(result: ConvertResult, msgs: list[str]) -> None:

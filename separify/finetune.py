@@ -99,7 +99,9 @@ class _Taps:
     def _hook(self, name: str, detach: bool):
         def hook(_mod, _args, output):
             if self.active and name not in self.out:
-                self.out[name] = output.detach() if detach else output
+                # a copy (differentiable for the student): the model may change its output in place afterwards
+                # (`out += identity`, ReLU(inplace=True)), and the feature is the module's output as it returned
+                self.out[name] = output.detach().clone() if detach else output.clone()
 
         return hook
 

@@ -72,8 +72,9 @@ from torch import nn
 
 from . import latency, measure
 from .api import (ConvertResult, LayerRecord, choose_ranks, from_conv_options, injected_timings, meet_latency,
-                  record_latency, _join, _warn)
-from .calibrate import PatchStatistics, PointwiseRefit, _accumulate, _Moments, als_fit, als_skip_reason, as_batches
+                  record_latency, scarce_warning, _join, _warn)
+from .calibrate import (PatchStatistics, PointwiseRefit, _accumulate, _Moments, _out_size, als_fit, als_skip_reason,
+                        as_batches)
 from .config import ConvertConfig, LayerRule
 from .decompose import check_weight, whiten
 from .errors import BadWeightsError, ConfigError, SeparifyError, first_line
@@ -357,6 +358,13 @@ def _torch_conv(node: ir.Node, weight_shape: Sequence[int], bias: bool, device="
     return cls(int(weight_shape[1]) * group, int(weight_shape[0]), tuple(int(k) for k in weight_shape[2:]),
                stride=tuple(_attr(node, "strides", [1] * dims)), dilation=tuple(_attr(node, "dilations", [1] * dims)),
                groups=group, bias=bias, device=device, dtype=dtype)
+
+
+def _output_hw(site: "OnnxConvSite", kernel: nn.Conv2d) -> int:
+    """Pixels of one output map of a checked site (its padded input through the unpadded ``kernel``)."""
+    h, w = _padded(site.input_shape, site.pads)[2:]
+    return (_out_size(h, kernel.kernel_size[0], kernel.stride[0], kernel.dilation[0])
+            * _out_size(w, kernel.kernel_size[1], kernel.stride[1], kernel.dilation[1]))
 
 
 def _padded(shape: Sequence[int], pads: Sequence[int]) -> tuple[int, ...]:
@@ -880,6 +888,7 @@ def convert_onnx(
             planner.save()
 
     # Decompose and rewrite.
+    calib_samples = sum(len(c) for c in _chunks(batches, fixed_batch)) if batches is not None else 0
     value_names = _taken_names(work)
     replaced: dict[str, tuple[SeparableConv2d, dict[str, ir.Value], np.dtype]] = {}
     items = [rec for rec, _ in todo if rec.rank is not None]
@@ -892,7 +901,9 @@ def convert_onnx(
         site = by_name[rec.name]
         cls = FORMS[rec.method]
         mod = cls.from_conv(kernels[rec.name], rec.rank,
-                            **from_conv_options(cfg, rec, kernels[rec.name], batches is not None, covs)).eval()
+                            **from_conv_options(cfg, rec, kernels[rec.name], batches is not None, covs,
+                                                calib_samples and calib_samples * _output_hw(site, kernels[rec.name]))
+                            ).eval()
         dtype = site.weight.dtype
         inits = _rewrite(work, site, mod, dtype, value_names)
         replaced[rec.name] = (mod, inits, dtype)
@@ -905,6 +916,7 @@ def convert_onnx(
     if batches is not None and replaced:
         _refit(original, work, replaced, batches, fixed_batch, cfg.calib_ridge, threads, {r.name: r for r in records},
                als=cfg.calib_als, seed=cfg.seed, pads={r.name: by_name[r.name].pads for r in items})
+        scarce_warning(records, calib_samples, rank_warnings)
 
     # The fastest layout that the latency objective chose (after the refit, as in the torch pass): padN widens a
     # pw-dw-pw replacement by zero terms; the graph's initializers and the depthwise group follow.
@@ -1073,12 +1085,18 @@ def _refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, ri
             p = list(pads[name])  # ONNX [top, left, bottom, right] → F.pad (left, right, top, bottom)
             for chunk in _chunks(batches, fixed):
                 y = torch.from_numpy(orig_sess.run([y_name], {input_name: chunk})[0]).float()
-                h = torch.from_numpy(conv_sess.run([h_name], {input_name: chunk})[0]).float()
                 if stats is None:
+                    skip = als_skip_reason(mod.conv_dw, pixels=samples * y[0, 0].numel(),
+                                           inputs=mod._last().in_channels)
+                    if skip:  # scarce data
+                        records[name].note = _join(records[name].note, skip)
+                        break
                     stats = PatchStatistics(mod.conv_dw, y.shape[1], samples * y[0, 0].numel(), seed=seed)
+                h = torch.from_numpy(conv_sess.run([h_name], {input_name: chunk})[0]).float()
                 stats.add(F.pad(h, (p[1], p[3], p[0], p[2])), y)
-            before = als_fit(mod.conv_dw, mod._last(), stats, iters=als, ridge=ridge)[0]  # on the sampled pixels
-            _update(inits, mod, dtype)
+            if stats is not None:
+                before = als_fit(mod.conv_dw, mod._last(), stats, iters=als, ridge=ridge)[0]  # on the sampled pixels
+                _update(inits, mod, dtype)
         conv_sess = session(_prefix(converted, [z_name]), threads=threads)  # after the update: z is the new one
         fit = PointwiseRefit(mod._last(), name, ridge=ridge)
         for chunk in _chunks(batches, fixed):
@@ -1086,6 +1104,8 @@ def _refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, ri
             z = conv_sess.run([z_name], {input_name: chunk})[0]
             fit.add(torch.from_numpy(z).float(), torch.from_numpy(y).float())
         res = fit.apply()
+        if res.note:
+            records[name].note = _join(records[name].note, res.note)
         _update(inits, mod, dtype)
         records[name].calib_error_before = res.error_before if before is None else before
         records[name].calib_error_after = res.error_after

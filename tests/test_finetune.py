@@ -242,3 +242,32 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     out = str(tmp_path / "ddp.pt")
     mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
     torch.testing.assert_close(torch.load(out), _params(single), rtol=1e-4, atol=1e-5)
+
+
+def test_feature_taps_keep_outputs_as_returned_despite_later_inplace_ops():
+    """torchvision's blocks add the shortcut and apply ReLU in place on a BN's output; a feature term must compare
+    the output the module returned, for the teacher (detached) and the student (with gradients)."""
+    from separify.finetune import _Taps
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            out = self.conv(x)
+            out += x
+            return torch.relu_(out)
+
+    model = Block()
+    x = torch.randn(2, 3, 6, 6)
+    for detach in (True, False):
+        taps = _Taps(model, ["conv"], detach=detach)
+        with taps.recording():
+            model(x)
+        (feature,) = taps.take()
+        taps.remove()
+        expected = model.conv(x)
+        assert (expected < 0).any()
+        torch.testing.assert_close(feature, expected, rtol=0, atol=0)
+        assert feature.requires_grad is not detach

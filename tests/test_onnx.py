@@ -285,6 +285,37 @@ def test_calibration_through_onnxruntime_matches_the_torch_path(method, rank):
     assert all(r.calib_error_after < r.calib_error_before for r in res.converted)
 
 
+def test_scarce_calibration_through_onnxruntime_is_cross_validated_as_in_torch():
+    """Two samples (288 pixels) for a dw-pw rank-3 layer (24 inputs and a bias: 800 pixels wanted): both passes
+    skip the alternating least squares, choose the refit's ridge by cross-validation over the two samples, and
+    give the same model."""
+    proto = _conv_graph([(16, (3, 3), {"pads": [1, 1, 1, 1]}, True)], in_shape=("N", 8, 12, 12))
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU()).eval()
+    inits = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer}
+    with torch.no_grad():
+        net[0].weight.copy_(inits["w0"])
+        net[0].bias.copy_(inits["b0"])
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(8, 2, generator=gen)
+    data = torch.einsum("cm,nmhw->nchw", mix, torch.randn(34, 2, 12, 12, generator=gen))
+    data = data + 0.05 * torch.randn(data.shape, generator=gen)
+    calib, held = data[:2], data[2:]
+    kw = dict(method="dw-pw", rank=3, calibration=calib)
+    with pytest.warns(UserWarning, match="calibration sample.*few"):
+        res = convert_onnx(proto, input_shapes=(1, 8, 12, 12), **kw)
+    with pytest.warns(UserWarning, match="calibration sample.*few"):
+        torch_res = separify.convert(net, example_inputs=calib[:1], **kw)
+    for r in (res.converted[0], torch_res.converted[0]):
+        assert "no ALS: scarce calibration data (288 pixels" in r.note
+        assert "2-fold cross-validation" in r.note or "cross-validation kept the factors" in r.note
+    assert res.converted[0].note == torch_res.converted[0].note
+    ref = OrtModule(load_onnx(proto))(held)
+    onnx_err = _rel(ref, OrtModule(res.model)(held))
+    assert onnx_err == pytest.approx(_rel(ref, torch_res.model(held).detach()), rel=1e-3)
+    plain = _rel(ref, OrtModule(convert_onnx(proto, input_shapes=(1, 8, 12, 12), method="dw-pw", rank=3).model)(held))
+    assert onnx_err <= plain
+
+
 @pytest.mark.parametrize("method,rank", [("dw-pw", 1), ("pw-dw-pw", 3)])
 def test_als_through_onnxruntime_beats_the_refit_alone_with_asymmetric_pads(method, rank):
     """The alternating least squares streams the depthwise conv's input from onnxruntime and pads it as the node
