@@ -4,8 +4,8 @@ Match → check → rewrite, as in onnxscript's rewriter rules:
 
 * **match** (:func:`match`): every ``Conv`` node of the main graph (default domain);
 * **check** (:func:`_check`): returns why a node cannot be converted — a 1-D/3-D conv, a grouped or depthwise conv,
-  a 1×1 kernel, a weight (or bias) that is computed in the graph, a graph input, or shared with another node — or
-  ``None``;
+  a 1×1 kernel, a weight (or bias) that is computed in the graph or a graph input, a weight shared with another
+  node (tied layers; a shared bias is fine: exporters merge equal constants) — or ``None``;
 * **rewrite** (:func:`_rewrite`): the node is replaced by ``Conv`` nodes with new initializers:
 
   - ``dw-pw``:    ``x → Conv(W_dw (M·K, 1, kh, kw), group=M, <spatial>) → Conv(W_pw (N, M·K, 1, 1), B) → y``
@@ -477,7 +477,10 @@ def _check(site: OnnxConvSite) -> str | None:
             return f"{what} {v.name!r} is a graph input (it can change at run time)"
         if _const(v) is None:
             return f"{what} {v.name!r} is computed in the graph (not an initializer or Constant)"
-        if len(v.uses()) > 1:
+        # a shared weight ties layers together (converting one would untie them); a shared bias is common and
+        # harmless: exporters merge equal constants (e.g. the zero biases of a freshly initialised network), and
+        # the rewrite writes new initializers, leaving the shared one to its other users
+        if what == "weight" and len(v.uses()) > 1:
             return f"{what} {v.name!r} is shared with {len(v.uses()) - 1} other node input(s)"
     weight = _const(w)
     if weight is None:
