@@ -458,10 +458,20 @@ def match(model: ir.Model) -> list[OnnxConvSite]:
     return sites
 
 
+def _through_identity(value: ir.Value) -> ir.Value:
+    """The value an ``Identity`` chain passes on (TorchScript's exporter merges equal initializers and feeds each
+    user through an ``Identity`` node of its own), or ``value`` itself."""
+    producer = value.producer()
+    while producer is not None and producer.op_type == "Identity" and producer.domain in ("", "ai.onnx"):
+        value = producer.inputs[0]
+        producer = value.producer()
+    return value
+
+
 def _const(value: ir.Value | None) -> np.ndarray | None:
     if value is None:
         return None
-    tensor = ir.convenience.get_const_tensor(value)
+    tensor = ir.convenience.get_const_tensor(_through_identity(value))
     return None if tensor is None else np.array(tensor.numpy())  # a writable copy
 
 
@@ -473,15 +483,16 @@ def _check(site: OnnxConvSite) -> str | None:
     for what, v in (("weight", w), ("bias", b)):
         if v is None:
             continue
-        if v.is_graph_input():
+        src = _through_identity(v)
+        if src.is_graph_input():
             return f"{what} {v.name!r} is a graph input (it can change at run time)"
         if _const(v) is None:
             return f"{what} {v.name!r} is computed in the graph (not an initializer or Constant)"
         # a shared weight ties layers together (converting one would untie them); a shared bias is common and
         # harmless: exporters merge equal constants (e.g. the zero biases of a freshly initialised network), and
         # the rewrite writes new initializers, leaving the shared one to its other users
-        if what == "weight" and len(v.uses()) > 1:
-            return f"{what} {v.name!r} is shared with {len(v.uses()) - 1} other node input(s)"
+        if what == "weight" and max(len(v.uses()), len(src.uses())) > 1:
+            return f"{what} {v.name!r} is shared with {max(len(v.uses()), len(src.uses())) - 1} other node input(s)"
     weight = _const(w)
     if weight is None:
         return "no weight input"
@@ -597,6 +608,12 @@ def _take_over_output(old: ir.Value, new: ir.Value, value_names: set[str]) -> No
 
 def _drop_if_unused(graph: ir.Graph, v: ir.Value | None) -> None:
     if v is None or v.uses() or v.is_graph_output():
+        return
+    producer = v.producer()
+    if producer is not None and producer.op_type == "Identity" and producer.graph is graph:
+        source = producer.inputs[0]
+        graph.remove(producer, safe=True)  # an Identity that only fed the replaced conv, then what it passed on
+        _drop_if_unused(graph, source)
         return
     if v.is_initializer():
         graph.initializers.pop(v.name, None)

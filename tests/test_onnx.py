@@ -242,24 +242,34 @@ def test_models_too_large_for_memory_stay_lazy(tmp_path, monkeypatch):
     assert _rel(_run(src, feeds)[0], _run(tmp_path / "out.onnx", feeds)[0]) < 1e-5
 
 
-def test_a_bias_shared_between_convs_does_not_block_them():
+@pytest.mark.parametrize("through_identity", [False, True], ids=["direct", "identity"])
+def test_a_bias_shared_between_convs_does_not_block_them(through_identity):
     """Exporters merge equal constants: the zero biases of a freshly initialised network become one initializer
-    used by many Conv nodes. Both convs are converted (exact at full rank); the other users keep the shared bias."""
+    used by many Conv nodes, directly or (TorchScript's exporter) each through an ``Identity`` node of its own. Both
+    3×3 convs are converted (exact at full rank); the 1×1 conv keeps the shared bias, and nothing is left unused."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((6, 4, 3, 3)).astype(np.float32), "w0"),
              numpy_helper.from_array(rng.standard_normal((6, 6, 3, 3)).astype(np.float32), "w1"),
              numpy_helper.from_array(rng.standard_normal((6, 6, 1, 1)).astype(np.float32), "w2"),
              numpy_helper.from_array(np.zeros(6, np.float32), "zeros")]
-    nodes = [helper.make_node("Conv", ["x", "w0", "zeros"], ["a"], name="c0", kernel_shape=[3, 3], pads=[1] * 4),
-             helper.make_node("Conv", ["a", "w1", "zeros"], ["b"], name="c1", kernel_shape=[3, 3], pads=[1] * 4),
-             helper.make_node("Conv", ["b", "w2", "zeros"], ["y"], name="c2", kernel_shape=[1, 1])]
+    nodes, bias = [], []
+    for i in range(3):
+        if through_identity:
+            nodes.append(helper.make_node("Identity", ["zeros"], [f"bias{i}"], name=f"id{i}"))
+        bias.append(f"bias{i}" if through_identity else "zeros")
+    nodes += [helper.make_node("Conv", ["x", "w0", bias[0]], ["a"], name="c0", kernel_shape=[3, 3], pads=[1] * 4),
+              helper.make_node("Conv", ["a", "w1", bias[1]], ["b"], name="c1", kernel_shape=[3, 3], pads=[1] * 4),
+              helper.make_node("Conv", ["b", "w2", bias[2]], ["y"], name="c2", kernel_shape=[1, 1])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 9, 9])], initializer=inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
     res = convert_onnx(proto, method="dw-pw", rank=10_000, require_saving=False)
     assert [r.name for r in res.converted] == ["c0", "c1"]
-    assert "zeros" in res.model.graph.initializers  # still used by the 1×1 conv
+    graph = res.model.graph
+    assert "zeros" in graph.initializers  # still used by the 1×1 conv
+    assert all(v.uses() for v in graph.initializers.values())
+    assert [n.name for n in graph if n.op_type == "Identity"] == (["id2"] if through_identity else [])
     feeds = {"x": np.random.default_rng(1).standard_normal((1, 4, 9, 9)).astype(np.float32)}
     assert _rel(_run(proto, feeds)[0], _run(res.model, feeds)[0]) < 1e-5
 
