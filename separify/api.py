@@ -735,9 +735,8 @@ def scarce_warning(records: Sequence[LayerRecord], samples: int, msgs: list[str]
     if names:
         msgs.append(f"the {samples} calibration sample(s) are few for {len(names)} layer(s) "
                     f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}): fewer than {PIXELS_PER_INPUT} "
-                    "output pixels per input of their last 1×1 conv, so their refit was regularised by "
-                    "cross-validation or skipped, and their alternating least squares not run (each layer's note "
-                    "says which); more samples give better factors")
+                    "output pixels per input channel of their last 1×1 conv. Their refit was regularised by "
+                    "cross-validation or skipped, as each layer's note says; more samples give better factors")
 
 
 def _warn(result: ConvertResult, msgs: list[str]) -> None:

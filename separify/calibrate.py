@@ -60,7 +60,8 @@ from .errors import SeparifyError
 from .measure import frozen_mode
 
 __all__ = ["LayerFit", "Observation", "PatchStatistics", "PointwiseRefit", "als_dw_pw", "als_fit", "als_skip_reason",
-           "als_runs", "as_batches", "observe", "refit_pointwise", "reuse_freed_memory", "scarce"]
+           "als_runs", "as_batches", "observe", "refit_pointwise", "reuse_freed_memory", "scarce",
+           "scarce_note"]
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)
@@ -350,6 +351,12 @@ PIXELS_PER_INPUT = 32  # fewer calibration pixels than this per input of a 1×1 
 _RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # relative ridges tried by cross-validation on scarce data
 
 
+def scarce_note(pixels: int, inputs: int) -> str:
+    """How scarce: the words the layer notes use."""
+    return (f"scarce calibration data ({pixels:,} pixels; {PIXELS_PER_INPUT * (inputs + 1):,} wanted for the "
+            f"{inputs:,} input channels of the last 1×1 conv)")
+
+
 def scarce(pixels: int, inputs: int) -> bool:
     """Whether ``pixels`` calibration pixels are too few to fit a 1×1 conv with ``inputs`` input channels (and a
     bias) by plain least squares: fewer than 32 per weight of one output channel. With fewer pixels than weights the
@@ -426,7 +433,7 @@ class PointwiseRefit:
         current factors (no refit) does best. For each fold ``f`` and ridge ``λ``, ``Δ_f = R_f (G_f + λI)⁻¹``
         (a Cholesky solve) and its error on the other fold ``g``,
         ``‖E_g‖² − 2 tr(Δ_f R_gᵀ) + tr(Δ_f G_g Δ_fᵀ)``, come from the statistics alone."""
-        ridges = sorted({self.ridge, *_RIDGES})  # the configured ridge is a candidate too
+        ridges = sorted({r for r in (self.ridge, *_RIDGES) if r > 0})  # the configured ridge is a candidate too
         totals = [0.0] * len(ridges)
         for f, g in ((0, 1), (1, 0)):
             gram = self.grams[f]
@@ -445,19 +452,21 @@ class PointwiseRefit:
         last, c = self.last, self.c
         gram, resid, e2 = self.grams[0] + self.grams[1], self.resids[0] + self.resids[1], sum(self.e2s)
         before = (e2 / max(self.y2, 1e-300)) ** 0.5
-        ridge, note = self.ridge, None
-        if scarce(self.pixels, c) and before > 1e-6:  # (a layer that already reproduces its data has nothing to fit)
-            what = (f"scarce calibration data ({self.pixels:,} pixels for {c + int(self.has_bias):,} inputs of the "
-                    "last 1×1 conv)")
-            if min(self.counts) == 0:
+        ridge, note, scale = self.ridge, None, float(gram.diagonal().mean().clamp_min(1e-30))
+        if scarce(self.pixels, c):
+            what = scarce_note(self.pixels, c)
+            if before <= 1e-6:
+                ridge, note = None, f"{what}: no refit (the layer already reproduces its data)"
+            elif min(self.counts) == 0:
                 ridge, note = None, f"{what}, one sample: no refit"
             else:
                 ridge = self._cross_validate()
                 note = (f"{what}: no refit (cross-validation kept the factors)" if ridge is None else
                         f"{what}: refit with ridge {ridge:g}, chosen by 2-fold cross-validation")
+                scale /= 2  # relative to one fold's Gram, as it was validated (G is the sum of both)
         if ridge is None:
             return LayerFit(self.name, before, before, self.pixels, note)
-        lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
+        lam = ridge * scale
         # ridge on Δ: directions the data never excites keep their current weights
         eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
         delta = _spd_solve(gram + lam * eye, resid.T).T
@@ -577,12 +586,16 @@ def refit_pointwise(
             if progress is not None:
                 progress(name)
             y = outputs[name]  # (n, N, H, W)
-            skip = als_skip_reason(mod.conv_dw, pixels=y.shape[0] * y[0, 0].numel(),
-                                   inputs=mod._last().in_channels) if als > 0 else None
+            pixels, inputs = y.shape[0] * y[0, 0].numel(), mod._last().in_channels
+            skip = als_skip_reason(mod.conv_dw, pixels=pixels, inputs=inputs) if als > 0 else None
             layer_als = 0 if skip else als
+            layer_steps = steps
+            if steps > 0 and scarce(pixels, inputs):  # Adam on every factor would overfit the few samples more
+                layer_steps = 0
+                skip = "; ".join(filter(None, (skip, f"no reconstruction: {scarce_note(pixels, inputs)}")))
             if skip:
                 notes[name] = skip
-            if steps > 0 or layer_als > 0:
+            if layer_steps > 0 or layer_als > 0:
                 x, y = args[0], outputs[name]
                 busy.add(name)  # the calls below run the replacement; its refit hook must wait for the real one
                 try:
@@ -593,8 +606,8 @@ def refit_pointwise(
                                                       seed=seed)[0]
                     else:  # the reconstruction starts from the refitted layer
                         first_error[name] = _solve(mod._last(), _last_input(mod, x), y, ridge, name).error_before
-                    if steps > 0:
-                        _reconstruct(mod, x, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+                    if layer_steps > 0:
+                        _reconstruct(mod, x, y, steps=layer_steps, lr=lr, batch_size=batch_size, seed=seed)
                 finally:
                     busy.discard(name)
 
@@ -659,7 +672,7 @@ def als_skip_reason(dw: nn.Conv2d, *, pixels: int | None = None, inputs: int | N
     if not als_runs(size):
         return f"no ALS: its depthwise conv reads {size:,} values per pixel (> {_ALS_MAX_CP:,})"
     if pixels is not None and inputs is not None and scarce(pixels, inputs):
-        return f"no ALS: scarce calibration data ({pixels:,} pixels, {PIXELS_PER_INPUT} per input wanted)"
+        return f"no ALS: {scarce_note(pixels, inputs)}"
     return None
 
 

@@ -73,8 +73,7 @@ from torch import nn
 from . import latency, measure
 from .api import (ConvertResult, LayerRecord, choose_ranks, from_conv_options, injected_timings, meet_latency,
                   record_latency, scarce_warning, _join, _warn)
-from .calibrate import (PatchStatistics, PointwiseRefit, _accumulate, _Moments, _out_size, als_fit, als_skip_reason,
-                        as_batches)
+from .calibrate import PatchStatistics, PointwiseRefit, _accumulate, _Moments, als_fit, als_skip_reason, as_batches
 from .config import ConvertConfig, LayerRule
 from .decompose import check_weight, whiten
 from .errors import BadWeightsError, ConfigError, SeparifyError, first_line
@@ -360,13 +359,6 @@ def _torch_conv(node: ir.Node, weight_shape: Sequence[int], bias: bool, device="
                groups=group, bias=bias, device=device, dtype=dtype)
 
 
-def _output_hw(site: "OnnxConvSite", kernel: nn.Conv2d) -> int:
-    """Pixels of one output map of a checked site (its padded input through the unpadded ``kernel``)."""
-    h, w = _padded(site.input_shape, site.pads)[2:]
-    return (_out_size(h, kernel.kernel_size[0], kernel.stride[0], kernel.dilation[0])
-            * _out_size(w, kernel.kernel_size[1], kernel.stride[1], kernel.dilation[1]))
-
-
 def _padded(shape: Sequence[int], pads: Sequence[int]) -> tuple[int, ...]:
     dims = len(pads) // 2
     return tuple(shape[:2]) + tuple(int(s) + pads[i] + pads[i + dims] for i, s in enumerate(shape[2:]))
@@ -458,14 +450,20 @@ def match(model: ir.Model) -> list[OnnxConvSite]:
     return sites
 
 
-def _through_identity(value: ir.Value) -> ir.Value:
-    """The value an ``Identity`` chain passes on (TorchScript's exporter merges equal initializers and feeds each
-    user through an ``Identity`` node of its own), or ``value`` itself."""
+def _identity_chain(value: ir.Value) -> list[ir.Value]:
+    """``value`` and the values an ``Identity`` chain passes it on from, source last (TorchScript's exporter merges
+    equal initializers and feeds each user through an ``Identity`` node of its own)."""
+    chain = [value]
     producer = value.producer()
     while producer is not None and producer.op_type == "Identity" and producer.domain in ("", "ai.onnx"):
-        value = producer.inputs[0]
-        producer = value.producer()
-    return value
+        chain.append(producer.inputs[0])
+        producer = chain[-1].producer()
+    return chain
+
+
+def _through_identity(value: ir.Value) -> ir.Value:
+    """The value an ``Identity`` chain passes on, or ``value`` itself."""
+    return _identity_chain(value)[-1]
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -491,8 +489,9 @@ def _check(site: OnnxConvSite) -> str | None:
         # a shared weight ties layers together (converting one would untie them); a shared bias is common and
         # harmless: exporters merge equal constants (e.g. the zero biases of a freshly initialised network), and
         # the rewrite writes new initializers, leaving the shared one to its other users
-        if what == "weight" and max(len(v.uses()), len(src.uses())) > 1:
-            return f"{what} {v.name!r} is shared with {max(len(v.uses()), len(src.uses())) - 1} other node input(s)"
+        others = max(len(u.uses()) for u in _identity_chain(v)) - 1
+        if what == "weight" and others > 0:
+            return f"{what} {v.name!r} is shared with {others} other node input(s)"
     weight = _const(w)
     if weight is None:
         return "no weight input"
@@ -909,6 +908,8 @@ def convert_onnx(
 
     # Decompose and rewrite.
     calib_samples = sum(len(c) for c in _chunks(batches, fixed_batch)) if batches is not None else 0
+    calib_pixels = _calibration_pixels(work, [by_name[r.name] for r, _ in todo if r.rank is not None], batches,
+                                       fixed_batch, calib_samples, threads) if calib_samples else {}
     value_names = _taken_names(work)
     replaced: dict[str, tuple[SeparableConv2d, dict[str, ir.Value], np.dtype]] = {}
     items = [rec for rec, _ in todo if rec.rank is not None]
@@ -922,8 +923,7 @@ def convert_onnx(
         cls = FORMS[rec.method]
         mod = cls.from_conv(kernels[rec.name], rec.rank,
                             **from_conv_options(cfg, rec, kernels[rec.name], batches is not None, covs,
-                                                calib_samples and calib_samples * _output_hw(site, kernels[rec.name]))
-                            ).eval()
+                                                calib_pixels.get(rec.name))).eval()
         dtype = site.weight.dtype
         inits = _rewrite(work, site, mod, dtype, value_names)
         replaced[rec.name] = (mod, inits, dtype)
@@ -935,7 +935,8 @@ def convert_onnx(
     # Calibration, then: refit every last 1×1 conv on the converted model's own inputs, layer by layer.
     if batches is not None and replaced:
         _refit(original, work, replaced, batches, fixed_batch, cfg.calib_ridge, threads, {r.name: r for r in records},
-               als=cfg.calib_als, seed=cfg.seed, pads={r.name: by_name[r.name].pads for r in items})
+               als=cfg.calib_als, seed=cfg.seed, pads={r.name: by_name[r.name].pads for r in items},
+               pixels=calib_pixels)
         scarce_warning(records, calib_samples, rank_warnings)
 
     # The fastest layout that the latency objective chose (after the refit, as in the torch pass): padN widens a
@@ -1069,6 +1070,18 @@ def _moments(original: ir.Model, sites: list[OnnxConvSite], kernels: Mapping[str
     return {n: a.result() for n, a in acc.items() if a.channel is not None}
 
 
+def _calibration_pixels(model: ir.Model, sites: Sequence[OnnxConvSite], batches: Sequence[torch.Tensor],
+                        fixed: int | None, samples: int, threads: int | None) -> dict[str, int]:
+    """Per site, the pixels of its output over all calibration samples, at the calibration data's own size (a model
+    with dynamic height and width may be calibrated at another size than it is converted at)."""
+    if not sites:
+        return {}
+    first = next(_chunks(batches, fixed))
+    shapes = _value_shapes(model, {graph_inputs(model)[0].name: first[:1] if fixed is None else first},
+                           [s.node.outputs[0].name for s in sites], threads)
+    return {s.name: samples * math.prod(shapes[s.node.outputs[0].name][2:]) for s in sites}
+
+
 def _prefix(model: ir.Model, outputs: Sequence[str]) -> ir.Model:
     """The part of ``model`` that computes ``outputs`` from the graph inputs (onnxruntime runs every node of a
     session, whatever outputs are asked for, so the refit runs only the prefix it needs)."""
@@ -1081,7 +1094,8 @@ def _prefix(model: ir.Model, outputs: Sequence[str]) -> ir.Model:
 
 
 def _refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, ridge, threads,
-           records: Mapping[str, LayerRecord], *, als: int = 0, seed: int = 0, pads=None) -> None:
+           records: Mapping[str, LayerRecord], *, als: int = 0, seed: int = 0, pads=None,
+           pixels: Mapping[str, int] | None = None) -> None:
     """Least-squares refit of every replacement's last 1×1 conv, layer by layer in graph order (module docstring):
     for each layer, onnxruntime runs the original model up to that layer's output and the converted model, with every
     earlier layer already refitted, up to the input of the layer's last 1×1 conv; the sums are streamed. With
@@ -1089,13 +1103,15 @@ def _refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, ri
     ``pads``) for :func:`~separify.calibrate.als_fit`, before the refit."""
     input_name = graph_inputs(original)[0].name
     samples = sum(len(c) for c in _chunks(batches, fixed))
+    pixels = pixels or {}  # per layer, its output pixels over the calibration set (for the scarce-data rule)
     for name, (mod, inits, dtype) in replaced.items():  # graph order
         # the replacement's output carries the original conv output's name: the same name in both models
         y_name = _output_name(inits)
         z_name = _last_input_name(inits)
         orig_sess = session(_prefix(original, [y_name]), threads=threads)
         before = None
-        skip = als_skip_reason(mod.conv_dw) if als > 0 else None
+        skip = als_skip_reason(mod.conv_dw, pixels=pixels.get(name), inputs=mod._last().in_channels) \
+            if als > 0 else None
         if skip:
             records[name].note = _join(records[name].note, skip)
         elif als > 0:
@@ -1105,18 +1121,12 @@ def _refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, ri
             p = list(pads[name])  # ONNX [top, left, bottom, right] → F.pad (left, right, top, bottom)
             for chunk in _chunks(batches, fixed):
                 y = torch.from_numpy(orig_sess.run([y_name], {input_name: chunk})[0]).float()
-                if stats is None:
-                    skip = als_skip_reason(mod.conv_dw, pixels=samples * y[0, 0].numel(),
-                                           inputs=mod._last().in_channels)
-                    if skip:  # scarce data
-                        records[name].note = _join(records[name].note, skip)
-                        break
-                    stats = PatchStatistics(mod.conv_dw, y.shape[1], samples * y[0, 0].numel(), seed=seed)
                 h = torch.from_numpy(conv_sess.run([h_name], {input_name: chunk})[0]).float()
+                if stats is None:
+                    stats = PatchStatistics(mod.conv_dw, y.shape[1], samples * y[0, 0].numel(), seed=seed)
                 stats.add(F.pad(h, (p[1], p[3], p[0], p[2])), y)
-            if stats is not None:
-                before = als_fit(mod.conv_dw, mod._last(), stats, iters=als, ridge=ridge)[0]  # on the sampled pixels
-                _update(inits, mod, dtype)
+            before = als_fit(mod.conv_dw, mod._last(), stats, iters=als, ridge=ridge)[0]  # on the sampled pixels
+            _update(inits, mod, dtype)
         conv_sess = session(_prefix(converted, [z_name]), threads=threads)  # after the update: z is the new one
         fit = PointwiseRefit(mod._last(), name, ridge=ridge)
         for chunk in _chunks(batches, fixed):

@@ -478,6 +478,13 @@ def test_cp_sweeps_default_to_fewer_when_the_calibration_refits_the_layer(monkey
     seen.clear()
     separify.convert(model, example_inputs=x[:1], method="pw-dw-pw", rank=6, calibration=x)
     assert seen == [25]
+    monkeypatch.undo()
+    monkeypatch.setattr(dec, "cp_decompose", recording)
+    # and so does a layer whose calibration data is scarce (no ALS there): 2 samples of 8×8 for 7 inputs
+    seen.clear()
+    with pytest.warns(UserWarning, match="calibration sample"):
+        separify.convert(model, example_inputs=x[:1], method="pw-dw-pw", rank=6, calibration=x[:2])
+    assert seen == [25]
     with pytest.raises(separify.ConfigError, match="cp_max_iter"):
         separify.ConvertConfig(cp_max_iter=-1)
 
@@ -631,3 +638,27 @@ def test_a_few_calibration_images_never_cost_accuracy():
     assert acc_fit >= acc_plain - 0.01, (acc_fit, acc_plain)
     notes = [r.note or "" for r in fitted.converted]
     assert any("scarce calibration data" in n for n in notes) and any("no ALS" in n for n in notes)
+
+
+def test_scarce_layer_that_already_reproduces_its_data_is_left_alone():
+    from separify.calibrate import PointwiseRefit
+
+    last = nn.Conv2d(64, 8, 1)
+    z = torch.randn(4, 64, 4, 4)
+    with torch.no_grad():
+        y = last(z)
+    weight = last.weight.detach().clone()
+    fit = PointwiseRefit(last, "layer")
+    fit.add(z, y)
+    res = fit.apply()
+    assert "already reproduces its data" in res.note and torch.equal(last.weight, weight)
+
+
+def test_reconstruction_is_skipped_where_data_is_scarce():
+    model = OneConv().eval()
+    x = _correlated_inputs(2, 16, 6)  # 72 pixels for a dw-pw rank-2 layer (32 inputs): scarce
+    with pytest.warns(UserWarning, match="calibration sample"):
+        res = separify.convert(model, example_inputs=x[:1], method="dw-pw", rank=2, calibration=x, calib_steps=50)
+    note = res.converted[0].note
+    assert "no ALS: scarce calibration data (72 pixels; 1,056 wanted for the 32 input channels" in note
+    assert "no reconstruction: scarce" in note

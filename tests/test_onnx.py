@@ -252,14 +252,16 @@ def test_a_bias_shared_between_convs_does_not_block_them(through_identity):
              numpy_helper.from_array(rng.standard_normal((6, 6, 3, 3)).astype(np.float32), "w1"),
              numpy_helper.from_array(rng.standard_normal((6, 6, 1, 1)).astype(np.float32), "w2"),
              numpy_helper.from_array(np.zeros(6, np.float32), "zeros")]
-    nodes, bias = [], []
+    nodes, bias, weight = [], [], []
     for i in range(3):
-        if through_identity:
+        if through_identity:  # the weights through an Identity of their own too
             nodes.append(helper.make_node("Identity", ["zeros"], [f"bias{i}"], name=f"id{i}"))
+            nodes.append(helper.make_node("Identity", [f"w{i}"], [f"w{i}_"], name=f"idw{i}"))
         bias.append(f"bias{i}" if through_identity else "zeros")
-    nodes += [helper.make_node("Conv", ["x", "w0", bias[0]], ["a"], name="c0", kernel_shape=[3, 3], pads=[1] * 4),
-              helper.make_node("Conv", ["a", "w1", bias[1]], ["b"], name="c1", kernel_shape=[3, 3], pads=[1] * 4),
-              helper.make_node("Conv", ["b", "w2", bias[2]], ["y"], name="c2", kernel_shape=[1, 1])]
+        weight.append(f"w{i}_" if through_identity else f"w{i}")
+    nodes += [helper.make_node("Conv", ["x", weight[0], bias[0]], ["a"], name="c0", kernel_shape=[3, 3], pads=[1] * 4),
+              helper.make_node("Conv", ["a", weight[1], bias[1]], ["b"], name="c1", kernel_shape=[3, 3], pads=[1] * 4),
+              helper.make_node("Conv", ["b", weight[2], bias[2]], ["y"], name="c2", kernel_shape=[1, 1])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 9, 9])], initializer=inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -269,9 +271,26 @@ def test_a_bias_shared_between_convs_does_not_block_them(through_identity):
     graph = res.model.graph
     assert "zeros" in graph.initializers  # still used by the 1×1 conv
     assert all(v.uses() for v in graph.initializers.values())
-    assert [n.name for n in graph if n.op_type == "Identity"] == (["id2"] if through_identity else [])
+    assert [n.name for n in graph if n.op_type == "Identity"] == (["id2", "idw2"] if through_identity else [])
+    assert "w0" not in graph.initializers and "w1" not in graph.initializers  # replaced, with their Identities
     feeds = {"x": np.random.default_rng(1).standard_normal((1, 4, 9, 9)).astype(np.float32)}
     assert _rel(_run(proto, feeds)[0], _run(res.model, feeds)[0]) < 1e-5
+
+
+def test_a_weight_tied_through_identity_nodes_stays_dense():
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Identity", ["w"], ["w_a"], name="id_a"),
+             helper.make_node("Identity", ["w_a"], ["w_b"], name="id_b"),
+             helper.make_node("Conv", ["x", "w_b"], ["a"], name="c0", kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Conv", ["a", "w_a"], ["y"], name="c1", kernel_shape=[3, 3], pads=[1] * 4)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 9, 9])], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    with pytest.warns(UserWarning, match="no layer was converted"):
+        res = convert_onnx(proto, method="dw-pw", rank=1)
+    assert all("shared with 1 other" in r.reason for r in res.layers)
 
 
 def test_dynamic_spatial_shape_needs_a_shape():
@@ -346,6 +365,27 @@ def test_scarce_calibration_through_onnxruntime_is_cross_validated_as_in_torch()
     assert onnx_err == pytest.approx(_rel(ref, torch_res.model(held).detach()), rel=1e-3)
     plain = _rel(ref, OrtModule(convert_onnx(proto, input_shapes=(1, 8, 12, 12), method="dw-pw", rank=3).model)(held))
     assert onnx_err <= plain
+
+
+def test_scarce_rule_counts_the_calibration_data_at_its_own_size(monkeypatch):
+    """A model with dynamic height and width, converted at 32×32 but calibrated on 4 samples of 6×6: 144 pixels
+    for a pw-dw-pw rank-6 layer (224 wanted): scarce, so no ALS and CP runs its full 25 sweeps."""
+    import separify.decompose as dec
+
+    seen = []
+    real = dec.cp_decompose
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["max_iter"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dec, "cp_decompose", recording)
+    proto = _conv_graph([(8, (3, 3), {"pads": [1, 1, 1, 1]}, True)], in_shape=("N", 8, "H", "W"))
+    with pytest.warns(UserWarning, match="calibration sample"):
+        res = convert_onnx(proto, input_shapes=(1, 8, 32, 32), method="pw-dw-pw", rank=6,
+                           calibration=torch.randn(4, 8, 6, 6))
+    assert seen == [25]
+    assert "no ALS: scarce calibration data (144 pixels" in res.converted[0].note
 
 
 @pytest.mark.parametrize("method,rank", [("dw-pw", 1), ("pw-dw-pw", 3)])
