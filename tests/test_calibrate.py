@@ -450,41 +450,29 @@ def test_als_is_skipped_with_a_note_where_its_statistics_would_be_too_large(monk
     assert rec.calib_error_after == pytest.approx(refit.converted[0].calib_error_after)  # the refit alone
 
 
-def test_cp_sweeps_default_to_fewer_when_the_calibration_refits_the_layer(monkeypatch):
+def test_cp_sweeps_default_to_fewer_when_the_calibration_refits_the_layer(monkeypatch, cp_sweeps):
     """``cp_max_iter=None``: 25 CP sweeps without calibration or with ``calib_als=0``, 5 when the ALS refits the
     depthwise and last 1×1 conv afterwards; an explicit value always wins."""
-    import separify.decompose as dec
-
-    seen = []
-    real = dec.cp_decompose
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs["max_iter"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dec, "cp_decompose", recording)
     model = OneConv().eval()
     x = _correlated_inputs(8, 16, 8)
     cases = [(dict(), 25), (dict(calibration=x), 5), (dict(calibration=x, calib_als=0), 25),
              (dict(calibration=x, cp_max_iter=7), 7)]
     for options, sweeps in cases:
-        seen.clear()
+        cp_sweeps.clear()
         separify.convert(model, example_inputs=x[:1], method="pw-dw-pw", rank=6, **options)
-        assert seen == [sweeps], (options, seen)
-    # a layer the alternating least squares skips for its size gets the full sweeps
+        assert cp_sweeps == [sweeps], (options, cp_sweeps)
+    # a layer whose calibration data is scarce (no ALS there) gets the full sweeps: 2 samples of 8×8 for 7 inputs
+    cp_sweeps.clear()
+    with pytest.warns(UserWarning, match="calibration sample"):
+        separify.convert(model, example_inputs=x[:1], method="pw-dw-pw", rank=6, calibration=x[:2])
+    assert cp_sweeps == [25]
+    # and so does a layer the alternating least squares skips for its size
     from separify import calibrate as cal
 
     monkeypatch.setattr(cal, "_ALS_MAX_CP", 6 * 9 - 1)  # rank 6 · 9 taps = 54 values per pixel: skipped
-    seen.clear()
+    cp_sweeps.clear()
     separify.convert(model, example_inputs=x[:1], method="pw-dw-pw", rank=6, calibration=x)
-    assert seen == [25]
-    monkeypatch.undo()
-    monkeypatch.setattr(dec, "cp_decompose", recording)
-    # and so does a layer whose calibration data is scarce (no ALS there): 2 samples of 8×8 for 7 inputs
-    seen.clear()
-    with pytest.warns(UserWarning, match="calibration sample"):
-        separify.convert(model, example_inputs=x[:1], method="pw-dw-pw", rank=6, calibration=x[:2])
-    assert seen == [25]
+    assert cp_sweeps == [25]
     with pytest.raises(separify.ConfigError, match="cp_max_iter"):
         separify.ConvertConfig(cp_max_iter=-1)
 

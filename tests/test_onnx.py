@@ -367,24 +367,14 @@ def test_scarce_calibration_through_onnxruntime_is_cross_validated_as_in_torch()
     assert onnx_err <= plain
 
 
-def test_scarce_rule_counts_the_calibration_data_at_its_own_size(monkeypatch):
+def test_scarce_rule_counts_the_calibration_data_at_its_own_size(cp_sweeps):
     """A model with dynamic height and width, converted at 32×32 but calibrated on 4 samples of 6×6: 144 pixels
     for a pw-dw-pw rank-6 layer (224 wanted): scarce, so no ALS and CP runs its full 25 sweeps."""
-    import separify.decompose as dec
-
-    seen = []
-    real = dec.cp_decompose
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs["max_iter"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dec, "cp_decompose", recording)
     proto = _conv_graph([(8, (3, 3), {"pads": [1, 1, 1, 1]}, True)], in_shape=("N", 8, "H", "W"))
     with pytest.warns(UserWarning, match="calibration sample"):
         res = convert_onnx(proto, input_shapes=(1, 8, 32, 32), method="pw-dw-pw", rank=6,
                            calibration=torch.randn(4, 8, 6, 6))
-    assert seen == [25]
+    assert cp_sweeps == [25]
     assert "no ALS: scarce calibration data (144 pixels" in res.converted[0].note
 
 
