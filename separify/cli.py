@@ -53,8 +53,9 @@ _THREADS = typer.Option(None, "--threads", help="CPU threads for timing (PyTorch
 _TIMING = typer.Option(True, "--timing/--no-timing", help="Time the whole models.")
 _ONNX = typer.Option(True, "--onnx/--no-onnx", help="Also export both models to ONNX and time them in ONNX Runtime.")
 _MIN_TIME = typer.Option(0.5, "--min-time", help="Seconds of timed runs per model (after warm-up); per layer a tenth.")
-_ARCH = typer.Option(None, "--arch", help="Architecture for a state dict, as package.module:callable (e.g. "
-                     "torchvision.models:resnet18).")
+_ARCH = typer.Option(None, "--arch", help="Architecture for a state dict, as package.module:callable, optionally with "
+                     "literal keyword arguments (e.g. torchvision.models:resnet18 or "
+                     "'torchvision.models:resnet18(num_classes=10)').")
 _PICKLE = typer.Option(False, "--allow-pickle", help="Allow loading a pickled module; this runs code from the file, "
                        "so only for files you trust.")
 _INPUT_SHAPE = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1,3,224,224 (default: stored with "

@@ -20,6 +20,8 @@ of images (:func:`load_image_folder`, needs ``pip install 'separify[images]'``).
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
 import os
 import pickle
@@ -27,7 +29,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -107,7 +109,33 @@ def _check_input_file(path: Path) -> None:
         raise ModelLoadError(f"{path}: empty file")
 
 
+def _arch_kwargs(arch: str) -> tuple[str, dict[str, Any]]:
+    """``"pkg.mod:fn(num_classes=10, width=0.5)"`` → ``("pkg.mod:fn", {"num_classes": 10, "width": 0.5})``.
+
+    Only keyword arguments with literal values (numbers, strings, booleans, None, tuples/lists/dicts of them) are
+    accepted: they are read with :func:`ast.literal_eval`, never executed."""
+    name, paren, rest = arch.partition("(")
+    if not paren:
+        return arch, {}
+    try:
+        call = ast.parse(f"f({rest}", mode="eval").body
+        if not isinstance(call, ast.Call) or not rest.rstrip().endswith(")"):
+            raise ValueError("not a call")
+        if call.args:
+            raise ValueError("positional arguments are not accepted")
+        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+        if None in kwargs:
+            raise ValueError("**kwargs are not accepted")
+    except (SyntaxError, ValueError) as exc:
+        raise ModelLoadError(f"--arch {arch!r}: its arguments must be keyword=literal pairs, e.g. "
+                             f"'torchvision.models:resnet18(num_classes=10)' ({exc})") from None
+    return name.strip(), kwargs
+
+
 def _import_arch(arch: str) -> Callable[[], nn.Module]:
+    """The callable named by ``arch`` (``package.module:callable``, optionally with literal keyword arguments:
+    ``package.module:callable(num_classes=10)``), bound to those arguments."""
+    arch, kwargs = _arch_kwargs(arch)
     module_name, sep, attr = arch.partition(":")
     if not sep or not module_name or not attr:
         raise ModelLoadError(f"--arch must look like 'package.module:callable' (e.g. torchvision.models:resnet18), got {arch!r}")
@@ -122,7 +150,7 @@ def _import_arch(arch: str) -> Callable[[], nn.Module]:
         obj = getattr(obj, part)
     if not callable(obj):
         raise ModelLoadError(f"--arch {arch!r} is not callable")
-    return obj
+    return functools.partial(obj, **kwargs) if kwargs else obj
 
 
 def _unwrap_state_dict(obj) -> dict[str, torch.Tensor] | None:
@@ -210,7 +238,9 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, allow_pickle
     shape_errors = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                     if k in own and own[k].shape != v.shape]
     if shape_errors:
-        raise ModelLoadError(f"{path} does not match --arch {arch!r}: shape mismatch for {_few(shape_errors)}")
+        hint = "" if "(" in arch else (f"; if the architecture takes arguments (e.g. another number of classes), "
+                                       f"pass them: --arch '{arch}(num_classes=...)'")
+        raise ModelLoadError(f"{path} does not match --arch {arch!r}: shape mismatch for {_few(shape_errors)}{hint}")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         parts = []

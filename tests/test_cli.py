@@ -157,6 +157,26 @@ def test_state_dict_needs_matching_arch(files, tmp_path):
     assert not out.exists()
 
 
+def test_arch_takes_literal_keyword_arguments(tmp_path):
+    """A fine-tuned torchvision network with its own number of classes: the head does not match the default
+    architecture, the message says how to pass arguments, and with them the state dict loads."""
+    from separify.errors import ModelLoadError
+    from separify.model_io import load_model
+
+    torch.manual_seed(0)
+    src = tmp_path / "net.pth"
+    torch.save(FashionResNet(widths=(8, 16, 32), num_classes=3).state_dict(), src)
+    _bad(None, src, "-o", tmp_path / "o.pt2", "--arch", ARCH, match=f"pass them: --arch '{ARCH}(num_classes=...)'")
+    loaded = load_model(src, arch="separify.embedded:FashionResNet(widths=(8, 16, 32), num_classes=3)")
+    assert loaded.model.fc.out_features == 3
+    for bad, match in [("separify.embedded:FashionResNet(3)", "positional"),
+                       ("separify.embedded:FashionResNet(num_classes=print('x'))", "keyword=literal"),
+                       ("separify.embedded:FashionResNet(num_classes=3", "keyword=literal"),
+                       ("separify.embedded:FashionResNet(**{'a': 1})", "keyword=literal")]:
+        with pytest.raises(ModelLoadError, match=match):
+            load_model(src, arch=bad)
+
+
 @pytest.mark.parametrize("args, match, code", [
     (["--rank", "0"], "rank must be a positive integer", 1),
     (["--rank", "-3"], "rank must be a positive integer", 1),
