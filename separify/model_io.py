@@ -119,7 +119,7 @@ def _arch_kwargs(arch: str) -> tuple[str, dict[str, Any]]:
         return arch, {}
     try:
         call = ast.parse(f"f({rest}", mode="eval").body
-        if not isinstance(call, ast.Call) or not rest.rstrip().endswith(")"):
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "f"):
             raise ValueError("not a call")
         if call.args:
             raise ValueError("positional arguments are not accepted")

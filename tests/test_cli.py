@@ -172,7 +172,8 @@ def test_arch_takes_literal_keyword_arguments(tmp_path):
     for bad, match in [("separify.embedded:FashionResNet(3)", "positional"),
                        ("separify.embedded:FashionResNet(num_classes=print('x'))", "keyword=literal"),
                        ("separify.embedded:FashionResNet(num_classes=3", "keyword=literal"),
-                       ("separify.embedded:FashionResNet(**{'a': 1})", "keyword=literal")]:
+                       ("separify.embedded:FashionResNet(**{'a': 1})", "keyword=literal"),
+                       ("separify.embedded:FashionResNet(num_classes=3)(widths=1)", "keyword=literal")]:
         with pytest.raises(ModelLoadError, match=match):
             load_model(src, arch=bad)
 
