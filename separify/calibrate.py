@@ -28,6 +28,13 @@ works in two passes over the data:
 3. Optionally (``calib_steps > 0``), in the same pass, each replacement is *reconstructed* before the forward moves
    on: a few hundred Adam steps on all of its factors against the same targets, then the least-squares refit again.
 
+Scarce data: with fewer calibration pixels than the last 1×1 conv has weights per output channel, the least-squares
+fit reproduces the data and fails elsewhere. Where a layer has fewer than :data:`PIXELS_PER_INPUT` pixels per
+input channel (:func:`scarce`), the refit's ridge is chosen by 2-fold cross-validation over even and odd samples
+(:class:`PointwiseRefit`), and the alternating least squares and the reconstruction are skipped; the layer's note
+says so. The kept outputs are copies: models such as torchvision's ResNets change a BatchNorm's output in place
+(``out += identity``, ``ReLU(inplace=True)``) after the hook has seen it.
+
 Speed: both passes (of the PyTorch path) run inside :func:`reuse_freed_memory`, a process-wide allocator setting. glibc hands every block above its mmap threshold (at most
 32 MiB by default) back to the kernel when it is freed, so each large activation of a forward pass is a fresh
 mapping whose pages fault in zeroed; at batch 64 at 224², a converted ResNet-50's forward took 7.2 s for it against
