@@ -51,12 +51,25 @@ class ConvSite:
     blocker: str | None = None
 
 
+class _ConvLeafTracer(fx.Tracer):
+    """torch.fx's tracer with every conv module kept as one call, subclasses of ``nn.Conv2d`` from other packages
+    included (the default tracer only keeps ``torch.nn``'s own modules whole). A subclass (timm's
+    ``ScaledStdConv2d``, ``Conv2dSame``) is then listed with the reason it is left alone, instead of vanishing into
+    functional calls, and its forward (e.g. padding computed from the input's shape) cannot break the trace."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _is_conv(m) or super().is_leaf_module(m, module_qualified_name)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace(model)``, or :class:`TraceFailed` with the first line of the tracer's error."""
+    """``torch.fx.symbolic_trace(model)`` with conv modules kept whole, or :class:`TraceFailed` with the first line of
+    the tracer's error."""
     if isinstance(model, fx.GraphModule):
         return model
     try:
-        return fx.symbolic_trace(model)
+        tracer = _ConvLeafTracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     except Exception as exc:  # symbolic tracing fails in many ways (TraceError, TypeError, RuntimeError, ...)
         raise TraceFailed(f"{type(exc).__name__}: {first_line(exc)}") from exc
 

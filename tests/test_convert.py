@@ -162,6 +162,31 @@ def test_grouped_and_depthwise_convs_are_skipped_with_reason():
     assert res.warnings and "no layer was converted" in res.warnings[0]
 
 
+class _StdConv(nn.Conv2d):
+    """A conv subclass from outside torch.nn, as timm's ScaledStdConv2d: its forward standardises the weight and calls
+    F.conv2d itself, with its padding computed from the input's shape (control flow the tracer cannot follow)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        pad = 1 if x.shape[-1] % 2 == 0 else 1  # a shape read: tracing through it would fail
+        return nn.functional.conv2d(x, w, self.bias, padding=pad)
+
+
+def test_conv_subclasses_are_listed_with_their_reason_and_kept():
+    """The tracer keeps every conv module whole: a subclass neither breaks the trace nor vanishes into functional
+    calls; it is listed, left alone with its reason, and the plain convs around it are converted on the fx path."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _StdConv(8, 8, 3), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 10, 10)
+    res = separify.convert(model, example_inputs=x[:1], method="dw-pw", rank=10_000, require_saving=False)
+    assert res.path == "fx"
+    reasons = {r.name: r.reason for r in res.layers}
+    assert reasons["2"] == "_StdConv subclasses nn.Conv2d and may change its forward; only plain nn.Conv2d is converted"
+    assert [r.name for r in res.converted] == ["0", "4"]
+    torch.testing.assert_close(res.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_exclusions_rules_and_records():
     model = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 32, 32)
