@@ -416,7 +416,7 @@ class PointwiseRefit:
         work = torch.float64 if z_all.dtype == torch.float64 else torch.float32
         dev = self.old.device
         old = self.old.to(work)
-        step = max(2, (1 << 24) // max(1, z_all[0].numel()))  # bound the pixel matrices
+        step = max(1, (1 << 24) // max(1, z_all[0].numel()))  # bound the pixel matrices
         for i in range(0, len(z_all), step):
             end = min(i + step, len(z_all))
             for fold in (0, 1):
@@ -603,7 +603,7 @@ def refit_pointwise(
             if skip:
                 notes[name] = skip
             if layer_steps > 0 or layer_als > 0:
-                x, y = args[0], outputs[name]
+                x = args[0]
                 busy.add(name)  # the calls below run the replacement; its refit hook must wait for the real one
                 try:
                     if layer_als > 0:  # starts with its own pointwise step: no refit first; the error before it

@@ -461,15 +461,10 @@ def _identity_chain(value: ir.Value) -> list[ir.Value]:
     return chain
 
 
-def _through_identity(value: ir.Value) -> ir.Value:
-    """The value an ``Identity`` chain passes on, or ``value`` itself."""
-    return _identity_chain(value)[-1]
-
-
 def _const(value: ir.Value | None) -> np.ndarray | None:
     if value is None:
         return None
-    tensor = ir.convenience.get_const_tensor(_through_identity(value))
+    tensor = ir.convenience.get_const_tensor(_identity_chain(value)[-1])
     return None if tensor is None else np.array(tensor.numpy())  # a writable copy
 
 
@@ -481,15 +476,15 @@ def _check(site: OnnxConvSite) -> str | None:
     for what, v in (("weight", w), ("bias", b)):
         if v is None:
             continue
-        src = _through_identity(v)
-        if src.is_graph_input():
+        chain = _identity_chain(v)
+        if chain[-1].is_graph_input():
             return f"{what} {v.name!r} is a graph input (it can change at run time)"
         if _const(v) is None:
             return f"{what} {v.name!r} is computed in the graph (not an initializer or Constant)"
         # a shared weight ties layers together (converting one would untie them); a shared bias is common and
         # harmless: exporters merge equal constants (e.g. the zero biases of a freshly initialised network), and
         # the rewrite writes new initializers, leaving the shared one to its other users
-        others = max(len(u.uses()) for u in _identity_chain(v)) - 1
+        others = max(len(u.uses()) for u in chain) - 1
         if what == "weight" and others > 0:
             return f"{what} {v.name!r} is shared with {others} other node input(s)"
     weight = _const(w)
@@ -1094,8 +1089,8 @@ def _prefix(model: ir.Model, outputs: Sequence[str]) -> ir.Model:
 
 
 def _refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, ridge, threads,
-           records: Mapping[str, LayerRecord], *, als: int = 0, seed: int = 0, pads=None,
-           pixels: Mapping[str, int] | None = None) -> None:
+           records: Mapping[str, LayerRecord], *, pixels: Mapping[str, int], als: int = 0, seed: int = 0,
+           pads=None) -> None:
     """Least-squares refit of every replacement's last 1×1 conv, layer by layer in graph order (module docstring):
     for each layer, onnxruntime runs the original model up to that layer's output and the converted model, with every
     earlier layer already refitted, up to the input of the layer's last 1×1 conv; the sums are streamed. With
@@ -1103,15 +1098,13 @@ def _refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, ri
     ``pads``) for :func:`~separify.calibrate.als_fit`, before the refit."""
     input_name = graph_inputs(original)[0].name
     samples = sum(len(c) for c in _chunks(batches, fixed))
-    pixels = pixels or {}  # per layer, its output pixels over the calibration set (for the scarce-data rule)
     for name, (mod, inits, dtype) in replaced.items():  # graph order
         # the replacement's output carries the original conv output's name: the same name in both models
         y_name = _output_name(inits)
         z_name = _last_input_name(inits)
         orig_sess = session(_prefix(original, [y_name]), threads=threads)
         before = None
-        skip = als_skip_reason(mod.conv_dw, pixels=pixels.get(name), inputs=mod._last().in_channels) \
-            if als > 0 else None
+        skip = als_skip_reason(mod.conv_dw, pixels=pixels.get(name), inputs=mod._last().in_channels) if als > 0 else None
         if skip:
             records[name].note = _join(records[name].note, skip)
         elif als > 0:
