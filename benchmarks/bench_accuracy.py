@@ -18,7 +18,7 @@ Models:
 For each model, form and global FLOPs target: the original accuracy; weight-space init (``convert`` without data);
 calibration-aware init (``calibration=``, the defaults: data-aware rank allocation, alternating least squares of
 each replacement's depthwise and last 1×1 conv on the layer's outputs, and the least-squares refit);
-that model after ``separify.finetune``; and tensorly-torch's ``FactorizedConv.from_conv(factorization="cp",
+that model after ``separify.tuning.finetune``; and tensorly-torch's ``FactorizedConv.from_conv(factorization="cp",
 implementation="mobilenet")`` at the same per-layer ranks as separify's weight-space pw-dw-pw (so the same FLOPs),
 if tensorly-torch is installed. A second table takes the calibrated pw-dw-pw model at FLOPs 0.5 apart (refit only,
 + data-aware ranks, + ALS, + whitened decomposition). Times are wall-clock on this machine.
@@ -40,8 +40,8 @@ from torch import nn
 
 import separify
 from _common import write_result
-from separify.embedded import load_default_model, load_eval_data, normalize
-from separify.measure import accuracy
+from separify.io.embedded import load_default_model, load_eval_data, normalize
+from separify.core.measure import accuracy
 
 warnings.filterwarnings("ignore")
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -138,7 +138,7 @@ def run(setup: dict, lines: list[str], *, finetune: bool, forms=("pw-dw-pw", "dw
             acc_ft, t_ft = "not run", ""
             if finetune:
                 t0 = time.perf_counter()
-                separify.finetune(cal.model, model, setup["tune"], epochs=setup.get("epochs", 1),
+                separify.tuning.finetune(cal.model, model, setup["tune"], epochs=setup.get("epochs", 1),
                                   lr=setup.get("lr", 1e-4), seed=0, class_dim=setup["class_dim"],
                                   temperature=setup.get("temperature", 4.0))
                 t_ft = f"{time.perf_counter() - t0:.0f}"
@@ -188,7 +188,7 @@ def longer_finetune(setup: dict, lines: list[str], n_images: int, *, lr: float =
                            calib_steps=calib_steps)
     acc_cal = evaluate(cal.model)
     t0 = time.perf_counter()
-    out = separify.finetune(cal.model, model, batches, epochs=1, lr=lr, seed=0, class_dim=setup["class_dim"],
+    out = separify.tuning.finetune(cal.model, model, batches, epochs=1, lr=lr, seed=0, class_dim=setup["class_dim"],
                             temperature=temperature, features=cal.feature_pairs(), feature_weight=feature_weight)
     dt = time.perf_counter() - t0
     cal.model.eval()

@@ -35,8 +35,8 @@ import torchvision
 
 import separify
 from _common import write_result
-from separify.decompose import cp_decompose
-from separify.measure import cpu_name
+from separify.core.decompose import cp_decompose
+from separify.core.measure import cpu_name
 
 warnings.filterwarnings("ignore")
 

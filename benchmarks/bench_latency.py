@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_result  # noqa: E402
 
 import separify  # noqa: E402
-from separify.embedded import load_default_model  # noqa: E402
-from separify.latency import LatencyTarget, measure_modules, time_model  # noqa: E402
-from separify.measure import cpu_name  # noqa: E402
-from separify.modules import DwPwConv2d  # noqa: E402
+from separify.io.embedded import load_default_model  # noqa: E402
+from separify.planning.latency import LatencyTarget, measure_modules, time_model  # noqa: E402
+from separify.core.measure import cpu_name  # noqa: E402
+from separify.core.modules import DwPwConv2d  # noqa: E402
 
 
 def _model(name: str):

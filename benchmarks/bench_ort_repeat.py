@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_result  # noqa: E402
 
 import separify  # noqa: E402
-from separify.embedded import load_default_model  # noqa: E402
-from separify.latency import LatencyTarget  # noqa: E402
-from separify.measure import cpu_name, export_onnx, time_onnxruntime  # noqa: E402
+from separify.io.embedded import load_default_model  # noqa: E402
+from separify.planning.latency import LatencyTarget  # noqa: E402
+from separify.core.measure import cpu_name, export_onnx, time_onnxruntime  # noqa: E402
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import torch
 
 import separify
 from _common import write_result
-from separify.measure import Timing, cpu_name
+from separify.core.measure import Timing, cpu_name
 
 warnings.filterwarnings("ignore")
 
@@ -35,7 +35,7 @@ SETTINGS = ({"method": "pw-dw-pw", "flops": 0.5}, {"method": "dw-pw", "flops": 0
 
 def _model(name: str, batch: int):
     if name == "embedded":
-        from separify.embedded import load_default_model, load_eval_data
+        from separify.io.embedded import load_default_model, load_eval_data
 
         x, _ = load_eval_data(limit=batch)
         return load_default_model().eval(), x[:1]

@@ -22,7 +22,7 @@ import torch
 import torchvision
 
 import separify
-from separify import embedded
+from separify.io import embedded
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402

@@ -6,10 +6,10 @@ Run from the repository root (``pip install -e '.[bench]'`` and Debian's ``fonts
 
 Each setting converts ddddocr's ``common.onnx`` recogniser afresh (``benchmarks/second_model.py``; calibration: 256
 rendered images, ``calib_steps`` layer-wise reconstruction steps on top) and fine-tunes it by distillation only
-(no labels) with ``separify.finetune``: learning rate ``LR`` (AdamW, cosine schedule to 0 over ``STEPS``),
+(no labels) with ``separify.tuning.finetune``: learning rate ``LR`` (AdamW, cosine schedule to 0 over ``STEPS``),
 temperature ``T``, feature-loss weight ``FW``, ``STEPS`` batches of 32 cycling through 9,600 other rendered images
 (300 steps = 1 epoch); ``:head`` freezes the LSTM/linear head. ``--ctc ALPHA`` adds the rendered strings as labels
-(CTC loss, ``separify.finetune(..., label_loss=)``), distillation weighted ``ALPHA``. Prints word accuracy on the
+(CTC loss, ``separify.tuning.finetune(..., label_loss=)``), distillation weighted ``ALPHA``. Prints word accuracy on the
 500 (``--eval N``) eval strings before and after (and every 300 steps of a longer run).
 """
 
@@ -65,7 +65,7 @@ def main() -> None:
                 _model.train()
 
         t0 = time.perf_counter()
-        separify.finetune(cal.model, model, batches, steps=steps, lr=float(lr), temperature=float(temperature),
+        separify.tuning.finetune(cal.model, model, batches, steps=steps, lr=float(lr), temperature=float(temperature),
                           features=cal.feature_pairs(), feature_weight=float(fw), class_dim=-1, seed=0,
                           callback=progress, **labelled)
         cal.model.eval()

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 import separify
-from separify.embedded import load_default_model, load_eval_data, normalize
-from separify.measure import accuracy
+from separify.io.embedded import load_default_model, load_eval_data, normalize
+from separify.core.measure import accuracy
 
 warnings.filterwarnings("ignore")
 
@@ -75,7 +75,7 @@ def embedded_on_cuda(data: Path, lines: list[str], record: dict, device: str = "
                                    calibration=x[:1000]).model
         sync()
         t0 = time.perf_counter()
-        out = separify.finetune(student, model, batches, epochs=1, lr=1e-4, seed=0, amp=amp)
+        out = separify.tuning.finetune(student, model, batches, epochs=1, lr=1e-4, seed=0, amp=amp)
         sync()
         dt = time.perf_counter() - t0
         student.eval()

@@ -13,7 +13,7 @@ python - <<'PY'
 import gzip, pathlib
 import numpy as np
 from PIL import Image
-from separify.embedded import CLASSES
+from separify.io.embedded import CLASSES
 src = pathlib.Path("/usr/share/datasets/fashion-mnist")
 images = np.frombuffer(gzip.open(src / "train-images-idx3-ubyte.gz").read(), np.uint8, offset=16).reshape(-1, 28, 28)
 labels = np.frombuffer(gzip.open(src / "train-labels-idx1-ubyte.gz").read(), np.uint8, offset=8)

@@ -6,7 +6,7 @@ Here the model is separify's embedded Fashion-MNIST network and the data is Debi
 
     python examples/convert_finetune_script.py [--flops 0.25] [--method dw-pw] [--feature-weight 1] [--out converted.pt2]
 
-Your own training loop instead of ``separify.finetune``: use ``separify.distillation_loss(student_logits,
+Your own training loop instead of ``separify.tuning.finetune``: use ``separify.distillation_loss(student_logits,
 teacher_logits, labels)`` as the loss, with the original model (eval mode, no gradients) as the teacher; add
 ``separify.feature_loss(student_features, teacher_features)`` over the layer pairs of ``result.feature_pairs()`` for a
 per-layer term.
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 import separify
-from separify.embedded import load_default_model, load_eval_data, normalize
-from separify.measure import accuracy
-from separify.model_io import save_model
+from separify.io.embedded import load_default_model, load_eval_data, normalize
+from separify.core.measure import accuracy
+from separify.io.models import save_model
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 
@@ -58,7 +58,7 @@ def main() -> None:
 
     # 3. distillation fine-tuning; rerunning with the same checkpoint resumes where it stopped
     batches = [(train_x[i : i + 128], train_y[i : i + 128]) for i in range(0, len(train_x), 128)]
-    run = separify.finetune(student, teacher, batches, epochs=1, lr=1e-4, checkpoint="finetune.ckpt",
+    run = separify.tuning.finetune(student, teacher, batches, epochs=1, lr=1e-4, checkpoint="finetune.ckpt",
                             features=result.feature_pairs(), feature_weight=args.feature_weight, progress=True)
     if run.stopped:
         print("fine-tuning stopped early:", run.stopped)

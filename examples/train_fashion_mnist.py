@@ -1,4 +1,4 @@
-"""Train the embedded default model (``separify.embedded.FashionResNet``) on Fashion-MNIST and write its assets.
+"""Train the embedded default model (``separify.io.embedded.FashionResNet``) on Fashion-MNIST and write its assets.
 
 What it does
     Trains FashionResNet on the 60k-image training split of Fashion-MNIST (SGD with Nesterov momentum 0.9, weight
@@ -10,7 +10,7 @@ What it does
     * ``<out-dir>/fashion_eval.npz``: the first ``--eval-count`` test images (uint8, (n, 28, 28)) and labels (uint8).
 
     Finally it checks that the float16 storage costs no accuracy: it compares the float32 model's accuracy on the
-    evaluation subset with that of the model read back through ``separify.embedded.load_default_model()`` and
+    evaluation subset with that of the model read back through ``separify.io.embedded.load_default_model()`` and
     ``load_eval_data()``.
 
 How to run (from the repository root)
@@ -41,8 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from separify import embedded
-from separify.embedded import EVAL_FILE, WEIGHTS_FILE, FashionResNet, load_default_model, load_eval_data, normalize
+from separify.io import embedded
+from separify.io.embedded import EVAL_FILE, WEIGHTS_FILE, FashionResNet, load_default_model, load_eval_data, normalize
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")

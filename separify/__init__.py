@@ -10,13 +10,13 @@ Public API::
     separify.reporting.print_report(rep)
 """
 
-from .api import ConvertResult, LayerRecord, convert
-from .config import ConvertConfig, LayerRule
-from .finetune import FinetuneResult, distillation_loss, feature_loss, finetune
-from .errors import BadWeightsError, ConfigError, ModelLoadError, SeparifyError, UnsupportedLayerError
-from .latency import LatencyTarget
-from .modules import DwPwConv2d, PwDwPwConv2d, SeparableConv2d
-from .reporting import Comparison, Report, compare, report
+from separify.pipeline import ConvertResult, LayerRecord, convert
+from separify.config import ConvertConfig, LayerRule
+from separify.tuning.finetune import FinetuneResult, distillation_loss, feature_loss, finetune
+from separify.errors import BadWeightsError, ConfigError, ModelLoadError, SeparifyError, UnsupportedLayerError
+from separify.config import LatencyTarget
+from separify.core.modules import DwPwConv2d, PwDwPwConv2d, SeparableConv2d
+from separify.reporting import Comparison, Report, compare, report
 
 __version__ = "0.1.0"
 

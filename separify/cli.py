@@ -17,12 +17,12 @@ import torch
 import typer
 from rich.console import Console
 
-from . import __version__
-from .api import convert as convert_model
-from .config import METHODS, ConvertConfig
-from .errors import SeparifyError, first_line
-from .finetune import check_temperature
-from .model_io import (ImagePreprocessing, atomic_write, check_output_path, is_onnx, load_image_folder,
+from separify import __version__
+from separify.pipeline import convert as convert_model
+from separify.config import METHODS, ConvertConfig
+from separify.errors import SeparifyError, first_line
+from separify.tuning.finetune import check_temperature
+from separify.io.models import (ImagePreprocessing, atomic_write, check_output_path, is_onnx, load_image_folder,
                        load_labeled_file, load_model, load_tensor_file, parse_shape, save_model)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make trained CNNs cheaper: replace dense "
@@ -218,7 +218,7 @@ def _latency_options(objective, target, budget, batch, dtype, channels_last, thr
         return {}
     if cache_path is not None and no_cache:
         raise SeparifyError("give --latency-cache or --no-latency-cache, not both")
-    from .latency import LatencyTarget
+    from separify.planning.latency import LatencyTarget
 
     return dict(objective="latency", latency=budget, margin=margin,
                 latency_cache=False if no_cache else (str(cache_path) if cache_path is not None else True),
@@ -273,7 +273,7 @@ def _load_original(console, model_path, arch, allow_pickle, input_shape, seed) -
     if model_path is None:
         if arch or allow_pickle:
             raise SeparifyError("--arch and --allow-pickle need a MODEL file")
-        from .embedded import load_default_model, load_eval_data
+        from separify.io.embedded import load_default_model, load_eval_data
 
         images, labels = load_eval_data()
         console.print(f"Embedded model: FashionResNet trained on Fashion-MNIST; accuracy on {len(images)} held-out "
@@ -303,7 +303,7 @@ def _preprocessing(original: _Original, folders, image_opts) -> ImagePreprocessi
     """How to turn image folders into inputs (``None`` when no folder is given; options without a folder: error)."""
     if any(p is not None and p.is_dir() for p in folders):
         if original.embedded:
-            from .embedded import MEAN, STD
+            from separify.io.embedded import MEAN, STD
 
             image_opts = dict(image_opts, mean=image_opts["mean"] or (MEAN,), std=image_opts["std"] or (STD,))
         first = original.inputs[0] if original.inputs and isinstance(original.inputs[0], torch.Tensor) else torch.empty(0)
@@ -360,7 +360,7 @@ class _Reporting:
         return x, y, what
 
     def run(self, console, original, converted, inputs, data, files=(None, None), device="cpu", fallback=False):
-        from .reporting import report
+        from separify.reporting import report
 
         x, y, what = data
         return report(original, converted, example_inputs=inputs, data=x, labels=y, data_name=what, device=device,
@@ -369,7 +369,7 @@ class _Reporting:
                       layer_min_run_time=self.min_time / 10, files=files, progress=True)
 
     def run_onnx(self, original, converted, shape, data, seed, result=None):
-        from .reporting import report_onnx
+        from separify.reporting import report_onnx
 
         x, y, what = data
         return report_onnx(original, converted, result=result, input_shapes=shape, data=x, labels=y, data_name=what,
@@ -378,8 +378,8 @@ class _Reporting:
 
     def emit(self, console, doc, title: str) -> None:
         """Write the JSON/HTML/PNG files asked for."""
-        from .html_report import write_html, write_png
-        from .reporting import write_json
+        from separify.reporting.html import write_html, write_png
+        from separify.reporting import write_json
 
         if self.json is not None:
             write_json(doc.to_dict(), self.json)
@@ -455,7 +455,7 @@ def _convert(model_path, output, cfg, input_shape, arch, allow_pickle, force, ca
     if not result.layers:
         raise SeparifyError("the model has no Conv2d layers; nothing to convert")
     if tune_data is not None:
-        from .finetune import finetune
+        from separify.tuning.finetune import finetune
 
         _finetune(console, tune, seed, *tune_data, run=lambda b, **kw: finetune(result.model, model, b, **kw))
         result.model.eval()
@@ -463,7 +463,7 @@ def _convert(model_path, output, cfg, input_shape, arch, allow_pickle, force, ca
         raise SeparifyError("--epochs, --steps and --checkpoint need --finetune DATA")
 
     if out.suffix.lower() == ".onnx":
-        from .measure import export_onnx
+        from separify.core.measure import export_onnx
 
         try:
             atomic_write(out, lambda tmp: export_onnx(result.model, inputs, tmp))
@@ -472,7 +472,7 @@ def _convert(model_path, output, cfg, input_shape, arch, allow_pickle, force, ca
     else:
         save_model(result.model, out, inputs)
     rep = reporting.run(console, model, result, inputs, eval_data, files=(model_path, out))
-    from .reporting import print_report
+    from separify.reporting import print_report
 
     print_report(rep, console)
     reporting.emit(console, rep, title=f"separify: {model_path or 'embedded model'} → {out}")
@@ -484,8 +484,8 @@ def _convert(model_path, output, cfg, input_shape, arch, allow_pickle, force, ca
 def _convert_onnx(model_path: Path, output: Path, cfg: ConvertConfig, input_shape, seed, calib, tune, image_opts,
                   reporting: _Reporting, force: bool) -> None:
     """``separify convert model.onnx -o out.onnx``: the ONNX pass, optional fine-tuning (onnx2torch), the report."""
-    from . import onnx_pass
-    from .reporting import print_report
+    from separify.backends.onnx import onnx_pass
+    from separify.reporting import print_report
 
     console = _console()
     out = check_output_path(output, inputs=(model_path,), force=force, suffixes=(".onnx",))
@@ -573,7 +573,7 @@ def report(
         eval_data = reporting.eval_data(console, original, prep)
         rep = reporting.run(console, original.model, loaded.model, original.inputs, eval_data,
                             files=(original_path, converted_path), device=device, fallback=fallback_cpu)
-        from .reporting import print_report
+        from separify.reporting import print_report
 
         print_report(rep, console)
         reporting.emit(console, rep, title=f"separify report: {original_path} → {converted_path}")
@@ -584,7 +584,7 @@ def report(
 def _load_onnx_original(console, model_path: Path, input_shape, seed):
     """The ONNX model, the input shape asked for (or ``None``), and a stand-in :class:`_Original` holding its example
     input (for the data options, which need the input's shape)."""
-    from .onnx_pass import example_feeds, load_onnx
+    from separify.backends.onnx.onnx_pass import example_feeds, load_onnx
 
     source = load_onnx(model_path)
     shape = parse_shape(input_shape) if input_shape else None
@@ -595,7 +595,7 @@ def _load_onnx_original(console, model_path: Path, input_shape, seed):
 
 
 def _report_onnx(console, original_path, converted_path, input_shape, seed, image_opts, reporting) -> None:
-    from .reporting import print_report
+    from separify.reporting import print_report
 
     if reporting.batch_size is not None:
         raise SeparifyError("--batch-size applies to PyTorch models; for ONNX give the whole shape with --input-shape")
@@ -638,7 +638,7 @@ def compare(
     """Convert one model at several settings and compare them: FLOPs, latency and accuracy trade-off (--html plots
     the curves)."""
     def work():
-        from .reporting import compare as compare_runs, print_comparison
+        from separify.reporting import compare as compare_runs, print_comparison
 
         console = _console()
         targets = _numbers(flops, "--flops", float)

@@ -7,16 +7,89 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
-from .errors import ConfigError
-from .latency import LatencyTarget
+import torch
+
+from separify.errors import ConfigError, SeparifyError
 
 __all__ = ["ConvertConfig", "LayerRule", "LatencyTarget", "METHODS", "OBJECTIVES"]
 
 METHODS = ("dw-pw", "pw-dw-pw")
 TRACERS = ("auto", "fx", "module")
 OBJECTIVES = ("flops", "latency")
+BACKENDS = ("cpu", "cuda", "onnxruntime")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CP_SWEEPS = 25  # CP-ALS sweeps (pw-dw-pw) by default
 CP_SWEEPS_BEFORE_ALS = 5  # ... when the calibration's alternating least squares refits the layer afterwards
+
+
+@dataclass(frozen=True)
+class LatencyTarget:
+    """Where and how the converted model will run; candidates are timed that way.
+
+    Attributes:
+        backend: ``"cpu"`` (PyTorch eager, ``torch.utils.benchmark``), ``"cuda"`` (PyTorch eager on the current
+            GPU, CUDA events) or ``"onnxruntime"`` (each candidate exported with ``torch.onnx.export`` and run in
+            ONNX Runtime's CPU execution provider).
+        batch_size: batch size to time at (default: the example input's).
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (PyTorch backends; float16 on CUDA only).
+        channels_last: time in the channels-last memory format (PyTorch backends).
+        threads: intra-op CPU threads (default: PyTorch's current setting).
+        min_run_time: seconds of timed calls per candidate, after warm-up.
+    """
+
+    backend: str = "cpu"
+    batch_size: int | None = None
+    dtype: str = "float32"
+    channels_last: bool = False
+    threads: int | None = None
+    min_run_time: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown latency target {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.backend == "onnxruntime" and (self.dtype != "float32" or self.channels_last):
+            raise ConfigError("the onnxruntime target times float32 models in their exported layout; --dtype and "
+                              "--channels-last apply to the cpu and cuda targets")
+        if self.backend == "cpu" and self.dtype == "float16":
+            raise ConfigError("float16 convolutions are for the cuda target; on cpu use float32 or bfloat16")
+        for name in ("batch_size", "threads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.min_run_time, bool) or not isinstance(self.min_run_time, (int, float)) \
+                or not self.min_run_time > 0:
+            raise ConfigError(f"min_run_time must be a positive number of seconds, got {self.min_run_time!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.backend == "cuda" else "cpu"
+
+    def describe(self, batch_size: int | None = None) -> str:
+        """E.g. ``"torch-cpu float32, batch 1, 2 threads"``."""
+        name = {"cpu": "torch-cpu", "cuda": "torch-cuda", "onnxruntime": "onnxruntime-cpu"}[self.backend]
+        parts = [f"{name} {self.dtype}" + (" channels-last" if self.channels_last else "")]
+        batch = self.batch_size or batch_size
+        if batch:
+            parts.append(f"batch {batch}")
+        if self.backend != "cuda":
+            parts.append(f"{self.threads or torch.get_num_threads()} threads")
+        return ", ".join(parts)
+
+    def check_available(self) -> None:
+        if self.backend == "cuda" and not torch.cuda.is_available():
+            raise SeparifyError("the latency target is cuda, but PyTorch sees no CUDA device here")
+        if self.backend == "onnxruntime":
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError:
+                raise SeparifyError("the onnxruntime target needs onnxruntime (pip install onnxruntime)") from None
+
 
 
 def _check_rank(value: Any, what: str) -> None:

@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture
 def cp_sweeps(monkeypatch) -> list:
     """The ``max_iter`` of every CP decomposition made while the test runs, in order."""
-    import separify.decompose as dec
+    import separify.core.decompose as dec
 
     seen: list = []
     real = dec.cp_decompose

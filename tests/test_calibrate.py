@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import separify
-from separify.calibrate import as_batches
+from separify.calibration import as_batches
 from separify.errors import SeparifyError
 
 
@@ -94,12 +94,12 @@ def test_as_batches_limits_and_unpacks():
 # ------------------------------------------------------------------------------------ input moments and whitening
 
 
-def _random_cov(m: int, p: int, seed: int) -> "separify.decompose.InputCovariance":
+def _random_cov(m: int, p: int, seed: int) -> "separify.core.decompose.InputCovariance":
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(m, p, p, generator=g, dtype=torch.float64)
     spatial = a @ a.transpose(1, 2) + 0.05 * torch.eye(p, dtype=torch.float64)  # anisotropic, well-posed
     c = torch.randn(m, m, generator=g, dtype=torch.float64)
-    return separify.decompose.InputCovariance(c @ c.T + 0.05 * torch.eye(m, dtype=torch.float64), spatial, 1)
+    return separify.core.decompose.InputCovariance(c @ c.T + 0.05 * torch.eye(m, dtype=torch.float64), spatial, 1)
 
 
 def _data_error(w: torch.Tensor, w_hat: torch.Tensor, sqrt_spatial: torch.Tensor) -> float:
@@ -111,7 +111,7 @@ def _data_error(w: torch.Tensor, w_hat: torch.Tensor, sqrt_spatial: torch.Tensor
 
 @pytest.mark.parametrize("rank", [1, 2, 4])
 def test_whitened_dwpw_minimises_the_output_error_per_channel(rank):
-    from separify import decompose as dec
+    from separify.core import decompose as dec
 
     w = torch.randn(8, 5, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     cov = _random_cov(5, 9, seed=4)
@@ -130,7 +130,7 @@ def test_whitened_dwpw_minimises_the_output_error_per_channel(rank):
 
 @pytest.mark.parametrize("method", ["dw-pw", "pw-dw-pw"])
 def test_whitened_decomposition_is_exact_at_full_rank(method):
-    from separify import decompose as dec
+    from separify.core import decompose as dec
 
     w = torch.randn(6, 4, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     cov = _random_cov(4, 6, seed=6)
@@ -144,7 +144,7 @@ def test_whitened_decomposition_is_exact_at_full_rank(method):
 
 
 def test_whitened_cp_fits_the_output_better_under_anisotropic_inputs():
-    from separify import decompose as dec
+    from separify.core import decompose as dec
 
     g = torch.Generator().manual_seed(7)
     w = torch.randn(16, 12, 3, 3, dtype=torch.float64, generator=g)
@@ -166,7 +166,7 @@ def test_whitened_cp_fits_the_output_better_under_anisotropic_inputs():
 def test_observed_moments_match_the_patches_the_conv_reads():
     """The moments come from F.pad + unfold; check them against patches extracted by a conv with one-hot filters
     and the same padding mode / 'same' padding / stride / dilation (torch's own conv padding logic)."""
-    from separify.calibrate import observe
+    from separify.calibration import observe
 
     conv = nn.Conv2d(3, 4, (2, 3), padding="same", padding_mode="reflect", dilation=(2, 1), bias=False).double()
     model = nn.Sequential(conv).eval()
@@ -188,7 +188,7 @@ def test_observed_moments_match_the_patches_the_conv_reads():
 
 def test_observation_in_small_forwards_gives_the_same_outputs_and_moments(monkeypatch):
     """One sample per forward (the pass splits large batches) changes nothing: same kept outputs, same moments."""
-    from separify import calibrate as cal
+    import separify.calibration as cal
 
     model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3, stride=2)).double().eval()
     x = torch.randn(6, 3, 10, 10, dtype=torch.float64)
@@ -205,7 +205,7 @@ def test_observation_in_small_forwards_gives_the_same_outputs_and_moments(monkey
 def test_patch_moments_from_a_sample_are_close_deterministic_and_exact_per_channel(monkeypatch):
     """Beyond ``_MOMENT_PATCHES`` patches in all, the spatial moments come from a seeded sample scaled to the full
     count: close to the exact ones, the same on every run; the channel moments still use every pixel."""
-    from separify import calibrate as cal
+    import separify.calibration as cal
 
     conv = nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", dilation=(1, 2), bias=False).double()
     model = nn.Sequential(conv).eval()
@@ -232,7 +232,7 @@ def test_patch_moments_from_a_sample_are_close_deterministic_and_exact_per_chann
 def test_freed_memory_is_reused_only_while_calibrating_and_settings_are_restored(monkeypatch):
     """The allocator thresholds are raised inside, set back and the heap trimmed on exit (also on an error); the
     user's own tuning (``MALLOC_MMAP_THRESHOLD_``) or ``SEPARIFY_MALLOPT=0`` switch it off."""
-    from separify import calibrate as cal
+    import separify.calibration as cal
 
     calls = []
 
@@ -347,8 +347,8 @@ ALS_CONFIGS = [
 
 @pytest.mark.parametrize("cfg", ALS_CONFIGS)
 def test_als_is_exact_at_full_rank_from_a_random_start(cfg):
-    from separify.calibrate import als_dw_pw
-    from separify.modules import DwPwConv2d
+    from separify.calibration import als_dw_pw
+    from separify.core.modules import DwPwConv2d
 
     torch.manual_seed(0)
     conv = nn.Conv2d(5, 7, **cfg).double()
@@ -369,8 +369,8 @@ def test_als_is_exact_at_full_rank_from_a_random_start(cfg):
 @pytest.mark.parametrize("cfg", ALS_CONFIGS[:4])
 @pytest.mark.parametrize("rank", [1, 2])
 def test_als_never_increases_the_output_error_and_reports_it_exactly(cfg, rank):
-    from separify.calibrate import als_dw_pw
-    from separify.modules import DwPwConv2d
+    from separify.calibration import als_dw_pw
+    from separify.core.modules import DwPwConv2d
 
     torch.manual_seed(1)
     conv = nn.Conv2d(6, 9, **cfg).double()
@@ -411,8 +411,8 @@ def test_calibration_with_als_beats_the_refit_alone(method, rank):
 
 
 def test_als_samples_pixels_deterministically_and_still_fits():
-    from separify.calibrate import als_dw_pw
-    from separify.modules import DwPwConv2d
+    from separify.calibration import als_dw_pw
+    from separify.core.modules import DwPwConv2d
 
     conv = nn.Conv2d(8, 12, 3, padding=1)
     x = _correlated_inputs(16, 8, 16)
@@ -438,7 +438,7 @@ def test_als_setting_is_checked():
 
 
 def test_als_is_skipped_with_a_note_where_its_statistics_would_be_too_large(monkeypatch):
-    import separify.calibrate as cal
+    import separify.calibration as cal
 
     monkeypatch.setattr(cal, "_ALS_MAX_CP", 100)  # 16 channels · 9 taps = 144 values per pixel: too many
     model = OneConv().eval()
@@ -467,7 +467,7 @@ def test_cp_sweeps_default_to_fewer_when_the_calibration_refits_the_layer(monkey
         separify.convert(model, example_inputs=x[:1], method="pw-dw-pw", rank=6, calibration=x[:2])
     assert cp_sweeps == [25]
     # and so does a layer the alternating least squares skips for its size
-    from separify import calibrate as cal
+    import separify.calibration as cal
 
     monkeypatch.setattr(cal, "_ALS_MAX_CP", 6 * 9 - 1)  # rank 6 · 9 taps = 54 values per pixel: skipped
     cp_sweeps.clear()
@@ -479,7 +479,7 @@ def test_cp_sweeps_default_to_fewer_when_the_calibration_refits_the_layer(monkey
 
 @pytest.mark.parametrize("d", [7, 1024, 1031], ids=lambda d: f"d{d}")
 def test_blocked_gram_equals_the_full_product(d):
-    from separify.calibrate import _gram
+    from separify.calibration import _gram
 
     u = torch.randn(300, d, dtype=torch.float64)
     torch.testing.assert_close(_gram(u), u.T @ u, rtol=1e-12, atol=1e-10)
@@ -504,7 +504,7 @@ class _InPlaceBlock(nn.Module):
 
 
 def test_kept_outputs_are_not_changed_by_later_inplace_ops():
-    from separify.calibrate import observe
+    from separify.calibration import observe
 
     model = _InPlaceBlock().eval()
     x = torch.randn(4, 6, 8, 8)
@@ -556,7 +556,7 @@ def _held_out_error(last, held):
 
 
 def test_scarce_data_refit_is_cross_validated_and_generalises(monkeypatch):
-    from separify import calibrate as cal
+    import separify.calibration as cal
 
     last, (z, y), held = _scarce_problem(4)  # 64 pixels for 65 inputs
     assert cal.scarce(64, 64)
@@ -579,7 +579,7 @@ def test_scarce_data_refit_is_cross_validated_and_generalises(monkeypatch):
 
 
 def test_scarce_data_statistics_stream_in_any_chunks():
-    from separify.calibrate import PointwiseRefit
+    from separify.calibration import PointwiseRefit
 
     last, (z, y), _ = _scarce_problem(7)
     last, z, y = last.double(), z.double(), y.double()
@@ -598,7 +598,7 @@ def test_scarce_data_statistics_stream_in_any_chunks():
 
 
 def test_one_scarce_sample_keeps_the_factors():
-    from separify.calibrate import PointwiseRefit
+    from separify.calibration import PointwiseRefit
 
     last, (z, y), _ = _scarce_problem(1)
     weight = last.weight.detach().clone()
@@ -612,7 +612,7 @@ def test_one_scarce_sample_keeps_the_factors():
 def test_a_few_calibration_images_never_cost_accuracy():
     """Two calibration images of the embedded model: before cross-validated refits, its accuracy fell from 0.926 to
     0.146 (pw-dw-pw, FLOPs 0.5); the layers with scarce data say so, and convert warns."""
-    from separify import embedded
+    from separify.io import embedded
 
     model = embedded.load_default_model().eval()
     x, labels = embedded.load_eval_data()
@@ -629,7 +629,7 @@ def test_a_few_calibration_images_never_cost_accuracy():
 
 
 def test_scarce_layer_that_already_reproduces_its_data_is_left_alone():
-    from separify.calibrate import PointwiseRefit
+    from separify.calibration import PointwiseRefit
 
     last = nn.Conv2d(64, 8, 1)
     z = torch.randn(4, 64, 4, 4)

@@ -15,9 +15,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from separify.cli import app
-from separify.embedded import FashionResNet, load_default_model
+from separify.io.embedded import FashionResNet, load_default_model
 
-ARCH = "separify.embedded:FashionResNet"
+ARCH = "separify.io.embedded:FashionResNet"
 SHAPE = "1,1,28,28"
 runner = CliRunner()
 
@@ -151,8 +151,8 @@ def test_state_dict_needs_matching_arch(files, tmp_path):
     src, out = files["state"], tmp_path / "o.pt2"
     _bad(None, src, "-o", out, match="pass --arch")
     _bad(None, src, "-o", out, "--arch", "no_such_package_xyz:net", match="cannot import 'no_such_package_xyz'")
-    _bad(None, src, "-o", out, "--arch", "separify.embedded:NoSuchNet", match="has no attribute 'NoSuchNet'")
-    _bad(None, src, "-o", out, "--arch", "separify.embedded", match="must look like")
+    _bad(None, src, "-o", out, "--arch", "separify.io.embedded:NoSuchNet", match="has no attribute 'NoSuchNet'")
+    _bad(None, src, "-o", out, "--arch", "separify.io.embedded", match="must look like")
     _bad(None, src, "-o", out, "--arch", "torchvision.models:resnet18", match="does not match --arch")
     assert not out.exists()
 
@@ -161,19 +161,19 @@ def test_arch_takes_literal_keyword_arguments(tmp_path):
     """A fine-tuned torchvision network with its own number of classes: the head does not match the default
     architecture, the message says how to pass arguments, and with them the state dict loads."""
     from separify.errors import ModelLoadError
-    from separify.model_io import load_model
+    from separify.io.models import load_model
 
     torch.manual_seed(0)
     src = tmp_path / "net.pth"
     torch.save(FashionResNet(widths=(8, 16, 32), num_classes=3).state_dict(), src)
     _bad(None, src, "-o", tmp_path / "o.pt2", "--arch", ARCH, match=f"pass them: --arch '{ARCH}(num_classes=...)'")
-    loaded = load_model(src, arch="separify.embedded:FashionResNet(widths=(8, 16, 32), num_classes=3)")
+    loaded = load_model(src, arch="separify.io.embedded:FashionResNet(widths=(8, 16, 32), num_classes=3)")
     assert loaded.model.fc.out_features == 3
-    for bad, match in [("separify.embedded:FashionResNet(3)", "positional"),
-                       ("separify.embedded:FashionResNet(num_classes=print('x'))", "keyword=literal"),
-                       ("separify.embedded:FashionResNet(num_classes=3", "keyword=literal"),
-                       ("separify.embedded:FashionResNet(**{'a': 1})", "keyword=literal"),
-                       ("separify.embedded:FashionResNet(num_classes=3)(widths=1)", "keyword=literal")]:
+    for bad, match in [("separify.io.embedded:FashionResNet(3)", "positional"),
+                       ("separify.io.embedded:FashionResNet(num_classes=print('x'))", "keyword=literal"),
+                       ("separify.io.embedded:FashionResNet(num_classes=3", "keyword=literal"),
+                       ("separify.io.embedded:FashionResNet(**{'a': 1})", "keyword=literal"),
+                       ("separify.io.embedded:FashionResNet(num_classes=3)(widths=1)", "keyword=literal")]:
         with pytest.raises(ModelLoadError, match=match):
             load_model(src, arch=bad)
 
@@ -245,7 +245,7 @@ def test_output_checks(files, tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr("separify.model_io.os.access",
+    monkeypatch.setattr("separify.io.models.os.access",
                         lambda p, mode: False if Path(p) == locked else real_access(p, mode))
     _bad(None, src, "-o", locked / "o.pt2", match="is not writable")
     assert _digest(src) == digest
@@ -260,14 +260,14 @@ def test_failed_write_leaves_no_partial_output(files, tmp_path, monkeypatch):
         Path(f).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("separify.model_io.torch.save", boom)
+    monkeypatch.setattr("separify.io.models.torch.save", boom)
     res = _run(files["state"], "-o", out, "--rank", "2", "--arch", ARCH, "--input-shape", SHAPE)
     assert res.exit_code == 1 and "disk full" in res.stderr
     assert list(tmp_path.iterdir()) == []
 
 
 def test_calibration_file(files, tmp_path):
-    from separify.embedded import load_eval_data
+    from separify.io.embedded import load_eval_data
 
     images, _ = load_eval_data(limit=64)
     calib = tmp_path / "calib.npy"
@@ -305,7 +305,7 @@ def test_bad_calibration_files(files, tmp_path):
 def test_finetune_from_the_command_line(files, tmp_path):
     import numpy as np
 
-    from separify.embedded import load_eval_data
+    from separify.io.embedded import load_eval_data
 
     images, labels = load_eval_data(limit=64)
     data = tmp_path / "tune.npz"
@@ -407,7 +407,7 @@ def test_calibration_image_folder_rgb_model(tmp_path):
 
 def test_outputs_get_a_normal_file_mode(tmp_path):
     """Atomic writes go through a private temporary file; the result must not stay private (0600)."""
-    from separify.model_io import atomic_write
+    from separify.io.models import atomic_write
 
     out = tmp_path / "r.json"
     atomic_write(out, lambda tmp: Path(tmp).write_text("{}"))

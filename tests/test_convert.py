@@ -14,7 +14,7 @@ from torch import fx, nn
 import separify
 from separify import ConvertConfig, DwPwConv2d, LayerRule, PwDwPwConv2d
 from separify.errors import BadWeightsError, ConfigError, SeparifyError
-from separify.modules import SeparableConv2d
+from separify.core.modules import SeparableConv2d
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -303,8 +303,8 @@ def test_config_from_dict():
 
 
 def test_embedded_default_model_converts_and_stays_accurate():
-    from separify.embedded import load_default_model, load_eval_data
-    from separify.measure import accuracy
+    from separify.io.embedded import load_default_model, load_eval_data
+    from separify.core.measure import accuracy
 
     model = load_default_model()
     images, labels = load_eval_data(limit=300)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from separify import DwPwConv2d, PwDwPwConv2d
-from separify import decompose as dec
+from separify.core import decompose as dec
 from separify.errors import BadWeightsError, ConfigError
 
 FORMS = {"dw-pw": DwPwConv2d, "pw-dw-pw": PwDwPwConv2d}

@@ -14,7 +14,7 @@ from torch import nn
 
 import separify
 from separify.errors import SeparifyError
-from separify.finetune import distillation_loss, finetune
+from separify.tuning.finetune import distillation_loss, finetune
 
 
 def _teacher(dropout: float = 0.1) -> nn.Module:
@@ -247,7 +247,7 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
 def test_feature_taps_keep_outputs_as_returned_despite_later_inplace_ops():
     """torchvision's blocks add the shortcut and apply ReLU in place on a BN's output; a feature term must compare
     the output the module returned, for the teacher (detached) and the student (with gradients)."""
-    from separify.finetune import _Taps
+    from separify.tuning.finetune import _Taps
 
     class Block(torch.nn.Module):
         def __init__(self):

@@ -12,8 +12,8 @@ from torch import nn
 import separify
 from separify.config import ConvertConfig
 from separify.errors import ConfigError
-from separify.latency import LatencyCache, LatencyTarget, LayerTimer, measure_modules, module_spec, rank_grid
-from separify.modules import DwPwConv2d, PwDwPwConv2d, SeparableConv2d
+from separify.planning.latency import LatencyCache, LatencyTarget, LayerTimer, measure_modules, module_spec, rank_grid
+from separify.core.modules import DwPwConv2d, PwDwPwConv2d, SeparableConv2d
 from timers import flops_timer as _flops_timer
 
 # (in, out, kernel, stride, padding, dilation, padding_mode, bias)
@@ -120,7 +120,7 @@ def test_layouts_train_and_export():
 def test_layouts_share_one_state_dict_and_calibration():
     """Every layout stores the same factors the same way: a state dict loads into any layout, and the
     least-squares refit (which hooks the last 1×1 conv) works on a model in any layout and keeps it."""
-    from separify.calibrate import refit_pointwise
+    from separify.calibration import refit_pointwise
 
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1)
@@ -284,7 +284,7 @@ def test_latency_budget_is_checked_on_the_whole_model():
                 out += layers([m], shape, target)
             else:  # a whole model
                 extra = 0.3 * sum(isinstance(s, SeparableConv2d) for s in m.modules())
-                out.append(separify.measure.count_flops(m, torch.zeros(shape)) / 1e6 + extra)
+                out.append(separify.core.measure.count_flops(m, torch.zeros(shape)) / 1e6 + extra)
         return out
 
     with warnings.catch_warnings():
@@ -306,7 +306,7 @@ def test_cache_round_trip(tmp_path, monkeypatch):
         calls.append([module_spec(m)["op"] for m in modules])
         return [1.0 + i for i in range(len(modules))]
 
-    monkeypatch.setattr("separify.latency.measure_modules", fake_measure)
+    monkeypatch.setattr("separify.planning.latency.measure_modules", fake_measure)
     timer = LayerTimer(target, cache=LatencyCache(path))
     first = timer.time(conv, PwDwPwConv2d, [8, 16], (1, 8, 12, 12))
     assert len(calls) == 1 and not path.exists()  # written on save only
@@ -345,9 +345,9 @@ def test_convert_uses_the_cache_on_the_second_run(tmp_path, monkeypatch):
         calls.append(len(modules))
         return real(modules, shape, target)
 
-    monkeypatch.setattr("separify.latency.measure_modules", fake_measure)
-    monkeypatch.setattr("separify.latency.time_model", lambda models, inputs, target, scale=1.0: [
-        separify.measure.Timing("torch-cpu", 1.0, 0.0, 1, 1, 1, 1) for _ in models])
+    monkeypatch.setattr("separify.planning.latency.measure_modules", fake_measure)
+    monkeypatch.setattr("separify.planning.latency.time_model", lambda models, inputs, target, scale=1.0: [
+        separify.core.measure.Timing("torch-cpu", 1.0, 0.0, 1, 1, 1, 1) for _ in models])
     path = tmp_path / "latency.json"
     first = separify.convert(net, example_inputs=x, objective="latency", latency_cache=str(path))
     n = len(calls)
@@ -361,15 +361,15 @@ def test_convert_uses_the_cache_on_the_second_run(tmp_path, monkeypatch):
 def test_a_slower_whole_model_reading_is_timed_again_before_the_warning(monkeypatch, second, slower):
     """The final check reads 1.2× the original's time; a second timing, three times as long, decides."""
     net, x = _net()
-    monkeypatch.setattr("separify.latency.measure_modules", _flops_timer())
+    monkeypatch.setattr("separify.planning.latency.measure_modules", _flops_timer())
     scales = []
 
     def fake_time_model(models, inputs, target, scale=1.0):
         scales.append(scale)
         after = 1.2 if len(scales) == 1 else second
-        return [separify.measure.Timing("torch-cpu", ms, 0.0, 1, 1, 1, 1) for ms in (1.0, after)]
+        return [separify.core.measure.Timing("torch-cpu", ms, 0.0, 1, 1, 1, 1) for ms in (1.0, after)]
 
-    monkeypatch.setattr("separify.latency.time_model", fake_time_model)
+    monkeypatch.setattr("separify.planning.latency.time_model", fake_time_model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = separify.convert(net, example_inputs=x, objective="latency", latency_cache=False)
@@ -399,7 +399,7 @@ def test_onnxruntime_target_times_float64_layers():
 
 def test_report_of_a_reloaded_pt2_with_layouts(tmp_path):
     """A .pt2 of a model in non-default layouts loads and reports (its layers' FLOPs may be unmeasurable)."""
-    from separify.model_io import load_model, save_model
+    from separify.io.models import load_model, save_model
 
     net, x = _net()
     res = separify.convert(net, example_inputs=x, method="dw-pw", rank=2, objective="latency", latency_cache=False,
@@ -471,7 +471,7 @@ def test_cuda_target_without_gpu_says_so():
 def test_onnx_input_takes_the_latency_objective_through_convert(tmp_path):
     """separify.convert hands an ONNX file to the ONNX pass with the timing function; the layers are timed as
     modules, the whole graphs as OrtModule (here: 1 ms for the original, 0.8 ms for the converted one)."""
-    from separify.onnx_pass import OrtModule
+    from separify.backends.onnx.onnx_pass import OrtModule
 
     net, x = _net()
     path = tmp_path / "m.onnx"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from separify import ranks
-from separify.ranks import LayerCost, allocate
+from separify.planning import ranks
+from separify.planning.ranks import LayerCost, allocate
 
 
 def _layer(name, dense, a, b, max_rank, decay):
@@ -80,7 +80,7 @@ def test_error_curves(method):
     floor = 1e-6 if method == "dw-pw" else 1e-3  # pw-dw-pw plans with float32 spectra: √(rounding) ≈ 1e-4 at rank max
     assert np.all(np.diff(e) <= 1e-12) and e[0] <= 1.0 and e[-1] < floor
     if method == "pw-dw-pw":  # a guaranteed bound: the actual fit is never worse
-        from separify.decompose import cp_decompose
+        from separify.core.decompose import cp_decompose
 
         for rank in (8, 20, 40):
             assert cp_decompose(w, rank).rel_error <= e[rank - 1] + 1e-6

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 import separify
 from separify.cli import app
 from separify.errors import SeparifyError
-from separify.html_report import render_html, write_png
-from separify.measure import (Timing, agreement, count_flops, module_flops, time_onnxruntime, time_torch,
+from separify.reporting.html import render_html, write_png
+from separify.core.measure import (Timing, agreement, count_flops, module_flops, time_onnxruntime, time_torch,
                               topk_accuracy, export_onnx)
 from separify.reporting import NotMeasured, print_report, schema
 
@@ -230,7 +230,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def saved_pair(tmp_path_factory):
     """The embedded model exported as a .pt2, and its conversion written by ``separify convert``."""
-    from separify.embedded import load_default_model, load_eval_data
+    from separify.io.embedded import load_default_model, load_eval_data
 
     folder = tmp_path_factory.mktemp("pair")
     x, _ = load_eval_data(limit=2)

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 import separify
-from separify.modules import SeparableConv2d
+from separify.core.modules import SeparableConv2d
 
 
 def flops_timer(slow_factor=1.0, favour=None, calls=None):
@@ -16,7 +16,7 @@ def flops_timer(slow_factor=1.0, favour=None, calls=None):
             calls.append(len(modules))
         out = []
         for m in modules:
-            ms = separify.measure.count_flops(m, torch.zeros(shape)) / 1e6
+            ms = separify.core.measure.count_flops(m, torch.zeros(shape)) / 1e6
             if isinstance(m, SeparableConv2d):
                 ms *= slow_factor
                 if favour is not None and m.layout == favour:
@@ -30,7 +30,7 @@ def flops_timer(slow_factor=1.0, favour=None, calls=None):
 def onnx_timer(slow_factor=1.0, favour=None, hidden_ms=0.0):
     """:func:`flops_timer` for layer candidates; whole ONNX graphs (``OrtModule``) by their ONNX FLOPs, plus
     ``hidden_ms`` per separable replacement (its depthwise node), a cost the layers alone do not show."""
-    from separify.onnx_pass import OrtModule, onnx_flops
+    from separify.backends.onnx.onnx_pass import OrtModule, onnx_flops
 
     layers = flops_timer(slow_factor, favour)
 

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import decompose as dec
-from .errors import ConfigError, UnsupportedLayerError
+from separify.core import decompose as dec
+from separify.errors import ConfigError, UnsupportedLayerError
 
 __all__ = ["SeparableConv2d", "DwPwConv2d", "PwDwPwConv2d", "FORMS", "register_form", "why_not_convertible"]
 

@@ -41,109 +41,39 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .errors import ConfigError, SeparifyError, first_line
-from .modules import SeparableConv2d
+from separify.config import BACKENDS, DTYPES, LatencyTarget
+from separify.core.measure import cpu_name
+from separify.errors import ConfigError, SeparifyError, first_line
+from separify.core.modules import SeparableConv2d
 
 __all__ = ["LatencyTarget", "LatencyCache", "Timer", "LayerTimes", "measure_modules", "time_model", "module_spec",
            "rank_grid", "BACKENDS", "DTYPES"]
 
-BACKENDS = ("cpu", "cuda", "onnxruntime")
 #: changes whenever what a cached time means changes (e.g. how ONNX Runtime layers are timed)
 TIMING_METHOD = ("layers-v3: torch interleaved; onnxruntime torchscript-export (split as Concat), no spinning, "
                  "minus a one-node run")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 #: ``timer(modules, input_shape, target) -> milliseconds per call of each module`` (input shape incl. the batch)
 Timer = Callable[[Sequence[nn.Module], tuple, "LatencyTarget"], list[float]]
 
 
-@dataclass(frozen=True)
-class LatencyTarget:
-    """Where and how the converted model will run; candidates are timed that way.
+def machine_key(target: LatencyTarget) -> dict:
+    """What identifies the timing environment in the cache: device, software versions, threads."""
+    key = {"backend": target.backend, "torch": torch.__version__, "dtype": target.dtype,
+           "channels_last": target.channels_last, "method": TIMING_METHOD}
+    if target.backend == "cuda":
+        key.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda",
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   cudnn_benchmark=torch.backends.cudnn.benchmark, cudnn_tf32=torch.backends.cudnn.allow_tf32,
+                   matmul_precision=torch.get_float32_matmul_precision())
+    else:
+        key.update(device=cpu_name(), cores=os.cpu_count(), threads=target.threads or torch.get_num_threads(),
+                   mkldnn=torch.backends.mkldnn.enabled)
+    if target.backend == "onnxruntime":
+        import onnxruntime
 
-    Attributes:
-        backend: ``"cpu"`` (PyTorch eager, ``torch.utils.benchmark``), ``"cuda"`` (PyTorch eager on the current
-            GPU, CUDA events) or ``"onnxruntime"`` (each candidate exported with ``torch.onnx.export`` and run in
-            ONNX Runtime's CPU execution provider).
-        batch_size: batch size to time at (default: the example input's).
-        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (PyTorch backends; float16 on CUDA only).
-        channels_last: time in the channels-last memory format (PyTorch backends).
-        threads: intra-op CPU threads (default: PyTorch's current setting).
-        min_run_time: seconds of timed calls per candidate, after warm-up.
-    """
-
-    backend: str = "cpu"
-    batch_size: int | None = None
-    dtype: str = "float32"
-    channels_last: bool = False
-    threads: int | None = None
-    min_run_time: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"unknown latency target {self.backend!r}; choose one of {', '.join(BACKENDS)}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.backend == "onnxruntime" and (self.dtype != "float32" or self.channels_last):
-            raise ConfigError("the onnxruntime target times float32 models in their exported layout; --dtype and "
-                              "--channels-last apply to the cpu and cuda targets")
-        if self.backend == "cpu" and self.dtype == "float16":
-            raise ConfigError("float16 convolutions are for the cuda target; on cpu use float32 or bfloat16")
-        for name in ("batch_size", "threads"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.min_run_time, bool) or not isinstance(self.min_run_time, (int, float)) \
-                or not self.min_run_time > 0:
-            raise ConfigError(f"min_run_time must be a positive number of seconds, got {self.min_run_time!r}")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def device(self) -> str:
-        return "cuda" if self.backend == "cuda" else "cpu"
-
-    def describe(self, batch_size: int | None = None) -> str:
-        """E.g. ``"torch-cpu float32, batch 1, 2 threads"``."""
-        name = {"cpu": "torch-cpu", "cuda": "torch-cuda", "onnxruntime": "onnxruntime-cpu"}[self.backend]
-        parts = [f"{name} {self.dtype}" + (" channels-last" if self.channels_last else "")]
-        batch = self.batch_size or batch_size
-        if batch:
-            parts.append(f"batch {batch}")
-        if self.backend != "cuda":
-            parts.append(f"{self.threads or torch.get_num_threads()} threads")
-        return ", ".join(parts)
-
-    def machine(self) -> dict:
-        """What identifies the timing environment in the cache: device, software versions, threads."""
-        from .measure import cpu_name
-
-        key = {"backend": self.backend, "torch": torch.__version__, "dtype": self.dtype,
-               "channels_last": self.channels_last, "method": TIMING_METHOD}
-        if self.backend == "cuda":
-            key.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda",
-                       cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                       cudnn_benchmark=torch.backends.cudnn.benchmark, cudnn_tf32=torch.backends.cudnn.allow_tf32,
-                       matmul_precision=torch.get_float32_matmul_precision())
-        else:
-            key.update(device=cpu_name(), cores=os.cpu_count(), threads=self.threads or torch.get_num_threads(),
-                       mkldnn=torch.backends.mkldnn.enabled)
-        if self.backend == "onnxruntime":
-            import onnxruntime
-
-            key["onnxruntime"] = onnxruntime.__version__
-        return key
-
-    def check_available(self) -> None:
-        if self.backend == "cuda" and not torch.cuda.is_available():
-            raise SeparifyError("the latency target is cuda, but PyTorch sees no CUDA device here")
-        if self.backend == "onnxruntime":
-            try:
-                import onnxruntime  # noqa: F401
-            except ImportError:
-                raise SeparifyError("the onnxruntime target needs onnxruntime (pip install onnxruntime)") from None
+        key["onnxruntime"] = onnxruntime.__version__
+    return key
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -165,7 +95,7 @@ def _input(shape: tuple, target: LatencyTarget) -> torch.Tensor:
 def _export_small(module: nn.Module, x: torch.Tensor, path: str) -> None:
     """Export one layer: the TorchScript exporter takes a fraction of a second for a few convs; the
     ``torch.export``-based one (``measure.export_onnx``) is the fallback."""
-    from .measure import export_onnx
+    from separify.core.measure import export_onnx
 
     try:
         with warnings.catch_warnings():
@@ -179,7 +109,7 @@ def measure_modules(modules: Sequence[nn.Module], input_shape: tuple, target: La
     """Median milliseconds per call of each of ``modules`` on an input of ``input_shape``, timed on ``target``
     in the same interleaved run (:mod:`separify.measure`). For ONNX Runtime, the cost of a session run itself
     (measured on a one-node graph) is subtracted."""
-    from .measure import time_onnxruntime, time_torch
+    from separify.core.measure import time_onnxruntime, time_torch
 
     if target.backend == "onnxruntime":
         # Every session run pays a fixed cost (binding the input, allocating the output) that a layer inside a
@@ -207,7 +137,7 @@ def time_model(models: Sequence[nn.Module], inputs: tuple, target: LatencyTarget
     """Whole-model :class:`~separify.measure.Timing` of each of ``models`` on ``target`` (interleaved, for ``scale`` ×
     20 × the target's ``min_run_time``, at least ``scale`` seconds), at the target's batch size (the inputs' first
     sample repeated) — the check of the sum-of-layers model."""
-    from .measure import export_onnx, frozen_mode, time_onnxruntime, time_torch
+    from separify.core.measure import export_onnx, frozen_mode, time_onnxruntime, time_torch
 
     inputs = tuple(_at_batch(t, target.batch_size) for t in inputs)
     run_time = scale * max(20 * target.min_run_time, 1.0)
@@ -294,7 +224,7 @@ class LatencyCache:
 
     @staticmethod
     def key(target: LatencyTarget, spec: dict, input_shape: tuple) -> str:
-        return json.dumps({"machine": target.machine(), "module": spec, "input": list(input_shape)}, sort_keys=True)
+        return json.dumps({"machine": machine_key(target), "module": spec, "input": list(input_shape)}, sort_keys=True)
 
     def get(self, key: str) -> float | None:
         value = self.entries.get(key)
@@ -312,7 +242,7 @@ class LatencyCache:
         """Write the new entries (merged into the file's current content) atomically."""
         if self.path is None or not self._new:
             return
-        from .model_io import atomic_write
+        from separify.io.models import atomic_write
 
         merged = self._read()
         merged.update(self._new)
@@ -462,7 +392,7 @@ class LatencyPlanner:
         """``{rank: (fastest layout, ms)}`` for the ranks measured faster than the dense conv by the margin; with
         none, ``rec.reason`` says what was measured. Sets ``rec.time_before_ms``. A layer called several times is
         timed at its first call's shape, times the number of calls."""
-        from .modules import FORMS
+        from separify.core.modules import FORMS
 
         times = self.timer.time(conv, FORMS[rec.method], ranks, input_shapes[0], example_batch=self.example_batch,
                                 width_ok=width_ok)

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, SeparifyError, first_line
+from separify.errors import ModelLoadError, SeparifyError, first_line
 
 __all__ = ["LoadedModel", "load_model", "save_model", "check_output_path", "atomic_write", "parse_shape",
            "load_tensor_file", "load_labeled_file", "load_image_folder", "ImagePreprocessing", "IMAGENET_MEAN",
@@ -189,7 +189,7 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, allow_pickle
             ep = torch.export.load(str(path))
         except Exception as exc:
             raise ModelLoadError(f"{path}: cannot load the torch.export program ({type(exc).__name__}: {exc})") from None
-        from .fx_pass import lift_aten_convs
+        from separify.backends.torch.fx_pass import lift_aten_convs
 
         gm = ep.module()
         lift_aten_convs(gm)

@@ -62,9 +62,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decompose import InputCovariance
-from .errors import SeparifyError
-from .measure import frozen_mode
+from separify.core.decompose import InputCovariance
+from separify.errors import SeparifyError
+from separify.core.measure import frozen_mode
 
 __all__ = ["LayerFit", "Observation", "PatchStatistics", "PointwiseRefit", "als_dw_pw", "als_fit", "als_skip_reason",
            "als_runs", "as_batches", "observe", "refit_pointwise", "reuse_freed_memory", "scarce",

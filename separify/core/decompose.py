@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import BadWeightsError, ConfigError
+from separify.errors import BadWeightsError, ConfigError
 
 __all__ = [
     "InputCovariance",

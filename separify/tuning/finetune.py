@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import SeparifyError
-from .measure import frozen_mode
-from .model_io import atomic_write
+from separify.errors import SeparifyError
+from separify.core.measure import frozen_mode
+from separify.io.models import atomic_write
 
 __all__ = ["distillation_loss", "feature_loss", "finetune", "FinetuneResult"]
 

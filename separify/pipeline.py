@@ -15,12 +15,15 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from . import fx_pass, latency, measure, ranks
-from .calibrate import PIXELS_PER_INPUT, als_runs, as_batches, observe, refit_pointwise, scarce
-from .config import ConvertConfig, LayerRule
-from .decompose import check_weight, whiten
-from .errors import BadWeightsError, SeparifyError, first_line
-from .modules import FORMS, why_not_convertible
+from separify.backends.torch import fx_pass
+from separify.planning import latency
+from separify.core import measure
+from separify.planning import ranks
+from separify.calibration import PIXELS_PER_INPUT, als_runs, as_batches, observe, refit_pointwise, scarce
+from separify.config import ConvertConfig, LayerRule
+from separify.core.decompose import check_weight, whiten
+from separify.errors import BadWeightsError, SeparifyError, first_line
+from separify.core.modules import FORMS, why_not_convertible
 
 __all__ = ["convert", "ConvertResult", "LayerRecord"]
 
@@ -217,7 +220,7 @@ def convert(
         config = (config or ConvertConfig()).replace(**options) if config else ConvertConfig(**options)
     cfg = config or ConvertConfig()
     if not isinstance(model, nn.Module) and _is_onnx(model):
-        from .onnx_pass import convert_onnx
+        from separify.backends.onnx.onnx_pass import convert_onnx
 
         shape = tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else None
         return convert_onnx(model, cfg, input_shapes=shape, calibration=calibration, progress=progress is True,
@@ -523,7 +526,7 @@ def record_latency(result: ConvertResult, planner, timings: Callable[[float], Se
 def _is_onnx(model: Any) -> bool:
     """An ONNX file (by content), an ``onnx.ModelProto`` or an ``onnx_ir.Model``."""
     if isinstance(model, (str, os.PathLike)):
-        from .model_io import is_onnx
+        from separify.io.models import is_onnx
 
         return is_onnx(model)
     import onnx

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from .errors import first_line
+from separify.errors import first_line
 
 __all__ = ["ConvSite", "TraceFailed", "trace", "match_fx", "match_modules", "bn_fold_reason", "rewrite_fx",
            "rewrite_modules", "lift_aten_convs"]

@@ -14,7 +14,7 @@ import io
 import os
 from typing import Callable
 
-from .reporting import Comparison, NotMeasured, Report, Timing
+from separify.reporting import Comparison, NotMeasured, Report, Timing
 
 __all__ = ["render_html", "write_html", "write_png"]
 
@@ -154,7 +154,7 @@ def write_png(doc: Report | Comparison, path: str | os.PathLike, *, dpi: int = 1
     """All plots of ``doc`` stacked in one PNG (for a README or a slide), written atomically."""
     from matplotlib.figure import Figure
 
-    from .model_io import atomic_write
+    from separify.io.models import atomic_write
 
     plots = _plots(doc)
     if not plots:
@@ -275,7 +275,7 @@ def write_html(doc: Report | Comparison, path: str | os.PathLike, *, title: str 
     """Write :func:`render_html` atomically."""
     from pathlib import Path
 
-    from .model_io import atomic_write
+    from separify.io.models import atomic_write
 
     text = render_html(doc, title=title)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -29,12 +29,12 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from .api import ConvertResult, LayerRecord
-from .errors import SeparifyError, first_line
-from .measure import (Timing, agreement, conv_input_shapes, count_flops, count_params, cpu_name, export_onnx,
+from separify.pipeline import ConvertResult, LayerRecord
+from separify.errors import SeparifyError, first_line
+from separify.core.measure import (Timing, agreement, conv_input_shapes, count_flops, count_params, cpu_name, export_onnx,
                       first_output, frozen_mode, module_flops, param_dtype, state_dict_bytes, time_onnxruntime,
                       time_torch, topk_accuracy)
-from .modules import SeparableConv2d
+from separify.core.modules import SeparableConv2d
 
 __all__ = ["Report", "ModelFigures", "Latency", "Quality", "LayerFigures", "NotMeasured", "report", "print_report",
            "report_onnx", "write_json", "SCHEMA", "SCHEMA_VERSION", "schema"]
@@ -212,7 +212,7 @@ def schema() -> dict[str, Any]:
 
 def write_json(doc: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write a report (or comparison) document atomically."""
-    from .model_io import atomic_write
+    from separify.io.models import atomic_write
 
     text = json.dumps(doc, indent=2, allow_nan=False, default=_json_default)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
@@ -355,7 +355,7 @@ def report_onnx(
     (:func:`separify.onnx_pass.pair_layers`); per-layer latency is not measured for ONNX models. ``result`` (the
     conversion's record) adds ranks, errors and reasons.
     """
-    from . import onnx_pass
+    from separify.backends.onnx import onnx_pass
 
     models = [onnx_pass.load_onnx(p) for p in (original, converted)]
     feeds = onnx_pass.example_feeds(models[0], input_shapes, seed=seed)
@@ -530,7 +530,7 @@ def _onnxruntime(original, converted, inputs, threads, min_run_time) -> Latency:
 
 
 def _environment(device: str, threads: int) -> dict[str, Any]:
-    from . import __version__
+    from separify import __version__
 
     env = {"separify": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": threads}
@@ -914,7 +914,7 @@ def compare(
     ``{"method": "dw-pw", "flops": 0.5}``) and :func:`report` each against the original with ``report_options``
     (per-layer timing is off unless ``per_layer=True`` is passed). ``on_result(label, result)`` is called after
     each conversion (e.g. to save the model)."""
-    from .api import convert
+    from separify.pipeline import convert
 
     if not settings:
         raise SeparifyError("compare() needs at least one setting")

@@ -70,15 +70,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import latency, measure
-from .api import (ConvertResult, LayerRecord, choose_ranks, from_conv_options, injected_timings, meet_latency,
+from separify.planning import latency
+from separify.core import measure
+from separify.pipeline import (ConvertResult, LayerRecord, choose_ranks, from_conv_options, injected_timings, meet_latency,
                   record_latency, scarce_warning, _join, _warn)
-from .calibrate import PatchStatistics, PointwiseRefit, _accumulate, _Moments, als_fit, als_skip_reason, as_batches
-from .config import ConvertConfig, LayerRule
-from .decompose import check_weight, whiten
-from .errors import BadWeightsError, ConfigError, SeparifyError, first_line
-from .latency import LatencyTarget
-from .modules import FORMS, SeparableConv2d, why_not_convertible
+from separify.calibration import PatchStatistics, PointwiseRefit, _accumulate, _Moments, als_fit, als_skip_reason, as_batches
+from separify.config import ConvertConfig, LayerRule
+from separify.core.decompose import check_weight, whiten
+from separify.errors import BadWeightsError, ConfigError, SeparifyError, first_line
+from separify.planning.latency import LatencyTarget
+from separify.core.modules import FORMS, SeparableConv2d, why_not_convertible
 
 __all__ = ["MIN_OPSET", "OnnxConvertResult", "OrtModule", "convert_onnx", "load_onnx", "save_onnx", "onnx_flops",
            "onnx_params", "initializer_bytes", "example_feeds", "session", "pair_layers", "import_torch", "finetune_onnx"]
@@ -1277,7 +1278,7 @@ def finetune_onnx(original: ir.Model, result: OnnxConvertResult, data: Any, **op
     wrote are trained (everything else is frozen, so that the graph can be kept as it is rather than re-exported);
     ``options`` go to :func:`separify.finetune` (``steps``/``epochs``, ``lr``, ``checkpoint``, ``seed``, ...).
     """
-    from .finetune import finetune
+    from separify.tuning.finetune import finetune
 
     fixed = _fixed_batch(original)
     if fixed is not None:

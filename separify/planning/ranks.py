@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import decompose as dec
+from separify.core import decompose as dec
 
 __all__ = ["LayerCost", "error_curve", "rank_for_energy", "allocate", "allocate_options", "Allocation"]
 
