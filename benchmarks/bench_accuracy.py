@@ -138,7 +138,7 @@ def run(setup: dict, lines: list[str], *, finetune: bool, forms=("pw-dw-pw", "dw
             acc_ft, t_ft = "not run", ""
             if finetune:
                 t0 = time.perf_counter()
-                separify.tuning.finetune(cal.model, model, setup["tune"], epochs=setup.get("epochs", 1),
+                separify.finetune(cal.model, model, setup["tune"], epochs=setup.get("epochs", 1),
                                   lr=setup.get("lr", 1e-4), seed=0, class_dim=setup["class_dim"],
                                   temperature=setup.get("temperature", 4.0))
                 t_ft = f"{time.perf_counter() - t0:.0f}"
@@ -188,7 +188,7 @@ def longer_finetune(setup: dict, lines: list[str], n_images: int, *, lr: float =
                            calib_steps=calib_steps)
     acc_cal = evaluate(cal.model)
     t0 = time.perf_counter()
-    out = separify.tuning.finetune(cal.model, model, batches, epochs=1, lr=lr, seed=0, class_dim=setup["class_dim"],
+    out = separify.finetune(cal.model, model, batches, epochs=1, lr=lr, seed=0, class_dim=setup["class_dim"],
                             temperature=temperature, features=cal.feature_pairs(), feature_weight=feature_weight)
     dt = time.perf_counter() - t0
     cal.model.eval()

@@ -9,7 +9,7 @@ Models:
 
 * ``ddddocr common.onnx`` (PyPI wheel ``ddddocr`` 1.6.1, MIT): the float32 text recogniser — a Fused-MBConv CNN
   backbone, a bidirectional LSTM and a linear layer; opset 12, batch fixed at 1, dynamic width (converted and timed
-  at 1×1×64×192). Converted *as the ONNX file*, LSTM and all, by ``separify.backends.onnx.onnx_pass.convert_onnx``. Quality: word
+  at 1×1×64×192). Converted *as the ONNX file*, LSTM and all, by ``separify.pipeline.convert_onnx``. Quality: word
   accuracy (greedy CTC) on the 500 rendered strings of ``benchmarks/second_model.py``, both models run by
   onnxruntime, and per-time-step top-1 agreement with the original. Calibration: 256 rendered images with other
   strings, captured through onnxruntime (no torch code).
@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_result  # noqa: E402
 
 from separify.core import measure  # noqa: E402
-from separify.backends.onnx.onnx_pass import OrtModule, convert_onnx, load_onnx, example_feeds  # noqa: E402
+from separify.backends.onnx import OrtModule, load_onnx, example_feeds  # noqa: E402
+from separify.pipeline import convert_onnx  # noqa: E402
 
 
 class _OcrRunner(torch.nn.Module):

@@ -9,7 +9,7 @@ rendered images, ``calib_steps`` layer-wise reconstruction steps on top) and fin
 (no labels) with ``separify.tuning.finetune``: learning rate ``LR`` (AdamW, cosine schedule to 0 over ``STEPS``),
 temperature ``T``, feature-loss weight ``FW``, ``STEPS`` batches of 32 cycling through 9,600 other rendered images
 (300 steps = 1 epoch); ``:head`` freezes the LSTM/linear head. ``--ctc ALPHA`` adds the rendered strings as labels
-(CTC loss, ``separify.tuning.finetune(..., label_loss=)``), distillation weighted ``ALPHA``. Prints word accuracy on the
+(CTC loss, ``separify.finetune(..., label_loss=)``), distillation weighted ``ALPHA``. Prints word accuracy on the
 500 (``--eval N``) eval strings before and after (and every 300 steps of a longer run).
 """
 
@@ -65,7 +65,7 @@ def main() -> None:
                 _model.train()
 
         t0 = time.perf_counter()
-        separify.tuning.finetune(cal.model, model, batches, steps=steps, lr=float(lr), temperature=float(temperature),
+        separify.finetune(cal.model, model, batches, steps=steps, lr=float(lr), temperature=float(temperature),
                           features=cal.feature_pairs(), feature_weight=float(fw), class_dim=-1, seed=0,
                           callback=progress, **labelled)
         cal.model.eval()

@@ -75,7 +75,7 @@ def embedded_on_cuda(data: Path, lines: list[str], record: dict, device: str = "
                                    calibration=x[:1000]).model
         sync()
         t0 = time.perf_counter()
-        out = separify.tuning.finetune(student, model, batches, epochs=1, lr=1e-4, seed=0, amp=amp)
+        out = separify.finetune(student, model, batches, epochs=1, lr=1e-4, seed=0, amp=amp)
         sync()
         dt = time.perf_counter() - t0
         student.eval()

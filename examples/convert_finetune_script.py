@@ -58,7 +58,7 @@ def main() -> None:
 
     # 3. distillation fine-tuning; rerunning with the same checkpoint resumes where it stopped
     batches = [(train_x[i : i + 128], train_y[i : i + 128]) for i in range(0, len(train_x), 128)]
-    run = separify.tuning.finetune(student, teacher, batches, epochs=1, lr=1e-4, checkpoint="finetune.ckpt",
+    run = separify.finetune(student, teacher, batches, epochs=1, lr=1e-4, checkpoint="finetune.ckpt",
                             features=result.feature_pairs(), feature_weight=args.feature_weight, progress=True)
     if run.stopped:
         print("fine-tuning stopped early:", run.stopped)

@@ -1,17 +1,26 @@
-"""Conversion settings: one frozen dataclass, validated on construction, with per-layer rules by name pattern."""
+"""Conversion settings: frozen dataclasses in sections, validated on construction, per-layer rules by name pattern.
+
+:class:`ConvertConfig` holds four sections (:class:`RankSelection`, :class:`Calibration`, :class:`LatencySettings`,
+:class:`CPSolver`) and the settings that concern the whole pass (exclude, rules, fold_bn, seed, tracer). The flat
+keyword names of earlier versions (``flops=0.5``, ``calib_limit=256``, ``margin=0.1``...) are accepted everywhere a
+config is built and mapped onto the sections (:data:`FLAT`). A TOML file with the same sections is read by
+:meth:`ConvertConfig.from_toml`.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from separify.errors import ConfigError, SeparifyError
 
-__all__ = ["ConvertConfig", "LayerRule", "LatencyTarget", "METHODS", "OBJECTIVES"]
+__all__ = ["ConvertConfig", "RankSelection", "Calibration", "LatencySettings", "CPSolver", "LayerRule", "LatencyTarget",
+           "METHODS", "OBJECTIVES", "FLAT"]
 
 METHODS = ("dw-pw", "pw-dw-pw")
 TRACERS = ("auto", "fx", "module")
@@ -111,6 +120,17 @@ def _check_method(value: Any) -> None:
         raise ConfigError(f"unknown method {value!r}; choose one of: {', '.join(METHODS)}")
 
 
+def _check_int(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{what} must be a non-negative integer, got {value!r}")
+
+
+def _check_number(value: Any, what: str, *, positive: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ConfigError(f"{what} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
+
+
 @dataclass(frozen=True)
 class LayerRule:
     """Settings for the layers whose qualified name matches ``pattern`` (``fnmatch`` syntax, e.g. ``layer4.*``).
@@ -138,93 +158,33 @@ class LayerRule:
         return fnmatch.fnmatchcase(name, self.pattern)
 
 
-@dataclass(frozen=True)
-class ConvertConfig:
-    """How :func:`separify.convert` chooses and builds the replacements.
+SELECTIONS = ("rank", "energy", "flops", "latency")
 
-    Rank selection (at most one of the four; with none, ``flops=0.5``):
+
+@dataclass(frozen=True)
+class RankSelection:
+    """Which form, and how its rank is chosen (at most one of the four; with none, ``flops=0.5``).
+
+    Attributes:
+        method: ``"pw-dw-pw"`` (CP form, the default: at equal FLOPs it keeps far more accuracy on trained
+            networks) or ``"dw-pw"`` (depthwise + pointwise, per-channel SVD).
         rank: one fixed rank for every layer (dw-pw: channel multiplier ``K``, clamped per layer to the exact rank
             ``min(out, kh·kw)``; pw-dw-pw: intermediate channels ``R``).
         energy: per layer, the smallest rank keeping this fraction of the kernel's energy ``‖W‖²``.
-        flops: keep this fraction of the whole model's FLOPs; ranks allocated across layers (see
-            :mod:`separify.ranks`).
-        latency: keep this fraction of the whole model's time measured on ``target`` (implies
+        flops: keep this fraction of the whole model's FLOPs; ranks allocated across layers
+            (:mod:`separify.planning.ranks`).
+        latency: keep this fraction of the whole model's time measured on the latency target (implies
             ``objective="latency"``); ranks allocated across layers by measured layer times.
-
-    Latency (see :mod:`separify.latency`):
-        objective: ``"flops"`` (the default: choose by FLOPs and decomposition error alone) or ``"latency"``: time
-            every candidate on ``target``, keep a layer dense unless a replacement is faster by ``margin``, use
-            each rank's fastest equivalent layout, and measure both whole models at the end.
-        target: a :class:`~separify.latency.LatencyTarget`, or just its backend name (``"cpu"``, ``"cuda"``,
-            ``"onnxruntime"``); default cpu.
-        margin: a replacement must be at least this fraction faster than the dense conv (default 0.05).
-        latency_cache: where measured layer times are kept: ``True`` for the default file
-            (:func:`separify.latency.default_cache_path`), a path, or ``False`` for none.
-
-    Other settings:
-        method: ``"pw-dw-pw"`` (CP form, the default: at equal FLOPs it keeps far more accuracy on trained networks)
-            or ``"dw-pw"`` (depthwise + pointwise, per-channel SVD).
-        exclude: name patterns of layers to leave dense.
-        rules: per-layer :class:`LayerRule` overrides, first match wins.
-        fold_bn: fold a BatchNorm2d (eval mode) that only follows a conv into that conv before decomposing.
-        require_saving: skip layers whose replacement would cost at least the dense conv's FLOPs (set False to
-            convert anyway, e.g. to check exactness at full rank).
-        cp_max_iter, cp_tol, seed: controls of the CP solver (pw-dw-pw). ``cp_max_iter=None`` (the default): 25
-            sweeps, or 5 for a layer that the alternating least squares will refit (calibration data given,
-            ``calib_als > 0``, and the layer not skipped by it for its size), since that refits the depthwise and
-            last 1×1 conv to the layer's outputs anyway: on both benchmark networks the calibrated accuracy did not
-            change (README, "Measured"), and a ResNet-50's conversion took about 8 s less.
-        calib_limit: at most this many calibration samples are used (when ``convert`` gets calibration data).
-        calib_ridge: relative ridge term of the least-squares refit.
-        calib_whiten: with calibration data, decompose the kernel whitened by its measured input moments (minimise
-            the predicted output error, :func:`separify.decompose.whiten`) instead of the weight error. Off by
-            default: it lowered accuracy after the refit on the OCR benchmark network (README, "Measured").
-        calib_damp: relative damping of that whitening (larger: closer to the weight-space factors).
-        calib_ranks: with calibration data and a FLOPs target, allocate ranks by the predicted output error of each
-            layer on that data (the whitened error curves) instead of the weight error.
-        calib_memory_gb: bound on the memory used to keep the original layers' outputs for the refit; calibration
-            stops with a clear error (use fewer samples) rather than exceed it.
-        calib_steps: with calibration data, after the least-squares refit, this many Adam steps (learning rate
-            ``calib_lr``, minibatches of 32 samples) on all factors of each replacement against the original layer's
-            outputs (layer-wise reconstruction; 0, the default, skips it). Costs ``calib_steps`` forward/backward
-            passes per layer; it is what makes very low ranks usable (README, "Measured").
-        calib_als: with calibration data, before the least-squares refit of each replacement, up to this many
-            iterations of alternating least squares fitting its depthwise conv and last 1×1 conv jointly to the
-            original layer's outputs (:func:`separify.calibrate.als_dw_pw`: closed-form steps from patch statistics
-            gathered once on at most 4,096 sampled pixels per layer; for pw-dw-pw the first 1×1 conv stays as
-            decomposed; layers whose depthwise conv reads over 8,192 values per pixel are skipped with a note; 0
-            turns it off). Both the torch and the ONNX paths. It is what makes dw-pw usable after calibration on
-            the OCR benchmark network (README, "Measured").
-        tracer: ``"auto"`` (torch.fx, falling back to the module tree), ``"fx"`` (fail if tracing fails) or
-            ``"module"`` (module tree only; keeps the model's own class, no BatchNorm folding).
+        require_saving: skip layers whose replacement would cost at least the dense conv's FLOPs (``False``
+            converts anyway, e.g. to check exactness at full rank).
     """
 
     method: str = "pw-dw-pw"
     rank: int | None = None
     energy: float | None = None
     flops: float | None = None
-    exclude: tuple[str, ...] = ()
-    rules: tuple[LayerRule, ...] = ()
-    fold_bn: bool = True
-    require_saving: bool = True
-    cp_max_iter: int | None = None
-    cp_tol: float = 1e-4
-    seed: int = 0
-    tracer: str = "auto"
-    calib_limit: int = 1000
-    calib_ridge: float = 1e-6
-    calib_whiten: bool = False
-    calib_damp: float = 0.01
-    calib_ranks: bool = True
-    calib_memory_gb: float = 4.0
-    calib_steps: int = 0
-    calib_als: int = 10
-    calib_lr: float = 1e-3
-    objective: str = "flops"
     latency: float | None = None
-    target: LatencyTarget | str | None = None
-    margin: float = 0.05
-    latency_cache: bool | str = True
+    require_saving: bool = True
 
     def __post_init__(self) -> None:
         _check_method(self.method)
@@ -232,75 +192,230 @@ class ConvertConfig:
         _check_fraction(self.energy, "energy")
         _check_fraction(self.flops, "the FLOPs target")
         _check_fraction(self.latency, "the latency target")
-        given = [n for n in ("rank", "energy", "flops", "latency") if getattr(self, n) is not None]
+        given = [n for n in SELECTIONS if getattr(self, n) is not None]
         if len(given) > 1:
             raise ConfigError(f"give only one of rank, energy, flops and latency (got {', '.join(given)})")
+        if not given:
+            object.__setattr__(self, "flops", 0.5)
+
+    @property
+    def kind(self) -> str:
+        """Which selection is active: ``"rank"``, ``"energy"``, ``"flops"`` or ``"latency"``."""
+        return next(n for n in SELECTIONS if getattr(self, n) is not None)
+
+    @property
+    def value(self) -> float | int:
+        """The active selection's value (the rank, energy, FLOPs or latency fraction)."""
+        return getattr(self, self.kind)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How calibration data (``convert(..., calibration=data)``) is used (:mod:`separify.calibration`).
+
+    Attributes:
+        limit: at most this many calibration samples are used.
+        ridge: relative ridge term of the least-squares refit of each replacement's last 1×1 conv.
+        whiten: decompose each kernel whitened by its measured input moments (minimise the predicted output error,
+            :func:`separify.core.decompose.whiten`) instead of the weight error. Off by default: on the OCR benchmark
+            network it lowered the accuracy after the refit.
+        damp: relative damping of that whitening (larger: closer to the weight-space factors).
+        ranks: with a FLOPs or latency allocation, allocate by each layer's predicted output error on the data
+            (the whitened error curves) instead of its weight error.
+        memory_gb: bound on the memory kept for the original layers' outputs; beyond it calibration stops with a
+            clear error (use fewer samples).
+        steps: after the refit, this many Adam steps (learning rate ``lr``, minibatches of 32 samples) on all
+            factors of each replacement against the original layer's outputs (layer-wise reconstruction; 0 skips
+            it). Costs ``steps`` forward/backward passes per layer; it makes very low ranks usable. PyTorch only.
+        als: before the refit, up to this many iterations of alternating least squares fitting each replacement's
+            depthwise conv and last 1×1 conv jointly to the original layer's outputs (closed-form steps from patch
+            statistics on at most 4,096 sampled pixels per layer; 0 turns it off).
+        lr: learning rate of the layer-wise reconstruction.
+    """
+
+    limit: int = 1000
+    ridge: float = 1e-6
+    whiten: bool = False
+    damp: float = 0.01
+    ranks: bool = True
+    memory_gb: float = 4.0
+    steps: int = 0
+    als: int = 10
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        # messages name the flat keywords (calib_limit...), which are also the CLI's option names
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit <= 0:
+            raise ConfigError(f"calib_limit must be a positive integer, got {self.limit!r}")
+        for name in ("ridge", "damp", "memory_gb"):
+            _check_number(getattr(self, name), f"calib_{name}")
+        if not self.memory_gb > 0:
+            raise ConfigError(f"calib_memory_gb must be positive, got {self.memory_gb!r}")
+        _check_int(self.steps, "calib_steps")
+        _check_int(self.als, "calib_als")
+        _check_number(self.lr, "calib_lr", positive=True)
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """Whether and where candidates are timed (:mod:`separify.planning.latency`).
+
+    Attributes:
+        objective: ``"flops"`` (choose by FLOPs and decomposition error alone) or ``"latency"``: time every
+            candidate on ``target``, keep a layer dense unless a replacement is faster by ``margin``, use each
+            rank's fastest equivalent layout, and time both whole models at the end.
+        target: a :class:`LatencyTarget`, a mapping of its fields, or its backend name (``"cpu"``, ``"cuda"``,
+            ``"onnxruntime"``); default cpu under the latency objective.
+        margin: a replacement must be at least this fraction faster than the dense conv.
+        cache: where measured layer times are kept: ``True`` for the default file
+            (:func:`separify.planning.latency.default_cache_path`), a path, or ``False`` for none.
+    """
+
+    objective: str = "flops"
+    target: LatencyTarget | str | Mapping | None = None
+    margin: float = 0.05
+    cache: bool | str | os.PathLike = True
+
+    def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.latency is not None:
-            object.__setattr__(self, "objective", "latency")
-        target = self.target
-        if isinstance(target, str):
-            target = LatencyTarget(target)
-        elif isinstance(target, Mapping):
-            try:
-                target = LatencyTarget(**dict(target))
-            except TypeError as exc:
-                raise ConfigError(f"bad latency target {dict(target)!r}: {exc}") from None
-        elif target is None and self.objective == "latency":
+        target = _as_target(self.target)
+        if target is None and self.objective == "latency":
             target = LatencyTarget()
-        if target is not None and not isinstance(target, LatencyTarget):
-            raise ConfigError(f"target must be a LatencyTarget or one of cpu, cuda, onnxruntime, got {target!r}")
         if target is not None and self.objective != "latency":
             raise ConfigError("a latency target needs objective='latency' (or a latency budget)")
         object.__setattr__(self, "target", target)
         if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not 0 <= self.margin < 1:
             raise ConfigError(f"margin must be a fraction in [0, 1), got {self.margin!r}")
-        if not isinstance(self.latency_cache, (bool, str, os.PathLike)):
-            raise ConfigError(f"latency_cache must be True, False or a path, got {self.latency_cache!r}")
-        if self.tracer not in TRACERS:
-            raise ConfigError(f"tracer must be one of {', '.join(TRACERS)}, got {self.tracer!r}")
-        if isinstance(self.exclude, str):
-            object.__setattr__(self, "exclude", (self.exclude,))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        object.__setattr__(self, "rules", tuple(self.rules))
-        for rule in self.rules:
-            if not isinstance(rule, LayerRule):
-                raise ConfigError(f"rules must be LayerRule objects, got {type(rule).__name__}")
-        if self.cp_max_iter is not None and (isinstance(self.cp_max_iter, bool) or not isinstance(self.cp_max_iter, int)
-                                             or self.cp_max_iter < 0):
-            raise ConfigError(f"cp_max_iter must be a non-negative integer or None, got {self.cp_max_iter!r}")
-        if isinstance(self.calib_limit, bool) or not isinstance(self.calib_limit, int) or self.calib_limit <= 0:
-            raise ConfigError(f"calib_limit must be a positive integer, got {self.calib_limit!r}")
-        for name in ("calib_ridge", "calib_damp", "calib_memory_gb"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
-        if isinstance(self.calib_steps, bool) or not isinstance(self.calib_steps, int) or self.calib_steps < 0:
-            raise ConfigError(f"calib_steps must be a non-negative integer, got {self.calib_steps!r}")
-        if isinstance(self.calib_als, bool) or not isinstance(self.calib_als, int) or self.calib_als < 0:
-            raise ConfigError(f"calib_als must be a non-negative integer, got {self.calib_als!r}")
-        if isinstance(self.calib_lr, bool) or not isinstance(self.calib_lr, (int, float)) or not self.calib_lr > 0:
-            raise ConfigError(f"calib_lr must be a positive number, got {self.calib_lr!r}")
-        if not self.calib_memory_gb > 0:
-            raise ConfigError(f"calib_memory_gb must be positive, got {self.calib_memory_gb!r}")
-        if not given:
-            object.__setattr__(self, "flops", 0.5)
+        if not isinstance(self.cache, (bool, str, os.PathLike)):
+            raise ConfigError(f"latency cache must be True, False or a path, got {self.cache!r}")
 
-    def cp_sweeps(self, refitted: bool) -> int:
-        """CP-ALS sweeps for a layer that calibration's alternating least squares will refit (``refitted``: data
-        given and the layer within its size bound; ``calib_als`` is checked here) or not (see ``cp_max_iter``)."""
-        if self.cp_max_iter is not None:
-            return self.cp_max_iter
-        return CP_SWEEPS_BEFORE_ALS if refitted and self.calib_als > 0 else CP_SWEEPS
+
+def _as_target(target: Any) -> LatencyTarget | None:
+    if isinstance(target, str):
+        return LatencyTarget(target)
+    if isinstance(target, Mapping):
+        try:
+            return LatencyTarget(**dict(target))
+        except TypeError as exc:
+            raise ConfigError(f"bad latency target {dict(target)!r}: {exc}") from None
+    if target is not None and not isinstance(target, LatencyTarget):
+        raise ConfigError(f"target must be a LatencyTarget or one of cpu, cuda, onnxruntime, got {target!r}")
+    return target
+
+
+@dataclass(frozen=True)
+class CPSolver:
+    """The CP-ALS solver of the pw-dw-pw form (:func:`separify.core.decompose.cp_decompose`).
+
+    Attributes:
+        max_iter: sweeps; ``None``: 25, or 5 for a layer that calibration's alternating least squares refits
+            afterwards (it refits the depthwise and last 1×1 conv to the layer's outputs anyway).
+        tol: relative change of the fit below which the sweeps stop.
+    """
+
+    max_iter: int | None = None
+    tol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.max_iter is not None and (isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int)
+                                          or self.max_iter < 0):
+            raise ConfigError(f"cp_max_iter must be a non-negative integer or None, got {self.max_iter!r}")
+        _check_number(self.tol, "cp_tol")
+
+
+#: flat keyword → (section, field): the flat names accepted by :class:`ConvertConfig` and ``separify.convert``
+FLAT: dict[str, tuple[str, str]] = {
+    **{n: ("ranks", n) for n in ("method", "rank", "energy", "flops", "latency", "require_saving")},
+    **{f"calib_{n}": ("calibration", n) for n in ("limit", "ridge", "whiten", "damp", "ranks", "memory_gb", "steps",
+                                                    "als", "lr")},
+    "objective": ("latency", "objective"), "target": ("latency", "target"), "margin": ("latency", "margin"),
+    "latency_cache": ("latency", "cache"),
+    "cp_max_iter": ("cp", "max_iter"), "cp_tol": ("cp", "tol"),
+}
+SECTIONS = {"ranks": RankSelection, "calibration": Calibration, "latency": LatencySettings, "cp": CPSolver}
+_TOP = ("exclude", "rules", "fold_bn", "seed", "tracer")
+
+
+@dataclass(frozen=True, init=False)
+class ConvertConfig:
+    """How :func:`separify.convert` chooses and builds the replacements.
+
+    Sections: ``ranks`` (:class:`RankSelection`), ``calibration`` (:class:`Calibration`), ``latency``
+    (:class:`LatencySettings`), ``cp`` (:class:`CPSolver`). Each may be given as its dataclass or a mapping of its
+    fields; flat keywords (:data:`FLAT`, e.g. ``flops=0.5``, ``calib_limit=256``, ``latency=0.6``) override them.
+
+    Whole-pass settings:
+        exclude: name patterns of layers to leave dense.
+        rules: per-layer :class:`LayerRule` overrides, first match wins (or a mapping pattern → rule fields).
+        fold_bn: fold a BatchNorm2d (eval mode) that only follows a conv into that conv before decomposing.
+        seed: seed of the CP solver and of random example inputs.
+        tracer: ``"auto"`` (torch.fx, falling back to the module tree), ``"fx"`` (fail if tracing fails) or
+            ``"module"`` (module tree only; keeps the model's own class, no BatchNorm folding).
+
+    A latency budget (``ranks.latency``) implies ``latency.objective == "latency"``.
+    """
+
+    ranks: RankSelection
+    calibration: Calibration
+    latency: LatencySettings
+    cp: CPSolver
+    exclude: tuple[str, ...]
+    rules: tuple[LayerRule, ...]
+    fold_bn: bool
+    seed: int
+    tracer: str
+
+    def __init__(self, *, ranks: RankSelection | Mapping | None = None, calibration: Calibration | Mapping | None = None,
+                 latency: LatencySettings | Mapping | float | None = None, cp: CPSolver | Mapping | None = None,
+                 exclude: str | tuple[str, ...] | list[str] = (), rules: Any = (), fold_bn: bool = True,
+                 seed: int = 0, tracer: str = "auto", **flat: Any) -> None:
+        if latency is not None and _is_budget("latency", latency):  # the flat latency budget
+            flat["latency"], latency = latency, None
+        unknown = sorted(set(flat) - set(FLAT))
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        given = {"ranks": ranks, "calibration": calibration, "latency": latency, "cp": cp}
+        by_section = {name: {f: v for k, v in flat.items() for s, f in [FLAT[k]] if s == name} for name in SECTIONS}
+        for name, cls in SECTIONS.items():
+            if name == "latency" and self.ranks.latency is not None:  # a latency budget implies the objective
+                by_section[name]["objective"] = "latency"
+            object.__setattr__(self, name, _section(cls, given[name], by_section[name]))
+        if tracer not in TRACERS:
+            raise ConfigError(f"tracer must be one of {', '.join(TRACERS)}, got {tracer!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed must be an integer, got {seed!r}")
+        object.__setattr__(self, "exclude", _patterns(exclude))
+        object.__setattr__(self, "rules", _rules(rules))
+        object.__setattr__(self, "fold_bn", bool(fold_bn))
+        object.__setattr__(self, "seed", seed)
+        object.__setattr__(self, "tracer", tracer)
+
+    # --- what the pipeline asks
 
     @property
     def selection(self) -> str:
         """Which rank selection is active: ``"rank"``, ``"energy"``, ``"flops"`` or ``"latency"``."""
-        for name in ("rank", "energy", "latency"):
-            if getattr(self, name) is not None:
-                return name
-        return "flops"
+        return self.ranks.kind
+
+    @property
+    def method(self) -> str:
+        return self.ranks.method
+
+    @property
+    def objective(self) -> str:
+        return self.latency.objective
+
+    @property
+    def target(self) -> LatencyTarget | None:
+        return self.latency.target
+
+    def cp_sweeps(self, refitted: bool) -> int:
+        """CP-ALS sweeps for a layer that calibration's alternating least squares will refit (``refitted``: data
+        given and the layer within its size bound; ``calibration.als`` is checked here) or not."""
+        if self.cp.max_iter is not None:
+            return self.cp.max_iter
+        return CP_SWEEPS_BEFORE_ALS if refitted and self.calibration.als > 0 else CP_SWEEPS
 
     def rule_for(self, name: str) -> LayerRule | None:
         """The first rule whose pattern matches ``name``, with ``exclude`` patterns turned into rules."""
@@ -312,31 +427,139 @@ class ConvertConfig:
                 return rule
         return None
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ConvertConfig":
-        """Build from plain data, e.g. parsed JSON; ``rules`` may map patterns to dicts of rule fields."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
-        data = dict(data)
-        rules = data.get("rules", ())
-        if isinstance(rules, Mapping):
-            data["rules"] = tuple(LayerRule(pattern, **dict(spec)) for pattern, spec in rules.items())
-        else:
-            data["rules"] = tuple(r if isinstance(r, LayerRule) else LayerRule(**dict(r)) for r in rules)
-        if "exclude" in data:
-            data["exclude"] = tuple(data["exclude"]) if not isinstance(data["exclude"], str) else (data["exclude"],)
-        return cls(**data)
+    # --- building and copying
 
     def replace(self, **changes: Any) -> "ConvertConfig":
-        """A copy with ``changes``; setting one rank selection clears the others."""
-        if any(k in changes for k in ("rank", "energy", "flops", "latency")):
-            base = {k: None for k in ("rank", "energy", "flops", "latency")}
-            base.update(changes)
-            changes = base
-        if changes.get("objective") == "flops":  # back to FLOPs: the latency settings go with it
-            changes.setdefault("target", None)
-            changes["latency"] = None
-        return replace(self, **changes)
+        """A copy with ``changes`` (sections, whole-pass settings or flat keywords); setting one rank selection
+        clears the others, and ``objective="flops"`` clears the latency target and budget."""
+        ranks = asdict(self.ranks)
+        if any(changes.get(k) is not None and (k != "latency" or _is_budget(k, changes[k])) for k in SELECTIONS):
+            ranks.update({k: None for k in SELECTIONS})
+        sections = {"ranks": ranks, "calibration": asdict(self.calibration),
+                    "latency": {f.name: getattr(self.latency, f.name) for f in fields(LatencySettings)},
+                    "cp": asdict(self.cp)}
+        if changes.get("objective") == "flops":
+            sections["latency"]["target"] = None
+            ranks["latency"] = None
+        top = {k: getattr(self, k) for k in _TOP}
+        for key, value in changes.items():
+            if key in SECTIONS and not _is_budget(key, value):  # a mapping changes the fields it names
+                sections[key] = {**sections[key], **value} if isinstance(value, Mapping) else \
+                    {f.name: getattr(value, f.name) for f in fields(value)}
+            elif key in FLAT:
+                section, name = FLAT[key]
+                sections[section][name] = value
+            elif key in _TOP:
+                top[key] = value
+            else:
+                raise ConfigError(f"unknown config key {key!r}")
+        return ConvertConfig(**sections, **top)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ConvertConfig":
+        """Build from plain data (parsed TOML or JSON): sections as tables, whole-pass settings and flat keys at
+        the top level; ``rules`` may map patterns to tables of rule fields."""
+        data = dict(data)
+        unknown = sorted(set(data) - set(SECTIONS) - set(_TOP) - set(FLAT))
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (sections: {', '.join(SECTIONS)}; "
+                              f"settings: {', '.join(_TOP)})")
+        for name, cls_ in SECTIONS.items():
+            if name in data and isinstance(data[name], Mapping):
+                known = {f.name for f in fields(cls_)}
+                bad = sorted(set(data[name]) - known)
+                if bad:
+                    raise ConfigError(f"unknown key(s) in [{name}]: {', '.join(bad)} (known: {', '.join(sorted(known))})")
+        if "latency" in data and isinstance(data["latency"], bool):
+            raise ConfigError(f"latency must be a budget in (0, 1] or a [latency] table, got {data['latency']!r}")
+        if "latency" in data and not isinstance(data["latency"], Mapping):
+            data["latency"] = float(data["latency"]) if isinstance(data["latency"], (int, float)) else data["latency"]
+        return cls(**data)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike, **overrides: Any) -> "ConvertConfig":
+        """Read a TOML file (:meth:`from_dict`); ``overrides`` (flat keywords or sections) win over the file."""
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        config = cls.from_dict(data)
+        return config.replace(**overrides) if overrides else config
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain data in the flat form of :data:`FLAT` plus the whole-pass settings (the
+        ``config`` entry of a result's JSON; keys as in earlier versions)."""
+        out: dict[str, Any] = {}
+        for key, (section, name) in FLAT.items():
+            value = getattr(getattr(self, section), name)
+            out[key] = asdict(value) if isinstance(value, LatencyTarget) else value
+        out.update(exclude=list(self.exclude), rules=[asdict(r) for r in self.rules], fold_bn=self.fold_bn,
+                   seed=self.seed, tracer=self.tracer)
+        return out
+
+    def sections(self) -> dict[str, Any]:
+        """The settings as nested plain data, one table per section (the form :meth:`from_dict` reads)."""
+        out = {name: asdict(getattr(self, name)) for name in SECTIONS}
+        out.update(exclude=list(self.exclude), rules={r.pattern: {k: v for k, v in asdict(r).items() if k != "pattern"}
+                                                      for r in self.rules},
+                   fold_bn=self.fold_bn, seed=self.seed, tracer=self.tracer)
+        return out
+
+
+def _is_budget(key: str, value: Any) -> bool:
+    """``latency`` names both a section and the flat latency budget (a number or ``None``)."""
+    return key == "latency" and (value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)))
+
+
+def _section(cls: type, given: Any, flat: dict[str, Any]):
+    """A section from its dataclass, a mapping of its fields or ``None``, with flat keywords applied on top."""
+    if given is None:
+        values: dict[str, Any] = {}
+    elif isinstance(given, cls):
+        values = {f.name: getattr(given, f.name) for f in fields(cls)}
+    elif isinstance(given, Mapping):
+        values = dict(given)
+    else:
+        raise ConfigError(f"the {cls.__name__} section must be a {cls.__name__} or a mapping, got {given!r}")
+    if cls is RankSelection and any(flat.get(k) is not None for k in SELECTIONS):
+        values.update({k: None for k in SELECTIONS})
+    values.update(flat)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"bad {cls.__name__} settings: {exc}") from None
+
+
+def _patterns(exclude: Any) -> tuple[str, ...]:
+    patterns = (exclude,) if isinstance(exclude, str) else exclude
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p for p in patterns):
+        raise ConfigError(f"exclude must be a name pattern or a list of them, got {exclude!r}")
+    return tuple(patterns)
+
+
+def _rules(rules: Any) -> tuple[LayerRule, ...]:
+    """Rules from ``LayerRule`` objects, mappings of their fields, or a mapping pattern → fields."""
+    try:
+        if isinstance(rules, Mapping):
+            rules = [LayerRule(pattern, **dict(spec)) for pattern, spec in rules.items()]
+        out = []
+        for rule in rules:
+            if isinstance(rule, Mapping):
+                rule = LayerRule(**dict(rule))
+            if not isinstance(rule, LayerRule):
+                raise ConfigError(f"rules must be LayerRule objects, got {type(rule).__name__}")
+            out.append(rule)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"bad layer rules {rules!r}: each is a pattern with method, rank, energy or exclude "
+                          f"({exc})") from None
+    return tuple(out)

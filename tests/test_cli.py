@@ -1,8 +1,10 @@
 """``separify convert``: a round trip for every input format, and every bad input gives one clear error, a non-zero
-exit, and leaves the input file byte-identical."""
+exit, and leaves the input file byte-identical; ``--config FILE`` with options that override it; the help (panels,
+examples, flags, defaults) at 80 and 120 columns."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -245,7 +247,7 @@ def test_output_checks(files, tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr("separify.io.models.os.access",
+    monkeypatch.setattr("separify.io.files.os.access",
                         lambda p, mode: False if Path(p) == locked else real_access(p, mode))
     _bad(None, src, "-o", locked / "o.pt2", match="is not writable")
     assert _digest(src) == digest
@@ -407,10 +409,202 @@ def test_calibration_image_folder_rgb_model(tmp_path):
 
 def test_outputs_get_a_normal_file_mode(tmp_path):
     """Atomic writes go through a private temporary file; the result must not stay private (0600)."""
-    from separify.io.models import atomic_write
+    from separify.io.files import atomic_write
 
     out = tmp_path / "r.json"
     atomic_write(out, lambda tmp: Path(tmp).write_text("{}"))
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# --- separify convert --config FILE: the file's settings, overridden by the options given explicitly
+
+def _config_used(monkeypatch, tmp_path, *args):
+    """The ConvertConfig that ``separify convert ARGS`` (embedded model) passes to the conversion, which stops."""
+    from separify.errors import SeparifyError
+
+    seen = []
+
+    def stop(model, cfg, **kwargs):
+        seen.append(cfg)
+        raise SeparifyError("stopped before converting")
+
+    monkeypatch.setattr("separify.cli._convert.convert_model", stop)
+    res = runner.invoke(app, ["convert", "-o", str(tmp_path / "o.pt2"), *map(str, args)])
+    assert res.exit_code == 1 and "stopped before converting" in res.stderr, res.output
+    return seen[0]
+
+
+CONV_TOML = '[ranks]\nmethod = "dw-pw"\nflops = 0.3\n\n[calibration]\nlimit = 32\nsteps = 4\n'
+
+
+def test_config_file_settings_and_overrides(tmp_path, monkeypatch):
+    conf = tmp_path / "conv.toml"
+    conf.write_text(CONV_TOML, encoding="utf-8")
+    cfg = _config_used(monkeypatch, tmp_path, "--config", conf)
+    assert (cfg.method, cfg.selection, cfg.ranks.flops) == ("dw-pw", "flops", 0.3)
+    assert (cfg.calibration.limit, cfg.calibration.steps) == (32, 4)
+    cfg = _config_used(monkeypatch, tmp_path, "--config", conf, "--flops", "0.4")
+    assert (cfg.method, cfg.ranks.flops, cfg.calibration.limit) == ("dw-pw", 0.4, 32)
+    cfg = _config_used(monkeypatch, tmp_path, "--config", conf, "--rank", "2", "-m", "pw-dw-pw")
+    assert (cfg.method, cfg.selection, cfg.ranks.rank) == ("pw-dw-pw", "rank", 2)
+    # given explicitly, an option wins even when it equals its default
+    cfg = _config_used(monkeypatch, tmp_path, "--config", conf, "--calib-limit", "1000", "--method", "pw-dw-pw")
+    assert (cfg.calibration.limit, cfg.method, cfg.calibration.steps) == (1000, "pw-dw-pw", 4)
+    # without --config: the library's defaults
+    from separify.config import ConvertConfig
+
+    assert _config_used(monkeypatch, tmp_path) == ConvertConfig()
+
+
+def test_config_file_latency_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEPARIFY_CACHE_DIR", str(tmp_path / "cache"))
+    conf = tmp_path / "lat.toml"
+    conf.write_text('[latency]\nobjective = "latency"\nmargin = 0.2\n\n[latency.target]\nbackend = "cpu"\n'
+                    'threads = 1\nbatch_size = 4\n', encoding="utf-8")
+    cfg = _config_used(monkeypatch, tmp_path, "--config", conf, "--dtype", "bfloat16")
+    assert cfg.objective == "latency" and cfg.latency.margin == 0.2
+    assert (cfg.target.dtype, cfg.target.threads, cfg.target.batch_size) == ("bfloat16", 1, 4)
+    cfg = _config_used(monkeypatch, tmp_path, "--config", conf, "--latency", "0.6", "--no-latency-cache")
+    assert cfg.ranks.latency == 0.6 and cfg.latency.cache is False and cfg.target.threads == 1
+    cfg = _config_used(monkeypatch, tmp_path, "--config", conf, "--objective", "flops")
+    assert cfg.objective == "flops" and cfg.target is None
+    # on the command line alone: --target implies the latency objective, --margin needs it
+    cfg = _config_used(monkeypatch, tmp_path, "--target", "cpu", "--target-batch-size", "2", "--threads", "1")
+    assert cfg.objective == "latency" and (cfg.target.batch_size, cfg.target.threads) == (2, 1)
+    res = _run("-o", tmp_path / "x.pt2", "--margin", "0.05")
+    assert res.exit_code == 1 and "--margin apply to --objective latency" in res.stderr
+
+
+def test_config_file_end_to_end(files, tmp_path):
+    import numpy as np
+
+    from separify.io.embedded import load_eval_data
+
+    images, _ = load_eval_data(limit=64)
+    np.save(tmp_path / "calib.npy", images.numpy())
+    conf = tmp_path / "conv.toml"
+    conf.write_text(CONV_TOML.replace("steps = 4", "steps = 0"), encoding="utf-8")
+    out = tmp_path / "o.pt"
+    res = _run(files["state"], "-o", out, "--arch", ARCH, "--input-shape", SHAPE, "--calib", tmp_path / "calib.npy",
+               "--config", conf)
+    assert res.exit_code == 0, res.output
+    assert "32 samples" in res.stdout and out.is_file()
+    model = torch.load(out, weights_only=False)
+    assert any(type(m).__name__ == "DwPwConv2d" for m in model.modules())  # the file's method
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[ranks\nflops = 0.5\n", "is not valid TOML"),
+    ("[ranks]\nflop = 0.5\n", "unknown key(s) in [ranks]: flop"),
+    ("flop = 0.5\n", "unknown config key(s): flop"),
+    ("[ranks]\nflops = 2\n", "the FLOPs target must be a number in (0, 1]"),
+    (None, "does not exist"),
+], ids=["syntax", "section-key", "top-key", "value", "missing"])
+def test_bad_config_file(files, tmp_path, text, match):
+    conf = tmp_path / "conv.toml"
+    if text is not None:
+        conf.write_text(text, encoding="utf-8")
+    res = _run(files["pt2"], "-o", tmp_path / "o.pt2", "--config", conf)
+    assert res.exit_code == 1, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], res.stderr
+    assert "Traceback" not in res.output and not (tmp_path / "o.pt2").exists()
+
+
+# --- the help: panels, examples, flags, defaults
+
+@functools.lru_cache(maxsize=None)
+def _help(command: str, columns: int = 80) -> str:
+    """``COLUMNS=columns separify COMMAND --help``, as a user's terminal shows it."""
+    exe = Path(sys.executable).with_name("separify")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "separify.cli"]
+    env = dict(os.environ, COLUMNS=str(columns), TERM="dumb", NO_COLOR="1")
+    env.pop("TERMINAL_WIDTH", None)
+    proc = subprocess.run([*cmd, command, "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+PANELS = {
+    "convert": ["What to convert", "Rank selection", "Calibration", "Latency", "Fine-tuning", "Report and output"],
+    "report": ["What to measure", "Latency", "Report and output"],
+    "compare": ["What to convert", "Rank selection", "Calibration", "Latency", "Report and output"],
+}
+
+
+def _panels(text: str) -> dict[str, str]:
+    """Panel title → the text of its box."""
+    out, title = {}, None
+    for line in text.splitlines():
+        if line.startswith("╭─ "):
+            title = line[3:].split(" ─")[0]
+            out[title] = ""
+        elif title is not None:
+            out[title] += line + "\n"
+    return out
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+@pytest.mark.parametrize("command", ["convert", "report", "compare"])
+def test_help_renders_in_panels(command, columns):
+    text = _help(command, columns)
+    assert max(len(line) for line in text.splitlines()) <= columns
+    assert "…" not in text  # nothing cut off, at 80 columns either
+    titles = [line[3:].split(" ─")[0] for line in text.splitlines() if line.startswith("╭─ ")]
+    assert titles == ["Arguments", "Options", *PANELS[command]]  # each panel once, in this order
+    assert "<bool>" not in text
+
+
+def test_convert_help_panels_hold_their_options():
+    panels = _panels(_help("convert", 120))
+    expect = {
+        "What to convert": "--output -o --to --arch --allow-pickle --input-shape --exclude --fold-bn --config",
+        "Rank selection": "--method --rank --energy --flops --cp-iters --seed",
+        "Calibration": "--calib --calib-limit --calib-steps --calib-als --image-size --resize --mean --std",
+        "Latency": "--objective --target --latency --batch-size --dtype --channels-last --margin --latency-cache "
+                   "--no-latency-cache --threads",
+        "Fine-tuning": "--finetune --epochs --steps --lr --temperature --finetune-batch-size --checkpoint",
+        "Report and output": "--data --data-limit --json --html --png --timing --onnx --layers --min-time "
+                             "--report-batch-size --force",
+    }
+    import re
+
+    for title, names in expect.items():
+        first_column = {m for m in re.findall(r"^│ (\S+)", panels[title], re.M)}
+        assert set(names.split()) - {"-o"} <= {n.split(",")[0] for n in first_column}, (title, first_column)
+
+
+def test_convert_help_starts_with_examples():
+    text = _help("convert", 80)
+    head = text.split("╭")[0]
+    assert "Examples:" in head
+    for example in ("  separify convert      # the embedded model → fashion_resnet_separable.pt2",
+                    "--arch 'torchvision.models:resnet18(num_classes=10)'", "--input-shape 1,3,224,224 --flops 0.5 "
+                    "--calib images/", "separify convert model.onnx -o fast.onnx --objective latency --latency 0.6",
+                    "--config conv.toml"):
+        assert example in head, example
+
+
+def test_flags_render_as_flags():
+    import re
+
+    text = _help("convert", 120)
+    for flag, words in [("--force", "Replace output files"), ("--allow-pickle", "Allow loading"),
+                        ("--channels-last", "Time the latency target"), ("--no-latency-cache", "Time every candidate")]:
+        assert re.search(rf"│ {flag} +{words}", text), flag  # no value type between the flag and its help
+    assert re.search(r"│ --fold-bn +--no-fold-bn +Fold BatchNorm", text)
+    assert re.search(r"│ --calib-limit +<int> +Use at most", text)  # options with values keep their type
+
+
+def test_help_states_the_library_defaults():
+    from separify.cli import DEFAULT_OUTPUT
+    from separify.config import CP_SWEEPS, CP_SWEEPS_BEFORE_ALS, Calibration, LatencySettings, RankSelection
+
+    text = " ".join(_help("convert", 250).split())
+    assert f"Default for the embedded model: {DEFAULT_OUTPUT}" in text
+    assert f"[default: {RankSelection().method}]" in text and f"Default {RankSelection().flops} when no" in text
+    assert f"[default: {Calibration().limit}]" in text and f"[default: {Calibration().als}]" in text
+    assert f"[default: {LatencySettings().margin}]" in text
+    assert f"(default {CP_SWEEPS}, or {CP_SWEEPS_BEFORE_ALS} for layers" in text

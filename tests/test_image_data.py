@@ -13,7 +13,7 @@ pytest.importorskip("torchvision")
 Image = pytest.importorskip("PIL.Image")
 
 from separify.errors import SeparifyError  # noqa: E402
-from separify.io.models import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessing, load_image_folder  # noqa: E402
+from separify.io.data import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessing, load_image_folder  # noqa: E402
 
 GRAY = dict(size=(8, 8), channels=1, resize=None, mean=(0.5,), std=(0.25,))
 

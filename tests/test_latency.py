@@ -471,7 +471,7 @@ def test_cuda_target_without_gpu_says_so():
 def test_onnx_input_takes_the_latency_objective_through_convert(tmp_path):
     """separify.convert hands an ONNX file to the ONNX pass with the timing function; the layers are timed as
     modules, the whole graphs as OrtModule (here: 1 ms for the original, 0.8 ms for the converted one)."""
-    from separify.backends.onnx.onnx_pass import OrtModule
+    from separify.backends.onnx import OrtModule
 
     net, x = _net()
     path = tmp_path / "m.onnx"

@@ -20,7 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 import separify
 from separify.core import measure
 from separify.errors import SeparifyError
-from separify.backends.onnx.onnx_pass import OrtModule, convert_onnx, example_feeds, load_onnx, onnx_flops, pair_layers
+from separify.backends.onnx import OrtModule, example_feeds, load_onnx, onnx_flops, pair_layers
+from separify.pipeline import convert_onnx
 from timers import onnx_timer as _onnx_timer
 
 
@@ -226,9 +227,9 @@ def test_models_too_large_for_memory_stay_lazy(tmp_path, monkeypatch):
     """The path for models over the in-memory limit (1 GiB), with the limit lowered to 0: initializers stay
     external tensors, onnxruntime reads them from temporary files, calibration runs, and the written model is
     checked from the file before it is renamed into place."""
-    from separify.backends.onnx import onnx_pass
+    from separify.backends.onnx import graph
 
-    monkeypatch.setattr(onnx_pass, "_INLINE_LIMIT", 0)
+    monkeypatch.setattr(graph, "_INLINE_LIMIT", 0)
     proto = _conv_graph(SPATIAL[:3])
     src = tmp_path / "model.onnx"
     onnx.save(proto, src, save_as_external_data=True, all_tensors_to_one_file=True, location="model.weights",
@@ -489,7 +490,7 @@ def _small_cnn_onnx(path: Path) -> None:
 
 @pytest.mark.parametrize("layout", [None, "split", "branches"])
 def test_finetune_onnx_trains_the_factors_and_writes_them_back(tmp_path, layout):
-    from separify.backends.onnx.onnx_pass import finetune_onnx, import_torch
+    from separify.backends.onnx import finetune_onnx, import_torch
 
     _small_cnn_onnx(tmp_path / "small.onnx")
     original = load_onnx(tmp_path / "small.onnx")
@@ -518,7 +519,7 @@ def test_finetune_onnx_trains_the_factors_and_writes_them_back(tmp_path, layout)
 
 
 def test_finetune_onnx_says_when_the_model_cannot_be_imported():
-    from separify.backends.onnx.onnx_pass import finetune_onnx
+    from separify.backends.onnx import finetune_onnx
 
     proto = _conv_graph(SPATIAL[:1])
     proto.graph.node[1].op_type = "Selu"  # fine for onnxruntime; give onnx2torch something it lacks below

@@ -30,7 +30,7 @@ def flops_timer(slow_factor=1.0, favour=None, calls=None):
 def onnx_timer(slow_factor=1.0, favour=None, hidden_ms=0.0):
     """:func:`flops_timer` for layer candidates; whole ONNX graphs (``OrtModule``) by their ONNX FLOPs, plus
     ``hidden_ms`` per separable replacement (its depthwise node), a cost the layers alone do not show."""
-    from separify.backends.onnx.onnx_pass import OrtModule, onnx_flops
+    from separify.backends.onnx import OrtModule, onnx_flops
 
     layers = flops_timer(slow_factor, favour)
 

@@ -27,10 +27,10 @@ so the CP result is never worse than the truncated constructions, in particular 
 ``K = R // M``.
 
 Why ALS is written here rather than calling ``tensorly.decomposition.parafac``: tensorly's MTTKRP materialises the
-Khatri–Rao product of the two other factors, which for the spatial mode is an ``(N·M)×R`` matrix (1.2 GB for a
-512-channel layer at R = 1100) and dominates its run time (measured in ``benchmarks/bench_convert.py``). Here each
-ALS sweep contracts the kernel with one factor at a time (two ``N·M·P·R`` matrix products per sweep, ``O(M·P·R)``
-memory). tests/test_decompose.py checks this solver against tensorly's on the same tensors.
+Khatri–Rao product of the two other factors, which for the spatial mode is an ``(N·M)×R`` matrix (``N·M·R``
+values: 1.2 GB in float32 for a 512-channel layer at R = 1100). Here each ALS sweep contracts the kernel with one
+factor at a time (two ``N·M·P·R`` matrix products per sweep, ``O(M·P·R)`` memory). tests/test_decompose.py checks
+this solver against tensorly's on the same tensors.
 
 **Data-aware (whitened) factors.** What matters is the error of the layer's *output* on real inputs, not of its
 weights. With ``x`` the input patch a conv sees (``M·P`` values) and ``Σ = E[x xᵀ]`` its second moment, the mean
@@ -42,7 +42,7 @@ the factors are mapped back:
 * dw-pw treats channels separately, so it uses the per-channel patch moments ``Σ_m`` (``P×P``):
   ``W'[:, m] = W[:, m] S_m`` with ``S_m = (Σ_m + δ I)^{1/2}``; truncating the SVD of ``W'[:, m]`` is optimal for
   ``‖(W[:, m] − Ŵ[:, m]) S_m‖`` (Eckart–Young), and the depthwise filters are mapped back by ``S_m⁻¹``. Correlation
-  *between* channels is left to the least-squares refit of the pointwise conv (:mod:`separify.calibrate`).
+  *between* channels is left to the least-squares refit of the pointwise conv (:mod:`separify.calibration`).
 * pw-dw-pw uses a Kronecker model ``Σ ≈ Σ_M ⊗ Σ_P`` (channel moments ``M×M`` times the mean spatial moments
   ``P×P``): ``T' = T ×₂ L_Mᵀ ×₃ L_Pᵀ`` with ``L L ᵀ = Σ + δI`` (``L = V Λ^{1/2}``, the principal directions).
   A CP model of ``T'`` maps back to one of ``T`` by ``B = L_M⁻ᵀ B'``, ``D = L_P⁻ᵀ D'``, because CP is multilinear.
@@ -153,7 +153,7 @@ def _check_rank(rank: object, name: str = "rank") -> int:
 
 @dataclass(frozen=True)
 class InputCovariance:
-    """Second moments of the inputs a conv sees, measured on calibration data (see :mod:`separify.calibrate`).
+    """Second moments of the inputs a conv sees, measured on calibration data (see :mod:`separify.calibration`).
 
     Attributes:
         channel: ``(M, M)``, ``E[x xᵀ]`` over input pixels (``x`` the ``M`` channel values at one pixel).
@@ -363,7 +363,7 @@ def cp_error_lower_bound(weight: torch.Tensor, ranks: list[int]) -> list[float]:
     """A cheap lower bound on the relative error of any rank-``R`` CP model, for each ``R`` in ``ranks``.
 
     A rank-``R`` CP tensor has mode-0 and mode-1 unfoldings of rank ``≤ R``, so its error is at least the tail energy
-    of either unfolding's spectrum beyond ``R`` (Eckart–Young). :func:`separify.ranks.error_curve` gives the matching
+    of either unfolding's spectrum beyond ``R`` (Eckart–Young). :func:`separify.planning.ranks.error_curve` gives the matching
     upper bound (what the closed-form starts guarantee), which is what rank allocation uses.
     """
     check_weight(weight)
@@ -534,6 +534,63 @@ def _cp_dense(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor
     return (a @ kr.T).reshape(a.shape[0], m, p)
 
 
+def _warm_factors(warm_start: CPFactors, t: torch.Tensor, rank: int, sm, sp, gen: torch.Generator):
+    """``(A (N, R), B (M, R), D (P, R))`` of ``warm_start`` in the (whitened) basis of ``t (N, M, P)``, padded to
+    ``rank`` columns (:func:`_pad_columns`); :class:`ConfigError` where its rank or shape does not fit."""
+    n, m, p = t.shape
+    if warm_start.rank > rank or warm_start.pw_out.shape[0] != n or warm_start.pw_in.shape[1] != m:
+        raise ConfigError(f"warm_start has rank {warm_start.rank} or a shape that does not fit rank {rank}")
+    b_w = warm_start.pw_in.reshape(-1, m).T.to(dtype=t.dtype, device="cpu")  # (M, R_w)
+    d_w = warm_start.depthwise.reshape(-1, p).T.to(dtype=t.dtype, device="cpu")  # (P, R_w)
+    if sm is not None:
+        b_w = sm[0].T @ b_w  # into the whitened basis: B' = L_Mᵀ B
+    if sp is not None:
+        d_w = sp[0].T @ d_w
+    return _pad_columns(warm_start.pw_out.reshape(n, -1).to(dtype=t.dtype, device="cpu"), b_w, d_w, rank, gen)
+
+
+def _best_start(t: torch.Tensor, rank: int, als: _ALS, gen: torch.Generator, exact_floor: float,
+                warm_start: CPFactors | None, sm, sp):
+    """``(name, squared error, (A, B, D))`` of the start that fits ``t`` best: the closed-form constructions, the
+    factors of ``warm_start`` (if given; whitened by ``sm``, ``sp``), and, unless one of them is already exact
+    (squared error at most ``exact_floor``), the SVD-of-unfoldings start. ``gen`` is drawn from in that order."""
+    best = None
+    for name, (a, b, d) in _closed_form_starts(t, rank, gen):
+        err2 = _sq_error(t, a, b, d)
+        if best is None or err2 < best[1]:
+            best = (name, err2, (a, b, d))
+    if warm_start is not None:
+        a_w, b_w, d_w = _warm_factors(warm_start, t, rank, sm, sp, gen)
+        err2 = _sq_error(t, a_w, b_w, d_w)
+        if best is None or err2 < best[1]:
+            best = ("warm", err2, (a_w, b_w, d_w))
+    if best is None or best[1] > exact_floor:
+        b, d = _svd_start(t, rank, gen)
+        a = als.update_a(b, d)
+        err2 = _sq_error(t, a, b, d)
+        if best is None or err2 < best[1]:
+            best = ("svd", err2, (a, b, d))
+    return best
+
+
+def _refine(als: _ALS, a, b, d, err2: float, *, max_iter: int, tol: float, exact_floor: float):
+    """ALS sweeps from ``(A, B, D)`` with squared error ``err2``: at most ``max_iter``, until the relative error
+    ``sqrt(err2 / ‖T‖²)`` drops by less than ``tol`` times itself, the fit is exact (``err2 ≤ exact_floor``), or a
+    sweep makes it worse or non-finite (its factors are then dropped). Returns ``(A, B, D, err2, sweeps run)``."""
+    norm2 = als.norm2 if als.norm2 > 0 else 1.0
+    iters = 0
+    while iters < max_iter and err2 > exact_floor:
+        a2, b2, d2, new2 = als.sweep(a, b, d)
+        iters += 1
+        if not math.isfinite(new2) or new2 > err2 * (1 + 1e-6):
+            break  # numerical trouble: keep the previous factors (ALS is monotone in exact arithmetic)
+        improvement = math.sqrt(err2 / norm2) - math.sqrt(new2 / norm2)
+        a, b, d, err2 = a2, b2, d2, new2
+        if improvement < tol * math.sqrt(err2 / norm2):
+            break
+    return a, b, d, err2, iters
+
+
 def cp_decompose(
     weight: torch.Tensor, rank: int, *, max_iter: int = 25, tol: float = 1e-4, seed: int = 0,
     warm_start: CPFactors | None = None, cov: InputCovariance | None = None, damp: float = 0.01,
@@ -562,61 +619,27 @@ def cp_decompose(
     n, m, kh, kw = weight.shape
     p = kh * kw
     dtype = _work_dtype(weight)
-    t0 = weight.detach().to(device="cpu", dtype=dtype).reshape(n, m, p)
+    t0 = weight.detach().to(device="cpu", dtype=dtype).reshape(n, m, p)  # (N, M, P)
     sm = sp = None
     t = t0
     if cov is not None:
         cov.check(weight.shape)
         sm, sp = ((x[0].to(dtype), x[1].to(dtype)) if x is not None else None for x in _cp_whiteners(cov, damp))
-        t = _cp_whiten(t0, sm, sp)
+        t = _cp_whiten(t0, sm, sp)  # (N, M, P), whitened
     gen = torch.Generator().manual_seed(seed)
     als = _ALS(t)
     norm2 = als.norm2 if als.norm2 > 0 else 1.0
 
     # Score every start by its squared error and keep the best; ALS refines it.
     exact_floor = (1e-24 if dtype == torch.float64 else 1e-12) * norm2
-    best = None
-    for name, (a, b, d) in _closed_form_starts(t, rank, gen):
-        err2 = _sq_error(t, a, b, d)
-        if best is None or err2 < best[1]:
-            best = (name, err2, (a, b, d))
-    if warm_start is not None:
-        if warm_start.rank > rank or warm_start.pw_out.shape[0] != n or warm_start.pw_in.shape[1] != m:
-            raise ConfigError(f"warm_start has rank {warm_start.rank} or a shape that does not fit rank {rank}")
-        b_w = warm_start.pw_in.reshape(-1, m).T.to(dtype=dtype, device="cpu")
-        d_w = warm_start.depthwise.reshape(-1, p).T.to(dtype=dtype, device="cpu")
-        if sm is not None:
-            b_w = sm[0].T @ b_w  # into the whitened basis: B' = L_Mᵀ B
-        if sp is not None:
-            d_w = sp[0].T @ d_w
-        a_w, b_w, d_w = _pad_columns(warm_start.pw_out.reshape(n, -1).to(dtype=dtype, device="cpu"), b_w, d_w,
-                                     rank, gen)
-        err2 = _sq_error(t, a_w, b_w, d_w)
-        if best is None or err2 < best[1]:
-            best = ("warm", err2, (a_w, b_w, d_w))
-    if best is None or best[1] > exact_floor:
-        b, d = _svd_start(t, rank, gen)
-        a = als.update_a(b, d)
-        err2 = _sq_error(t, a, b, d)
-        if best is None or err2 < best[1]:
-            best = ("svd", err2, (a, b, d))
-    init, err2, (a, b, d) = best
-    iters = 0
-    while iters < max_iter and err2 > exact_floor:
-        a2, b2, d2, new2 = als.sweep(a, b, d)
-        iters += 1
-        if not math.isfinite(new2) or new2 > err2 * (1 + 1e-6):
-            break  # numerical trouble: keep the previous factors (ALS is monotone in exact arithmetic)
-        improvement = math.sqrt(err2 / norm2) - math.sqrt(new2 / norm2)
-        a, b, d, err2 = a2, b2, d2, new2
-        if improvement < tol * math.sqrt(err2 / norm2):
-            break
+    init, err2, (a, b, d) = _best_start(t, rank, als, gen, exact_floor, warm_start, sm, sp)
+    a, b, d, err2, iters = _refine(als, a, b, d, err2, max_iter=max_iter, tol=tol, exact_floor=exact_floor)
     data_err = math.sqrt(err2 / norm2) if cov is not None and als.norm2 > 0 else None
     if sm is not None:
         b = sm[1] @ b  # back to the input basis: B = L_M⁻ᵀ B'
     if sp is not None:
         d = sp[1] @ d
-    a, b, d = _balance(a, b, d)
+    a, b, d = _balance(a, b, d)  # (N, R), (M, R), (P, R)
     pw_in = b.T.reshape(rank, m, 1, 1)
     dw = d.T.reshape(rank, 1, kh, kw)
     pw_out = a.reshape(n, rank, 1, 1)

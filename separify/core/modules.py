@@ -11,7 +11,7 @@ exactly the original's output shape and, at full rank, its exact output:
 * the original bias goes on the last 1×1 conv.
 
 **Layouts.** The same factors can be computed in several ways that give identical outputs and differ, sometimes by
-several times, in speed (``set_layout``; :mod:`separify.latency` measures them and picks the fastest for a target):
+several times, in speed (``set_layout``; :mod:`separify.planning.latency` measures them and picks the fastest for a target):
 
 * dw-pw with multiplier ``K``: ``"multiplier"`` (one depthwise conv with channel multiplier K, groups M),
   ``"split"`` (K depthwise convs with multiplier 1, their outputs interleaved, then the 1×1; exported to ONNX, and
@@ -275,7 +275,7 @@ class DwPwConv2d(SeparableConv2d):
             conv: a plain ``nn.Conv2d`` with ``groups == 1`` and a kernel larger than 1×1.
             rank: channel multiplier ``K`` in ``[1, min(out_channels, kh·kw)]``; ``None`` means the exact maximum.
             cov, damp: input moments from calibration data, to minimise the output error instead of the weight
-                error (see :func:`separify.decompose.dwpw_decompose`).
+                error (see :func:`separify.core.decompose.dwpw_decompose`).
         """
         conv = cls._require_convertible(conv)
         factors = dec.dwpw_decompose(conv.weight, cls.max_rank(conv) if rank is None else rank, cov=cov, damp=damp)
@@ -350,7 +350,7 @@ class PwDwPwConv2d(SeparableConv2d):
 
     @staticmethod
     def max_rank(conv: nn.Conv2d) -> int:
-        """Smallest rank with an exact closed-form factorisation (see :func:`separify.decompose.cp_exact_rank`)."""
+        """Smallest rank with an exact closed-form factorisation (see :func:`separify.core.decompose.cp_exact_rank`)."""
         return dec.cp_exact_rank(conv.weight.shape)
 
     @classmethod
@@ -363,7 +363,7 @@ class PwDwPwConv2d(SeparableConv2d):
         Args:
             conv: a plain ``nn.Conv2d`` with ``groups == 1`` and a kernel larger than 1×1.
             rank: number ``R`` of intermediate channels (≥ 1); ``None`` means :meth:`max_rank`.
-            max_iter, tol, seed: ALS controls, see :func:`separify.decompose.cp_decompose`.
+            max_iter, tol, seed: ALS controls, see :func:`separify.core.decompose.cp_decompose`.
             cov, damp: input moments from calibration data, to fit the whitened kernel (predicted output error).
         """
         conv = cls._require_convertible(conv)

@@ -7,14 +7,14 @@ conv with channel multiplier 2 can take several times a multiplier-1 conv on the
 
 1. times, for every convertible layer at its real input shape (the target's batch size, dtype and memory format),
    the dense conv and each candidate replacement in each of its equivalent layouts
-   (:meth:`separify.modules.SeparableConv2d.layouts`), keeping the fastest layout per rank;
+   (:meth:`separify.core.modules.SeparableConv2d.layouts`), keeping the fastest layout per rank;
 2. drops every candidate that is not faster than the dense conv by ``margin``; a layer with none left stays dense,
    and its record says what was measured;
 3. allocates ranks among the remaining candidates: to meet a FLOPs target (the default) or, with ``latency=L``, a
    whole-model time of ``L`` × the original's, minimising the summed squared relative error (kernel error, or the
-   predicted output error on calibration data) with :func:`separify.ranks.allocate_options`;
+   predicted output error on calibration data) with :func:`separify.planning.ranks.allocate_options`;
 4. with a latency budget, builds the planned model with untrained factors, times it whole against the original
-   and plans again with a corrected budget until it meets the budget (``api.meet_latency``);
+   and plans again with a corrected budget until it meets the budget (:func:`separify.planning.plan.meet_latency`);
 5. measures both whole models on the target and reports the ratio.
 
 Candidate ranks: every rank for dw-pw (``K`` is small); for pw-dw-pw a geometric grid of multiples of 16 (channel
@@ -44,9 +44,11 @@ from torch import nn
 from separify.config import BACKENDS, DTYPES, LatencyTarget
 from separify.core.measure import cpu_name
 from separify.errors import ConfigError, SeparifyError, first_line
-from separify.core.modules import SeparableConv2d
+from separify.core.modules import FORMS, SeparableConv2d
+from separify.records import Reason
 
 __all__ = ["LatencyTarget", "LatencyCache", "Timer", "LayerTimes", "measure_modules", "time_model", "module_spec",
+           "injected_timings",
            "rank_grid", "BACKENDS", "DTYPES"]
 
 #: changes whenever what a cached time means changes (e.g. how ONNX Runtime layers are timed)
@@ -107,7 +109,7 @@ def _export_small(module: nn.Module, x: torch.Tensor, path: str) -> None:
 
 def measure_modules(modules: Sequence[nn.Module], input_shape: tuple, target: LatencyTarget) -> list[float]:
     """Median milliseconds per call of each of ``modules`` on an input of ``input_shape``, timed on ``target``
-    in the same interleaved run (:mod:`separify.measure`). For ONNX Runtime, the cost of a session run itself
+    in the same interleaved run (:mod:`separify.core.measure`). For ONNX Runtime, the cost of a session run itself
     (measured on a one-node graph) is subtracted."""
     from separify.core.measure import time_onnxruntime, time_torch
 
@@ -134,7 +136,7 @@ def measure_modules(modules: Sequence[nn.Module], input_shape: tuple, target: La
 
 
 def time_model(models: Sequence[nn.Module], inputs: tuple, target: LatencyTarget, *, scale: float = 1.0):
-    """Whole-model :class:`~separify.measure.Timing` of each of ``models`` on ``target`` (interleaved, for ``scale`` ×
+    """Whole-model :class:`~separify.core.measure.Timing` of each of ``models`` on ``target`` (interleaved, for ``scale`` ×
     20 × the target's ``min_run_time``, at least ``scale`` seconds), at the target's batch size (the inputs' first
     sample repeated) — the check of the sum-of-layers model."""
     from separify.core.measure import export_onnx, frozen_mode, time_onnxruntime, time_torch
@@ -164,6 +166,19 @@ def _at_batch(t: torch.Tensor, batch: int | None) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------------------------
 # The cache
+
+
+def injected_timings(models: Sequence[nn.Module], shape: tuple, target: LatencyTarget, timer: Timer,
+                     backend: str) -> list:
+    """Whole-model times from an injected ``timer(models, input_shape, target)``, checked, as
+    :class:`~separify.core.measure.Timing` (one exact reading each)."""
+    from separify.core.measure import Timing
+
+    ms = list(timer(list(models), shape, target))
+    if len(ms) != len(models) or not all(isinstance(v, (int, float)) and 0 < v < float("inf") for v in ms):
+        raise SeparifyError(f"the timing function returned {ms!r} for {len(models)} whole models; expected that "
+                            "many positive milliseconds")
+    return [Timing(backend, float(v), 0.0, 1, 1, target.threads, target.batch_size) for v in ms]
 
 
 def module_spec(module: nn.Module) -> dict | None:
@@ -242,7 +257,7 @@ class LatencyCache:
         """Write the new entries (merged into the file's current content) atomically."""
         if self.path is None or not self._new:
             return
-        from separify.io.models import atomic_write
+        from separify.io.files import atomic_write
 
         merged = self._read()
         merged.update(self._new)
@@ -375,7 +390,7 @@ class LayerTimer:
 
 
 class LatencyPlanner:
-    """The latency side of rank selection (used by :func:`separify.api.choose_ranks`): times each layer's
+    """The latency side of rank selection (used by :func:`separify.planning.plan.choose_ranks`): times each layer's
     candidates and says which are allowed, recording the times and the reasons on the layer records."""
 
     def __init__(self, layer_timer: LayerTimer, margin: float, *, original_ms: float | None = None,
@@ -390,23 +405,23 @@ class LatencyPlanner:
     def options(self, rec, conv: nn.Conv2d, input_shapes: Sequence[tuple], ranks: Sequence[int],
                 width_ok: Callable[[int], bool] | None = None) -> dict[int, tuple[str, float]]:
         """``{rank: (fastest layout, ms)}`` for the ranks measured faster than the dense conv by the margin; with
-        none, ``rec.reason`` says what was measured. Sets ``rec.time_before_ms``. A layer called several times is
+        none, the record is skipped with :attr:`~separify.records.Reason.NOT_FASTER` and what was measured. Sets
+        the plan's ``time_before_ms``. A layer called several times is
         timed at its first call's shape, times the number of calls."""
-        from separify.core.modules import FORMS
-
         times = self.timer.time(conv, FORMS[rec.method], ranks, input_shapes[0], example_batch=self.example_batch,
                                 width_ok=width_ok)
         calls = len(input_shapes)
         if calls > 1:
             times = LayerTimes(times.dense_ms * calls, {r: (lay, ms * calls) for r, (lay, ms) in times.best.items()},
                                [(r, lay, ms * calls) for r, lay, ms in times.all])
-        rec.time_before_ms = times.dense_ms
+        rec.plan.time_before_ms = times.dense_ms
         allowed = times.allowed(self.margin)
         if not allowed:
             best = times.fastest()
             what = f"rank {best[0]} {best[1]}: {best[2]:.3g} ms" if best else "none"
-            rec.reason = (f"no replacement measured faster than the dense conv by {self.margin:.0%} on {self.where} "
-                          f"(dense {times.dense_ms:.3g} ms; fastest {rec.method} {what})")
+            rec.skip_with(Reason.NOT_FASTER, f"no replacement measured faster than the dense conv by "
+                          f"{self.margin:.0%} on {self.where} (dense {times.dense_ms:.3g} ms; fastest {rec.method} "
+                          f"{what})")
         return allowed
 
     def save(self) -> None:

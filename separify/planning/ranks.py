@@ -15,11 +15,11 @@ squared error adds up across layers like independent noise added to the network.
 
 **Error curves.** dw-pw: exact, from the per-channel singular values. pw-dw-pw: running ALS at every candidate rank
 of every layer would cost far more than the conversion, so the allocation uses the error that the closed-form
-starts of :func:`separify.decompose.cp_decompose` guarantee (ALS only lowers it); the fit actually reached is
+starts of :func:`separify.core.decompose.cp_decompose` guarantee (ALS only lowers it); the fit actually reached is
 measured and reported after the conversion.
 
 **With calibration data** the curves are those of the kernel whitened by the layer's measured input moments
-(:func:`separify.decompose.whiten`): the predicted relative error of the layer's *output* on that data. A layer
+(:func:`separify.core.decompose.whiten`): the predicted relative error of the layer's *output* on that data. A layer
 whose inputs only span a few directions then needs few terms, and the FLOPs go where the data needs them.
 """
 

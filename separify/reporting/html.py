@@ -1,9 +1,9 @@
 """The report as one self-contained HTML page (inline CSS and inline SVG plots drawn with matplotlib; no scripts, no
 network), and the same plots as a PNG.
 
-Plots of one :class:`~separify.report.Report`: FLOPs per layer before/after, latency per layer before/after, and the
+Plots of one :class:`~separify.reporting.Report`: FLOPs per layer before/after, latency per layer before/after, and the
 whole model's converted/original ratios (FLOPs, parameters, latency per backend) side by side, which is where FLOPs
-and time part ways. Plots of a :class:`~separify.report.Comparison`: quality against FLOPs ratio and latency ratio
+and time part ways. Plots of a :class:`~separify.reporting.Comparison`: quality against FLOPs ratio and latency ratio
 against FLOPs ratio, one line per method.
 """
 
@@ -14,7 +14,8 @@ import io
 import os
 from typing import Callable
 
-from separify.reporting import Comparison, NotMeasured, Report, Timing
+from separify.core.measure import Timing
+from separify.reporting.data import Comparison, NotMeasured, Report
 
 __all__ = ["render_html", "write_html", "write_png"]
 
@@ -154,7 +155,7 @@ def write_png(doc: Report | Comparison, path: str | os.PathLike, *, dpi: int = 1
     """All plots of ``doc`` stacked in one PNG (for a README or a slide), written atomically."""
     from matplotlib.figure import Figure
 
-    from separify.io.models import atomic_write
+    from separify.io.files import atomic_write
 
     plots = _plots(doc)
     if not plots:
@@ -275,7 +276,7 @@ def write_html(doc: Report | Comparison, path: str | os.PathLike, *, title: str 
     """Write :func:`render_html` atomically."""
     from pathlib import Path
 
-    from separify.io.models import atomic_write
+    from separify.io.files import atomic_write
 
     text = render_html(doc, title=title)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -35,7 +35,7 @@ from torch import nn
 
 from separify.errors import SeparifyError
 from separify.core.measure import frozen_mode
-from separify.io.models import atomic_write
+from separify.io.files import atomic_write
 
 __all__ = ["distillation_loss", "feature_loss", "finetune", "FinetuneResult"]
 
@@ -149,19 +149,221 @@ def _recording(taps: _Taps | None):
 
 
 def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch → ``(input, labels or None)``: a tensor, or a tuple/list ``(input, labels, ...)``."""
     if isinstance(batch, (tuple, list)):
         return batch[0], (batch[1] if len(batch) > 1 else None)
     return batch, None
 
 
 def _fingerprint(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """``[(state-dict key, shape)]``: what a checkpoint must match to be loaded into ``model``."""
     return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
 
 
 def _dist() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised ``torch.distributed`` group, ``(0, 1)`` without one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def _total_steps(steps: int | None, epochs: int | None, data: Iterable) -> int:
+    """The number of optimizer steps: ``steps``, or ``epochs × len(data)``; refuses anything but exactly one
+    positive integer of the two, empty data, and ``epochs`` for data without a length."""
+    if (steps is None) == (epochs is None):
+        raise SeparifyError("finetune needs exactly one of steps and epochs")
+    for name, value in (("steps", steps), ("epochs", epochs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise SeparifyError(f"{name} must be a positive integer, got {value!r}")
+    batches_per_epoch = len(data) if hasattr(data, "__len__") else None
+    if batches_per_epoch == 0:
+        raise SeparifyError("the fine-tuning data is empty")
+    if epochs is not None and batches_per_epoch is None:
+        raise SeparifyError("epochs needs data with a length (a list or a DataLoader); give steps instead")
+    return steps if steps is not None else epochs * batches_per_epoch
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """The loss of one step (module docstring): :func:`distillation_loss` with these settings, plus
+    ``feature_weight ·`` :func:`feature_loss` where features are tapped."""
+
+    temperature: float
+    alpha: float
+    class_dim: int
+    label_loss: LabelLoss | None
+    use_labels: bool
+    feature_weight: float
+
+    def check_labels(self, y: torch.Tensor | None, t_logits: torch.Tensor) -> None:
+        """Class labels ``y (B,)`` must index the teacher's classes (unchecked with a custom ``label_loss``)."""
+        if y is not None and self.label_loss is None and (int(y.min()) < 0
+                                                          or int(y.max()) >= t_logits.shape[self.class_dim]):
+            raise SeparifyError(f"labels must be in [0, {t_logits.shape[self.class_dim] - 1}], got values from "
+                                f"{int(y.min())} to {int(y.max())}")
+
+    def distillation(self, s_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """:func:`distillation_loss` of student logits ``s_logits`` against ``t_logits`` (labels ``y`` or None)."""
+        return distillation_loss(s_logits, t_logits, y, temperature=self.temperature, alpha=self.alpha,
+                                 class_dim=self.class_dim, label_loss=self.label_loss)
+
+
+class _Trainer:
+    """The state of one :func:`finetune` run: the models (``model`` is the student, wrapped in
+    ``DistributedDataParallel`` when ``world > 1``), AdamW with a cosine schedule over ``total`` steps, the
+    position (``step``, ``epoch``, batches of the epoch to ``skip``), the last good state, the feature taps and the
+    progress bar."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, objective: _Objective, *, total: int,
+                 device: torch.device, amp: bool, rank: int, world: int, lr: float, weight_decay: float, seed: int,
+                 train_bn: bool, checkpoint_every: int, callback: Callable[[int, float], None] | None) -> None:
+        self.student, self.teacher, self.objective = student, teacher, objective
+        self.total, self.device, self.amp, self.rank, self.world = total, device, amp, rank, world
+        self.seed, self.train_bn, self.checkpoint_every, self.callback = seed, train_bn, checkpoint_every, callback
+        self.model: nn.Module = student
+        if world > 1 and not isinstance(student, nn.parallel.DistributedDataParallel):
+            self.model = nn.parallel.DistributedDataParallel(
+                student, device_ids=[device.index] if device.type == "cuda" else None)
+        params = [p for p in student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        self.step, self.epoch, self.skip = 0, 0, 0
+        self.saved_rng: torch.Tensor | None = None  # the random state to continue from, when resuming
+        self.result = FinetuneResult(0)
+        self.ckpt_path: Path | None = None
+        self.last_good, self.last_good_step = None, 0
+        self.s_taps: _Taps | None = None
+        self.t_taps: _Taps | None = None
+        self.bar = self.task = None
+
+    def resume(self, checkpoint: str | os.PathLike | None) -> None:
+        """Load ``checkpoint`` where it exists (student, optimizer, schedule, position, random state), after
+        checking its format and that its parameters match the student; then keep the current state as the last
+        good one."""
+        self.ckpt_path = path = Path(checkpoint) if checkpoint is not None else None
+        if path is not None and path.exists():
+            try:
+                state = torch.load(path, map_location=self.device, weights_only=True)
+            except Exception as exc:
+                raise SeparifyError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
+            if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+                raise SeparifyError(f"{path} is not a separify fine-tuning checkpoint")
+            if [(k, tuple(shape)) for k, shape in state["fingerprint"]] != _fingerprint(self.student):
+                raise SeparifyError(f"{path} is a checkpoint of another model (its parameters do not match)")
+            self.student.load_state_dict(state["student"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            self.step, self.epoch, self.skip = state["step"], state["epoch"], state["batch"]
+            self.saved_rng = state["rng"]
+            self.result.resumed_from = self.step
+        self.last_good, self.last_good_step = copy.deepcopy(self.student.state_dict()), self.step
+
+    def save(self, batch_index: int) -> None:
+        """Keep the current state as the last good one and write the checkpoint (rank 0; atomic); ``batch_index``:
+        the batch of this epoch to resume at."""
+        self.last_good, self.last_good_step = copy.deepcopy(self.student.state_dict()), self.step
+        if self.ckpt_path is not None and self.rank == 0:
+            payload = {"format": CHECKPOINT_FORMAT, "fingerprint": _fingerprint(self.student),
+                       "student": self.last_good, "optimizer": self.optimizer.state_dict(),
+                       "schedule": self.schedule.state_dict(), "step": self.step, "epoch": self.epoch,
+                       "batch": batch_index, "rng": torch.get_rng_state()}
+            atomic_write(self.ckpt_path, lambda tmp: torch.save(payload, tmp))
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def start_progress(self, progress: bool) -> None:
+        """A transient progress bar on rank 0, from the current step."""
+        if progress and self.rank == 0:
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("fine-tuning", total=self.total, completed=self.step)
+
+    def set_modes(self) -> None:
+        """The student in train mode, its BatchNorm layers in eval mode unless ``train_bn``."""
+        self.student.train()
+        if not self.train_bn:
+            for m in self.student.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def tap(self, features: Mapping[str, str]) -> None:
+        """Record the outputs of the student modules (keys) and teacher modules (values) of ``features``."""
+        self.s_taps = _Taps(self.student, list(features.keys()), detach=False)
+        self.t_taps = _Taps(self.teacher, list(features.values()), detach=True)
+
+    def close(self) -> None:
+        """Remove the taps and stop the progress bar."""
+        for taps in (self.s_taps, self.t_taps):
+            if taps is not None:
+                taps.remove()
+        if self.bar is not None:
+            self.bar.stop()
+
+    def train(self, data: Iterable) -> None:
+        """Run epochs over ``data`` (reseeding torch at each) until ``total`` steps or a non-finite loss."""
+        while self.step < self.total:
+            torch.manual_seed(self.seed + self.epoch)  # a DataLoader shuffling with it repeats its order
+            index = -1
+            for index, batch in enumerate(data):
+                if index < self.skip:
+                    continue
+                if self.step >= self.total:
+                    break
+                if not self._train_step(batch, index):
+                    return
+            if index == -1:
+                raise SeparifyError("the fine-tuning data is empty")
+            if self.step < self.total:
+                self.epoch, self.skip = self.epoch + 1, 0
+
+    def _train_step(self, batch: Any, index: int) -> bool:
+        """One optimizer step on ``batch`` (batch ``index`` of the epoch); ``False``: the loss was not finite, the
+        last good state is restored and the run stops."""
+        if self.saved_rng is not None:  # resuming: the random stream continues where the checkpoint left it
+            torch.set_rng_state(self.saved_rng)
+            self.saved_rng = None
+        loss = self._loss(batch)
+        if not torch.isfinite(loss):
+            self.student.load_state_dict(self.last_good)
+            self.result.stopped = (f"the loss became {float(loss)} at step {self.step + 1}; stopped and restored the "
+                                   f"last good state (step {self.last_good_step})")
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        self.step += 1
+        self.result.losses.append(float(loss.detach()))
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.step)
+        if self.callback is not None:
+            self.callback(self.step, float(loss))
+        if self.step % self.checkpoint_every == 0 or self.step == self.total:
+            self.save(index + 1)
+        return True
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        """The scalar loss of the student on ``batch`` (this process's share of it under ``world > 1``)."""
+        x, y = _split(batch)
+        if self.world > 1:  # every process takes its share of the same batch
+            x = x[self.rank :: self.world]
+            y = y[self.rank :: self.world] if y is not None else None
+        x = x.to(self.device)
+        y = y.to(self.device) if (y is not None and self.objective.use_labels) else None
+        self.set_modes()  # again at every step: a callback may have switched modes (e.g. to evaluate)
+        with torch.no_grad(), frozen_mode(self.teacher), _recording(self.t_taps):
+            t_logits = self.teacher(x)  # (B, ..., classes along class_dim)
+        self.objective.check_labels(y, t_logits)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with _recording(self.s_taps):
+                s_logits = self.model(x)
+            loss = self.objective.distillation(s_logits, t_logits, y)
+            if self.s_taps is not None:
+                loss = loss + self.objective.feature_weight * feature_loss(self.s_taps.take(), self.t_taps.take())
+        return loss
 
 
 def finetune(
@@ -214,17 +416,7 @@ def finetune(
     Returns:
         :class:`FinetuneResult`.
     """
-    if (steps is None) == (epochs is None):
-        raise SeparifyError("finetune needs exactly one of steps and epochs")
-    for name, value in (("steps", steps), ("epochs", epochs)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise SeparifyError(f"{name} must be a positive integer, got {value!r}")
-    batches_per_epoch = len(data) if hasattr(data, "__len__") else None
-    if batches_per_epoch == 0:
-        raise SeparifyError("the fine-tuning data is empty")
-    if epochs is not None and batches_per_epoch is None:
-        raise SeparifyError("epochs needs data with a length (a list or a DataLoader); give steps instead")
-    total = steps if steps is not None else epochs * batches_per_epoch
+    total = _total_steps(steps, epochs, data)
     rank, world = _dist()
     device = torch.device(device) if device is not None else next(student.parameters()).device
     amp = (device.type == "cuda") if amp is None else amp
@@ -234,130 +426,23 @@ def finetune(
     if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or not feature_weight >= 0:
         raise SeparifyError(f"feature_weight must be a non-negative number, got {feature_weight!r}")
     check_temperature(temperature)
-    use_features = bool(features) and feature_weight > 0
+    objective = _Objective(temperature, alpha, class_dim, label_loss, use_labels, feature_weight)
 
     torch.manual_seed(seed)
-    model: nn.Module = student
-    if world > 1 and not isinstance(student, nn.parallel.DistributedDataParallel):
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-
-    step, epoch, skip = 0, 0, 0
-    result = FinetuneResult(0)
-    ckpt_path = Path(checkpoint) if checkpoint is not None else None
-    if ckpt_path is not None and ckpt_path.exists():
-        try:
-            state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        except Exception as exc:
-            raise SeparifyError(f"{ckpt_path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise SeparifyError(f"{ckpt_path} is not a separify fine-tuning checkpoint")
-        if [(k, tuple(shape)) for k, shape in state["fingerprint"]] != _fingerprint(student):
-            raise SeparifyError(f"{ckpt_path} is a checkpoint of another model (its parameters do not match)")
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        step, epoch, skip = state["step"], state["epoch"], state["batch"]
-        saved_rng = state["rng"]
-        result.resumed_from = step
-    else:
-        saved_rng = None
-    last_good, last_good_step = copy.deepcopy(student.state_dict()), step
-
-    def save(batch_index: int) -> None:
-        nonlocal last_good, last_good_step
-        last_good, last_good_step = copy.deepcopy(student.state_dict()), step
-        if ckpt_path is not None and rank == 0:
-            payload = {"format": CHECKPOINT_FORMAT, "fingerprint": _fingerprint(student), "student": last_good,
-                          "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
-                          "epoch": epoch, "batch": batch_index, "rng": torch.get_rng_state()}
-            atomic_write(ckpt_path, lambda tmp: torch.save(payload, tmp))
-        if world > 1:
-            torch.distributed.barrier()
-
-    bar = None
-    if progress and rank == 0:
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task("fine-tuning", total=total, completed=step)
-
-    def set_modes() -> None:
-        student.train()
-        if not train_bn:
-            for m in student.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-
-    set_modes()
-    s_taps = t_taps = None
-    if use_features:
-        s_taps = _Taps(student, list(features.keys()), detach=False)
-        t_taps = _Taps(teacher, list(features.values()), detach=True)
+    run = _Trainer(student, teacher, objective, total=total, device=device, amp=amp, rank=rank, world=world, lr=lr,
+                   weight_decay=weight_decay, seed=seed, train_bn=train_bn, checkpoint_every=checkpoint_every,
+                   callback=callback)
+    run.resume(checkpoint)
+    run.start_progress(progress)
+    run.set_modes()
+    if features and feature_weight > 0:
+        run.tap(features)
     try:
-        while step < total:
-            torch.manual_seed(seed + epoch)  # a DataLoader shuffling with the global generator repeats its order
-            index = -1
-            for index, batch in enumerate(data):
-                if index < skip:
-                    continue
-                if step >= total:
-                    break
-                if saved_rng is not None:  # resuming: the random stream continues where the checkpoint left it
-                    torch.set_rng_state(saved_rng)
-                    saved_rng = None
-                x, y = _split(batch)
-                if world > 1:  # every process takes its share of the same batch
-                    x = x[rank::world]
-                    y = y[rank::world] if y is not None else None
-                x = x.to(device)
-                y = y.to(device) if (y is not None and use_labels) else None
-                set_modes()  # again at every step: a callback may have switched modes (e.g. to evaluate)
-                with torch.no_grad(), frozen_mode(teacher), _recording(t_taps):
-                    t_logits = teacher(x)
-                if y is not None and label_loss is None and (int(y.min()) < 0
-                                                             or int(y.max()) >= t_logits.shape[class_dim]):
-                    raise SeparifyError(f"labels must be in [0, {t_logits.shape[class_dim] - 1}], got values from "
-                                        f"{int(y.min())} to {int(y.max())}")
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    with _recording(s_taps):
-                        s_logits = model(x)
-                    loss = distillation_loss(s_logits, t_logits, y, temperature=temperature, alpha=alpha,
-                                             class_dim=class_dim, label_loss=label_loss)
-                    if use_features:
-                        loss = loss + feature_weight * feature_loss(s_taps.take(), t_taps.take())
-                if not torch.isfinite(loss):
-                    student.load_state_dict(last_good)
-                    result.stopped = (f"the loss became {float(loss)} at step {step + 1}; stopped and restored the "
-                                      f"last good state (step {last_good_step})")
-                    return _finish(result, step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                step += 1
-                result.losses.append(float(loss.detach()))
-                if bar is not None:
-                    bar.update(task, completed=step)
-                if callback is not None:
-                    callback(step, float(loss))
-                if step % checkpoint_every == 0 or step == total:
-                    save(index + 1)
-            if index == -1:
-                raise SeparifyError("the fine-tuning data is empty")
-            if step < total:
-                epoch, skip = epoch + 1, 0
+        run.train(data)
     finally:
-        for taps in (s_taps, t_taps):
-            if taps is not None:
-                taps.remove()
-        if bar is not None:
-            bar.stop()
+        run.close()
         student.train(was_training)
-    return _finish(result, step)
+    return _finish(run.result, run.step)
 
 
 def _finish(result: FinetuneResult, step: int) -> FinetuneResult:

@@ -1,0 +1,122 @@
+"""The backend interface: the few steps of a conversion that differ between model types.
+
+The pipeline (:mod:`separify.pipeline`) runs discover → check → plan → decompose → apply → calibrate → layouts →
+verify once for every model type; a backend knows how to find the convs of its model type, give each one's kernel
+as an ``nn.Conv2d``, measure its calibration inputs, time whole models on a target, and write the chosen
+replacements (:class:`~separify.core.modules.SeparableConv2d` modules, the same for every backend) into its model.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from torch import nn
+
+from separify.calibration import LayerFit
+from separify.config import ConvertConfig, LatencyTarget
+from separify.core.decompose import InputCovariance
+from separify.core.measure import Timing
+from separify.core.modules import SeparableConv2d
+from separify.planning.plan import Candidate
+from separify.records import ConvertResult, LayerRecord, LayerSpec, Skip
+
+__all__ = ["Backend", "Found", "Kernel"]
+
+
+@dataclass
+class Found:
+    """A conv site as discovered: its description, cost, the input shape(s) it runs at on the example input (empty:
+    not reached) and why the backend refuses it (``None``: convertible)."""
+
+    spec: LayerSpec
+    flops: int
+    params: int
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    refusal: Skip | None = None
+
+
+@dataclass
+class Kernel:
+    """The conv to decompose for one site: ``conv`` (BatchNorm folded in where ``bn_folded`` names it), and a note
+    when a BatchNorm that follows it could not be folded."""
+
+    conv: nn.Conv2d
+    bn_folded: str | None = None
+    bn_note: str | None = None
+
+
+class Backend(abc.ABC):
+    """One model type. Built around one input model (never modified unless ``inplace``); used once."""
+
+    path: str = ""  # "fx", "module-tree", "onnx"
+    trace_error: str | None = None
+    flops_before: int = 0
+    params_before: int = 0
+
+    # --- discover and check
+
+    @abc.abstractmethod
+    def discover(self) -> list[Found]:
+        """Every conv site in graph order."""
+
+    @abc.abstractmethod
+    def kernel(self, name: str, cfg: ConvertConfig) -> Kernel:
+        """The kernel of a convertible site, as an ``nn.Conv2d`` (BatchNorm folded where the backend can)."""
+
+    # --- calibration
+
+    @abc.abstractmethod
+    def set_calibration(self, data: Any, limit: int) -> int:
+        """Check and keep calibration data (at most ``limit`` samples); returns the samples that will be used."""
+
+    @abc.abstractmethod
+    def observe(self, cands: Sequence[Candidate], moments: bool) -> dict[str, InputCovariance]:
+        """One pass over the calibration data through the original model: each candidate's input moments (where
+        ``moments``) and whatever the refit needs later."""
+
+    @abc.abstractmethod
+    def output_pixels(self, cands: Sequence[Candidate]) -> dict[str, int]:
+        """Per candidate, the pixels of its output over all calibration samples."""
+
+    @abc.abstractmethod
+    def refit(self, replacements: dict[str, SeparableConv2d], records: dict[str, LayerRecord], cfg: ConvertConfig,
+              pixels: dict[str, int], progress=None) -> list[LayerFit]:
+        """Fit each applied replacement to the original layer's outputs on the calibration data, in graph order,
+        on the converted model's own inputs; the factors are updated in the backend's model."""
+
+    # --- latency
+
+    @abc.abstractmethod
+    def latency_target(self, cfg: ConvertConfig) -> LatencyTarget:
+        """The target candidates are timed on (checked for this model type)."""
+
+    @property
+    @abc.abstractmethod
+    def example_batch(self) -> int:
+        """The batch size of the example input."""
+
+    @abc.abstractmethod
+    def time_models(self, models: Sequence[Any], target: LatencyTarget, timer, *, scale: float = 1.0) -> list[Timing]:
+        """Whole models of this backend's type (``"original"``, ``"converted"`` or a model) timed on ``target``
+        (interleaved), or by an injected ``timer``."""
+
+    @abc.abstractmethod
+    def trial(self, replacements: dict[str, SeparableConv2d]) -> Any:
+        """A copy of the original with these replacements (untrained factors) in their layouts, for timing."""
+
+    # --- apply and finish
+
+    @abc.abstractmethod
+    def apply(self, replacements: dict[str, SeparableConv2d], records: dict[str, LayerRecord]) -> None:
+        """Write the replacements into the working model (BatchNorms folded into them are removed)."""
+
+    @abc.abstractmethod
+    def write_layout(self, name: str, module: SeparableConv2d) -> None:
+        """Write a replacement again after its layout changed (same function, other channel order or width)."""
+
+    @abc.abstractmethod
+    def result(self, records: list[LayerRecord], cfg: ConvertConfig, flops_budget: int | None) -> ConvertResult:
+        """The result: converted model, records, whole-model FLOPs and parameters after; verified where the
+        backend verifies (ONNX: checker and both models run in onnxruntime)."""

@@ -1,0 +1,276 @@
+"""The ONNX backend: Conv nodes of an ONNX graph rewritten as separable Conv nodes (:mod:`.rewrite`), calibrated
+(:mod:`.calibrate`) and timed in onnxruntime, checked by ``onnx.checker`` and by running both graphs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from separify.backends.base import Backend, Found, Kernel
+from separify.backends.onnx import calibrate as onnx_calibrate
+from separify.backends.onnx.graph import (_EXTERNAL_KEY, OrtModule, _chunks, _fixed_batch, _node_flops,
+                                          _pads, _padded, _probe, _taken_names, example_feeds, graph_inputs,
+                                          load_onnx, onnx_flops, onnx_params, save_onnx, session,
+                                          too_large_in_memory)
+from separify.backends.onnx.rewrite import (_output_name, _rewrite, _write_layout, check, kernel_conv, layer_spec,
+                                            match)
+from separify.calibration import as_batches
+from separify.config import ConvertConfig, LatencyTarget
+from separify.core import measure
+from separify.core.modules import SeparableConv2d
+from separify.errors import ConfigError, SeparifyError, first_line
+from separify.planning.latency import injected_timings
+from separify.records import ConvertResult, LayerRecord
+
+__all__ = ["OnnxBackend", "OnnxConvertResult"]
+
+
+class OnnxBackend(Backend):
+    """An ONNX model (a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``; never modified: the backend works on
+    a clone whose tensors are shared, never mutated), converted at ``input_shapes``."""
+
+    path = "onnx"
+
+    def __init__(self, model: Any, cfg: ConvertConfig, *, input_shapes=None, check_samples: int = 8,
+                 threads: int | None = None, timer=None) -> None:
+        if cfg.calibration.steps:
+            raise ConfigError("calib_steps (layer-wise reconstruction) runs in PyTorch and is not available for ONNX "
+                              "models; use the least-squares refit (the default) or fine-tune (--finetune)")
+        self.original = load_onnx(model)
+        self.work = self.original.clone()
+        self.work.meta[_EXTERNAL_KEY] = self.original.meta.get(_EXTERNAL_KEY, False)
+        self.feeds = example_feeds(self.work, input_shapes, seed=cfg.seed)
+        self.threads, self.check_samples, self.seed = threads, check_samples, cfg.seed
+        # one run for the shapes of every Conv/Gemm/MatMul input, hence FLOPs and the layers' input shapes
+        counted, self.shapes = _probe(self.work, self.feeds, threads)
+        self.flops_before = sum(_node_flops(n, self.shapes) for n in counted)
+        self.params_before = onnx_params(self.work)
+        self.sites = {s.name: s for s in match(self.work)}
+        self.fixed_batch = _fixed_batch(self.work)
+        self.value_names = _taken_names(self.work)
+        self.batches: list[torch.Tensor] | None = None
+        self.replaced: dict[str, tuple[SeparableConv2d, dict[str, ir.Value], np.dtype]] = {}
+
+    # --- discover and check
+
+    def discover(self) -> list[Found]:
+        found = []
+        for site in self.sites.values():
+            spec = layer_spec(site, self.shapes)
+            site.input_shape = spec.input_shape
+            refusal = check(site)
+            params = sum(a.size for a in (site.weight, site.bias) if a is not None)
+            shapes = []
+            if refusal is None and site.input_shape is not None:
+                site.pads = _pads(site.node, site.input_shape, site.weight.shape[2:])
+                shapes = [_padded(site.input_shape, site.input_pads)]
+            found.append(Found(spec, _node_flops(site.node, self.shapes), int(params), shapes, refusal))
+        return found
+
+    def kernel(self, name: str, cfg: ConvertConfig) -> Kernel:
+        return Kernel(kernel_conv(self.sites[name]))
+
+    # --- calibration
+
+    def set_calibration(self, data: Any, limit: int) -> int:
+        self.batches = as_batches(data, limit=limit)
+        if len(self.feeds) != 1:
+            raise SeparifyError("ONNX calibration needs a single-input model")
+        return sum(len(c) for c in _chunks(self.batches, self.fixed_batch))  # as run: a fixed batch drops the rest
+
+    def observe(self, cands, moments: bool):
+        if not moments:
+            return {}
+        return onnx_calibrate.moments(self.original, [self.sites[c.name] for c in cands],
+                                      {c.name: c.kernel for c in cands}, self.batches, self.fixed_batch, self.threads)
+
+    def output_pixels(self, cands) -> dict[str, int]:
+        samples = sum(len(c) for c in _chunks(self.batches, self.fixed_batch))
+        return onnx_calibrate.calibration_pixels(self.work, [self.sites[c.name] for c in cands], self.batches,
+                                                 self.fixed_batch, samples, self.threads)
+
+    def refit(self, replacements, records, cfg: ConvertConfig, pixels, progress=None):
+        return onnx_calibrate.refit(self.original, self.work, self.replaced, self.batches, self.fixed_batch,
+                                    cfg.calibration.ridge, self.threads, pixels=pixels, als=cfg.calibration.als,
+                                    seed=cfg.seed, pads={n: self.sites[n].input_pads for n in self.replaced})
+
+    # --- latency
+
+    def latency_target(self, cfg: ConvertConfig) -> LatencyTarget:
+        """ONNX Runtime on the CPU (``"cpu"``, the default target, is read as that); the batch is the model's."""
+        target = _onnx_target(cfg)
+        batch = self.example_batch
+        if target.batch_size is not None and target.batch_size != batch:
+            raise ConfigError(f"the latency target's batch size {target.batch_size} differs from the ONNX model's "
+                              f"input batch {batch}; give the whole shape with --input-shape (input_shapes=)")
+        if target.threads is None and self.threads is not None:
+            target = dataclasses.replace(target, threads=self.threads)
+        return target
+
+    @property
+    def example_batch(self) -> int:
+        return int(next(iter(self.feeds.values())).shape[0])
+
+    def time_models(self, models: Sequence[Any], target: LatencyTarget, timer, *, scale: float = 1.0):
+        graphs = [self.original if m == "original" else self.work if m == "converted" else m for m in models]
+        return _ort_timings(graphs, self.feeds, target, timer, self.threads, scale=scale)
+
+    def trial(self, replacements: dict[str, SeparableConv2d]) -> ir.Model:
+        trial = self.original.clone()
+        sites = {s.name: s for s in match(trial)}
+        names = _taken_names(trial)
+        for name, mod in replacements.items():  # in their chosen layouts, as the final graph is written
+            dtype = self.sites[name].weight.dtype
+            inits = _rewrite(trial, sites[name], mod.eval(), dtype, names)
+            _write_layout(trial, inits, mod, dtype, names)
+        return trial
+
+    # --- apply and finish
+
+    def apply(self, replacements, records: dict[str, LayerRecord]) -> None:
+        for name, mod in replacements.items():
+            dtype = self.sites[name].weight.dtype
+            inits = _rewrite(self.work, self.sites[name], mod.eval(), dtype, self.value_names)
+            self.replaced[name] = (mod, inits, dtype)
+
+    def write_layout(self, name: str, module: SeparableConv2d) -> None:
+        _, inits, dtype = self.replaced[name]
+        _write_layout(self.work, inits, module, dtype, self.value_names)
+
+    def result(self, records, cfg: ConvertConfig, flops_budget) -> "OnnxConvertResult":
+        checked = _check_converted(self.work) if self.replaced else True
+        factor_nodes = {name: [u.node.name for u in (v.uses()[0] for k, v in inits.items() if k.endswith(".weight"))]
+                        for name, (_m, inits, _d) in self.replaced.items()}
+        result = OnnxConvertResult(
+            self.work, records, "onnx", cfg, None, self.flops_before, onnx_flops(self.work, self.feeds,
+                                                                                   threads=self.threads),
+            self.params_before, onnx_params(self.work), flops_budget,
+            input_shapes={k: tuple(v.shape) for k, v in self.feeds.items()}, checked=checked,
+            factor_nodes=factor_nodes)
+        if self.check_samples and self.replaced:
+            result.output_error = _compare(self.original, self.work, self.feeds, self.check_samples, self.seed,
+                                           self.replaced, {r.name: r for r in records}, self.threads)
+        return result
+
+
+@dataclass
+class OnnxConvertResult(ConvertResult):
+    """:class:`~separify.ConvertResult` of the ONNX pass: ``model`` is an ``onnx_ir.Model`` (:meth:`save` writes
+    it; ``onnx_ir.to_proto(result.model)`` gives an ``onnx.ModelProto``).
+
+    Extra attributes:
+        input_shapes: the shapes the model was converted (and FLOPs counted) at.
+        output_error: largest relative error ‖y − ŷ‖/‖y‖ over the graph outputs, original vs converted, both run in
+            onnxruntime on ``check_samples`` random inputs (the per-layer ``output_error`` is the same for each
+            converted layer's output inside the converted model, so it includes the error of the layers before it).
+        checked: the converted model passed ``onnx.checker`` (full check) and strict shape inference; ``False`` for
+            models with external data until :meth:`save` has checked the written file.
+    """
+
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    output_error: float | None = None
+    checked: bool = False
+    factor_nodes: dict[str, list[str]] = field(default_factory=dict)  # layer → names of the Conv nodes written
+
+    def save(self, path: str | os.PathLike) -> list[Path]:
+        """Write the converted model atomically (see :func:`save_onnx`); returns the files written. A model too large
+        to be checked in memory is checked from the written file before it is renamed into place."""
+        written = save_onnx(self.model, path, check=not self.checked)
+        self.checked = True
+        return written
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = super().to_dict()
+        doc.update(input_shapes={k: list(v) for k, v in self.input_shapes.items()}, output_error=self.output_error,
+                   checked=self.checked)
+        return doc
+
+
+def _onnx_target(cfg: ConvertConfig) -> LatencyTarget:
+    """The latency target of an ONNX model: ONNX Runtime on the CPU (``"cpu"``, the default target, is read as
+    that); the PyTorch CUDA target does not apply."""
+    target = cfg.target
+    if target.backend == "cuda":
+        raise ConfigError("an ONNX model is timed in ONNX Runtime on the CPU (--target onnxruntime); the cuda target "
+                          "times PyTorch models")
+    if target.backend == "cpu":
+        try:
+            target = dataclasses.replace(target, backend="onnxruntime")
+        except ConfigError as exc:
+            raise ConfigError(f"an ONNX model is timed in ONNX Runtime: {exc}") from None
+    return target
+
+
+def _ort_timings(models: Sequence[ir.Model], feeds, target: LatencyTarget, timer, threads, *,
+                 scale: float = 1.0) -> list[measure.Timing]:
+    """Whole-graph :class:`~separify.core.measure.Timing` of each model in ONNX Runtime (interleaved; ``scale`` × the
+    usual run time), or from an injected ``timer(modules, input_shape, target)``, which gets the graphs as
+    :class:`OrtModule`."""
+    inputs = [torch.from_numpy(np.ascontiguousarray(feeds[v.name])) for v in graph_inputs(models[0])]
+    if timer is not None:  # checked as for torch models
+        shape = (target.batch_size or inputs[0].shape[0], *inputs[0].shape[1:])
+        return injected_timings([OrtModule(m, threads=threads) for m in models], shape, target, timer,
+                                "onnxruntime-cpu")
+    try:
+        with tempfile.TemporaryDirectory(prefix="separify-latency-") as tmp:
+            paths = []
+            for i, m in enumerate(models):
+                paths.append(Path(tmp) / f"model{i}.onnx")
+                save_onnx(m, paths[-1])
+            timings = measure.time_onnxruntime([str(p) for p in paths], inputs, threads=target.threads or threads,
+                                               min_run_time=scale * max(20 * target.min_run_time, 1.0))
+    except Exception as exc:  # noqa: BLE001 - one clear message
+        raise SeparifyError(f"could not time the whole model on {target.describe()}: {first_line(exc)}") from None
+    return timings if isinstance(timings, list) else [timings]
+
+
+def _check_converted(model: ir.Model) -> bool:
+    """Full ``onnx.checker`` and strict shape inference on the converted model (in memory below 2 GB)."""
+    if too_large_in_memory(model):
+        return False  # checked from the written file by OnnxConvertResult.save; in memory it could exceed 2 GB
+    proto = ir.serde.serialize_model(model)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except Exception as exc:  # noqa: BLE001
+        raise SeparifyError(f"the converted model fails onnx.checker ({first_line(exc)}); this is a separify bug, "
+                            "please report it with the model") from None
+    return True
+
+
+def _compare(original: ir.Model, converted: ir.Model, feeds, samples: int, seed: int, replaced, records,
+             threads) -> float:
+    """Run both models in onnxruntime on ``samples`` random inputs (the example's shape); set each converted layer's
+    ``output_error`` and return the largest relative error over the graph outputs."""
+    layer_outs = {name: _output_name(inits) for name, (_m, inits, _d) in replaced.items()}
+    extra = list(layer_outs.values())
+    sessions = [session(m, extra, threads=threads) for m in (original, converted)]
+    final = [o.name for o in original.graph.outputs]
+    fixed = _fixed_batch(original)
+    num = {n: 0.0 for n in final + extra}
+    den = {n: 0.0 for n in final + extra}
+    gen = np.random.default_rng(seed + 1)
+    done = 0
+    while done < samples:
+        batch = {k: gen.standard_normal((fixed or min(samples - done, 8), *v.shape[1:])).astype(v.dtype)
+                 if v.ndim else v for k, v in feeds.items()}
+        ref, new = (dict(zip(final + extra, s.run(final + extra, batch))) for s in sessions)
+        for n in num:
+            a, b = np.asarray(ref[n], np.float64), np.asarray(new[n], np.float64)
+            num[n] += float(((a - b) ** 2).sum())
+            den[n] += float((a**2).sum())
+        done += next(iter(batch.values())).shape[0] if batch else samples
+    rel = {n: math.sqrt(num[n] / den[n]) if den[n] > 0 else math.sqrt(num[n]) for n in num}
+    for name, out in layer_outs.items():
+        records[name].output_error = rel[out]
+    return max(rel[n] for n in final)

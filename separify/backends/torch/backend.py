@@ -1,0 +1,193 @@
+"""The PyTorch backend: convs found through torch.fx (or the module tree when tracing fails), swapped as modules."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from separify.backends.base import Backend, Found, Kernel
+from separify.backends.torch import fx_pass
+from separify.calibration import LayerFit, Observation, as_batches, observe, refit_pointwise
+from separify.config import ConvertConfig, LatencyTarget
+from separify.core import measure
+from separify.core.modules import SeparableConv2d, why_not_convertible
+from separify.errors import SeparifyError, first_line
+from separify.planning import latency
+from separify.records import ConvertResult, LayerRecord, LayerSpec, Reason, Skip
+
+__all__ = ["TorchBackend"]
+
+
+class TorchBackend(Backend):
+    """An ``nn.Module`` and example inputs. Works on a deep copy unless ``inplace``."""
+
+    def __init__(self, model: nn.Module, cfg: ConvertConfig, example_inputs: Any, *, inplace: bool = False,
+                 timer: latency.Timer | None = None) -> None:
+        if example_inputs is None:
+            raise SeparifyError("convert() needs example_inputs (e.g. torch.randn(1, 3, 224, 224)) to count FLOPs")
+        self.inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        self.original = model
+        # the original as it was, for the final timing: with inplace the working model is the input itself
+        self.reference = copy.deepcopy(model) if inplace and cfg.objective == "latency" else model
+        self.work = model if inplace else copy.deepcopy(model)
+        self.gm = self._trace(cfg.tracer)
+        self.root = self.gm if self.gm is not None else self.work
+        self.path = "fx" if self.gm is not None else "module-tree"
+        self.sites = fx_pass.match_fx(self.gm) if self.gm is not None else fx_pass.match_modules(self.work)
+        self.memory_gb = cfg.calibration.memory_gb
+        self.flops_before = measure.count_flops(self.root, self.inputs)
+        self.params_before = measure.count_params(self.root)
+        self.batches: list[torch.Tensor] | None = None
+        self.obs: Observation | None = None
+        self.folded: dict[str, str] = {}
+        self.converted: nn.Module | None = None
+
+    def _trace(self, tracer: str) -> fx.GraphModule | None:
+        if tracer == "module":
+            return None
+        try:
+            return fx_pass.trace(self.work)
+        except fx_pass.TraceFailed as exc:
+            if tracer == "fx":
+                raise SeparifyError(f"torch.fx could not trace the model: {exc}") from exc
+            self.trace_error = str(exc)
+            return None
+
+    # --- discover and check
+
+    def discover(self) -> list[Found]:
+        shapes = measure.conv_input_shapes(self.root, self.inputs, [s.name for s in self.sites])
+        found = []
+        for site in self.sites:
+            conv, calls = site.module, shapes[site.name]
+            spec = LayerSpec(site.name, conv.in_channels, conv.out_channels, tuple(conv.kernel_size),
+                             tuple(conv.stride), conv.groups, calls[0] if calls else None)
+            found.append(Found(spec, measure.module_flops(conv, calls) if calls else 0, measure.count_params(conv),
+                               calls, _refusal(site)))
+        return found
+
+    def kernel(self, name: str, cfg: ConvertConfig) -> Kernel:
+        """The conv, with the BatchNorm that only follows it folded in (fx path, eval mode)."""
+        site = next(s for s in self.sites if s.name == name)
+        conv = site.module
+        if not cfg.fold_bn:
+            return Kernel(conv)
+        if site.bn_name is None:
+            return Kernel(conv, bn_note="no BatchNorm folding on the module-tree path" if self.gm is None else None)
+        bn = self.root.get_submodule(site.bn_name)
+        why = fx_pass.bn_fold_reason(bn)
+        if why is not None:
+            return Kernel(conv, bn_note=f"BatchNorm {site.bn_name} not folded: {why}")
+        folded = copy.deepcopy(conv)
+        folded.weight, folded.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                          bn.eps, bn.weight, bn.bias)
+        self.folded[name] = site.bn_name
+        return Kernel(folded, bn_folded=site.bn_name)
+
+    # --- calibration
+
+    def set_calibration(self, data: Any, limit: int) -> int:
+        self.batches = as_batches(data, limit=limit)
+        _check_fits(self.original, self.batches[0])
+        return sum(len(b) for b in self.batches)
+
+    def observe(self, cands, moments: bool):
+        targets = {c.name: c.record.bn_folded or c.name for c in cands}
+        # on the input model, before any rewrite (so inplace is safe); the outputs are the refit's targets
+        self.obs = observe(self.original, targets, self.batches, memory_gb=self.memory_gb, moments=moments)
+        return self.obs.covariances
+
+    def output_pixels(self, cands) -> dict[str, int]:
+        out = {}
+        for c in cands:
+            y = self.obs.outputs.get(c.name) if self.obs is not None else None  # (n, N, H, W)
+            if y is not None:
+                out[c.name] = y.shape[0] * y[0, 0].numel()
+        return out
+
+    def refit(self, replacements, records, cfg: ConvertConfig, pixels, progress=None) -> list[LayerFit]:
+        cal = cfg.calibration
+        return refit_pointwise(self.converted, list(replacements), self.obs.outputs, torch.cat(self.batches),
+                               ridge=cal.ridge, steps=cal.steps, lr=cal.lr, als=cal.als, seed=cfg.seed,
+                               progress=progress)
+
+    # --- latency
+
+    def latency_target(self, cfg: ConvertConfig) -> LatencyTarget:
+        if not (isinstance(self.inputs[0], torch.Tensor) and self.inputs[0].dim() > 0):
+            raise SeparifyError("objective='latency' needs a tensor with a batch dimension as the first example input")
+        return cfg.target
+
+    @property
+    def example_batch(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+    def time_models(self, models: Sequence[Any], target: LatencyTarget, timer, *, scale: float = 1.0):
+        models = [self._model(m) for m in models]
+        if timer is not None:
+            shape = (target.batch_size or self.inputs[0].shape[0], *self.inputs[0].shape[1:])
+            return latency.injected_timings(models, shape, target, timer, target.backend)
+        try:
+            return list(latency.time_model(models, self.inputs, target, scale=scale))
+        except Exception as exc:  # noqa: BLE001 - e.g. an export failure for the onnxruntime target
+            raise SeparifyError(f"could not time the whole model on {target.describe()}: {first_line(exc)}") from None
+
+    def _model(self, which: Any) -> nn.Module:
+        if which == "original":
+            return self.root if self.converted is None else self.reference
+        if which == "converted":
+            return self.converted
+        return which
+
+    def trial(self, replacements: dict[str, SeparableConv2d]) -> nn.Module:
+        if self.gm is not None:
+            return fx_pass.rewrite_fx(copy.deepcopy(self.gm), replacements, self._folded(replacements))
+        return fx_pass.rewrite_modules(copy.deepcopy(self.work), replacements, self._aliases())
+
+    # --- apply and finish
+
+    def _folded(self, replacements) -> dict[str, str]:
+        """conv → BatchNorm folded into its replacement (a folded BatchNorm whose conv stays dense stays)."""
+        return {c: b for c, b in self.folded.items() if c in replacements}
+
+    def _aliases(self) -> dict[str, list[str]]:
+        return {s.name: s.aliases for s in self.sites}
+
+    def apply(self, replacements, records: dict[str, LayerRecord]) -> None:
+        if self.gm is not None:
+            training = self.work.training
+            self.converted = fx_pass.rewrite_fx(self.gm, replacements, self._folded(replacements))
+            self.converted.training = training
+        else:
+            self.converted = fx_pass.rewrite_modules(self.work, replacements, self._aliases())
+
+    def write_layout(self, name: str, module: SeparableConv2d) -> None:
+        pass  # the module in the model is the one whose layout changed
+
+    def result(self, records, cfg: ConvertConfig, flops_budget) -> ConvertResult:
+        model = self.converted
+        return ConvertResult(model, records, self.path, cfg, self.trace_error, self.flops_before,
+                             measure.count_flops(model, self.inputs), self.params_before,
+                             measure.count_params(model), flops_budget)
+
+
+def _refusal(site: fx_pass.ConvSite) -> Skip | None:
+    reason = why_not_convertible(site.module)
+    if reason is not None:
+        return Skip(Reason.UNSUPPORTED, reason)
+    if site.blocker is not None:
+        return Skip(Reason.BLOCKED, site.blocker)
+    return None
+
+
+def _check_fits(model: nn.Module, batch: torch.Tensor) -> None:
+    try:
+        with torch.no_grad(), measure.frozen_mode(model):
+            model(batch[:1])
+    except Exception as exc:  # the model's own error says what does not fit
+        raise SeparifyError(f"calibration data of shape {tuple(batch.shape[1:])} per sample does not fit the model "
+                            f"({type(exc).__name__}: {first_line(exc)})") from None

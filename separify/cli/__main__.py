@@ -1,0 +1,5 @@
+"""``python -m separify.cli``."""
+
+from separify.cli import run
+
+run()

@@ -1,0 +1,275 @@
+"""Rank selection for every candidate layer, written once for every backend.
+
+A :class:`Candidate` is a conv that passed the checks: its record, the rule that matched it, the (BatchNorm-folded)
+kernel as an ``nn.Conv2d`` and the input shape(s) it runs at. :func:`choose_ranks` sets each candidate's
+``plan.rank`` (or skips it with a :class:`~separify.records.Reason`): a fixed rank or energy per layer, or a global
+allocation of FLOPs or measured time (:func:`separify.planning.ranks.allocate_options`) minimising
+``Σ relative error²``, where the error is the kernel's or, with calibration data, the predicted output error on it.
+:func:`meet_latency` then checks a latency plan on the whole model and re-plans with a corrected budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from separify.calibration import als_runs, scarce
+from separify.config import ConvertConfig, LayerRule
+from separify.core import measure
+from separify.core.modules import FORMS
+from separify.planning import latency, ranks
+from separify.records import LayerRecord, NoteCode, Plan, Reason
+
+__all__ = ["Candidate", "choose_ranks", "meet_latency", "from_conv_options"]
+
+#: a whole-model check: (original ms, planned ms) of the planned model with untrained factors at these replacements
+TrialTimes = Callable[[dict[str, nn.Module]], tuple[float, float]]
+
+
+@dataclass
+class Candidate:
+    """A conv that passed the checks: what planning and decomposition need of it."""
+
+    record: LayerRecord
+    rule: LayerRule | None
+    method: str  # the form asked for (a rule's or the config's)
+    kernel: nn.Conv2d  # the conv to decompose (BatchNorm folded in), unpadded for ONNX
+    shapes: list[tuple[int, ...]]  # input shape(s) of its calls on the example input (padded for ONNX)
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def plan(self) -> Plan:
+        return self.record.plan
+
+
+def _layer_cost(c: Candidate, whitened: dict[str, torch.Tensor]) -> ranks.LayerCost:
+    cls = FORMS[c.plan.method]
+    c.plan.exact_rank = cls.max_rank(c.kernel)
+    weight = whitened.get(c.name, c.kernel.weight)
+    return ranks.LayerCost(
+        c.name, c.record.flops_before,
+        measure.affine_flops(lambda rank: cls.like(c.kernel, rank, device="meta"), c.shapes), c.plan.exact_rank,
+        lambda r, _m=c.plan.method, _w=weight: ranks.error_curve(_m, _w, r),
+    )
+
+
+def _fixed_rank(cfg: ConvertConfig, c: Candidate) -> tuple[int | None, str]:
+    """The rank a rule or the config fixes for this layer (``None``: allocated), and what fixed it."""
+    rule, method = c.rule, c.plan.method
+    if rule is not None and rule.rank is not None:
+        return rule.rank, f"rule {rule.pattern!r}"
+    if rule is not None and rule.energy is not None:
+        return ranks.rank_for_energy(method, c.kernel.weight, rule.energy), f"rule {rule.pattern!r}"
+    if cfg.ranks.rank is not None:
+        return cfg.ranks.rank, cfg.selection
+    if cfg.ranks.energy is not None:
+        return ranks.rank_for_energy(method, c.kernel.weight, cfg.ranks.energy), cfg.selection
+    return None, cfg.selection
+
+
+def _width_ok(cfg: ConvertConfig, c: Candidate, cost: ranks.LayerCost):
+    """Which padded widths a layer may run at: none beyond its rank under a FLOPs target (the target counts the
+    rank's FLOPs), and, with ``require_saving``, none that costs the dense conv's FLOPs or more."""
+    if cfg.selection == "flops":
+        return lambda width: False
+    if cfg.ranks.require_saving:
+        return lambda width: cost.flops(width) < c.record.flops_before
+    return None
+
+
+def _set_fixed(cfg: ConvertConfig, c: Candidate, rank: int, cost: ranks.LayerCost, planner) -> None:
+    """A fixed rank: clamped to the exact rank, refused where it saves no FLOPs or (latency) no time."""
+    rec, plan = c.record, c.plan
+    if rank > plan.exact_rank:
+        rec.add_note(NoteCode.RANK_CLAMPED, f"rank {rank} clamped to the exact rank {plan.exact_rank}")
+        rank = plan.exact_rank
+    flops = cost.flops(rank)
+    if flops >= rec.flops_before and cfg.ranks.require_saving:
+        rec.skip_with(Reason.NO_SAVING, f"no FLOPs saved at rank {rank} ({flops:,} ≥ {rec.flops_before:,} dense)")
+    elif planner is None:
+        plan.rank = rank
+    else:
+        allowed = planner.options(rec, c.kernel, c.shapes, [rank], _width_ok(cfg, c, cost))
+        if rank in allowed:
+            plan.rank = rank
+            plan.layout, plan.time_after_ms = allowed[rank]
+
+
+def _timed_options(cfg: ConvertConfig, c: Candidate, cost: ranks.LayerCost, planner):
+    """The allocation's options for one layer, ``(choices, costs, err²)`` with ``None`` = dense, and the measured
+    ``{rank: (layout, ms)}`` under the latency objective; ``None`` where the layer has no option (then skipped)."""
+    if planner is None:
+        return None, {}
+    grid = latency.rank_grid(c.plan.method, cost.saving_ranks())
+    if not grid:
+        c.record.skip_with(Reason.NO_SAVING, "no FLOPs saved at any rank")
+        return None, {}
+    allowed = planner.options(c.record, c.kernel, c.shapes, grid, _width_ok(cfg, c, cost))
+    if not allowed:
+        return None, {}
+    choices = sorted(allowed)
+    if cfg.selection == "latency":
+        costs = [allowed[r][1] for r in choices] + [c.plan.time_before_ms]
+    else:
+        costs = [cost.flops(r) for r in choices] + [c.record.flops_before]
+    err2 = np.concatenate([cost.errors(np.array(choices)) ** 2, [0.0]])
+    return (choices + [None], costs, err2), allowed
+
+
+def choose_ranks(cfg: ConvertConfig, cands: Sequence[Candidate], flops_before: int,
+                 whitened: dict[str, torch.Tensor], planner: "latency.LatencyPlanner | None" = None
+                 ) -> tuple[int | None, list[str]]:
+    """Set ``plan.rank`` of every candidate, or skip it with its reason; returns the FLOPs budget and warnings.
+
+    ``flops_before`` is the whole model's FLOPs; ``whitened`` maps layer names to kernels whitened by their
+    calibration inputs, whose error curves (predicted relative output error) then replace the weight error. With a
+    ``planner`` (``objective="latency"``) every candidate is timed on the target: a fixed rank not measured faster
+    than the dense conv (by the margin) is dropped, and the allocation (FLOPs or time budget) only chooses among
+    the ranks of :func:`~separify.planning.latency.rank_grid` measured faster; layouts and times are set.
+    """
+    costs = {c.name: _layer_cost(c, whitened) for c in cands}
+    planned = []
+    for c in cands:
+        rank, source = _fixed_rank(cfg, c)
+        c.plan.rank_source = source
+        if rank is not None:
+            _set_fixed(cfg, c, rank, costs[c.name], planner)
+            continue
+        if c.name in whitened:
+            c.plan.rank_source = f"{cfg.selection} (output error on calibration data)"
+        planned.append(c)
+    if not planned:
+        return None, []
+    options, timed, in_alloc = {}, {}, []
+    for c in planned:
+        opts, allowed = _timed_options(cfg, c, costs[c.name], planner)
+        if planner is not None and opts is None:
+            continue  # skipped with its reason
+        in_alloc.append(c)
+        if opts is not None:
+            options[c.name], timed[c.name] = opts, allowed
+    if not in_alloc:
+        return None, []
+    fixed = [c for c in cands if c.record.plan is not None and c.plan.rank is not None]
+    alloc, budget, msgs = _allocate(cfg, in_alloc, fixed, costs, options, flops_before, planner)
+    for c in in_alloc:
+        rank = alloc.ranks.get(c.name)
+        if rank is not None:
+            c.plan.rank = rank
+            if c.name in timed:
+                c.plan.layout, c.plan.time_after_ms = timed[c.name][rank]
+        elif len(costs[c.name].saving_ranks()) == 0:
+            c.record.skip_with(Reason.NO_SAVING, "no FLOPs saved at any rank")
+        else:
+            by = "the latency allocation" if cfg.selection == "latency" else "the global FLOPs allocation"
+            c.record.skip_with(Reason.ALLOCATION, f"kept dense by {by}")
+    return budget, msgs
+
+
+def _allocate(cfg, in_alloc, fixed, costs, options, flops_before, planner):
+    """The global allocation over ``in_alloc`` (FLOPs or measured ms), around the ``fixed``-rank layers."""
+    msgs: list[str] = []
+    if cfg.selection == "latency":
+        # time outside the allocation: the model's other ops, dense layers, and the fixed-rank layers' dense time
+        layers_ms = sum(c.plan.time_before_ms for c in in_alloc) + sum(c.plan.time_before_ms for c in fixed)
+        if layers_ms > 1.05 * planner.original_ms:  # isolated layers timed slower than inside the model
+            msgs.append(f"the measured layer times add up to more than the whole model's time "
+                        f"({planner.original_ms:.3g} ms); the latency budget is applied to the layer times alone")
+        total = max(planner.original_ms, layers_ms)  # in the layer times' unit
+        rest = total - layers_ms
+        fixed_after = sum(c.plan.time_after_ms for c in fixed)
+        budget = cfg.ranks.latency * total * planner.budget_scale
+        alloc = ranks.allocate_options(options, budget - rest - fixed_after)
+    else:
+        total = flops_before
+        fixed_after = sum(costs[c.name].flops(c.plan.rank) for c in fixed)
+        # FLOPs outside the allocation: non-conv ops, skipped convs, and the fixed-rank layers' dense cost
+        rest = flops_before - sum(c.record.flops_before for c in in_alloc) - sum(c.record.flops_before for c in fixed)
+        budget = int(cfg.ranks.flops * flops_before)
+        alloc = ranks.allocate([costs[c.name] for c in in_alloc], budget - rest - fixed_after) if planner is None \
+            else ranks.allocate_options(options, budget - rest - fixed_after)
+    if not alloc.feasible:
+        lowest = (rest + fixed_after + alloc.flops) / total
+        if cfg.selection == "latency":
+            msgs.append(f"the latency target {cfg.ranks.latency:g} cannot be reached: with every layer at its "
+                        f"fastest measured replacement the layer times add up to {lowest:.3f} of the original's")
+        else:
+            msgs.append(f"the FLOPs target {cfg.ranks.flops:g} cannot be reached: with every convertible layer at "
+                        f"{'its cheapest allowed rank' if planner else 'rank 1'} the model keeps {lowest:.3f} of its "
+                        "FLOPs")
+    return alloc, (int(budget) if cfg.selection == "flops" else None), msgs
+
+
+def _snapshot(cands: Sequence[Candidate]) -> dict[str, tuple]:
+    return {c.name: (copy.copy(c.record.plan), c.record.skip, c.record._time_before_ms) for c in cands}
+
+
+def _restore(cands: Sequence[Candidate], saved: dict[str, tuple]) -> None:
+    for c in cands:
+        plan, skip, dense_ms = saved[c.name]
+        c.record.plan, c.record.skip, c.record._time_before_ms = copy.copy(plan), skip, dense_ms
+
+
+def meet_latency(cfg: ConvertConfig, cands: Sequence[Candidate], flops_before: int, whitened, planner,
+                 first: tuple, trial_times: TrialTimes, *, attempts: int = 3, tolerance: float = 0.02):
+    """Check a latency plan on the whole model and re-plan until the measured time meets the budget.
+
+    The layer times are measured one layer at a time; inside the model the separable layers may gain less (a plan
+    predicted at 0.41 of a network's time can measure 0.60). So the planned model is built with untrained factors
+    at the chosen ranks and layouts (speed does not depend on the weights) and ``trial_times(replacements)`` times
+    it against the original; the layer-time budget is scaled by target / measured before planning again (the layer
+    times are cached). The plan that met the budget, or else the fastest, is kept. ``first`` is
+    :func:`choose_ranks`' first answer.
+    """
+    target = cfg.ranks.latency
+    plans, result = [], first
+    for _ in range(attempts):
+        replacements = {c.name: FORMS[c.plan.method].like(c.kernel, c.plan.rank).set_layout(c.plan.layout)
+                        for c in cands if c.record.plan is not None and c.plan.rank is not None}
+        if not replacements:
+            break
+        before, after = trial_times(replacements)
+        ratio = after / before
+        plans.append((ratio, _snapshot(cands), result))
+        if ratio <= target * (1 + tolerance) or len(plans) == attempts:
+            break
+        planner.budget_scale *= target / ratio
+        for c in cands:  # planned afresh (the layer times come from the cache)
+            c.record.plan, c.record.skip, c.record._time_before_ms = Plan(c.method), None, None
+        result = choose_ranks(cfg, cands, flops_before, whitened, planner)
+    if not plans:
+        return result
+    met = [p for p in plans if p[0] <= target * (1 + tolerance)]
+    ratio, saved, result = met[0] if met else min(plans, key=lambda p: p[0])
+    _restore(cands, saved)
+    budget, msgs = result[0], list(result[1])
+    if not met:
+        msgs.append(f"the latency target {target:g} was not met on {planner.where}: the fastest plan measured "
+                    f"{ratio:.3f} of the original's time after {len(plans)} attempts")
+    return budget, msgs
+
+
+def from_conv_options(cfg: ConvertConfig, c: Candidate, calibrated: bool, covs: dict,
+                      pixels: int | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``from_conv`` for one layer: for pw-dw-pw the CP solver's controls, with the fewer
+    sweeps where calibration's alternating least squares will refit the layer (its depthwise conv reads
+    ``R·kh·kw`` values per pixel, and the layer's ``pixels`` calibration pixels are not scarce for the ``R``
+    inputs of its last 1×1 conv); with ``calibration.whiten``, the layer's input moments."""
+    extra: dict[str, Any] = {}
+    rank = c.plan.rank
+    if c.plan.method == "pw-dw-pw":
+        refitted = (calibrated and als_runs(rank * math.prod(c.kernel.kernel_size))
+                    and not (pixels is not None and scarce(pixels, rank)))
+        extra.update(max_iter=cfg.cp_sweeps(refitted), tol=cfg.cp.tol, seed=cfg.seed)
+    if cfg.calibration.whiten and c.name in covs:
+        extra.update(cov=covs[c.name], damp=cfg.calibration.damp)
+    return extra

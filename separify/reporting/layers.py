@@ -1,0 +1,217 @@
+"""Per-layer rows of a report: every conv of the original paired by name with what the converted model holds there.
+
+For every ``nn.Conv2d`` of a PyTorch original, the converted model holds at the same name either a separable module
+(:class:`~separify.SeparableConv2d`, or the 1×1/depthwise convs under that name when the model was loaded back from a
+``torch.export`` program), or the same conv (kept). ONNX models are paired by node name
+(:func:`separify.backends.onnx.pair_layers`). With the :class:`~separify.ConvertResult` of the conversion, the
+per-layer record (method, rank, reason for keeping, errors) joins the row.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from separify.core.measure import Timing, conv_input_shapes, frozen_mode, module_flops, param_dtype, time_torch
+from separify.core.modules import SeparableConv2d
+from separify.errors import first_line
+from separify.records import ConvertResult, LayerRecord, Reason
+from separify.reporting.data import LayerFigures, NotMeasured
+from separify.reporting.progress import Bar
+from separify.reporting.settings import ReportSettings
+
+__all__ = ["conv_desc", "torch_layers", "onnx_layers"]
+
+KEPT = "the same conv is in both models"
+
+
+def conv_desc(in_channels: int, out_channels: int, kernel_size, stride, groups: int) -> str:
+    """``"64→128 3×3 /2"`` (``g4`` appended for grouped convs)."""
+    text = f"{in_channels}→{out_channels} {'×'.join(str(v) for v in kernel_size)}"
+    stride = tuple(stride)
+    if any(s != 1 for s in stride):
+        text += f" /{stride[0]}" if len(set(stride)) == 1 else f" /{','.join(str(s) for s in stride)}"
+    if groups != 1:
+        text += f" g{groups}"
+    return text
+
+
+def _records(result: ConvertResult | None) -> dict[str, LayerRecord]:
+    return {r.name: r for r in result.layers} if result is not None else {}
+
+
+def _reason(rec: LayerRecord | None, status: str, unmatched: str) -> str | None:
+    """The record's reason; for a kept layer without one, that it is the same conv; for an unmatched one, why."""
+    if status == "unmatched":
+        return unmatched
+    reason = rec.reason if rec is not None else None
+    return KEPT if status == "kept" and reason is None else reason
+
+
+def _note(rec: LayerRecord | None) -> str | None:
+    """The record's notes, with the folded BatchNorm, what the latency selection measured and the ONNX output
+    error."""
+    if rec is None:
+        return None
+    timed = None
+    if rec.time_before_ms is not None and rec.time_after_ms is not None:
+        timed = f"selected on the target: {rec.time_before_ms:.3g} → {rec.time_after_ms:.3g} ms, layout {rec.layout}"
+    elif rec.time_before_ms is not None and rec.reason_code not in (None, Reason.NOT_FASTER):
+        timed = f"dense {rec.time_before_ms:.3g} ms on the target"  # NOT_FASTER's reason already gives the times
+    parts = [f"BN {rec.bn_folded} folded" if rec.bn_folded else None, rec.note, timed,
+             f"output error {rec.output_error:.3g} (onnxruntime, random inputs)" if rec.output_error is not None
+             else None]
+    return "; ".join(p for p in parts if p) or None
+
+
+def _record_figures(rec: LayerRecord | None) -> dict[str, Any]:
+    """The row's fields taken from the conversion's record (both backends)."""
+    return {"note": _note(rec),
+            "kernel_error": rec.rel_error if rec is not None else None,
+            "calib_error_before": rec.calib_error_before if rec is not None else None,
+            "calib_error_after": rec.calib_error_after if rec is not None else None}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PyTorch
+
+
+def torch_layers(original: nn.Module, converted: nn.Module, inputs: tuple, result: ConvertResult | None,
+                 settings: ReportSettings, bar: Bar) -> list[LayerFigures]:
+    """One row per ``nn.Conv2d`` of ``original``: FLOPs at its real input shapes on ``inputs``, and (when
+    ``settings.per_layer``) the conv and its replacement timed alone at the first of those shapes."""
+    old_modules = dict(original.named_modules())
+    old_convs = [n for n, m in old_modules.items() if isinstance(m, nn.Conv2d)]
+    new_modules = dict(converted.named_modules())
+    new_convs = [n for n, m in new_modules.items() if isinstance(m, nn.Conv2d)]
+    shapes = conv_input_shapes(original, inputs, old_convs)
+    new_order = [n for n, calls in conv_input_shapes(converted, inputs, new_convs).items() if calls]
+    records = _records(result)
+    run_time = settings.layer_run_time
+    bar.total(len([n for n in old_convs if shapes[n]]) if run_time is not None else 0)
+    rows = []
+    for name in old_convs:
+        conv, calls = old_modules[name], shapes[name]
+        status, new = _counterpart(name, new_modules, new_order)
+        flops = (module_flops(conv, calls) if calls else None, _flops_after(new, calls))
+        times = _layer_times(name, conv, new, status, calls[0] if calls else None, settings, run_time, bar)
+        rows.append(_torch_row(name, conv, status, new, calls, flops, times, records.get(name)))
+    return rows
+
+
+def _counterpart(name: str, new_modules: dict[str, nn.Module], conv_order: list[str]) -> tuple[str, nn.Module | None]:
+    """``(status, module)``: the same conv (``"kept"``), the replacement (``"converted"``), or ``("unmatched",
+    None)``."""
+    same = new_modules.get(name)
+    if isinstance(same, nn.Conv2d) and not isinstance(same, SeparableConv2d):
+        return "kept", same
+    new = _replacement(name, new_modules, conv_order)
+    return ("converted" if new is not None else "unmatched"), new
+
+
+def _replacement(name: str, new_modules: dict[str, nn.Module], conv_order: list[str]) -> nn.Module | None:
+    """The converted model's stand-in for the original conv ``name``: a separable module at that name, or (for a
+    model loaded back from ``torch.export``) its convs, called in order."""
+    module = new_modules.get(name)
+    if isinstance(module, SeparableConv2d):
+        return module
+    parts = [new_modules[n] for n in conv_order if n.startswith(name + ".")]
+    return nn.Sequential(*parts) if parts else None
+
+
+def _flops_after(new: nn.Module | None, calls: list) -> int | None:
+    if not calls or new is None:
+        return None
+    try:
+        return module_flops(new, calls)
+    except Exception:  # noqa: BLE001 - convs lifted from a .pt2 of a non-default layout do not run alone
+        return None
+
+
+def _layer_times(name: str, conv: nn.Conv2d, new: nn.Module | None, status: str, shape: tuple | None,
+                 settings: ReportSettings, run_time: float | None, bar: Bar) -> tuple[Timing | NotMeasured, ...]:
+    """``(before, after)``: the conv and its replacement timed alone on one random input of ``shape`` (``after``
+    not measured for a kept or unmatched layer, or a replacement that cannot run alone)."""
+    if shape is None:
+        why = NotMeasured("the layer is not called on the report's input")
+        return why, why
+    if run_time is None:
+        why = NotMeasured("per-layer timing turned off")
+        return why, why
+    bar.step(f"timing layer {name}")
+    x = torch.randn(shape, dtype=param_dtype(conv))
+    timing = dict(device=settings.device, threads=settings.threads, min_run_time=run_time)
+    after = NotMeasured("layer unchanged" if status == "kept" else "no counterpart")
+    if status == "converted":
+        try:
+            with torch.no_grad(), frozen_mode(new):
+                new(x)
+        except Exception as exc:  # noqa: BLE001 - e.g. padding ops of an exported module lost between convs
+            after = NotMeasured(f"the replacement cannot be run on its own ({first_line(exc)})")
+        else:
+            return tuple(time_torch([conv, new], (x,), **timing))
+    return time_torch(conv, (x,), **timing), after
+
+
+def _torch_row(name: str, conv: nn.Conv2d, status: str, new: nn.Module | None, calls: list, flops: tuple,
+               times: tuple, rec: LayerRecord | None) -> LayerFigures:
+    converted = status == "converted"
+    return LayerFigures(
+        name=name, conv=conv_desc(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.groups),
+        status=status, input_shape=calls[0] if calls else None, flops_before=flops[0], flops_after=flops[1],
+        latency_before=times[0], latency_after=times[1],
+        method=rec.method if rec is not None else _method_of(new) if converted else None,
+        rank=rec.rank if rec is not None else _rank_of(new) if converted else None,
+        reason=_reason(rec, status, "no conv or separable module at this name in the converted model"),
+        layout=rec.layout if rec is not None else getattr(new, "layout", None) if converted else None,
+        selected_ms_before=rec.time_before_ms if rec is not None else None,
+        selected_ms_after=rec.time_after_ms if rec is not None else None,
+        **_record_figures(rec))
+
+
+def _method_of(module: nn.Module | None) -> str | None:
+    if isinstance(module, SeparableConv2d):
+        return module.method
+    if isinstance(module, nn.Sequential):  # convs of a torch.export-loaded replacement: pw → dw → pw or dw → pw
+        kinds = ["pw" if tuple(m.kernel_size) == (1, 1) else "dw" for m in module]
+        return "-".join(kinds)
+    return None
+
+
+def _rank_of(module: nn.Module | None) -> int | None:
+    """R of pw-dw-pw (the depthwise conv's channels), K of dw-pw (its channel multiplier)."""
+    if isinstance(module, SeparableConv2d):
+        return module.rank
+    if isinstance(module, nn.Sequential):
+        dw = next((m for m in module if tuple(m.kernel_size) != (1, 1)), None)
+        if dw is not None:
+            return dw.out_channels // dw.in_channels if module[0] is dw else dw.out_channels
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ONNX
+
+
+def onnx_layers(models: Sequence[Any], feeds: Mapping[str, Any], result: ConvertResult | None,
+                threads: int | None) -> list[LayerFigures]:
+    """One row per Conv node of ``models[0]``, paired by node name with ``models[1]``; FLOPs on ``feeds``, no
+    per-layer timing."""
+    from separify.backends import onnx as onnx_pass
+
+    records = _records(result)
+    rows = []
+    for pair in onnx_pass.pair_layers(*models, feeds, threads=threads):
+        rec = records.get(pair.name)
+        why = NotMeasured("per-layer timing is for PyTorch models only")
+        rows.append(LayerFigures(
+            name=pair.name, conv=conv_desc(pair.in_channels, pair.out_channels, pair.kernel_size, pair.stride,
+                                           pair.groups),
+            status=pair.status, input_shape=pair.input_shape, flops_before=pair.flops_before,
+            flops_after=pair.flops_after, latency_before=why, latency_after=why, method=pair.method, rank=pair.rank,
+            reason=_reason(rec, pair.status, "no Conv node, or nodes written by separify, at this name in the "
+                                             "converted model"),
+            **_record_figures(rec)))
+    return rows

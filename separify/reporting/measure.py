@@ -1,0 +1,232 @@
+"""Building a report: FLOPs, parameters, size, latency and quality of the original and the converted model, for
+the whole model and per conv layer, all measured in one run. :func:`report` measures PyTorch models,
+:func:`report_onnx` two ONNX files; both take the settings of :class:`~separify.reporting.ReportSettings` as
+keyword arguments."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from separify.core.measure import (Timing, count_flops, count_params, cpu_name, export_onnx, state_dict_bytes,
+                                   time_onnxruntime, time_torch)
+from separify.errors import first_line
+from separify.records import ConvertResult
+from separify.reporting.data import Latency, ModelFigures, NotMeasured, Report, conversion_doc
+from separify.reporting.layers import onnx_layers, torch_layers
+from separify.reporting.progress import Bar, progress_bar
+from separify.reporting.quality import check_outputs, measure_quality
+from separify.reporting.settings import ReportSettings, batched
+
+__all__ = ["report", "report_onnx"]
+
+def report(
+    original: nn.Module,
+    converted: nn.Module | ConvertResult,
+    *,
+    example_inputs: Any,
+    data: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    data_name: str | None = None,
+    metrics: Mapping[str, Callable[[nn.Module], float]] | None = None,
+    device: str = "cpu",
+    fallback_to_cpu: bool = False,
+    batch_size: int | None = None,
+    threads: int | None = None,
+    latency: bool = True,
+    onnx: bool = True,
+    per_layer: bool = True,
+    min_run_time: float = 0.5,
+    layer_min_run_time: float = 0.05,
+    random_samples: int = 64,
+    class_dim: int = 1,
+    files: tuple[str | os.PathLike | None, str | os.PathLike | None] = (None, None),
+    progress: bool = False,
+    seed: int = 0,
+) -> Report:
+    """Measure ``original`` and ``converted`` side by side.
+
+    Args:
+        original: the model before conversion.
+        converted: the converted model, or the :class:`~separify.ConvertResult` of :func:`separify.convert` (its
+            per-layer record then joins the layer rows).
+        example_inputs: a tensor or tuple of tensors both models accept. Timing, FLOPs and layer shapes use it,
+            repeated (first sample) to ``batch_size`` when that is given.
+        files: the two models' files, for their sizes.
+        data, labels, data_name, metrics, device, fallback_to_cpu, batch_size, threads, latency, onnx, per_layer,
+        min_run_time, layer_min_run_time, random_samples, class_dim, progress, seed: the fields of
+            :class:`~separify.reporting.ReportSettings`.
+
+    Raises:
+        SeparifyError: the models' outputs differ in shape, the data does not fit, the device is missing.
+    """
+    settings = ReportSettings(data=data, labels=labels, data_name=data_name, metrics=metrics,
+                              random_samples=random_samples, class_dim=class_dim, seed=seed, device=device,
+                              fallback_to_cpu=fallback_to_cpu, batch_size=batch_size, threads=threads,
+                              latency=latency, onnx=onnx, per_layer=per_layer, min_run_time=min_run_time,
+                              layer_min_run_time=layer_min_run_time, progress=progress)
+    return _report_torch(original, converted, example_inputs, files, settings)
+
+
+def _report_torch(original: nn.Module, converted: nn.Module | ConvertResult, example_inputs: Any, files: tuple,
+                  settings: ReportSettings) -> Report:
+    result = converted if isinstance(converted, ConvertResult) else None
+    model = result.model if result is not None else converted
+    s, notes = settings.resolved()
+    inputs = batched(example_inputs, s.batch_size)
+    check_outputs(original, model, inputs)
+    with ExitStack() as stack:
+        bar = progress_bar(stack, s.progress)
+        bar.step("counting FLOPs and parameters")
+        figures = tuple(_model_figures(m, inputs, f) for m, f in ((original, files[0]), (model, files[1])))
+        bar.step("measuring quality")
+        quality = measure_quality(original, model, inputs, s)
+        latencies = _torch_latency(original, model, inputs, s, bar)
+        not_measured = _latency_gaps(latencies, s)
+        layers = torch_layers(original, model, inputs, result, s, bar)
+        if not s.per_layer:
+            not_measured.append(("per-layer latency", "turned off (per_layer=False / --no-layers)"))
+    return Report(figures[0], figures[1], tuple(latencies), tuple(quality), tuple(layers), s.document(inputs, notes),
+                  _environment(s), conversion_doc(result), tuple(not_measured))
+
+
+def report_onnx(
+    original: str | os.PathLike,
+    converted: str | os.PathLike,
+    *,
+    result: ConvertResult | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | Sequence[int] | None = None,
+    data: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    data_name: str | None = None,
+    threads: int | None = None,
+    latency: bool = True,
+    min_run_time: float = 0.5,
+    random_samples: int = 64,
+    class_dim: int = 1,
+    progress: bool = False,
+    seed: int = 0,
+) -> Report:
+    """The report for two ONNX files (the original and the converted model), everything run in onnxruntime.
+
+    FLOPs are those of the Conv, Gemm and MatMul nodes (:func:`separify.backends.onnx.onnx_flops`); parameters are
+    the initializers' elements; latency is onnxruntime on the CPU, both models in the same run
+    (:func:`~separify.core.measure.time_onnxruntime`); quality as in :func:`report`, with both models run by
+    onnxruntime. Layers are paired by node name (:func:`separify.backends.onnx.pair_layers`); per-layer latency is
+    not measured for ONNX models. ``result`` (the conversion's record) adds ranks, errors and reasons.
+    ``input_shapes`` fixes the inputs' dynamic dimensions (:func:`separify.backends.onnx.example_feeds`, seeded by
+    ``seed``); the other settings are those of :class:`~separify.reporting.ReportSettings`.
+    """
+    settings = ReportSettings(data=data, labels=labels, data_name=data_name, random_samples=random_samples,
+                              class_dim=class_dim, seed=seed, threads=threads, latency=latency,
+                              per_layer=False, min_run_time=min_run_time, layer_min_run_time=0, progress=progress)
+    return _report_onnx((original, converted), result, input_shapes, settings)
+
+
+def _report_onnx(paths: tuple[str | os.PathLike, str | os.PathLike], result: ConvertResult | None,
+                 input_shapes: Any, settings: ReportSettings) -> Report:
+    from separify.backends import onnx as onnx_pass
+
+    models = [onnx_pass.load_onnx(p) for p in paths]
+    feeds = onnx_pass.example_feeds(models[0], input_shapes, seed=settings.seed)
+    s, notes = settings.resolved()
+    inputs = tuple(torch.from_numpy(v) for v in feeds.values())
+    not_measured = [("PyTorch latency", "the models are ONNX files; they are timed in onnxruntime"),
+                    ("per-layer latency", "measured for PyTorch models only; ONNX models are timed whole")]
+    with ExitStack() as stack:
+        bar = progress_bar(stack, s.progress)
+        bar.step("counting FLOPs and parameters")
+        figures = tuple(ModelFigures(onnx_pass.onnx_flops(m, feeds, threads=s.threads), onnx_pass.onnx_params(m),
+                                     onnx_pass.initializer_bytes(m), str(p), os.path.getsize(p))
+                        for m, p in zip(models, paths))
+        runners = [onnx_pass.OrtModule(m, threads=s.threads) for m in models]
+        check_outputs(*runners, inputs)
+        bar.step("measuring quality")
+        quality = measure_quality(*runners, inputs, s)
+        latencies = []
+        if s.latency:
+            bar.step("timing both models in onnxruntime")
+            latencies.append(Latency("onnxruntime-cpu", *time_onnxruntime(list(paths), inputs, threads=s.threads,
+                                                                          min_run_time=s.min_run_time)))
+        not_measured += _latency_gaps(latencies, s)
+        bar.step("pairing the layers")
+        layers = onnx_layers(models, feeds, result, s.threads)
+    notes = notes + ["FLOPs: Conv, Gemm and MatMul nodes only (other ONNX ops, e.g. LSTM, are not counted)"]
+    return Report(figures[0], figures[1], tuple(latencies), tuple(quality), tuple(layers), s.document(inputs, notes),
+                  _environment(s), conversion_doc(result), tuple(not_measured))
+
+
+def _latency_gaps(latencies: list[Latency], settings: ReportSettings) -> list[tuple[str, str]]:
+    """``(what, why)`` for each whole-model timing not measured (or for all of them, when timing is off)."""
+    if not settings.latency:
+        return [("whole-model latency", "turned off (latency=False / --no-timing)")]
+    return [(f"{lat.backend} latency of the {side} model", t.why) for lat in latencies
+            for side, t in (("original", lat.original), ("converted", lat.converted)) if isinstance(t, NotMeasured)]
+
+
+def _model_figures(model: nn.Module, inputs, file) -> ModelFigures:
+    size = os.path.getsize(file) if file is not None and os.path.isfile(file) else None
+    return ModelFigures(count_flops(model, inputs), count_params(model), state_dict_bytes(model),
+                        str(file) if file is not None else None, size)
+
+
+def _torch_latency(original: nn.Module, converted: nn.Module, inputs: tuple, settings: ReportSettings,
+                   bar: Bar) -> list[Latency]:
+    """Both whole models timed in PyTorch on ``settings.device`` and (``settings.onnx``) in ONNX Runtime."""
+    if not settings.latency:
+        return []
+    bar.step(f"timing both models in PyTorch ({settings.device})")
+    latencies = [Latency(f"torch-{settings.device}", *time_torch([original, converted], inputs,
+                                                                 device=settings.device, threads=settings.threads,
+                                                                 min_run_time=settings.min_run_time))]
+    if settings.onnx:
+        bar.step("exporting both models to ONNX and timing them in ONNX Runtime")
+        latencies.append(_onnxruntime(original, converted, inputs, settings.threads, settings.min_run_time))
+    return latencies
+
+
+def _onnxruntime(original, converted, inputs, threads, min_run_time) -> Latency:
+    """Both models exported to ONNX and timed in ONNX Runtime's CPU provider; a model that fails to export or
+    run is :class:`NotMeasured`, with why."""
+    backend = "onnxruntime-cpu"
+    if importlib.util.find_spec("onnxruntime") is None:
+        why = NotMeasured("onnxruntime is not installed (pip install onnxruntime)")
+        return Latency(backend, why, why)
+    cpu_inputs = tuple(t.cpu() for t in inputs)
+    timings: list[Timing | NotMeasured] = []
+    with tempfile.TemporaryDirectory(prefix="separify-onnx-") as tmp:
+        paths = [Path(tmp) / "original.onnx", Path(tmp) / "converted.onnx"]
+        for m, path in zip((original, converted), paths):
+            try:
+                export_onnx(m, cpu_inputs, path)
+                timings.append(time_onnxruntime(path, cpu_inputs, threads=threads, min_run_time=0.01, warmup=1))
+            except Exception as exc:  # noqa: BLE001 - a failure is reported, not raised
+                what = "ONNX export failed" if not path.exists() else "ONNX Runtime could not run the exported model"
+                timings.append(NotMeasured(f"{what}: {first_line(exc)}"))
+        if all(isinstance(t, Timing) for t in timings):  # both run: time them again, interleaved, for real
+            timings = time_onnxruntime(paths, cpu_inputs, threads=threads, min_run_time=min_run_time)
+    return Latency(backend, *timings)
+
+
+def _environment(settings: ReportSettings) -> dict[str, Any]:
+    from separify import __version__
+
+    env = {"separify": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+           "threads": settings.threads}
+    try:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        env["onnxruntime"] = None
+    env["gpu"] = torch.cuda.get_device_name() if settings.device == "cuda" else None
+    return env
