@@ -1,1 +1,1 @@
-"""core."""
+"""Core: pure decomposition math (decompose), the replacement modules (modules) and measurement (measure)."""

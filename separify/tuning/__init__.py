@@ -1,1 +1,1 @@
-"""tuning."""
+"""Fine-tuning by distillation (finetune)."""
