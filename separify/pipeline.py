@@ -16,6 +16,7 @@ from torch import nn
 
 from separify.backends.base import Backend, Found
 from separify.config import ConvertConfig
+from separify.core import measure
 from separify.core.decompose import check_weight, whiten
 from separify.core.modules import FORMS, SeparableConv2d
 from separify.errors import BadWeightsError, SeparifyError
@@ -270,8 +271,6 @@ def _decompose(cfg: ConvertConfig, cands: list[Candidate], covs, pixels, *, cali
 
 
 def _count(rec: LayerRecord, module: nn.Module, shapes) -> None:
-    from separify.core import measure
-
     rec.flops_after = measure.module_flops(module, shapes)
     rec.params_after = measure.count_params(module)
 

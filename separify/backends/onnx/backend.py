@@ -59,6 +59,7 @@ class OnnxBackend(Backend):
         self.fixed_batch = _fixed_batch(self.work)
         self.value_names = _taken_names(self.work)
         self.batches: list[torch.Tensor] | None = None
+        self.samples = 0
         self.replaced: dict[str, tuple[SeparableConv2d, dict[str, ir.Value], np.dtype]] = {}
 
     # --- discover and check
@@ -86,7 +87,8 @@ class OnnxBackend(Backend):
         self.batches = as_batches(data, limit=limit)
         if len(self.feeds) != 1:
             raise SeparifyError("ONNX calibration needs a single-input model")
-        return sum(len(c) for c in _chunks(self.batches, self.fixed_batch))  # as run: a fixed batch drops the rest
+        self.samples = sum(len(c) for c in _chunks(self.batches, self.fixed_batch))  # as run: a fixed batch drops
+        return self.samples  # the partial last batch
 
     def observe(self, cands, moments: bool):
         if not moments:
@@ -95,9 +97,8 @@ class OnnxBackend(Backend):
                                       {c.name: c.kernel for c in cands}, self.batches, self.fixed_batch, self.threads)
 
     def output_pixels(self, cands) -> dict[str, int]:
-        samples = sum(len(c) for c in _chunks(self.batches, self.fixed_batch))
         return onnx_calibrate.calibration_pixels(self.work, [self.sites[c.name] for c in cands], self.batches,
-                                                 self.fixed_batch, samples, self.threads)
+                                                 self.fixed_batch, self.samples, self.threads)
 
     def refit(self, replacements, records, cfg: ConvertConfig, pixels, progress=None):
         return onnx_calibrate.refit(self.original, self.work, self.replaced, self.batches, self.fixed_batch,
