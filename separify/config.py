@@ -20,11 +20,13 @@ import torch
 from separify.errors import ConfigError, SeparifyError
 
 __all__ = ["ConvertConfig", "RankSelection", "Calibration", "LatencySettings", "CPSolver", "LayerRule", "LatencyTarget",
-           "METHODS", "OBJECTIVES", "FLAT"]
+           "METHODS", "OBJECTIVES", "DEFAULT_OBJECTIVE", "FLAT"]
 
 METHODS = ("dw-pw", "pw-dw-pw")
 TRACERS = ("auto", "fx", "module")
 OBJECTIVES = ("flops", "latency")
+#: the objective when none is given: measured time on the target (the default result is never slower)
+DEFAULT_OBJECTIVE = "latency"
 BACKENDS = ("cpu", "cuda", "onnxruntime")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CP_SWEEPS = 25  # CP-ALS sweeps (pw-dw-pw) by default
@@ -261,25 +263,30 @@ class LatencySettings:
     """Whether and where candidates are timed (:mod:`separify.planning.latency`).
 
     Attributes:
-        objective: ``"flops"`` (choose by FLOPs and decomposition error alone) or ``"latency"``: time every
-            candidate on ``target``, keep a layer dense unless a replacement is faster by ``margin``, use each
-            rank's fastest equivalent layout, and time both whole models at the end.
+        objective: ``"latency"`` (the default, :data:`DEFAULT_OBJECTIVE`): time every candidate on ``target``,
+            keep a layer dense unless a replacement is faster by ``margin``, use each rank's fastest equivalent
+            layout, time the planned whole model against the original and drop replacements until it is faster
+            (never slower than the original), and time both whole models at the end. ``"flops"``: choose by FLOPs
+            and decomposition error alone, nothing timed (for hardware that cannot be timed here).
         target: a :class:`LatencyTarget`, a mapping of its fields, or its backend name (``"cpu"``, ``"cuda"``,
-            ``"onnxruntime"``); default cpu under the latency objective.
+            ``"onnxruntime"``); default: PyTorch on the CPU for a PyTorch model, ONNX Runtime on the CPU for an
+            ONNX model. Giving one implies the latency objective.
         margin: a replacement must be at least this fraction faster than the dense conv.
         cache: where measured layer times are kept: ``True`` for the default file
             (:func:`separify.planning.latency.default_cache_path`), a path, or ``False`` for none.
     """
 
-    objective: str = "flops"
+    objective: str | None = None
     target: LatencyTarget | str | Mapping | None = None
     margin: float = 0.05
     cache: bool | str | os.PathLike = True
 
     def __post_init__(self) -> None:
+        target = _as_target(self.target)
+        if self.objective is None:  # a target implies the latency objective
+            object.__setattr__(self, "objective", "latency" if target is not None else DEFAULT_OBJECTIVE)
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        target = _as_target(self.target)
         if target is None and self.objective == "latency":
             target = LatencyTarget()
         if target is not None and self.objective != "latency":

@@ -8,7 +8,9 @@ model and an ONNX graph are a :class:`~separify.backends.base.Backend`'s; everyt
 from __future__ import annotations
 
 import os
+import time
 import warnings
+from contextlib import contextmanager
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -21,9 +23,10 @@ from separify.core.decompose import check_weight, whiten
 from separify.core.modules import FORMS, SeparableConv2d
 from separify.errors import BadWeightsError, SeparifyError
 from separify.planning import latency
-from separify.planning.plan import Candidate, choose_ranks, from_conv_options, meet_latency
-from separify.records import ConvertResult, LayerRecord, NoteCode, Plan, Reason, new_record
+from separify.planning.plan import Candidate, choose_ranks, from_conv_options, keep_faster, meet_latency, planned
+from separify.records import ConvertResult, LayerRecord, NoteCode, Plan, Reason, Skip, new_record
 from separify.calibration import PIXELS_PER_INPUT, LayerFit
+from separify.search import Memo, check_search, fastest_within
 
 __all__ = ["convert", "convert_onnx", "run", "ConvertResult", "LayerRecord"]
 
@@ -39,6 +42,9 @@ def convert(
     calibration: Any = None,
     progress: bool | Callable[[str], None] = False,
     timer: latency.Timer | None = None,
+    max_drop: float | None = None,
+    evaluate: Callable[[Any], float] | None = None,
+    metric_name: str = "evaluate(model)",
     **options: Any,
 ) -> ConvertResult:
     """Replace the dense convs of ``model`` with depthwise-separable approximations.
@@ -63,6 +69,12 @@ def convert(
         progress: ``True`` shows a progress bar over layers; a callable is called with each layer name.
         timer: with ``objective="latency"``, a function ``timer(modules, input_shape, target) -> [ms, ...]`` used
             instead of real timing (and instead of the cache), e.g. to plan for a device you are not on.
+        max_drop: the fastest plan on the target whose ``evaluate(model)`` is at least the original's minus
+            ``max_drop`` (:mod:`separify.search`: latency budgets bisected, timings and calibration statistics
+            measured once); the tries are in ``result.search``.
+        evaluate: ``callable(model) -> float``, higher is better (top-1, mAP, agreement with the original...), on
+            held-out data; for ONNX models it gets an :class:`~separify.backends.onnx.OrtModule`.
+        metric_name: what ``evaluate`` measures, for the report.
 
     Returns:
         :class:`~separify.ConvertResult` with the new model and one record per conv
@@ -77,16 +89,31 @@ def convert(
         0.49...
     """
     cfg = _config(config, options)
+    search = dict(max_drop=max_drop, evaluate=evaluate, metric_name=metric_name)
     if not isinstance(model, nn.Module) and _is_onnx(model):
         shapes = tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else example_inputs
-        return convert_onnx(model, cfg, input_shapes=shapes, calibration=calibration, progress=progress, timer=timer)
+        return convert_onnx(model, cfg, input_shapes=shapes, calibration=calibration, progress=progress, timer=timer,
+                            **search)
     if not isinstance(model, nn.Module):
         raise SeparifyError(f"convert() takes an nn.Module or an ONNX model, got {type(model).__name__} (load "
                             "PyTorch files with separify.io.models.load_model)")
     from separify.backends.torch import TorchBackend
 
-    return run(TorchBackend(model, cfg, example_inputs, inplace=inplace, timer=timer), cfg, calibration=calibration,
-               progress=progress, timer=timer)
+    def make(inplace: bool = inplace) -> TorchBackend:
+        return TorchBackend(model, cfg, example_inputs, inplace=inplace, timer=timer)
+
+    return _run_or_search(make, cfg, calibration=calibration, progress=progress, timer=timer, **search)
+
+
+def _run_or_search(make, cfg: ConvertConfig, *, max_drop, evaluate, metric_name, **kw) -> ConvertResult:
+    """One conversion, or with ``max_drop`` the search over latency budgets (fresh copies of the model)."""
+    if max_drop is None and evaluate is None:
+        return run(make(), cfg, **kw)
+    if max_drop is None:
+        raise SeparifyError("evaluate is the metric of the max_drop search; give max_drop too")
+    check_search(cfg, max_drop, evaluate)
+    return fastest_within(lambda: make(inplace=False), run, cfg, max_drop=max_drop, evaluate=evaluate,
+                          metric_name=metric_name, **kw)
 
 
 def convert_onnx(
@@ -99,6 +126,9 @@ def convert_onnx(
     threads: int | None = None,
     progress: bool | Callable[[str], None] = False,
     timer: latency.Timer | None = None,
+    max_drop: float | None = None,
+    evaluate: Callable[[Any], float] | None = None,
+    metric_name: str = "evaluate(model)",
     **options: Any,
 ) -> ConvertResult:
     """:func:`convert` for an ONNX model (a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``; never modified).
@@ -112,23 +142,31 @@ def convert_onnx(
     from separify.backends.onnx import OnnxBackend
 
     cfg = _config(config, options)
-    backend = OnnxBackend(model, cfg, input_shapes=input_shapes, check_samples=check_samples, threads=threads,
-                          timer=timer)
-    return run(backend, cfg, calibration=calibration, progress=progress, timer=timer)
+
+    def make(inplace: bool = False) -> OnnxBackend:
+        return OnnxBackend(model, cfg, input_shapes=input_shapes, check_samples=check_samples, threads=threads,
+                           timer=timer)
+
+    return _run_or_search(make, cfg, calibration=calibration, progress=progress, timer=timer, max_drop=max_drop,
+                          evaluate=evaluate, metric_name=metric_name)
 
 
 def run(backend: Backend, cfg: ConvertConfig, *, calibration: Any = None,
-        progress: bool | Callable[[str], None] = False, timer: latency.Timer | None = None) -> ConvertResult:
-    """The conversion of one model through its backend (module docstring)."""
+        progress: bool | Callable[[str], None] = False, timer: latency.Timer | None = None,
+        memo: Memo | None = None, keep: Skip | None = None) -> ConvertResult:
+    """The conversion of one model through its backend (module docstring). ``memo`` shares measurements between
+    conversions of the same model; ``keep`` leaves every candidate dense with that reason."""
+    start = time.perf_counter()
+    memo = memo if memo is not None else Memo()
     samples = backend.set_calibration(calibration, cfg.calibration.limit) if calibration is not None else 0
-    records, cands = _check(backend, cfg)
-    covs, whitened = _observe(backend, cfg, cands) if samples else ({}, {})
-    budget, msgs = _plan(backend, cfg, cands, whitened, timer)
-    pixels = backend.output_pixels([c for c in cands if c.record.plan is not None and c.plan.rank is not None]) \
-        if samples else {}
+    records, cands = _check(backend, cfg, keep)
+    covs, whitened = _observe(backend, cfg, cands, memo) if samples else ({}, {})
+    clock = Clock(backend, cfg, timer, memo) if cfg.objective == "latency" and cands else None
+    budget, msgs = _plan(backend, cfg, cands, whitened, clock, progress)
+    pixels = backend.output_pixels(planned(cands)) if samples else {}
     replacements = _decompose(cfg, cands, covs, pixels, calibrated=samples > 0, progress=progress)
     by_name = {r.name: r for r in records}
-    for c in cands:  # a folded BatchNorm whose conv stays dense stays in the model
+    for c in cands:  # the record of a dense layer names no folded BatchNorm
         if c.name not in replacements:
             c.record.bn_folded = None
     backend.apply(replacements, by_name)
@@ -138,9 +176,11 @@ def run(backend: Backend, cfg: ConvertConfig, *, calibration: Any = None,
         _scarce_warning(records, samples, msgs)
     _layouts(backend, cands, replacements)
     result = backend.result(records, cfg, budget)
-    if cfg.objective == "latency" and cands:
-        _check_latency(backend, result, timer, msgs)
+    if clock is not None:
+        _check_latency(clock, result, msgs)
+        clock.save()
     _warn(result, msgs)
+    result.seconds = time.perf_counter() - start
     return result
 
 
@@ -156,7 +196,7 @@ def _config(config: ConvertConfig | None, options: dict[str, Any]) -> ConvertCon
 # discover → check
 
 
-def _refusal(cfg: ConvertConfig, found: Found):
+def _refusal(cfg: ConvertConfig, found: Found, keep: Skip | None):
     """Why this conv stays dense before any planning (``None``: a candidate)."""
     rule = cfg.rule_for(found.spec.name)
     if found.refusal is not None:
@@ -165,16 +205,19 @@ def _refusal(cfg: ConvertConfig, found: Found):
         return Reason.EXCLUDED, f"excluded by pattern {rule.pattern!r}"
     if not found.shapes:
         return Reason.NOT_REACHED, NOT_REACHED
+    if keep is not None:
+        return keep.code, keep.text
     return None
 
 
-def _check(backend: Backend, cfg: ConvertConfig) -> tuple[list[LayerRecord], list[Candidate]]:
+def _check(backend: Backend, cfg: ConvertConfig, keep: Skip | None = None
+           ) -> tuple[list[LayerRecord], list[Candidate]]:
     """A record per conv; the candidates with their kernels (BatchNorm folded) and checked weights."""
     records, cands = [], []
     for found in backend.discover():
         rec = new_record(found.spec, found.flops, found.params)
         records.append(rec)
-        refusal = _refusal(cfg, found)
+        refusal = _refusal(cfg, found, keep)
         if refusal is not None:
             rec.skip_with(*refusal)
             continue
@@ -197,49 +240,117 @@ def _check(backend: Backend, cfg: ConvertConfig) -> tuple[list[LayerRecord], lis
 # calibration statistics → plan
 
 
-def _observe(backend: Backend, cfg: ConvertConfig, cands: list[Candidate]):
+def _observe(backend: Backend, cfg: ConvertConfig, cands: list[Candidate], memo: Memo):
     """Input moments of every candidate (where the whitening or the data-aware allocation uses them) and the
-    whitened kernels whose error curves are the predicted output errors the allocation uses."""
+    whitened kernels whose error curves are the predicted output errors the allocation uses; taken from ``memo``
+    when another conversion of the same model and data measured them."""
+    if memo.observed is not None:
+        observed, covs, whitened = memo.observed
+        backend.use_observation(observed)
+        return covs, whitened
     cal = cfg.calibration
     need = cal.whiten or (cal.ranks and cfg.selection in ("flops", "latency"))
     covs = backend.observe(cands, moments=need) if cands else {}
     whitened = {c.name: whiten(c.kernel.weight, covs[c.name], c.method, damp=cal.damp)
                 for c in cands if cal.ranks and c.name in covs}
+    memo.observed = (backend.observation(), covs, whitened)
     return covs, whitened
 
 
-def _plan(backend: Backend, cfg: ConvertConfig, cands: list[Candidate], whitened, timer):
-    """Ranks (and, under the latency objective, layouts measured on the target) for every candidate."""
-    planner = _planner(backend, cfg, timer) if cfg.objective == "latency" and cands else None
-    try:
-        first = choose_ranks(cfg, cands, backend.flops_before, whitened, planner)
-        if planner is None or cfg.selection != "latency":
-            return first
+def _plan(backend: Backend, cfg: ConvertConfig, cands: list[Candidate], whitened, clock: "Clock | None",
+          progress):
+    """Ranks (and, under the latency objective, layouts measured on the target) for every candidate; under the
+    latency objective the planned whole model is then checked against the original (:func:`keep_faster`)."""
+    if clock is None:
+        return choose_ranks(cfg, cands, backend.flops_before, whitened, None)
+    with _timing_bar(progress, len(cands), clock.where) as on_layer:
+        planner = clock.planner(cfg, on_layer)
 
         def trial_times(replacements):  # the original and the planned model (untrained factors), timed
+            on_layer(None)
             models = ["original", backend.trial(replacements)]
-            return tuple(t.median_ms for t in backend.time_models(models, planner.timer.target, timer))
+            return tuple(t.median_ms for t in clock.models(models))
 
-        return meet_latency(cfg, cands, backend.flops_before, whitened, planner, first, trial_times)
-    finally:
-        if planner is not None:
-            planner.save()
+        try:
+            budget, msgs = choose_ranks(cfg, cands, backend.flops_before, whitened, planner)
+            if cfg.selection == "latency":
+                budget, msgs = meet_latency(cfg, cands, backend.flops_before, whitened, planner, (budget, msgs),
+                                            trial_times)
+            return budget, list(msgs) + keep_faster(cands, trial_times, clock.where)
+        finally:
+            clock.save()
 
 
-def _planner(backend: Backend, cfg: ConvertConfig, timer) -> latency.LatencyPlanner:
-    """The layer timer for the target (through the disk cache unless a timing function is injected); with a
-    latency budget, the original model's time on the target is measured first."""
-    target = backend.latency_target(cfg)
-    if timer is None:
-        target.check_available()
-    cache = cfg.latency.cache
-    path = latency.default_cache_path() if cache is True else (cache or None)
-    layer_timer = latency.LayerTimer(target, cache=latency.LatencyCache(path), timer=timer)
-    original_ms = None
-    if cfg.selection == "latency":
-        original_ms = backend.time_models(["original"], target, timer)[0].median_ms
-    return latency.LatencyPlanner(layer_timer, cfg.latency.margin, original_ms=original_ms,
-                                  batch_size=backend.example_batch)
+@contextmanager
+def _timing_bar(progress, layers: int, where: str):
+    """A progress bar with an ETA over the layers whose candidates are timed (``progress is True``); yields
+    ``on_layer(name)``, called before each layer is timed (``None``: a whole-model timing). Redrawn only between
+    measurements, never while timing."""
+    if progress is not True:
+        yield lambda name: None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+                   auto_refresh=False)
+    with bar:
+        task = bar.add_task(f"timing candidates on {where}", total=layers)
+        seen: set[str] = set()
+
+        def on_layer(name):
+            if name is None:
+                bar.update(task, description=f"timing the whole model on {where}")
+            elif name not in seen:
+                if seen:
+                    bar.advance(task)
+                seen.add(name)
+                bar.update(task, description=f"timing candidates of {name}")
+            bar.refresh()
+
+        yield on_layer
+
+
+class Clock:
+    """Timing on the latency target, through one cache: layer candidates (:class:`~latency.LayerTimer`) and whole
+    models (keyed by :meth:`Backend.fingerprint`, so a model timed once on this machine is not timed again)."""
+
+    def __init__(self, backend: Backend, cfg: ConvertConfig, timer: latency.Timer | None, memo: Memo) -> None:
+        self.backend, self.timer = backend, timer
+        self.target = backend.latency_target(cfg)
+        if timer is None:
+            self.target.check_available()
+        if memo.cache is None:
+            cache = cfg.latency.cache
+            memo.cache = latency.LatencyCache(latency.default_cache_path() if cache is True else (cache or None))
+        self.cache = memo.cache
+        self.where = self.target.describe(backend.example_batch)
+
+    def planner(self, cfg: ConvertConfig, on_layer) -> latency.LatencyPlanner:
+        """The layer timer; with a latency budget, the original model's time on the target is measured first."""
+        layer_timer = latency.LayerTimer(self.target, cache=self.cache, timer=self.timer)
+        original_ms = self.models(["original"])[0].median_ms if cfg.selection == "latency" else None
+        return latency.LatencyPlanner(layer_timer, cfg.latency.margin, original_ms=original_ms,
+                                      batch_size=self.backend.example_batch, on_layer=on_layer)
+
+    def models(self, which: Sequence[Any], *, scale: float = 1.0) -> list[measure.Timing]:
+        """Whole models (``"original"``, ``"converted"`` or models) timed together (interleaved), unless the same
+        models were timed together before on this machine (then their readings of that run)."""
+        if self.timer is not None:
+            return self.backend.time_models(which, self.target, self.timer, scale=scale)
+        key = self.cache.models_key(self.target, [self.backend.fingerprint(w) for w in which],
+                                    self.backend.input_shapes, scale)
+        cached = self.cache.get_timings(key)
+        if cached is not None:
+            return cached
+        timings = self.backend.time_models(which, self.target, None, scale=scale)
+        self.cache.put_timings(key, timings)
+        return timings
+
+    def save(self) -> None:
+        self.cache.save()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -302,24 +413,24 @@ def _layouts(backend: Backend, cands: list[Candidate], replacements: dict[str, S
 # verify → warnings
 
 
-def _check_latency(backend: Backend, result: ConvertResult, timer, msgs: list[str]) -> None:
-    """Time both whole models on the target and keep the times in ``result``, with what the layer times
-    predicted; warn if the converted model was not faster. A real measurement that reads slower is repeated three
-    times as long first: on a shared machine the speed of a small model can switch between levels mid-run."""
-    target = backend.latency_target(result.config)
-    where = target.describe(backend.example_batch)
-    before, after = backend.time_models(["original", "converted"], target, timer)
-    if timer is None and result.converted and after.median_ms >= before.median_ms:
-        before, after = backend.time_models(["original", "converted"], target, timer, scale=3.0)
-    result.latency_target = where
+def _check_latency(clock: Clock, result: ConvertResult, msgs: list[str]) -> None:
+    """Time both whole models on the target (from the cache when the planned model was timed) and keep the times
+    in ``result``, with what the layer times predicted; warn if the converted model was not faster. A fresh
+    measurement that reads slower is repeated three times as long first: on a shared machine the speed of a small
+    model can switch between levels mid-run."""
+    where = clock.where
+    before, after = clock.models(["original", "converted"])
+    if clock.timer is None and result.converted and after.median_ms >= before.median_ms:
+        before, after = clock.models(["original", "converted"], scale=3.0)
+    result.latency_target, result.latency_spec = where, clock.target
     result.latency_before, result.latency_after = before, after
     saved = sum(r.time_before_ms - r.time_after_ms for r in result.converted if r.time_after_ms is not None)
     base = before.median_ms
     result.latency_predicted = (base - saved) / base if base > 0 else None
     ratio = result.latency_ratio
     if ratio is not None and ratio >= 1.0 and result.converted:
-        msgs.append(f"on {where} the converted model measured {ratio:.2f}× the original's time although every "
-                    "replacement was measured faster alone; convert with a larger margin, or keep the original")
+        msgs.append(f"on {where} the converted model measured {ratio:.2f}× the original's time although its plan "
+                    "measured faster; time it again on an idle machine, or convert with a larger --margin")
 
 
 def _scarce_warning(records: Sequence[LayerRecord], samples: int, msgs: list[str]) -> None:

@@ -33,7 +33,8 @@ class Reason(str, enum.Enum):
     NOT_REACHED = "not-reached"  # not called on the example input, so no shape to plan at
     NO_SAVING = "no-saving"  # no replacement saves FLOPs at the rank asked for, or at any rank
     ALLOCATION = "kept-by-allocation"  # the global FLOPs or latency allocation kept it dense
-    NOT_FASTER = "not-faster"  # no replacement measured faster on the latency target
+    NOT_FASTER = "not-faster"  # no replacement measured faster on the latency target, or the whole model was not
+    ACCURACY = "accuracy"  # max_drop: no faster plan kept the metric within the allowed drop
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,48 @@ class LayerRecord:
 
 
 @dataclass
+class SearchTry:
+    """One plan the ``max_drop`` search built, calibrated and evaluated.
+
+    Attributes:
+        budget: the latency budget tried (fraction of the original's time on the target).
+        flops_ratio: whole-model FLOPs converted / original.
+        time_ratio: whole-model time converted / original, measured on the target (same run, interleaved).
+        metric: ``evaluate(converted)``.
+        within: ``metric >= original metric - max_drop``.
+        chosen: the plan returned (the fastest within the budget; the original itself when none was).
+        converted: how many conv layers the plan replaced.
+    """
+
+    budget: float
+    flops_ratio: float
+    time_ratio: float | None
+    metric: float
+    within: bool
+    converted: int
+    chosen: bool = False
+
+
+@dataclass
+class Search:
+    """What ``convert(..., max_drop=D, evaluate=f)`` explored: the original's metric and every try, in order."""
+
+    metric: str  # what ``evaluate`` measures, e.g. "top-1 accuracy (1000 held-out images)"
+    original: float
+    max_drop: float
+    target: str  # the latency target, described
+    tries: list[SearchTry] = field(default_factory=list)
+
+    @property
+    def chosen(self) -> SearchTry | None:
+        return next((t for t in self.tries if t.chosen), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "original": self.original, "max_drop": self.max_drop, "target": self.target,
+                "tries": [dataclasses.asdict(t) for t in self.tries]}
+
+
+@dataclass
 class ConvertResult:
     """The converted model and what was done.
 
@@ -195,7 +238,8 @@ class ConvertResult:
         warnings: messages worth showing the user (also issued with ``warnings.warn``).
         latency_before, latency_after: with ``objective="latency"``, both whole models timed on the target in the
             same run (:class:`~separify.core.measure.Timing`); ``latency_predicted`` is the ratio the sum of the
-            measured layer times predicted; ``latency_target`` describes the target.
+            measured layer times predicted; ``latency_target`` describes the target, ``latency_spec`` is it (a
+            :class:`~separify.config.LatencyTarget`).
     """
 
     model: Any
@@ -213,6 +257,9 @@ class ConvertResult:
     latency_after: measure.Timing | None = None
     latency_predicted: float | None = None
     latency_target: str | None = None
+    latency_spec: Any = None  # the LatencyTarget timed on (latency objective)
+    search: Search | None = None
+    seconds: float | None = None
 
     @property
     def converted(self) -> list[LayerRecord]:
@@ -253,6 +300,8 @@ class ConvertResult:
             "latency_before": dataclasses.asdict(self.latency_before) if self.latency_before else None,
             "latency_after": dataclasses.asdict(self.latency_after) if self.latency_after else None,
             "latency_predicted": self.latency_predicted,
+            "search": self.search.to_dict() if self.search is not None else None,
+            "seconds": self.seconds,
             "warnings": list(self.warnings),
             "layers": [r.to_dict() for r in self.layers],
         }

@@ -84,8 +84,9 @@ def test_a_latency_budget_implies_the_latency_objective():
     assert ConvertConfig(latency=0.6).target == LatencyTarget()
     assert ConvertConfig(rank=4).replace(latency=0.5).objective == "latency"
     assert ConvertConfig.from_dict({"ranks": {"latency": 0.5}}).objective == "latency"
+    assert ConvertConfig(target="cpu").objective == "latency"  # so does a target
     with pytest.raises(ConfigError, match="needs objective='latency'"):
-        ConvertConfig(target="cpu")  # a target alone does not
+        ConvertConfig(objective="flops", target="cpu")
 
 
 def test_replace_keeps_whole_pass_settings_and_rejects_unknown_keys():

@@ -30,7 +30,8 @@ def _teacher(dropout: float = 0.1) -> nn.Module:
 
 def _student(teacher: nn.Module) -> nn.Module:
     x = torch.randn(1, 3, 8, 8)
-    return separify.convert(teacher, example_inputs=x, method="dw-pw", rank=1).model
+    # the FLOPs objective explicitly: DDP workers are fresh processes, outside the tests' default (conftest)
+    return separify.convert(teacher, example_inputs=x, method="dw-pw", rank=1, objective="flops").model
 
 
 def _data(n_batches: int = 6, batch: int = 8, labels: bool = True, seed: int = 1):

@@ -163,7 +163,7 @@ LAYERS = [  # lowest first; a module may import from its own layer or below
     ("separify.errors", "separify.config", "separify.records", "separify.core", "separify.io.files"),
     ("separify.calibration", "separify.planning", "separify.io.data", "separify.io.embedded"),
     ("separify.backends", "separify.tuning", "separify.io.models"),  # io.models lifts torch.export graphs (fx)
-    ("separify.pipeline", "separify.reporting"),
+    ("separify.pipeline", "separify.search", "separify.reporting"),
     ("separify.cli",),
 ]
 

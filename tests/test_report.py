@@ -108,7 +108,7 @@ def full_report():
     """One report with everything measured (tiny repeat counts), reused by the checks below."""
     model = _net()
     x = torch.randn(1, 3, 12, 12)
-    result = separify.convert(model, example_inputs=x, method="dw-pw", rank=2)
+    result = separify.convert(model, example_inputs=x, method="dw-pw", rank=2, objective="flops")
     data = torch.randn(20, 3, 12, 12)
     labels = torch.randint(0, 7, (20,))
     rep = separify.report(model, result, example_inputs=x, data=data, labels=labels, data_name="20 samples",
@@ -291,3 +291,226 @@ def test_compare_command_on_the_embedded_model(tmp_path):
     assert doc["schema"] == "separify-comparison" and len(doc["runs"]) == 1
     jsonschema.validate(doc["runs"][0]["report"], schema())
     assert "top-1 accuracy against FLOPs" in page.read_text()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The max-drop search, the conversion's own timings, implausible readings (fake results: nothing timed for real)
+
+from rich.console import Console  # noqa: E402
+
+from separify.config import ConvertConfig, LatencyTarget  # noqa: E402
+from separify.records import ConvertResult, Search, SearchTry  # noqa: E402
+from separify.reporting import Latency, LayerFigures, ModelFigures, Report, ReportSettings  # noqa: E402
+from separify.reporting.progress import Bar  # noqa: E402
+from separify.reporting.data import FROM_CHECK, conversion_doc  # noqa: E402
+from separify.reporting.layers import flag_shared  # noqa: E402
+from separify.reporting.search import search_chosen, search_rows, search_title  # noqa: E402
+
+TARGET = "torch-cpu float32, batch 1, 1 threads"
+
+
+def _search(chosen: int | None = 1) -> Search:
+    tries = [SearchTry(0.5, 0.41, 0.62, 0.70, False, 12), SearchTry(0.7, 0.55, 0.78, 0.745, True, 9),
+             SearchTry(0.85, 0.8, None, 0.752, True, 4)]
+    if chosen is not None:
+        tries[chosen].chosen = True
+    return Search("top-1 accuracy (100 held-out images)", 0.755, 0.02, TARGET, tries)
+
+
+def _fake_result(search: Search | None = None, **latency) -> ConvertResult:
+    cfg = ConvertConfig(objective="latency", target=LatencyTarget("cpu", threads=1))
+    return ConvertResult(model=None, layers=[], path="fx", config=cfg, flops_before=100, flops_after=55,
+                         latency_target=TARGET, search=search, **latency)
+
+
+def _fake_report(result: ConvertResult, latency=(), layers=()) -> Report:
+    env = {"separify": "0", "torch": torch.__version__, "python": "3", "platform": "p", "cpu": "c", "cpu_count": 2,
+           "threads": 1, "onnxruntime": None, "gpu": None}
+    settings = {"device": "cpu", "batch_size": 1, "threads": 1, "input_shapes": [[1, 3, 12, 12]],
+                "min_run_time": {"value": 0.01, "unit": "s"}, "layer_min_run_time": {"value": 0.01, "unit": "s"},
+                "notes": []}
+    return Report(ModelFigures(100, 10, 1000), ModelFigures(55, 6, 600), tuple(latency), (), tuple(layers), settings,
+                  env, conversion_doc(result))
+
+
+def _printed(rep: Report) -> str:
+    console = Console(width=220, record=True)
+    print_report(rep, console)
+    return console.export_text()
+
+
+def test_search_rows_say_every_try_and_which_was_chosen():
+    doc = conversion_doc(_fake_result(_search()))["search"]
+    assert search_title(doc) == f"max-drop search on {TARGET}: top-1 accuracy (100 held-out images)"
+    assert search_rows(doc) == [
+        ["original", "1.000", "1.000", "0.755", "", "", ""],
+        ["0.5", "0.410", "0.620", "0.7", "-0.055", "over", ""],
+        ["0.7", "0.550", "0.780", "0.745", "-0.01", "within", "chosen"],
+        ["0.85", "0.800", "—", "0.752", "-0.003", "within", ""],
+    ]
+    assert doc["chosen"] == 1 and doc["floor"]["value"] == pytest.approx(0.735)
+    assert search_chosen(doc).startswith("chosen: latency budget 0.7, the fastest try within the allowed drop: "
+                                         "time ratio 0.780")
+    none = conversion_doc(_fake_result(_search(chosen=None)))["search"]
+    assert none["chosen"] is None and "the original model was kept" in search_chosen(none)
+
+
+def test_search_in_the_terminal_json_and_html(tmp_path):
+    rep = _fake_report(_fake_result(_search()))
+    text = _printed(rep)
+    doc = rep.conversion["search"]
+    assert search_title(doc) in text and search_chosen(doc) in text
+    for head in ("latency budget", "FLOPs ratio", "time ratio", "change vs original", "max drop"):
+        assert head in text
+    assert re.search(r"0\.7 +│ +0\.550 +│ +0\.780 +│ +0\.745 +│ +-0\.01 +│ +within +│ +chosen", text)
+    jsonschema.validate(json.loads(json.dumps(rep.to_dict())), schema())
+    page = render_html(rep)
+    assert f"<h2>{search_title(doc)}</h2>" in page and search_chosen(doc) in page
+    assert "<th>latency budget</th>" in page and '<td class="chosen">chosen</td>' in page
+    assert page.count("<td>over</td>") + page.count('<td class="worse">over</td>') == 1
+    search_part = page[page.index(f"<h2>{search_title(doc)}</h2>"):page.index("<h2>Plots</h2>")]
+    assert search_part.count("<svg") == 1 and "original − max drop" in search_part  # the plot, embedded
+    write_png(rep, tmp_path / "s.png")
+    # without a search there is neither table nor plot
+    bare = _fake_report(_fake_result())
+    assert "max-drop search" not in _printed(bare) and "max-drop search" not in render_html(bare)
+    assert "search" not in bare.conversion
+
+
+def _no_timing(monkeypatch):
+    """Make every whole-model and layer timer fail: a report that times anything fails the test."""
+    def fail(*args, **kwargs):
+        raise AssertionError("timed again")
+
+    import separify.planning.latency as latency
+    import separify.reporting.layers as layers
+    import separify.reporting.measure as report_measure
+
+    monkeypatch.setattr(latency, "time_model", fail)
+    monkeypatch.setattr(separify.core.measure, "time_torch", fail)
+    monkeypatch.setattr(layers, "time_torch", fail)
+    monkeypatch.setattr(report_measure, "time_onnxruntime", fail)
+    monkeypatch.setattr(report_measure, "_onnxruntime", fail)
+    return latency
+
+
+def _with_check(result, backend="cpu", threads=1, blocks=7, names=("torch-cpu",) * 2):
+    before = Timing(names[0], 4.0, 0.2, 70, blocks, threads, 1)
+    after = Timing(names[1], 3.0, 0.1, 90, blocks, threads, 1)
+    result.latency_spec = LatencyTarget(backend, threads=threads)
+    result.latency_before, result.latency_after = before, after
+    return before, after
+
+
+def test_the_conversions_check_is_reused_not_timed_again(monkeypatch):
+    model, x = _net(), torch.randn(1, 3, 12, 12)
+    result = separify.convert(model, example_inputs=x, method="dw-pw", rank=2, objective="flops")
+    before, after = _with_check(result)
+    _no_timing(monkeypatch)
+    rep = separify.report(model, result, example_inputs=x, threads=1, onnx=False, per_layer=False)
+    (lat,) = rep.latency
+    assert lat.backend == "torch-cpu" and lat.source == FROM_CHECK
+    assert lat.original is before and lat.converted is after and lat.ratio == 0.75
+    doc = json.loads(json.dumps(rep.to_dict()))
+    jsonschema.validate(doc, schema())
+    assert doc["latency"][0]["source"] == "conversion check" and doc["latency"][0]["original"]["median"]["value"] == 4
+    assert "torch-cpu (median ±IQR, 1 threads), from the conversion's check" in _printed(rep)
+    assert "from the conversion&#x27;s check" in render_html(rep)
+
+
+def test_an_onnxruntime_check_fills_the_onnxruntime_row_and_torch_is_timed_by_time_model(monkeypatch):
+    model, x = _net(), torch.randn(1, 3, 12, 12)
+    result = separify.convert(model, example_inputs=x, method="dw-pw", rank=2, objective="flops")
+    before, after = _with_check(result, backend="onnxruntime", names=("onnxruntime-cpu",) * 2)
+    latency = _no_timing(monkeypatch)
+    calls = []
+
+    def time_model(models, inputs, target, *, run_time=None, scale=1.0):
+        calls.append((target, run_time, tuple(inputs[0].shape)))
+        return [Timing("torch-cpu", 2.0, 0.1, 50, 7, target.threads, target.batch_size) for _ in models]
+
+    monkeypatch.setattr(latency, "time_model", time_model)
+    rep = separify.report(model, result, example_inputs=x, threads=1, per_layer=False, min_run_time=0.03)
+    torch_row, ort_row = rep.latency
+    assert torch_row.source == "report" and torch_row.original.median_ms == 2.0
+    (target, run_time, shape), = calls
+    assert (target.backend, target.threads, target.batch_size, target.dtype, target.channels_last) == \
+        ("cpu", 1, 1, "float32", False)
+    assert run_time == 0.03 and shape == (1, 3, 12, 12)
+    assert ort_row.backend == "onnxruntime-cpu" and ort_row.source == FROM_CHECK
+    assert ort_row.original is before and ort_row.converted is after
+
+
+@pytest.mark.parametrize("change", ["threads", "input", "injected", "channels_last"])
+def test_a_check_on_another_target_is_not_reused(monkeypatch, change):
+    model, x = _net(), torch.randn(1, 3, 12, 12)
+    result = separify.convert(model, example_inputs=x, method="dw-pw", rank=2, objective="flops")
+    _with_check(result, threads=2 if change == "threads" else 1, blocks=1 if change == "injected" else 7)
+    if change == "channels_last":
+        result.latency_spec = LatencyTarget("cpu", threads=1, channels_last=True)
+    latency = _no_timing(monkeypatch)
+    monkeypatch.setattr(latency, "time_model", lambda models, inputs, target, **kw: [
+        Timing("torch-cpu", 9.0, 0.1, 50, 7, 1, 1) for _ in models])
+    x_report = torch.randn(1, 3, 16, 16) if change == "input" else x
+    rep = separify.report(model, result, example_inputs=x_report, threads=1, onnx=False, per_layer=False)
+    assert rep.latency[0].source == "report" and rep.latency[0].original.median_ms == 9.0
+
+
+def test_suspect_timings_show_in_every_form():
+    sus = Timing("torch-cpu", 32.0, 0.0, 7, 7, 2, 1, suspect=True)
+    ok = Timing("torch-cpu", 30.0, 3.0, 7, 7, 2, 1)
+    rep = _fake_report(_fake_result(), latency=[Latency("torch-cpu", sus, ok)])
+    text = _printed(rep)
+    assert "32 ±0% suspect" in text and "30 ±10% suspect" not in text and "1 timing(s) marked suspect" in text
+    doc = json.loads(json.dumps(rep.to_dict()))
+    jsonschema.validate(doc, schema())
+    assert doc["latency"][0]["original"]["suspect"] is True and doc["latency"][0]["converted"]["suspect"] is False
+    assert "32 ms ±0% <span class=\"suspect\"" in render_html(rep)
+
+
+def _layer(name, conv, shape, before, after=None, rank=4):
+    t = (lambda ms: Timing("torch-cpu", ms, 0.0, 7, 7, 2, 1) if ms is not None else NotMeasured("layer unchanged"))
+    return LayerFigures(name, conv, "converted" if after is not None else "kept", shape, 10, 5, t(before), t(after),
+                        method="pw-dw-pw" if after is not None else None, rank=rank if after is not None else None,
+                        selected_ms_before=1.67, selected_ms_after=0.972)
+
+
+def test_layers_of_different_shapes_reading_one_figure_are_suspect():
+    # the user's report: nine converted resnet18 convs of four shapes, every one "32 → 96 ms ±0%"
+    shapes = [("64→64 3×3", (1, 64, 56, 56))] * 3 + [("128→128 3×3", (1, 128, 28, 28))] * 2 + \
+             [("256→256 3×3", (1, 256, 14, 14))] * 2 + [("512→512 3×3", (1, 512, 7, 7))] * 2
+    rows = flag_shared([_layer(f"l{i}", c, s, 32.0, 96.0) for i, (c, s) in enumerate(shapes)])
+    assert all(r.latency_before.suspect and r.latency_after.suspect for r in rows)
+    rep = _fake_report(_fake_result(), layers=rows)
+    assert "32 suspect → 96 suspect" in _printed(rep)
+    jsonschema.validate(json.loads(json.dumps(rep.to_dict())), schema())
+    # real readings: identical layers may agree, different ones do not
+    real = flag_shared([_layer("a", *shapes[0], 1.50, 1.21), _layer("b", *shapes[1], 1.50, 1.21),
+                        _layer("c", *shapes[3], 1.46, 1.03), _layer("d", *shapes[5], 1.58, 0.844),
+                        _layer("e", "64→128 1×1 /2", (1, 64, 56, 56), 0.284)])
+    assert not any(t.suspect for r in real for t in (r.latency_before, r.latency_after) if isinstance(t, Timing))
+
+
+def test_layer_rows_name_the_selections_target_and_flag_a_disagreeing_dense_time(monkeypatch):
+    import separify.reporting.layers as layers
+
+    model, x = _net(), torch.randn(1, 3, 12, 12)
+    result = separify.convert(model, example_inputs=x, method="dw-pw", rank=2, objective="flops")
+    _with_check(result)
+    result.latency_target = TARGET
+    for rec in result.converted:
+        rec.plan.time_before_ms, rec.plan.time_after_ms = 1.67, 0.972
+    readings = iter([20.0, 40.0, 1.7, 1.0, 0.5])  # layer 0 measured 12× the selection's dense time, layer 3 not
+
+    def fake_time_torch(models, inputs, **kw):
+        one = isinstance(models, nn.Module)
+        out = [Timing("torch-cpu", next(readings), 0.1, 70, 7, 1, 1) for _ in ([models] if one else models)]
+        return out[0] if one else out
+
+    _no_timing(monkeypatch)
+    monkeypatch.setattr(layers, "time_torch", fake_time_torch)
+    settings = ReportSettings(threads=1, layer_min_run_time=0.01).resolved()[0]
+    rows = {r.name: r for r in layers.torch_layers(model, result.model, (x,), result, settings, Bar(None))}
+    assert f"selected on {TARGET}: 1.67 → 0.972 ms" in rows["0"].note
+    assert "timed here at 12× what the selection measured" in rows["0"].note
+    assert "timed here" not in rows["3"].note

@@ -103,6 +103,30 @@ class Backend(abc.ABC):
         (interleaved), or by an injected ``timer``."""
 
     @abc.abstractmethod
+    def fingerprint(self, model: Any) -> str:
+        """A hash of what the speed of a model (``"original"``, ``"converted"`` or a model) depends on: its
+        structure, layer configurations and tensor shapes, not its weights. Equal for a trial and the converted
+        model it plans, so that a timing is measured once and cached."""
+
+    @property
+    @abc.abstractmethod
+    def input_shapes(self) -> list[tuple[int, ...]]:
+        """The example inputs' shapes (part of a whole-model timing's cache key)."""
+
+    @abc.abstractmethod
+    def runnable(self, model: Any) -> Any:
+        """``model`` (``"original"``, ``"converted"`` or a model) as a callable on tensors, for ``evaluate``."""
+
+    @abc.abstractmethod
+    def observation(self) -> Any:
+        """What :meth:`observe` measured that :meth:`refit` uses, to be handed to another backend of the same
+        model (:meth:`use_observation`) instead of measured again."""
+
+    @abc.abstractmethod
+    def use_observation(self, observed: Any) -> None:
+        """Take what another backend of the same model and data observed (:meth:`observation`)."""
+
+    @abc.abstractmethod
     def trial(self, replacements: dict[str, SeparableConv2d]) -> Any:
         """A copy of the original with these replacements (untrained factors) in their layouts, for timing."""
 

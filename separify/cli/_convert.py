@@ -24,6 +24,7 @@ from separify.io.data import load_image_folder, load_labeled_file
 from separify.io.files import atomic_write, check_output_path, is_onnx
 from separify.io.models import save_model
 from separify.pipeline import convert as convert_model
+from separify.search import check_search
 from separify.tuning.finetune import check_temperature
 
 
@@ -56,6 +57,7 @@ def convert(
     objective: str = opt.OBJECTIVE,
     target: Optional[str] = opt.TARGET,
     latency_budget: Optional[float] = opt.LATENCY_BUDGET,
+    max_drop: Optional[float] = opt.MAX_DROP,
     target_batch: Optional[int] = opt.TARGET_BATCH,
     target_batch_size: Optional[int] = opt.TARGET_BATCH_ALIAS,
     dtype: str = opt.DTYPE,
@@ -100,13 +102,21 @@ def run_convert(params: Mapping[str, Any], explicit: frozenset[str]) -> None:
         if name in explicit and params[name] and o.calib is None:
             raise SeparifyError(f"{flag} needs --calib DATA")
     tune.check()
+    if o.model is None and o.max_drop is None and cfg.objective == "latency" \
+            and not explicit & {"flops", "rank", "energy", "latency_budget", "config"}:
+        o.max_drop = opt.EMBEDDED_MAX_DROP  # the demo: the fastest plan within a point of its top-1
+    if o.max_drop is not None:
+        if explicit & {"flops", "rank", "energy", "latency_budget"}:
+            raise SeparifyError("--max-drop chooses the plan itself; drop --flops, --rank, --energy and --latency")
+        check_search(cfg, o.max_drop, evaluate=lambda m: 0.0)
     out = output_path(o.model, o.output, o.to)
     if o.model is not None and is_onnx(o.model):
         if o.arch or o.allow_pickle:
             raise SeparifyError("--arch and --allow-pickle apply to PyTorch models, not to ONNX files")
-        convert_onnx(o.model, out, cfg, o.input_shape, o.calib, tune, image_opts, reporting)
+        convert_onnx(o.model, out, cfg, o.input_shape, o.calib, tune, image_opts, reporting, max_drop=o.max_drop)
     else:
-        convert_torch(o.model, out, cfg, o.input_shape, o.arch, o.allow_pickle, o.calib, tune, image_opts, reporting)
+        convert_torch(o.model, out, cfg, o.input_shape, o.arch, o.allow_pickle, o.calib, tune, image_opts, reporting,
+                      max_drop=o.max_drop)
 
 
 # --- options → ConvertConfig
@@ -217,7 +227,7 @@ def save_converted(model: torch.nn.Module, out: Path, inputs: tuple) -> str:
 # --- the two passes
 
 def convert_torch(model_path, output, cfg: ConvertConfig, input_shape, arch, allow_pickle, calib,
-                  tune: FinetuneSettings, image_opts, reporting: ReportSettings) -> None:
+                  tune: FinetuneSettings, image_opts, reporting: ReportSettings, *, max_drop=None) -> None:
     """``separify convert [model] -o out``: the PyTorch pass, optional fine-tuning, the report."""
     console = make_console()
     sources = () if model_path is None else (model_path,)
@@ -232,9 +242,10 @@ def convert_torch(model_path, output, cfg: ConvertConfig, input_shape, arch, all
     calibration = calibration_data(console, calib, prep, cfg.calibration.limit)
     tune_data = finetune_data(console, model, tune, prep) if tune.data is not None else None
     eval_data = reporting.eval_data(console, original, prep)
+    search, eval_data = search_options(max_drop, model, eval_data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same messages are in result.warnings, printed by the report
-        result = convert_model(model, cfg, example_inputs=inputs, progress=True, calibration=calibration)
+        result = convert_model(model, cfg, example_inputs=inputs, progress=True, calibration=calibration, **search)
     if not result.layers:
         raise SeparifyError("the model has no Conv2d layers; nothing to convert")
     if tune_data is not None:
@@ -249,7 +260,7 @@ def convert_torch(model_path, output, cfg: ConvertConfig, input_shape, arch, all
 
 
 def convert_onnx(model_path: Path, output: Path, cfg: ConvertConfig, input_shape, calib, tune: FinetuneSettings,
-                 image_opts, reporting: ReportSettings) -> None:
+                 image_opts, reporting: ReportSettings, *, max_drop=None) -> None:
     """``separify convert model.onnx -o out.onnx``: the ONNX pass, optional fine-tuning (onnx2torch), the report."""
     from separify.backends import onnx as onnx_pass
     from separify.pipeline import convert_onnx as convert_onnx_model
@@ -265,10 +276,13 @@ def convert_onnx(model_path: Path, output: Path, cfg: ConvertConfig, input_shape
     calibration = calibration_data(console, calib, prep, cfg.calibration.limit)
     tune_data = finetune_data(console, None, tune, prep) if tune.data is not None else None
     eval_data = reporting.eval_data(console, stand_in, prep)
+    search, eval_data = search_options(max_drop, onnx_pass.OrtModule(onnx_pass.load_onnx(source),
+                                                                    threads=reporting.threads),
+                                       eval_data) if max_drop is not None else ({}, eval_data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = convert_onnx_model(source, cfg, input_shapes=shape, calibration=calibration,
-                                        threads=reporting.threads, progress=True)
+                                    threads=reporting.threads, progress=True, **search)
     if not result.layers:
         raise SeparifyError("the model has no Conv nodes; nothing to convert")
     if result.output_error is not None:
@@ -282,6 +296,39 @@ def convert_onnx(model_path: Path, output: Path, cfg: ConvertConfig, input_shape
     rep = reporting.run_onnx(model_path, out, shape, eval_data, cfg.seed, result=result)
     reporting.show(console, rep, title=f"separify: {model_path} → {out}")
     console.print(f"wrote {', '.join(str(p) for p in written)}  (run with: onnxruntime.InferenceSession(path))")
+
+
+# --- the max-drop search
+
+def search_options(max_drop: float | None, original, eval_data: tuple) -> tuple[dict, tuple]:
+    """``convert``'s ``max_drop``/``evaluate``/``metric_name`` for ``--max-drop``, and the report's evaluation data.
+
+    The evaluation data is split in two halves: the plan is selected on the first (top-1 accuracy with labels,
+    else top-1 agreement with the original, which ``original`` runs) and the report measures the second, so the
+    reported accuracy is not the one the plan was selected on."""
+    if max_drop is None:
+        return {}, eval_data
+    x, y, what = eval_data
+    if x is None:
+        raise SeparifyError("--max-drop needs evaluation data to measure the metric on: give --data (held-out "
+                            "samples, with labels for top-1 accuracy)")
+    if len(x) < 2:
+        raise SeparifyError(f"--max-drop needs at least 2 evaluation samples (half select, half report); got {len(x)}")
+    from separify.core.measure import accuracy, agreement
+
+    half = len(x) // 2
+    xs, ys = x[:half], (y[:half] if y is not None else None)
+    report = (x[half:], y[half:] if y is not None else None, f"{what}, samples {half + 1}-{len(x)}")
+    picked = f"{what}, samples 1-{half}"
+    if ys is not None:
+        return dict(max_drop=max_drop, evaluate=lambda m: accuracy(m, xs, ys),
+                    metric_name=f"top-1 accuracy ({picked})"), report
+
+    def agree(m) -> float:
+        top1, rel = agreement(original, m, xs)
+        return top1 if top1 is not None else 1.0 - rel
+
+    return dict(max_drop=max_drop, evaluate=agree, metric_name=f"agreement with the original ({picked})"), report
 
 
 # --- fine-tuning

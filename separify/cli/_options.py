@@ -178,16 +178,25 @@ def std(panel: str = CALIBRATION):
 
 # --- Latency
 
-OBJECTIVE = typer.Option(LATENCY_DEFAULTS.objective, "--objective", rich_help_panel=LATENCY, help=f"{OBJECTIVES[0]}: "
-                         f"choose ranks by FLOPs and error. {OBJECTIVES[1]}: time every candidate on --target, keep a "
-                         "layer dense unless a replacement is faster, use each rank's fastest equivalent layout, and "
-                         "time both models.")
+OBJECTIVE = typer.Option(None, "--objective", rich_help_panel=LATENCY, show_default=False,
+                         help="latency (default): time every candidate on --target, keep a layer dense unless a "
+                         "replacement is faster, use each rank's fastest equivalent layout, check the whole model "
+                         "and keep it only where it is faster than the original. flops: choose ranks by FLOPs and "
+                         "error alone, nothing timed (for hardware you cannot time here).")
 TARGET = typer.Option(None, "--target", rich_help_panel=LATENCY, help="Latency target (implies --objective latency): "
                       "cpu (PyTorch eager), cuda (PyTorch eager on the GPU) or onnxruntime (ONNX Runtime CPU). "
-                      f"Default {TARGET_DEFAULTS.backend}.")
+                      "Default: cpu for PyTorch models, onnxruntime for ONNX models.")
 LATENCY_BUDGET = typer.Option(None, "--latency", "--latency-budget", rich_help_panel=LATENCY, help="Keep this fraction "
                               "of the whole model's time measured on --target, in (0, 1] (implies --objective latency; "
                               "instead of --flops).")
+#: the embedded model's demo converts with --max-drop this unless a rank selection is given
+EMBEDDED_MAX_DROP = 0.005
+MAX_DROP = typer.Option(None, "--max-drop", rich_help_panel=LATENCY, help="The fastest plan on --target whose "
+                        "metric on the first half of the evaluation data (--data; the embedded model's own held-out "
+                        "set) is within this much of the original's: top-1 accuracy with labels, agreement with the "
+                        "original without; the report measures the second half. Latency budgets are bisected (5 "
+                        "conversions; timings and calibration statistics measured once); the tries are in the "
+                        f"report. Instead of --flops/--latency. The embedded model: {EMBEDDED_MAX_DROP} by default.")
 TARGET_BATCH = typer.Option(None, "--batch-size", rich_help_panel=LATENCY, help="Batch size the latency target "
                             "times at (default: the example input's; also spelled --target-batch-size). The "
                             "fine-tuning batch is --finetune-batch-size.")

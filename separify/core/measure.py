@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_flops", "count_params", "conv_input_shapes", "module_flops", "affine_flops", "accuracy",
            "topk_accuracy", "agreement", "first_output", "frozen_mode", "Timing", "time_torch", "time_onnxruntime",
-           "export_onnx", "state_dict_bytes", "cpu_name", "param_dtype", "NOISY_SPREAD"]
+           "export_onnx", "state_dict_bytes", "cpu_name", "param_dtype", "implausible", "NOISY_SPREAD"]
 
 #: A timing whose interquartile range exceeds this fraction of its median is flagged as noisy.
 NOISY_SPREAD = 0.10
@@ -206,7 +206,8 @@ class Timing:
     """One latency measurement.
 
     ``median_ms`` and ``iqr_ms`` are over ``blocks`` timed blocks of repeated calls (``runs`` calls in all, after
-    warm-up); ``backend`` is ``"torch-cpu"``, ``"torch-cuda"`` or ``"onnxruntime-cpu"``.
+    warm-up); ``backend`` is ``"torch-cpu"``, ``"torch-cuda"`` or ``"onnxruntime-cpu"``. ``suspect``: the readings
+    were implausible (:func:`implausible`) in two runs in a row, so the figure may not be the model's time.
     """
 
     backend: str
@@ -216,6 +217,7 @@ class Timing:
     blocks: int
     threads: int | None
     batch_size: int | None
+    suspect: bool = False
 
     @property
     def spread(self) -> float:
@@ -228,9 +230,56 @@ class Timing:
         return self.spread > NOISY_SPREAD or self.blocks < 5
 
 
-def _summarise(backend: str, block_ms: list[float], runs: int, threads, batch_size) -> Timing:
+#: CUDA events time to about half a microsecond (``torch.cuda.Event.elapsed_time``), in ms.
+CUDA_EVENT_RESOLUTION_MS = 0.5e-3
+#: ``perf_counter``'s resolution (what ``torch.utils.benchmark`` and ``time_onnxruntime`` read), in ms.
+CLOCK_RESOLUTION_MS = time.get_clock_info("perf_counter").resolution * 1e3
+#: a zero spread is implausible while another model timed in the same run varied by more than this fraction.
+PARTNER_SPREAD = 0.05
+
+
+def _block_stats(block_ms: Sequence[float]) -> tuple[float, float]:
+    """``(median, interquartile range)`` of block readings (ms)."""
     q = statistics.quantiles(block_ms, n=4) if len(block_ms) >= 2 else [block_ms[0]] * 3
-    return Timing(backend, statistics.median(block_ms), q[2] - q[0], runs, len(block_ms), threads, batch_size)
+    return statistics.median(block_ms), q[2] - q[0]
+
+
+def _same_to_3_digits(block_ms: Sequence[float]) -> bool:
+    return len({f"{v:.3g}" for v in block_ms}) == 1
+
+
+def implausible(blocks: Sequence[Sequence[float]], resolution_ms: float) -> list[bool]:
+    """Per model of one interleaved run (``blocks[i]``: model i's per-call time of each block, ms), whether its
+    readings are implausible: a zero spread over ≥ 5 blocks while another model of the run has a spread above
+    :data:`PARTNER_SPREAD`, or ≥ 3 blocks all equal to 3 significant digits at a per-call time below 10 ×
+    ``resolution_ms`` (the clock's resolution: readings quantised by it)."""
+    stats = [_block_stats(b) for b in blocks]
+    spreads = [iqr / med if med > 0 else float("inf") for med, iqr in stats]
+    flags = []
+    for i, (b, (med, iqr)) in enumerate(zip(blocks, stats)):
+        partner_varied = any(s > PARTNER_SPREAD for j, s in enumerate(spreads) if j != i)
+        frozen = iqr == 0 and len(b) >= 5 and partner_varied
+        quantised = len(b) >= 3 and med < 10 * resolution_ms and _same_to_3_digits(b)
+        flags.append(frozen or quantised)
+    return flags
+
+
+def _summarise(backend: str, block_ms: list[float], runs: int, threads, batch_size, suspect: bool = False) -> Timing:
+    median, iqr = _block_stats(block_ms)
+    return Timing(backend, median, iqr, runs, len(block_ms), threads, batch_size, suspect)
+
+
+def _checked(run: Callable[[], list[tuple[list[float], int]]], resolution_ms: float, backend: str, threads,
+             batch_size) -> list[Timing]:
+    """The timings of ``run()`` (per model: block readings in ms and timed calls); when any reading is
+    :func:`implausible`, ``run()`` once more, and the models still implausible then are marked ``suspect``."""
+    timed = run()
+    if any(implausible([b for b, _ in timed], resolution_ms)):
+        timed = run()
+        flags = implausible([b for b, _ in timed], resolution_ms)
+    else:
+        flags = [False] * len(timed)
+    return [_summarise(backend, b, n, threads, batch_size, f) for (b, n), f in zip(timed, flags)]
 
 
 def _time_blocks(fns: Sequence[Callable[[], object]], *, min_run_time: float, warmup: int, threads: int | None,
@@ -283,7 +332,8 @@ def time_torch(models: nn.Module | Sequence[nn.Module], inputs: Sequence[torch.T
     list of timings is returned. CPU: ``torch.utils.benchmark.Timer`` with ``threads`` intra-op threads (default:
     the current setting). CUDA: models and inputs are copied to the GPU (the caller's stay where they are) and
     each call is timed with CUDA events after synchronising. The first dimension of the first input is reported as
-    the batch size.
+    the batch size. Implausible readings (:func:`implausible`) are timed once more, and marked ``suspect`` if they
+    stay so.
     """
     single = isinstance(models, nn.Module)
     models = [models] if single else list(models)
@@ -296,12 +346,12 @@ def time_torch(models: nn.Module | Sequence[nn.Module], inputs: Sequence[torch.T
     with torch.no_grad(), frozen_mode(*models):
         fns = [(lambda m=m: m(*inputs)) for m in models]
         if cuda:
-            timings = [_summarise("torch-cuda", b, n, None, batch)
-                       for b, n in _time_cuda(fns, min_run_time=min_run_time, warmup=warmup)]
+            timings = _checked(lambda: _time_cuda(fns, min_run_time=min_run_time, warmup=warmup),
+                               CUDA_EVENT_RESOLUTION_MS, "torch-cuda", None, batch)
         else:
             threads = threads or torch.get_num_threads()
-            timings = [_summarise("torch-cpu", b, n, threads, batch)
-                       for b, n in _time_blocks(fns, min_run_time=min_run_time, warmup=warmup, threads=threads)]
+            timings = _checked(lambda: _time_blocks(fns, min_run_time=min_run_time, warmup=warmup, threads=threads),
+                               CLOCK_RESOLUTION_MS, "torch-cpu", threads, batch)
     return timings[0] if single else timings
 
 
@@ -334,7 +384,8 @@ def time_onnxruntime(paths: str | os.PathLike | Sequence[str | os.PathLike], inp
     ``spinning=False`` turns the intra-op threads' spin-waiting off, so that sessions cannot steal the cores from
     each other, and interleaves the models block by block as :func:`time_torch` does. Each run then pays the
     threads' wake-up (more for graphs of several nodes); separify times single layers that way, where spinning
-    sessions made the same conv measure anywhere from 0.9 to 7.7 ms on 2 cores."""
+    sessions made the same conv measure anywhere from 0.9 to 7.7 ms on 2 cores. Implausible readings
+    (:func:`implausible`) are timed once more, and marked ``suspect`` if they stay so."""
     import onnxruntime as ort
 
     single = isinstance(paths, (str, os.PathLike))
@@ -356,13 +407,23 @@ def time_onnxruntime(paths: str | os.PathLike | Sequence[str | os.PathLike], inp
         fns.append(lambda session=session, feeds=feeds: session.run(None, feeds))
     batch = int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None
     if not spinning:
-        timed = _time_blocks(fns, min_run_time=min_run_time, warmup=warmup, threads=threads)
-        timings = [_summarise("onnxruntime-cpu", b, n, threads, batch) for b, n in timed]
-        return timings[0] if single else timings
-    # Not interleaved block by block as in time_torch: each session's intra-op threads spin for a while after a run
-    # and would steal the cores from the next session. Instead, each model in turn for a quarter of a second or so
-    # (at least twice each): on shared machines the speed of a small graph can switch between two levels for seconds
-    # at a time (benchmarks/results/ort_repeat.md), and short turns let both models see the same mix of them.
+        run = (lambda: _time_blocks(fns, min_run_time=min_run_time, warmup=warmup, threads=threads))
+    else:
+        run = (lambda: _ort_turns(fns, min_run_time=min_run_time, warmup=warmup, threads=threads))
+    timings = _checked(run, CLOCK_RESOLUTION_MS, "onnxruntime-cpu", threads, batch)
+    return timings[0] if single else timings
+
+
+def _ort_turns(fns: Sequence[Callable[[], object]], *, min_run_time: float, warmup: int,
+               threads: int) -> list[tuple[list[float], int]]:
+    """Each of ``fns`` in turns of about a quarter of a second (at least two turns each when there are several),
+    blocks as in :func:`_time_blocks`; per function, its block readings (ms per call) and timed calls.
+
+    Not interleaved block by block: each ONNX Runtime session's intra-op threads spin for a while after a run and
+    would steal the cores from the next session. On shared machines the speed of a small graph can switch between
+    two levels for seconds at a time (benchmarks/results/ort_repeat.md); short turns let every model see the same
+    mix of them."""
+    single = len(fns) == 1
     blocks: list[list[float]] = [[] for _ in fns]
     runs = [0] * len(fns)
     rounds = 1 if single else max(2, round(min_run_time / 0.25))
@@ -372,5 +433,4 @@ def time_onnxruntime(paths: str | os.PathLike | Sequence[str | os.PathLike], inp
                                    threads=threads, min_blocks=7 if single else 4)
             blocks[i] += b
             runs[i] += n
-    timings = [_summarise("onnxruntime-cpu", b, n, threads, batch) for b, n in zip(blocks, runs)]
-    return timings[0] if single else timings
+    return list(zip(blocks, runs))

@@ -3,8 +3,10 @@
 ``separify convert`` with no model argument converts this network, so a new user sees the whole job (conversion,
 per-layer table, before/after accuracy) without downloading anything.
 
-* Architecture: :class:`FashionResNet` (a stem 3×3 conv and three residual stages of 3×3 convs, 32/64/128 channels,
-  input ``(B, 1, 28, 28)``), defined here so that the shipped state dict loads without pickled code.
+* Architecture: :class:`FashionResNet` (a stem 3×3 conv and three residual stages of 3×3 convs, 64/128/256 channels
+  as in ResNet-18's first three stages, input ``(B, 1, 28, 28)``), defined here so that the shipped state dict loads
+  without pickled code. Narrower stages (32/64/128) run their convs in 0.1–0.2 ms on a 2-core CPU, where a separable
+  block cannot be faster; at this width the conversion demonstrates a measured speed-up.
 * Weights: ``assets/fashion_resnet.pt``, a plain state dict trained by ``examples/train_fashion_mnist.py`` on Debian's
   ``dataset-fashion-mnist`` (Expat licence).
 * Evaluation subset: ``assets/fashion_eval.npz``, the first images of the Fashion-MNIST test split as uint8
@@ -51,11 +53,11 @@ class BasicBlock(nn.Module):
 class FashionResNet(nn.Module):
     """ResNet-style classifier for 1×28×28 images: (B, 1, 28, 28) → logits (B, 10).
 
-    Stages run at 28², 14² and 7² with 32, 64 and 128 channels; seven 3×3 convs are eligible for conversion (the stem
+    Stages run at 28², 14² and 7² with 64, 128 and 256 channels; seven 3×3 convs are eligible for conversion (the stem
     has one input channel, the two 1×1 shortcut projections are never converted).
     """
 
-    def __init__(self, widths: tuple[int, int, int] = (32, 64, 128), num_classes: int = 10) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (64, 128, 256), num_classes: int = 10) -> None:
         super().__init__()
         w1, w2, w3 = widths
         self.stem = nn.Sequential(nn.Conv2d(1, w1, 3, padding=1, bias=False), nn.BatchNorm2d(w1), nn.ReLU())

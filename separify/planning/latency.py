@@ -29,6 +29,7 @@ reuses them. A test or a user may inject their own timing function (``timer=``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -82,8 +83,32 @@ def machine_key(target: LatencyTarget) -> dict:
 # Timing
 
 
+def fold_batchnorms(model: nn.Module) -> nn.Module:
+    """``model`` (in eval mode) with every BatchNorm2d that only follows an ``nn.Conv2d`` folded into it
+    (``torch.fx.experimental.optimization.fuse``, in place on a ``GraphModule``; other models are traced first and
+    returned as a new ``GraphModule``). Unchanged where tracing fails or a module is training."""
+    from torch import fx
+    from torch.fx.experimental.optimization import fuse
+
+    if model.training or not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) \
+            or any(m.training for m in model.modules()):
+        return model
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if isinstance(model, fx.GraphModule):
+                return fuse(model, inplace=True, no_trace=True)
+            return fuse(model, inplace=True)
+    except Exception:  # noqa: BLE001 - not traceable: timed as it is (original and converted alike)
+        return model
+
+
 def _prepare(module: nn.Module, target: LatencyTarget) -> nn.Module:
-    module = copy.deepcopy(module).to(device=target.device, dtype=target.torch_dtype)
+    """A copy of ``module`` as it runs best on ``target``: eval mode, BatchNorm folded into the conv before it,
+    the target's device, dtype and memory format. Original and converted models are prepared alike, so a reported
+    speed-up is the replacement's, not a fusion's or a memory format's."""
+    module = fold_batchnorms(copy.deepcopy(module).eval())
+    module = module.to(device=target.device, dtype=target.torch_dtype)
     if target.channels_last:
         module = module.to(memory_format=torch.channels_last)
     return module.eval()
@@ -135,14 +160,16 @@ def measure_modules(modules: Sequence[nn.Module], input_shape: tuple, target: La
     return [t.median_ms for t in timings]
 
 
-def time_model(models: Sequence[nn.Module], inputs: tuple, target: LatencyTarget, *, scale: float = 1.0):
-    """Whole-model :class:`~separify.core.measure.Timing` of each of ``models`` on ``target`` (interleaved, for ``scale`` ×
-    20 × the target's ``min_run_time``, at least ``scale`` seconds), at the target's batch size (the inputs' first
-    sample repeated) — the check of the sum-of-layers model."""
+def time_model(models: Sequence[nn.Module], inputs: tuple, target: LatencyTarget, *, scale: float = 1.0,
+               run_time: float | None = None):
+    """Whole-model :class:`~separify.core.measure.Timing` of each of ``models`` on ``target`` (interleaved, for
+    ``run_time`` seconds of timed calls each, default ``scale`` × 20 × the target's ``min_run_time`` and at least
+    ``scale`` seconds), at the target's batch size (the inputs' first sample repeated). The one timing protocol of
+    the conversion's check and the report."""
     from separify.core.measure import export_onnx, frozen_mode, time_onnxruntime, time_torch
 
     inputs = tuple(_at_batch(t, target.batch_size) for t in inputs)
-    run_time = scale * max(20 * target.min_run_time, 1.0)
+    run_time = run_time if run_time is not None else scale * max(20 * target.min_run_time, 1.0)
     if target.backend == "onnxruntime":
         with tempfile.TemporaryDirectory(prefix="separify-latency-") as tmp:
             paths = []
@@ -209,10 +236,12 @@ def default_cache_path() -> Path:
 
 
 class LatencyCache:
-    """Measured layer times on disk: one JSON object ``{key: milliseconds}``.
+    """Measured times on disk: one JSON object ``{key: milliseconds}`` for layers, ``{key: Timing fields}`` for
+    whole models.
 
-    The key holds the machine and software (:meth:`LatencyTarget.machine`), the input shape incl. batch size, and
-    the module configuration and layout (:func:`module_spec`). Writes are atomic and merge with what another
+    A layer's key holds the machine and software (:func:`machine_key`), the input shape incl. batch size, and the
+    module configuration and layout (:func:`module_spec`); a whole model's key (:meth:`models_key`) the structures of the models timed together
+    instead, so that a second conversion of the same model on the same machine times nothing. Writes are atomic and merge with what another
     process wrote meanwhile; an unreadable file is ignored with a warning (and replaced on the next save).
     ``LatencyCache(None)`` keeps the times in memory only.
     """
@@ -221,18 +250,18 @@ class LatencyCache:
 
     def __init__(self, path: str | os.PathLike | None) -> None:
         self.path = Path(path) if path is not None else None
-        self.entries: dict[str, float] = self._read() if self.path is not None else {}
+        self.entries: dict[str, float | dict] = self._read() if self.path is not None else {}
         self.hits = self.misses = 0
-        self._new: dict[str, float] = {}
+        self._new: dict[str, float | dict] = {}
 
-    def _read(self) -> dict[str, float]:
+    def _read(self) -> dict[str, float | dict]:
         if self.path is None or not self.path.exists():
             return {}
         try:
             data = json.loads(self.path.read_text())
             if data.get("version") != self.VERSION:
                 raise ValueError(f"version {data.get('version')!r}, expected {self.VERSION}")
-            return {str(k): float(v) for k, v in data["times_ms"].items()}
+            return {str(k): v if isinstance(v, dict) else float(v) for k, v in data["times_ms"].items()}
         except Exception as exc:  # noqa: BLE001 - a damaged cache must not stop a conversion
             warnings.warn(f"ignoring the latency cache {self.path}: {first_line(exc)}", stacklevel=3)
             return {}
@@ -241,15 +270,43 @@ class LatencyCache:
     def key(target: LatencyTarget, spec: dict, input_shape: tuple) -> str:
         return json.dumps({"machine": machine_key(target), "module": spec, "input": list(input_shape)}, sort_keys=True)
 
+    @staticmethod
+    def models_key(target: LatencyTarget, fingerprints: Sequence[str], input_shapes: Sequence[tuple],
+                   run_time: float) -> str:
+        """The key of whole models timed together (interleaved): the machine, each model's structure
+        (``fingerprints``; weights left out, speed does not depend on them), the input shapes and the run time.
+        Models timed together are cached together, so a ratio always compares readings of one run."""
+        return json.dumps({"machine": machine_key(target), "models": list(fingerprints), "batch": target.batch_size,
+                           "inputs": [list(s) for s in input_shapes], "run_time": run_time}, sort_keys=True)
+
+    def get_timings(self, key: str) -> list | None:
+        """Cached whole-model :class:`~separify.core.measure.Timing` s, in the order timed (``None``: not cached)."""
+        from separify.core.measure import Timing
+
+        value = self.entries.get(key)
+        try:
+            timings = [Timing(**t) for t in value["timings"]] if isinstance(value, dict) else None
+        except (TypeError, KeyError):  # written by another version
+            timings = None
+        if timings is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return timings
+
+    def put_timings(self, key: str, timings: Sequence) -> None:
+        self.put(key, {"timings": [dataclasses.asdict(t) for t in timings]})
+
     def get(self, key: str) -> float | None:
         value = self.entries.get(key)
-        if value is None:
+        if not isinstance(value, float):
+            value = None
             self.misses += 1
         else:
             self.hits += 1
         return value
 
-    def put(self, key: str, ms: float) -> None:
+    def put(self, key: str, ms: float | dict) -> None:
         self.entries[key] = ms
         self._new[key] = ms
 
@@ -394,8 +451,9 @@ class LatencyPlanner:
     candidates and says which are allowed, recording the times and the reasons on the layer records."""
 
     def __init__(self, layer_timer: LayerTimer, margin: float, *, original_ms: float | None = None,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, on_layer: Callable[[str], None] | None = None) -> None:
         self.timer = layer_timer
+        self.on_layer = on_layer  # called with each layer's name before its candidates are timed
         self.margin = margin
         self.example_batch = batch_size
         self.original_ms = original_ms  # whole original model on the target (latency budgets only)
@@ -408,6 +466,8 @@ class LatencyPlanner:
         none, the record is skipped with :attr:`~separify.records.Reason.NOT_FASTER` and what was measured. Sets
         the plan's ``time_before_ms``. A layer called several times is
         timed at its first call's shape, times the number of calls."""
+        if self.on_layer is not None:
+            self.on_layer(rec.name)
         times = self.timer.time(conv, FORMS[rec.method], ranks, input_shapes[0], example_batch=self.example_batch,
                                 width_ok=width_ok)
         calls = len(input_shapes)

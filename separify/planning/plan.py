@@ -26,7 +26,7 @@ from separify.core.modules import FORMS
 from separify.planning import latency, ranks
 from separify.records import LayerRecord, NoteCode, Plan, Reason
 
-__all__ = ["Candidate", "choose_ranks", "meet_latency", "from_conv_options"]
+__all__ = ["Candidate", "choose_ranks", "meet_latency", "keep_faster", "from_conv_options"]
 
 #: a whole-model check: (original ms, planned ms) of the planned model with untrained factors at these replacements
 TrialTimes = Callable[[dict[str, nn.Module]], tuple[float, float]]
@@ -233,8 +233,7 @@ def meet_latency(cfg: ConvertConfig, cands: Sequence[Candidate], flops_before: i
     target = cfg.ranks.latency
     plans, result = [], first
     for _ in range(attempts):
-        replacements = {c.name: FORMS[c.plan.method].like(c.kernel, c.plan.rank).set_layout(c.plan.layout)
-                        for c in cands if c.record.plan is not None and c.plan.rank is not None}
+        replacements = trial_modules(cands)
         if not replacements:
             break
         before, after = trial_times(replacements)
@@ -256,6 +255,49 @@ def meet_latency(cfg: ConvertConfig, cands: Sequence[Candidate], flops_before: i
         msgs.append(f"the latency target {target:g} was not met on {planner.where}: the fastest plan measured "
                     f"{ratio:.3f} of the original's time after {len(plans)} attempts")
     return budget, msgs
+
+
+def planned(cands: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates that have a rank (to be replaced)."""
+    return [c for c in cands if c.record.plan is not None and c.plan.rank is not None]
+
+
+def trial_modules(cands: Sequence[Candidate]) -> dict[str, nn.Module]:
+    """The planned replacements with untrained factors, in their chosen layouts (speed does not depend on the
+    weights)."""
+    return {c.name: FORMS[c.plan.method].like(c.kernel, c.plan.rank).set_layout(c.plan.layout)
+            for c in planned(cands)}
+
+
+def keep_faster(cands: Sequence[Candidate], trial_times: TrialTimes, where: str, *, attempts: int = 3) -> list[str]:
+    """Never slower: time the planned whole model against the original and, while it is not faster, drop the
+    half of the replacements with the smallest measured saving (``time_before_ms - time_after_ms``) and time
+    again; after ``attempts`` drops, or with one replacement left that does not pay, keep every layer dense.
+
+    A layer's measured saving alone does not guarantee the model's: inside the network a separable block may
+    gain less, or cost more in memory traffic than it saves. Dropped layers are skipped with
+    :attr:`~separify.records.Reason.NOT_FASTER` and the whole-model figures. Returns the warnings.
+    """
+    ratio = None
+    for attempt in range(attempts + 1):
+        todo = planned(cands)
+        if not todo:
+            break
+        before, after = trial_times(trial_modules(todo))
+        if after < before:
+            return []
+        ratio = after / before
+        todo.sort(key=lambda c: (c.plan.time_before_ms or 0.0) - (c.plan.time_after_ms or 0.0))
+        drop = todo if attempt == attempts or len(todo) == 1 else todo[: (len(todo) + 1) // 2]
+        for c in drop:
+            c.record.skip_with(Reason.NOT_FASTER, f"the whole model with this layer's replacement (and "
+                               f"{len(todo) - 1} other(s)) measured {ratio:.3f}× the original's time on {where}; "
+                               "kept dense, as the layers that saved least")
+    if ratio is None:
+        return []
+    return [f"no plan was faster than the original on {where} as a whole model (the fastest measured "
+            f"{ratio:.3f}× its time): the original is kept. Try --objective flops for other hardware, a larger "
+            "input or batch (--batch-size), or another --target"]
 
 
 def from_conv_options(cfg: ConvertConfig, c: Candidate, calibrated: bool, covs: dict,

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from separify.core.measure import Timing
-from separify.records import ConvertResult
+from separify.records import ConvertResult, Search
 
 __all__ = ["Report", "ModelFigures", "Latency", "Quality", "LayerFigures", "NotMeasured", "Comparison", "write_json",
-           "SCHEMA", "SCHEMA_VERSION", "schema", "fig", "timing_doc", "conversion_doc"]
+           "SCHEMA", "SCHEMA_VERSION", "schema", "fig", "timing_doc", "conversion_doc", "search_doc", "MEASURED",
+           "FROM_CHECK"]
 
 SCHEMA = "separify-report"
 SCHEMA_VERSION = 1
@@ -43,13 +44,23 @@ class ModelFigures:
     file_bytes: int | None = None
 
 
+#: :attr:`Latency.source` of a row timed by the report itself
+MEASURED = "report"
+#: :attr:`Latency.source` of a row that carries the conversion's own check (same target), not timed again
+FROM_CHECK = "conversion check"
+
+
 @dataclass(frozen=True)
 class Latency:
-    """Both models timed on one backend (``torch-cpu``, ``torch-cuda`` or ``onnxruntime-cpu``) in the same run."""
+    """Both models timed on one backend (``torch-cpu``, ``torch-cuda`` or ``onnxruntime-cpu``) in the same run.
+
+    ``source``: :data:`MEASURED` (timed by this report) or :data:`FROM_CHECK` (the conversion's whole-model check
+    on an equivalent target, reused)."""
 
     backend: str
     original: Timing | NotMeasured
     converted: Timing | NotMeasured
+    source: str = MEASURED
 
     @property
     def ratio(self) -> float | None:
@@ -213,11 +224,12 @@ def timing_doc(t: Timing | NotMeasured) -> dict[str, Any]:
     if isinstance(t, NotMeasured):
         return {"not_measured": t.why}
     return {"median": fig(t.median_ms, "ms"), "iqr": fig(t.iqr_ms, "ms"), "runs": t.runs, "blocks": t.blocks,
-            "threads": t.threads, "batch_size": t.batch_size, "noisy": t.noisy}
+            "threads": t.threads, "batch_size": t.batch_size, "noisy": t.noisy, "suspect": t.suspect}
 
 
 def _latency_dict(lat: Latency) -> dict[str, Any]:
-    return {"backend": lat.backend, "original": timing_doc(lat.original), "converted": timing_doc(lat.converted),
+    return {"backend": lat.backend, "source": lat.source, "original": timing_doc(lat.original),
+            "converted": timing_doc(lat.converted),
             "ratio": fig(lat.ratio, "ratio") if lat.ratio is not None else {"not_measured": "needs both timings"}}
 
 
@@ -246,7 +258,8 @@ def _layer_dict(r: LayerFigures) -> dict[str, Any]:
 def conversion_doc(result: ConvertResult | None) -> dict[str, Any] | None:
     """The ``conversion`` entry of a report: form, rank selection and its value (``target``), path, layer counts,
     FLOPs ratio, whether calibrated, objective, warnings, and under ``objective="latency"`` the whole-model times
-    the selection measured on its target (``latency_selection``). ``None`` without a result."""
+    the selection measured on its target (``latency_selection``), and after a ``max_drop`` search every plan it
+    tried (``search``, :func:`search_doc`). ``None`` without a result."""
     if result is None:
         return None
     cfg = result.config
@@ -265,7 +278,25 @@ def conversion_doc(result: ConvertResult | None) -> dict[str, Any] | None:
             "ratio": _opt_fig(result.latency_ratio, "ratio"),
             "predicted_ratio": _opt_fig(result.latency_predicted, "ratio"),
         }
+    if getattr(result, "search", None) is not None:
+        doc["search"] = search_doc(result.search)
     return doc
+
+
+def search_doc(search: Search) -> dict[str, Any]:
+    """The ``max_drop`` search as JSON: what was measured (``metric``), on which ``target``, the original's value,
+    the allowed drop and the ``floor`` (original − max_drop), one entry per try in order (latency budget, FLOPs and
+    time ratios, the metric, its ``change`` from the original, ``within`` the drop, layers converted, ``chosen``),
+    and ``chosen``: the index of the chosen try (``null``: none was within the drop; the original was kept)."""
+    tries = [{"budget": fig(t.budget, "ratio"), "flops_ratio": fig(t.flops_ratio, "ratio"),
+              "time_ratio": fig(t.time_ratio, "ratio") if t.time_ratio is not None else
+              {"not_measured": "the try was not timed whole"},
+              "metric": fig(t.metric, "user"), "change": fig(t.metric - search.original, "user"),
+              "within": bool(t.within), "converted_layers": int(t.converted), "chosen": bool(t.chosen)}
+             for t in search.tries]
+    return {"metric": search.metric, "target": search.target, "original": fig(search.original, "user"),
+            "max_drop": fig(search.max_drop, "user"), "floor": fig(search.original - search.max_drop, "user"),
+            "tries": tries, "chosen": next((i for i, t in enumerate(search.tries) if t.chosen), None)}
 
 
 def schema() -> dict[str, Any]:

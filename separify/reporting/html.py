@@ -3,8 +3,9 @@ network), and the same plots as a PNG.
 
 Plots of one :class:`~separify.reporting.Report`: FLOPs per layer before/after, latency per layer before/after, and the
 whole model's converted/original ratios (FLOPs, parameters, latency per backend) side by side, which is where FLOPs
-and time part ways. Plots of a :class:`~separify.reporting.Comparison`: quality against FLOPs ratio and latency ratio
-against FLOPs ratio, one line per method.
+and time part ways; after a ``max_drop`` search, the metric of every try against its measured time ratio. Plots of a
+:class:`~separify.reporting.Comparison`: quality against FLOPs ratio and latency ratio against FLOPs ratio, one line
+per method.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import Callable
 
 from separify.core.measure import Timing
 from separify.reporting.data import Comparison, NotMeasured, Report
+from separify.reporting.search import (CHOSEN, OVER, WITHIN, search_chosen, search_head, search_of, search_rows,
+                                       search_title)
+from separify.reporting.tables import SUSPECT_NOTE, source_note
 
 __all__ = ["render_html", "write_html", "write_png"]
 
@@ -131,11 +135,44 @@ def _ratio(rep: Report, backend: str):
     return next((lat.ratio for lat in rep.latency if lat.backend == backend), None)
 
 
-def _plots(doc: Report | Comparison) -> list[tuple[str, _Draw, float]]:
-    """``(title, draw, height in inches)`` of every plot of ``doc``."""
+def _search_plot(rep: Report) -> tuple[str, _Draw, float] | None:
+    """The ``max_drop`` search: time ratio (x) against the metric (y) per timed try, the original at (1, its
+    metric), a dashed line at original − max_drop, the chosen try ringed."""
+    doc = search_of(rep.conversion)
+    if doc is None:
+        return None
+
+    def draw(ax):
+        tries = [t for t in doc["tries"] if "value" in t["time_ratio"]]
+        for within, color, label in ((True, _AFTER, f"try, {WITHIN} the max drop"),
+                                     (False, "#d62728", f"try, {OVER} the max drop")):
+            pts = [t for t in tries if t["within"] == within]
+            if pts:
+                ax.scatter([t["time_ratio"]["value"] for t in pts], [t["metric"]["value"] for t in pts],
+                           color=color, label=label, zorder=3)
+        for t in tries:
+            ax.annotate(f"budget {t['budget']['value']:.3g}", (t["time_ratio"]["value"], t["metric"]["value"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.scatter([1.0], [doc["original"]["value"]], color="black", marker="s", label="original", zorder=3)
+        ax.axhline(doc["floor"]["value"], color="black", linewidth=0.8, linestyle="--",
+                   label=f"original − max drop ({doc['floor']['value']:.4g})")
+        chosen = [t for t in tries if t["chosen"]]
+        if chosen:
+            ax.scatter([chosen[0]["time_ratio"]["value"]], [chosen[0]["metric"]["value"]], s=180,
+                       facecolors="none", edgecolors="black", linewidths=1.5, label=CHOSEN, zorder=4)
+        ax.set_xlabel("time ratio, converted / original (measured on the target)")
+        ax.set_ylabel(doc["metric"])
+        ax.legend(fontsize=8)
+
+    return search_title(doc), draw, _HEIGHT
+
+
+def _plots(doc: Report | Comparison, *, search: bool = True) -> list[tuple[str, _Draw, float]]:
+    """``(title, draw, height in inches)`` of every plot of ``doc`` (a report's search plot with ``search``)."""
     if isinstance(doc, Comparison):
         return _tradeoff(doc)
-    return [p for p in (_ratios(doc), _layer_flops(doc), _layer_latency(doc)) if p is not None]
+    plots = (_ratios(doc), _layer_flops(doc), _layer_latency(doc), _search_plot(doc) if search else None)
+    return [p for p in plots if p is not None]
 
 
 def _svg(draw: _Draw, height: float) -> str:
@@ -178,6 +215,7 @@ table { border-collapse: collapse; margin: 1em 0; font-size: 0.85em; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
 th:first-child, td:first-child, td.text { text-align: left; }
 td.kept { color: #8a6d00; } td.worse { color: #c00; font-weight: bold; } .noisy { color: #b36b00; }
+td.chosen { font-weight: bold; } .suspect { color: #c00; }
 figure { margin: 1.5em 0; } figcaption { font-weight: bold; margin-bottom: 0.3em; }
 .meta { color: #555; font-size: 0.85em; }
 """
@@ -190,8 +228,24 @@ def _e(x) -> str:
 def _t(t: Timing | NotMeasured | None) -> str:
     if t is None or isinstance(t, NotMeasured):
         return f'<span title="{_e(t.why) if t else ""}">not measured</span>'
+    suspect = f' <span class="suspect" title="{_e(SUSPECT_NOTE)}">suspect</span>' if t.suspect else ""
     noisy = ' <span class="noisy">noisy</span>' if t.noisy else ""
-    return f"{t.median_ms:.3g} ms ±{100 * t.spread:.0f}%{noisy}"
+    return f"{t.median_ms:.3g} ms ±{100 * t.spread:.0f}%{suspect}{noisy}"
+
+
+def _search_section(rep: Report) -> list[str]:
+    """The ``max_drop`` search: its table (the terminal's rows), the line on the chosen try, and its plot."""
+    doc = search_of(rep.conversion)
+    plot = _search_plot(rep)
+    if doc is None or plot is None:
+        return []
+    rows = search_rows(doc)
+    cls = [["text"] + [""] * 4 + ["worse" if row[5] == OVER else "", "chosen" if row[-1] == CHOSEN else ""]
+           for row in rows]
+    title, draw, height = plot
+    return [f"<h2>{_e(title)}</h2>", _table(search_head(), [[_e(v) for v in row] for row in rows], cls),
+            f"<p>{_e(search_chosen(doc))}</p>",
+            f"<figure><figcaption>{_e(title)}</figcaption>{_svg(draw, height)}</figure>"]
 
 
 def _table(head: list[str], rows: list[list[str]], classes: list[list[str]] | None = None) -> str:
@@ -211,7 +265,8 @@ def _report_body(rep: Report) -> str:
             ["state dict size (MB)", f"{o.state_dict_bytes / 1e6:.2f}", f"{c.state_dict_bytes / 1e6:.2f}",
              f"{c.state_dict_bytes / max(o.state_dict_bytes, 1):.3f}"]]
     for lat in rep.latency:
-        rows.append([f"latency, {_e(lat.backend)} (median ±IQR/median)", _t(lat.original), _t(lat.converted),
+        rows.append([f"latency, {_e(lat.backend)} (median ±IQR/median){_e(source_note(lat))}", _t(lat.original),
+                     _t(lat.converted),
                      "not measured" if lat.ratio is None else f"{lat.ratio:.3f}"])
     for q in rep.quality:
         fmt = "{:.4f}" if q.unit in ("fraction", "user") else "{:.3g}"
@@ -236,8 +291,9 @@ def _report_body(rep: Report) -> str:
                         + ["worse" if ratio is not None and ratio > 1 else "", "", "text"])
         parts += ["<h2>Layers</h2>", _table(head, lrows, lcls)]
 
+    parts += _search_section(rep)
     parts.append("<h2>Plots</h2>")
-    for title, draw, height in _plots(rep):
+    for title, draw, height in _plots(rep, search=False):
         parts.append(f"<figure><figcaption>{_e(title)}</figcaption>{_svg(draw, height)}</figure>")
     if rep.not_measured:
         parts.append("<h2>Not measured</h2><ul>" + "".join(f"<li>{_e(w)}: {_e(y)}</li>" for w, y in rep.not_measured)

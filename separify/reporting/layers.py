@@ -9,6 +9,7 @@ per-layer record (method, rank, reason for keeping, errors) joins the row.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -20,9 +21,9 @@ from separify.errors import first_line
 from separify.records import ConvertResult, LayerRecord, Reason
 from separify.reporting.data import LayerFigures, NotMeasured
 from separify.reporting.progress import Bar
-from separify.reporting.settings import ReportSettings
+from separify.reporting.settings import ReportSettings, check_matches
 
-__all__ = ["conv_desc", "torch_layers", "onnx_layers"]
+__all__ = ["conv_desc", "torch_layers", "onnx_layers", "flag_shared"]
 
 KEPT = "the same conv is in both models"
 
@@ -50,25 +51,25 @@ def _reason(rec: LayerRecord | None, status: str, unmatched: str) -> str | None:
     return KEPT if status == "kept" and reason is None else reason
 
 
-def _note(rec: LayerRecord | None) -> str | None:
-    """The record's notes, with the folded BatchNorm, what the latency selection measured and the ONNX output
-    error."""
+def _note(rec: LayerRecord | None, where: str | None = None) -> str | None:
+    """The record's notes, with the folded BatchNorm, what the latency selection measured on ``where`` (the
+    target, described) and the ONNX output error."""
     if rec is None:
         return None
-    timed = None
+    timed, where = None, where or "the target"
     if rec.time_before_ms is not None and rec.time_after_ms is not None:
-        timed = f"selected on the target: {rec.time_before_ms:.3g} → {rec.time_after_ms:.3g} ms, layout {rec.layout}"
+        timed = f"selected on {where}: {rec.time_before_ms:.3g} → {rec.time_after_ms:.3g} ms, layout {rec.layout}"
     elif rec.time_before_ms is not None and rec.reason_code not in (None, Reason.NOT_FASTER):
-        timed = f"dense {rec.time_before_ms:.3g} ms on the target"  # NOT_FASTER's reason already gives the times
+        timed = f"dense {rec.time_before_ms:.3g} ms on {where}"  # NOT_FASTER's reason already gives the times
     parts = [f"BN {rec.bn_folded} folded" if rec.bn_folded else None, rec.note, timed,
              f"output error {rec.output_error:.3g} (onnxruntime, random inputs)" if rec.output_error is not None
              else None]
     return "; ".join(p for p in parts if p) or None
 
 
-def _record_figures(rec: LayerRecord | None) -> dict[str, Any]:
-    """The row's fields taken from the conversion's record (both backends)."""
-    return {"note": _note(rec),
+def _record_figures(rec: LayerRecord | None, where: str | None = None) -> dict[str, Any]:
+    """The row's fields taken from the conversion's record (both backends); ``where``: the latency target."""
+    return {"note": _note(rec, where),
             "kernel_error": rec.rel_error if rec is not None else None,
             "calib_error_before": rec.calib_error_before if rec is not None else None,
             "calib_error_after": rec.calib_error_after if rec is not None else None}
@@ -81,7 +82,9 @@ def _record_figures(rec: LayerRecord | None) -> dict[str, Any]:
 def torch_layers(original: nn.Module, converted: nn.Module, inputs: tuple, result: ConvertResult | None,
                  settings: ReportSettings, bar: Bar) -> list[LayerFigures]:
     """One row per ``nn.Conv2d`` of ``original``: FLOPs at its real input shapes on ``inputs``, and (when
-    ``settings.per_layer``) the conv and its replacement timed alone at the first of those shapes."""
+    ``settings.per_layer``) the conv and its replacement timed alone at the first of those shapes. Timings that
+    layers of different shapes share are marked ``suspect`` (:func:`flag_shared`); where the conversion timed on
+    an equivalent target, a dense time far from the selection's is noted (:func:`_disagreement`)."""
     old_modules = dict(original.named_modules())
     old_convs = [n for n, m in old_modules.items() if isinstance(m, nn.Conv2d)]
     new_modules = dict(converted.named_modules())
@@ -91,14 +94,61 @@ def torch_layers(original: nn.Module, converted: nn.Module, inputs: tuple, resul
     records = _records(result)
     run_time = settings.layer_run_time
     bar.total(len([n for n in old_convs if shapes[n]]) if run_time is not None else 0)
+    where = result.latency_target if result is not None else None
+    same = check_matches(result, f"torch-{settings.device}", settings.threads,
+                         int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None)
     rows = []
     for name in old_convs:
         conv, calls = old_modules[name], shapes[name]
         status, new = _counterpart(name, new_modules, new_order)
         flops = (module_flops(conv, calls) if calls else None, _flops_after(new, calls))
         times = _layer_times(name, conv, new, status, calls[0] if calls else None, settings, run_time, bar)
-        rows.append(_torch_row(name, conv, status, new, calls, flops, times, records.get(name)))
-    return rows
+        row = _torch_row(name, conv, status, new, calls, flops, times, records.get(name), where)
+        rows.append(_disagreement(row, len(calls)) if same else row)
+    return flag_shared(rows)
+
+
+#: a dense conv timed by the report and by the selection on an equivalent target disagree beyond this factor
+DISAGREE = 2.0
+#: this many layers of different shapes reading one figure (3 significant digits) is implausible
+SHARED_LAYERS = 3
+
+
+def _disagreement(row: LayerFigures, calls: int) -> LayerFigures:
+    """``row`` with a note when its dense conv, timed here on a target equivalent to the selection's, took more
+    than :data:`DISAGREE` × (or less than 1/that) what the selection measured for it (``calls`` per forward)."""
+    before, selected = row.latency_before, row.selected_ms_before
+    if not isinstance(before, Timing) or not selected or not calls:
+        return row
+    factor = before.median_ms * calls / selected
+    if 1 / DISAGREE <= factor <= DISAGREE:
+        return row
+    text = (f"timed here at {factor:.3g}× what the selection measured for the dense conv on the same target: the "
+            "machine was busier in one of the two runs (other processes, more threads than free cores)")
+    return dataclasses.replace(row, note="; ".join(p for p in (row.note, text) if p))
+
+
+def flag_shared(rows: Sequence[LayerFigures]) -> list[LayerFigures]:
+    """``rows`` with every per-layer timing marked ``suspect`` whose figure (median, 3 significant digits) is also
+    read, on the same side (before or after), by layers of :data:`SHARED_LAYERS` or more different shapes (conv,
+    input past the batch dimension, method and rank): real times of different layers do not agree to 3 digits,
+    a fixed cost per call does (e.g. each op waiting for a descheduled thread when the threads outnumber the free
+    cores)."""
+    keys: dict[tuple[str, str], set] = {}
+    for r in rows:
+        shape = (r.conv, tuple(r.input_shape[1:]) if r.input_shape else None)
+        for side, t in (("before", r.latency_before), ("after", r.latency_after)):
+            if isinstance(t, Timing):
+                key = shape if side == "before" else shape + (r.method, r.rank)
+                keys.setdefault((side, f"{t.median_ms:.3g}"), set()).add(key)
+    shared = {k for k, layers in keys.items() if len(layers) >= SHARED_LAYERS}
+
+    def mark(side: str, t):
+        hit = isinstance(t, Timing) and not t.suspect and (side, f"{t.median_ms:.3g}") in shared
+        return dataclasses.replace(t, suspect=True) if hit else t
+
+    return [dataclasses.replace(r, latency_before=mark("before", r.latency_before),
+                                latency_after=mark("after", r.latency_after)) for r in rows]
 
 
 def _counterpart(name: str, new_modules: dict[str, nn.Module], conv_order: list[str]) -> tuple[str, nn.Module | None]:
@@ -156,7 +206,7 @@ def _layer_times(name: str, conv: nn.Conv2d, new: nn.Module | None, status: str,
 
 
 def _torch_row(name: str, conv: nn.Conv2d, status: str, new: nn.Module | None, calls: list, flops: tuple,
-               times: tuple, rec: LayerRecord | None) -> LayerFigures:
+               times: tuple, rec: LayerRecord | None, where: str | None = None) -> LayerFigures:
     converted = status == "converted"
     return LayerFigures(
         name=name, conv=conv_desc(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.groups),
@@ -168,7 +218,7 @@ def _torch_row(name: str, conv: nn.Conv2d, status: str, new: nn.Module | None, c
         layout=rec.layout if rec is not None else getattr(new, "layout", None) if converted else None,
         selected_ms_before=rec.time_before_ms if rec is not None else None,
         selected_ms_after=rec.time_after_ms if rec is not None else None,
-        **_record_figures(rec))
+        **_record_figures(rec, where))
 
 
 def _method_of(module: nn.Module | None) -> str | None:
@@ -213,5 +263,5 @@ def onnx_layers(models: Sequence[Any], feeds: Mapping[str, Any], result: Convert
             flops_after=pair.flops_after, latency_before=why, latency_after=why, method=pair.method, rank=pair.rank,
             reason=_reason(rec, pair.status, "no Conv node, or nodes written by separify, at this name in the "
                                              "converted model"),
-            **_record_figures(rec)))
+            **_record_figures(rec, result.latency_target if result is not None else None)))
     return rows

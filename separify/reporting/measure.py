@@ -16,15 +16,16 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from separify.core.measure import (Timing, count_flops, count_params, cpu_name, export_onnx, state_dict_bytes,
-                                   time_onnxruntime, time_torch)
+from separify.config import DTYPES, LatencyTarget
+from separify.core.measure import (Timing, conv_input_shapes, count_flops, count_params, cpu_name, export_onnx,
+                                   param_dtype, state_dict_bytes, time_onnxruntime)
 from separify.errors import first_line
 from separify.records import ConvertResult
-from separify.reporting.data import Latency, ModelFigures, NotMeasured, Report, conversion_doc
+from separify.reporting.data import FROM_CHECK, Latency, ModelFigures, NotMeasured, Report, conversion_doc
 from separify.reporting.layers import onnx_layers, torch_layers
 from separify.reporting.progress import Bar, progress_bar
 from separify.reporting.quality import check_outputs, measure_quality
-from separify.reporting.settings import ReportSettings, batched
+from separify.reporting.settings import ReportSettings, batched, check_matches
 
 __all__ = ["report", "report_onnx"]
 
@@ -89,7 +90,7 @@ def _report_torch(original: nn.Module, converted: nn.Module | ConvertResult, exa
         figures = tuple(_model_figures(m, inputs, f) for m, f in ((original, files[0]), (model, files[1])))
         bar.step("measuring quality")
         quality = measure_quality(original, model, inputs, s)
-        latencies = _torch_latency(original, model, inputs, s, bar)
+        latencies = _torch_latency(original, model, inputs, s, bar, result)
         not_measured = _latency_gaps(latencies, s)
         layers = torch_layers(original, model, inputs, result, s, bar)
         if not s.per_layer:
@@ -151,17 +152,27 @@ def _report_onnx(paths: tuple[str | os.PathLike, str | os.PathLike], result: Con
         check_outputs(*runners, inputs)
         bar.step("measuring quality")
         quality = measure_quality(*runners, inputs, s)
-        latencies = []
-        if s.latency:
-            bar.step("timing both models in onnxruntime")
-            latencies.append(Latency("onnxruntime-cpu", *time_onnxruntime(list(paths), inputs, threads=s.threads,
-                                                                          min_run_time=s.min_run_time)))
-        not_measured += _latency_gaps(latencies, s)
         bar.step("pairing the layers")
         layers = onnx_layers(models, feeds, result, s.threads)
+        latencies = _onnx_latency(paths, inputs, s, bar, result, {r.name: r.input_shape for r in layers})
+        not_measured += _latency_gaps(latencies, s)
     notes = notes + ["FLOPs: Conv, Gemm and MatMul nodes only (other ONNX ops, e.g. LSTM, are not counted)"]
     return Report(figures[0], figures[1], tuple(latencies), tuple(quality), tuple(layers), s.document(inputs, notes),
                   _environment(s), conversion_doc(result), tuple(not_measured))
+
+
+def _onnx_latency(paths: Sequence, inputs: tuple, settings: ReportSettings, bar: Bar, result: ConvertResult | None,
+                  layer_shapes: Mapping[str, tuple | None]) -> list[Latency]:
+    """The ``onnxruntime-cpu`` row of two ONNX files: the conversion's check when it timed on an equivalent target
+    (:func:`check_timings`), else both timed here, interleaved."""
+    if not settings.latency:
+        return []
+    reused = check_timings(result, "onnxruntime-cpu", settings, inputs, layer_shapes=layer_shapes)
+    if reused is not None:
+        return [Latency("onnxruntime-cpu", *reused, source=FROM_CHECK)]
+    bar.step("timing both models in onnxruntime")
+    return [Latency("onnxruntime-cpu", *time_onnxruntime(list(paths), inputs, threads=settings.threads,
+                                                         min_run_time=settings.min_run_time))]
 
 
 def _latency_gaps(latencies: list[Latency], settings: ReportSettings) -> list[tuple[str, str]]:
@@ -179,18 +190,86 @@ def _model_figures(model: nn.Module, inputs, file) -> ModelFigures:
 
 
 def _torch_latency(original: nn.Module, converted: nn.Module, inputs: tuple, settings: ReportSettings,
-                   bar: Bar) -> list[Latency]:
-    """Both whole models timed in PyTorch on ``settings.device`` and (``settings.onnx``) in ONNX Runtime."""
+                   bar: Bar, result: ConvertResult | None = None) -> list[Latency]:
+    """Both whole models in PyTorch on ``settings.device`` and (``settings.onnx``) in ONNX Runtime. A row whose
+    target the conversion's own check timed on (:func:`check_timings`) carries the check's two timings, marked
+    :data:`~separify.reporting.data.FROM_CHECK`; the others are timed here, PyTorch with
+    :func:`separify.planning.latency.time_model` (the check's protocol) on :func:`report_target`."""
     if not settings.latency:
         return []
-    bar.step(f"timing both models in PyTorch ({settings.device})")
-    latencies = [Latency(f"torch-{settings.device}", *time_torch([original, converted], inputs,
-                                                                 device=settings.device, threads=settings.threads,
-                                                                 min_run_time=settings.min_run_time))]
+    backend = f"torch-{settings.device}"
+    reused = check_timings(result, backend, settings, inputs, original)
+    if reused is not None:
+        latencies = [Latency(backend, *reused, source=FROM_CHECK)]
+    else:
+        bar.step(f"timing both models in PyTorch ({settings.device})")
+        latencies = [Latency(backend, *_time_torch_models([original, converted], inputs, settings))]
     if settings.onnx:
-        bar.step("exporting both models to ONNX and timing them in ONNX Runtime")
-        latencies.append(_onnxruntime(original, converted, inputs, settings.threads, settings.min_run_time))
+        reused = check_timings(result, "onnxruntime-cpu", settings, inputs, original)
+        if reused is not None:
+            latencies.append(Latency("onnxruntime-cpu", *reused, source=FROM_CHECK))
+        else:
+            bar.step("exporting both models to ONNX and timing them in ONNX Runtime")
+            latencies.append(_onnxruntime(original, converted, inputs, settings.threads, settings.min_run_time))
     return latencies
+
+
+def report_target(settings: ReportSettings, inputs: tuple, model: nn.Module) -> LatencyTarget:
+    """The :class:`~separify.config.LatencyTarget` a report times PyTorch models on: ``settings.device``, its
+    threads, the inputs' batch size, NCHW, the model's dtype where a target takes it (else float32)."""
+    dtype = next((name for name, d in DTYPES.items() if d == param_dtype(model)), "float32")
+    if settings.device == "cpu" and dtype == "float16":
+        dtype = "float32"
+    batch = int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None
+    return LatencyTarget(backend=settings.device, batch_size=batch, dtype=dtype, threads=settings.threads)
+
+
+def _time_torch_models(models: list[nn.Module], inputs: tuple, settings: ReportSettings) -> list[Timing]:
+    """``models`` timed whole, interleaved, for ``settings.min_run_time`` s each on :func:`report_target`."""
+    from separify.planning.latency import time_model
+
+    target = report_target(settings, inputs, models[0])
+    return list(time_model(models, inputs, target, run_time=settings.min_run_time))
+
+
+def check_timings(result: ConvertResult | None, backend: str, settings: ReportSettings, inputs: tuple,
+                  original: nn.Module | None = None,
+                  layer_shapes: Mapping[str, tuple | None] | None = None) -> tuple[Timing, Timing] | None:
+    """The conversion's whole-model timings ``(original, converted)`` when its check timed on a target
+    equivalent to the report's ``backend`` row, else ``None``.
+
+    Equivalent: torch cpu (cuda) target → ``"torch-cpu"`` (``"torch-cuda"``), onnxruntime → ``"onnxruntime-cpu"``;
+    float32, NCHW; both timings real measurements on that backend (several blocks: an injected timer's single
+    reading is not reused) at the report's batch size and (CPU) threads; every conv the record and the report
+    both know sees the same input shape past the batch dimension (``layer_shapes``: name → shape; for PyTorch
+    they are taken from ``original`` on ``inputs``)."""
+    batch = int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None
+    if not check_matches(result, backend, settings.threads, batch):
+        return None
+    timings = (result.latency_before, result.latency_after)
+    if not all(isinstance(t, Timing) and t.blocks >= 2 for t in timings):
+        return None
+    if layer_shapes is None and original is not None:
+        if backend.startswith("torch") and param_dtype(original) != torch.float32:
+            return None
+        layer_shapes = _conv_shapes(original, inputs, [r.name for r in result.layers])
+    return timings if _same_inputs(result, layer_shapes or {}) else None
+
+
+def _conv_shapes(model: nn.Module, inputs: tuple, names: Sequence[str]) -> dict[str, tuple | None]:
+    """Name → first input shape on ``inputs`` of each of ``names`` that is a module of ``model``."""
+    own = dict(model.named_modules())
+    calls = conv_input_shapes(model, inputs, [n for n in names if n in own])
+    return {n: c[0] if c else None for n, c in calls.items()}
+
+
+def _same_inputs(result: ConvertResult, layer_shapes: Mapping[str, tuple | None]) -> bool:
+    """Every layer with a recorded input shape and a shape in ``layer_shapes`` agrees past the batch dimension."""
+    for rec in result.layers:
+        seen, shape = rec.spec.input_shape, layer_shapes.get(rec.name)
+        if seen is not None and shape is not None and tuple(seen[1:]) != tuple(shape[1:]):
+            return False
+    return True
 
 
 def _onnxruntime(original, converted, inputs, threads, min_run_time) -> Latency:

@@ -12,7 +12,7 @@ from torch import nn
 from separify.errors import SeparifyError
 from separify.reporting.data import fig
 
-__all__ = ["ReportSettings", "batched"]
+__all__ = ["ReportSettings", "batched", "check_matches"]
 
 DEVICES = ("cpu", "cuda")
 RANDOM_DATA_NOTE = ("quality figures compare the two models on random inputs, which says little about accuracy on "
@@ -119,3 +119,22 @@ def batched(example_inputs: Any, batch_size: int | None) -> tuple[torch.Tensor, 
     if batch_size <= 0:
         raise SeparifyError(f"batch size must be a positive integer, got {batch_size}")
     return tuple(t[:1].expand(batch_size, *t.shape[1:]).contiguous() for t in inputs)
+
+
+#: the report's latency row that each :class:`~separify.config.LatencyTarget` backend corresponds to
+TARGET_ROWS = {"cpu": "torch-cpu", "cuda": "torch-cuda", "onnxruntime": "onnxruntime-cpu"}
+
+
+def check_matches(result: Any, backend: str, threads: int | None, batch: int | None) -> bool:
+    """Whether the conversion behind ``result`` (a :class:`~separify.ConvertResult` or ``None``) timed its whole
+    models, and so its layers, on a target equivalent to the report's ``backend`` row at ``batch`` and (CPU)
+    ``threads``: the target's backend maps to that row (:data:`TARGET_ROWS`), float32, NCHW, and both whole-model
+    timings were read on that backend at that batch size and thread count."""
+    spec = getattr(result, "latency_spec", None)
+    timings = (getattr(result, "latency_before", None), getattr(result, "latency_after", None))
+    if spec is None or any(t is None for t in timings):
+        return False
+    if TARGET_ROWS.get(spec.backend) != backend or spec.dtype != "float32" or spec.channels_last:
+        return False
+    return all(t.backend == backend and t.batch_size == batch and (backend == "torch-cuda" or t.threads == threads)
+               for t in timings)

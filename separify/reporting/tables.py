@@ -8,21 +8,35 @@ from rich.console import Console
 from rich.table import Table
 
 from separify.core.measure import Timing
-from separify.reporting.data import Comparison, NotMeasured, Report
+from separify.reporting.data import FROM_CHECK, Comparison, Latency, NotMeasured, Report
+from separify.reporting.search import (CHOSEN, OVER, search_chosen, search_head, search_of, search_rows,
+                                       search_title)
 
-__all__ = ["layer_table", "totals_table", "print_report", "print_comparison"]
+__all__ = ["layer_table", "totals_table", "search_table", "print_report", "print_comparison", "source_note",
+           "SUSPECT_NOTE"]
+
+#: what a ``suspect`` timing means, for the notes under the tables
+SUSPECT_NOTE = ("its readings were implausible twice in a row (a spread of exactly 0 while the other model varied, "
+                "identical readings at the clock's resolution, or the same figure for layers of different shapes); "
+                "the figure may not be the model's time: re-run on a quiet machine or with fewer --threads")
+
+
+def source_note(lat: Latency) -> str:
+    """``", from the conversion's check"`` for a row the conversion timed (:data:`FROM_CHECK`), else ``""``."""
+    return ", from the conversion's check" if lat.source == FROM_CHECK else ""
 
 
 def _ms(t: Timing | NotMeasured) -> str:
     if isinstance(t, NotMeasured):
         return "—"
-    return f"{t.median_ms:.3g} ±{100 * t.spread:.0f}%" + (" [yellow]noisy[/yellow]" if t.noisy else "")
+    return (f"{t.median_ms:.3g} ±{100 * t.spread:.0f}%" + (" [red]suspect[/red]" if t.suspect else "")
+            + (" [yellow]noisy[/yellow]" if t.noisy else ""))
 
 
 def _short(t: Timing | NotMeasured) -> str:
     if isinstance(t, NotMeasured):
         return "—"
-    return f"{t.median_ms:.3g}" + ("*" if t.noisy else "")
+    return f"{t.median_ms:.3g}" + ("*" if t.noisy else "") + (" [red]suspect[/red]" if t.suspect else "")
 
 
 def _mflops(v: int | None) -> str:
@@ -99,8 +113,8 @@ def totals_table(rep: Report) -> Table:
         b = lat.original if isinstance(lat.original, Timing) else lat.converted
         how = f", {b.threads} threads" if isinstance(b, Timing) and b.threads else ""
         ratio = lat.ratio
-        table.add_row(f"latency ms, {lat.backend} (median ±IQR{how})", _ms(lat.original), _ms(lat.converted),
-                      "—" if ratio is None else _ratio(ratio, ".3f"))
+        table.add_row(f"latency ms, {lat.backend} (median ±IQR{how}){source_note(lat)}", _ms(lat.original),
+                      _ms(lat.converted), "—" if ratio is None else _ratio(ratio, ".3f"))
     for q in rep.quality:
         fmt = "{:.4f}" if q.unit in ("fraction", "user") else "{:.3g}"
         table.add_row(f"{q.metric} ({q.data})", "—" if q.original is None else fmt.format(q.original),
@@ -141,12 +155,33 @@ def _print_conversion(console: Console, conv: Mapping[str, Any]) -> None:
         if conv["selection"] == "latency":
             line += f"; target {conv['target']:g}"
         console.print(line, highlight=False)
+    search = search_of(conv)
+    if search is not None:
+        console.print(search_table(search))
+        console.print(search_chosen(search), highlight=False)
     for w in conv["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {w}")
 
 
+def search_table(doc: Mapping[str, Any]) -> Table:
+    """The ``max_drop`` search: the original, then one row per try (:func:`~separify.reporting.search.search_rows`),
+    over-the-drop tries in red, the chosen one in bold."""
+    table = Table(title=search_title(doc))
+    for i, head in enumerate(search_head()):
+        table.add_column(head, justify="left" if i == 0 else "right")
+    for row in search_rows(doc):
+        style = "bold" if row[-1] == CHOSEN else "red" if row[5] == OVER else None
+        table.add_row(*row, style=style)
+    return table
+
+
 def _print_notes(console: Console, rep: Report) -> None:
     """Noisy timings, the settings' notes, and what was not measured."""
+    suspect = [t for lat in rep.latency for t in (lat.original, lat.converted) if isinstance(t, Timing) and t.suspect]
+    suspect += [t for r in rep.layers for t in (r.latency_before, r.latency_after)
+                if isinstance(t, Timing) and t.suspect]
+    if suspect:
+        console.print(f"[yellow]note:[/yellow] {len(suspect)} timing(s) marked suspect: {SUSPECT_NOTE}")
     noisy = [lat.backend for lat in rep.latency for t in (lat.original, lat.converted)
              if isinstance(t, Timing) and t.noisy]
     noisy_layers = sum(isinstance(t, Timing) and t.noisy for r in rep.layers for t in (r.latency_before, r.latency_after))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import tempfile
@@ -123,8 +124,31 @@ class OnnxBackend(Backend):
         return int(next(iter(self.feeds.values())).shape[0])
 
     def time_models(self, models: Sequence[Any], target: LatencyTarget, timer, *, scale: float = 1.0):
-        graphs = [self.original if m == "original" else self.work if m == "converted" else m for m in models]
+        graphs = [self._graph(m) for m in models]
         return _ort_timings(graphs, self.feeds, target, timer, self.threads, scale=scale)
+
+    def _graph(self, which: Any) -> ir.Model:
+        if isinstance(which, str) and which == "original":
+            return self.original
+        if isinstance(which, str) and which == "converted":
+            return self.work
+        return which
+
+    def fingerprint(self, model: Any) -> str:
+        return _fingerprint(self._graph(model))
+
+    @property
+    def input_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(v.shape) for v in self.feeds.values()]
+
+    def runnable(self, model: Any) -> OrtModule:
+        return OrtModule(self._graph(model), threads=self.threads)
+
+    def observation(self) -> Any:
+        return None  # the refit runs the data through onnxruntime again; the moments are the pipeline's
+
+    def use_observation(self, observed: Any) -> None:
+        pass
 
     def trial(self, replacements: dict[str, SeparableConv2d]) -> ir.Model:
         trial = self.original.clone()
@@ -233,6 +257,32 @@ def _ort_timings(models: Sequence[ir.Model], feeds, target: LatencyTarget, timer
     except Exception as exc:  # noqa: BLE001 - one clear message
         raise SeparifyError(f"could not time the whole model on {target.describe()}: {first_line(exc)}") from None
     return timings if isinstance(timings, list) else [timings]
+
+
+def _fingerprint(model: ir.Model) -> str:
+    """A hash of a graph's structure: every node's domain, op type, attributes and wiring (value names replaced by
+    their order of first use) and every initializer's shape and dtype; not the weights."""
+    names: dict[str, str] = {}
+
+    def canon(v) -> str:
+        return "" if v is None else names.setdefault(v.name, f"v{len(names)}")
+
+    def attr(a) -> str:
+        value = a.value
+        if hasattr(value, "shape") and hasattr(value, "dtype"):  # a tensor attribute: its type, not its data
+            return f"tensor{tuple(value.shape)}:{value.dtype}"
+        return repr(value)
+
+    h = hashlib.sha256()
+    for v in model.graph.inputs:
+        h.update(f"in {canon(v)} {v.shape} {v.dtype}".encode())
+    for node in model.graph:
+        attrs = ",".join(f"{k}={attr(a)}" for k, a in sorted(node.attributes.items()))
+        h.update(f"{node.domain}:{node.op_type}({','.join(canon(i) for i in node.inputs)})"
+                 f"->{','.join(canon(o) for o in node.outputs)}[{attrs}]".encode())
+    for name, v in model.graph.initializers.items():
+        h.update(f"init {canon(v)} {v.shape} {v.dtype}".encode())
+    return h.hexdigest()
 
 
 def _check_converted(model: ir.Model) -> bool:

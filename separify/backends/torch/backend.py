@@ -39,6 +39,8 @@ class TorchBackend(Backend):
         self.path = "fx" if self.gm is not None else "module-tree"
         self.sites = fx_pass.match_fx(self.gm) if self.gm is not None else fx_pass.match_modules(self.work)
         self.memory_gb = cfg.calibration.memory_gb
+        self.fold_bn = cfg.fold_bn
+        self._original_fp: str | None = None
         self.flops_before = measure.count_flops(self.root, self.inputs)
         self.params_before = measure.count_params(self.root)
         self.batches: list[torch.Tensor] | None = None
@@ -137,16 +139,41 @@ class TorchBackend(Backend):
             raise SeparifyError(f"could not time the whole model on {target.describe()}: {first_line(exc)}") from None
 
     def _model(self, which: Any) -> nn.Module:
-        if which == "original":
+        if isinstance(which, str) and which == "original":
             return self.root if self.converted is None else self.reference
-        if which == "converted":
+        if isinstance(which, str) and which == "converted":
             return self.converted
         return which
 
+    def fingerprint(self, model: Any) -> str:
+        if isinstance(model, str) and model == "original":  # the traced original, before it is rewritten
+            if self._original_fp is None:
+                self._original_fp = fx_pass.fingerprint(self.root if self.converted is None else self.reference)
+            return self._original_fp
+        return fx_pass.fingerprint(self._model(model))
+
+    @property
+    def input_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(t.shape) for t in self.inputs if isinstance(t, torch.Tensor)]
+
+    def runnable(self, model: Any) -> nn.Module:
+        return self._model(model)
+
+    def observation(self) -> Any:
+        return self.obs
+
+    def use_observation(self, observed: Any) -> None:
+        self.obs = observed
+
     def trial(self, replacements: dict[str, SeparableConv2d]) -> nn.Module:
         if self.gm is not None:
-            return fx_pass.rewrite_fx(copy.deepcopy(self.gm), replacements, self._folded(replacements))
+            return self._fold(fx_pass.rewrite_fx(copy.deepcopy(self.gm), replacements, self._folded(replacements)))
         return fx_pass.rewrite_modules(copy.deepcopy(self.work), replacements, self._aliases())
+
+    def _fold(self, gm: fx.GraphModule) -> fx.GraphModule:
+        """Every remaining conv → BatchNorm pair folded too (eval mode, ``fold_bn``): the converted model as it
+        runs fastest, and as the original is timed (:func:`separify.planning.latency.fold_batchnorms`)."""
+        return latency.fold_batchnorms(gm) if self.fold_bn else gm
 
     # --- apply and finish
 
@@ -160,7 +187,7 @@ class TorchBackend(Backend):
     def apply(self, replacements, records: dict[str, LayerRecord]) -> None:
         if self.gm is not None:
             training = self.work.training
-            self.converted = fx_pass.rewrite_fx(self.gm, replacements, self._folded(replacements))
+            self.converted = self._fold(fx_pass.rewrite_fx(self.gm, replacements, self._folded(replacements)))
             self.converted.training = training
         else:
             self.converted = fx_pass.rewrite_modules(self.work, replacements, self._aliases())

@@ -15,6 +15,9 @@ calls on parameters rather than ``nn.Conv2d`` modules, by turning them back into
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -255,3 +258,40 @@ def lift_aten_convs(gm: fx.GraphModule) -> int:
         gm.graph.lint()
         gm.recompile()
     return lifted
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A hash of a model's structure: its class, its fx code (a ``GraphModule``), each submodule's configuration
+    (:func:`separify.planning.latency.module_spec` for convs and replacements, else its class, ``extra_repr`` and
+    the source of its ``forward``) and the shapes and dtypes of its tensors; not their values."""
+    from separify.planning.latency import module_spec
+
+    h = hashlib.sha256(_type_name(type(model)).encode())
+    if isinstance(model, fx.GraphModule):
+        h.update(model.code.encode())
+    for name, m in model.named_modules():
+        spec = module_spec(m)
+        h.update(f"{name}:{spec if spec is not None else _describe(m)}".encode())
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.device.type}".encode())
+    return h.hexdigest()
+
+
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _describe(m: nn.Module) -> str:
+    return f"{_type_name(type(m))}({m.extra_repr()}){_forward_source(type(m))}"
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_source(cls: type) -> str:
+    """The source of a user-defined module's ``forward`` (a changed forward is another model); torch's own
+    modules are named by their class."""
+    if cls.__module__.startswith("torch.") or isinstance(cls, type) and issubclass(cls, fx.GraphModule):
+        return ""
+    try:
+        return hashlib.sha256(inspect.getsource(cls.forward).encode()).hexdigest()[:16]
+    except (OSError, TypeError):
+        return ""
