@@ -38,7 +38,8 @@ are reported. Later settings reuse that cache (their time is marked warm).
 
 Columns: FLOPs converted / original; the conversion's own whole-model check (``result.latency_ratio``); an
 independent re-time of original and converted, interleaved in this process for ``--run-time`` s each
-(torch target: ``separify.planning.latency.time_model``; onnxruntime target: both models as ONNX files —
+(torch target: ``separify.planning.latency.time_model``, the original at the faster of its contiguous and
+channels-last readings as the conversion's check takes it; onnxruntime target: both models as ONNX files —
 exported by ``separify.core.measure.export_onnx``, or the converted OCR graph saved — timed by
 ``separify.core.measure.time_onnxruntime``) as the ratio of medians ± its quartile spread
 (``r·√((½IQR₁/m₁)² + (½IQR₂/m₂)²)``, ``*``: a noisy timing); that ratio / the FLOPs ratio (above 1: time fell
@@ -284,7 +285,8 @@ def retime(subject: Subject, backend: str, result, tmp: Path, tag: str, run_time
     if backend == "cpu":
         from separify.planning.latency import time_model
 
-        a, b = time_model([subject.model, result.model], (x,), latency_target("cpu"), run_time=run_time)
+        a, b = time_model([subject.model, result.model], (x,), latency_target("cpu"), run_time=run_time,
+                          either_format=[True, False])
         return a, b
     if subject.kind == "onnx":
         original = Path(subject.model)

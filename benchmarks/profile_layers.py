@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     original, converted = subject.model.eval(), result.model.eval()
     folded = fold_batchnorms(copy.deepcopy(original))
     bs.say(f"unprofiled timing, {args.run_time:g} s each, interleaved ...")
-    t_orig, t_conv = time_model([original, converted], (x,), bs.latency_target("cpu"), run_time=args.run_time)
+    t_orig, t_conv = time_model([original, converted], (x,), bs.latency_target("cpu"), run_time=args.run_time,
+                                either_format=[True, False])
     models = {"original": original, "original, BN folded": folded, "converted": converted}
     profiles = {}
     for label, model in models.items():

@@ -563,7 +563,8 @@ def test_convert_help_panels_hold_their_options():
         "What to convert": "--output -o --to --arch --allow-pickle --input-shape --exclude --fold-bn --config",
         "Rank selection": "--method --rank --energy --flops --cp-iters --seed",
         "Calibration": "--calib --calib-limit --calib-steps --calib-als --image-size --resize --mean --std",
-        "Latency": "--objective --target --latency --batch-size --dtype --channels-last --margin --latency-cache "
+        "Latency": "--objective --target --latency --batch-size --dtype --channels-last --contiguous --margin "
+                   "--latency-cache "
                    "--no-latency-cache --threads",
         "Fine-tuning": "--finetune --epochs --steps --lr --temperature --finetune-batch-size --checkpoint",
         "Report and output": "--data --data-limit --json --html --png --timing --onnx --layers --min-time "
@@ -592,7 +593,7 @@ def test_flags_render_as_flags():
 
     text = _help("convert", 120)
     for flag, words in [("--force", "Replace output files"), ("--allow-pickle", "Allow loading"),
-                        ("--channels-last", "Time the latency target"), ("--no-latency-cache", "Time every candidate")]:
+                        ("--channels-last", "Run the converted model"), ("--contiguous", "Run and time"), ("--no-latency-cache", "Time every candidate")]:
         assert re.search(rf"│ {flag} +{words}", text), flag  # no value type between the flag and its help
     assert re.search(r"│ --fold-bn +--no-fold-bn +Fold BatchNorm", text)
     assert re.search(r"│ --calib-limit +<int> +Use at most", text)  # options with values keep their type

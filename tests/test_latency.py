@@ -322,7 +322,7 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     assert second.dense_ms == first.dense_ms and second.best == first.best
     # another batch size, dtype or thread count is another key
     for other in (LatencyTarget("cpu", threads=1, batch_size=4), LatencyTarget("cpu", threads=1, dtype="bfloat16"),
-                  LatencyTarget("cpu", threads=2), LatencyTarget("cpu", threads=1, channels_last=True),
+                  LatencyTarget("cpu", threads=2), LatencyTarget("cpu", threads=1, channels_last=False),
                   LatencyTarget("onnxruntime", threads=1)):
         LayerTimer(other, cache=LatencyCache(path)).time(conv, PwDwPwConv2d, [8], (1, 8, 12, 12))
     assert len(calls) == 6
@@ -348,7 +348,7 @@ def test_convert_uses_the_cache_on_the_second_run(tmp_path, monkeypatch):
         return real(modules, shape, target)
 
     monkeypatch.setattr("separify.planning.latency.measure_modules", fake_measure)
-    monkeypatch.setattr("separify.planning.latency.time_model", lambda models, inputs, target, scale=1.0: [
+    monkeypatch.setattr("separify.planning.latency.time_model", lambda models, inputs, target, scale=1.0, **kw: [
         separify.core.measure.Timing("torch-cpu", 1.0, 0.0, 1, 1, 1, 1) for _ in models])
     path = tmp_path / "latency.json"
     first = separify.convert(net, example_inputs=x, objective="latency", latency_cache=str(path))
@@ -366,7 +366,7 @@ def test_the_final_check_reuses_the_reading_of_the_planned_model(monkeypatch):
     monkeypatch.setattr("separify.planning.latency.measure_modules", _flops_timer())
     calls = []
 
-    def fake_time_model(models, inputs, target, scale=1.0):
+    def fake_time_model(models, inputs, target, scale=1.0, **kw):
         calls.append(scale)
         return [separify.core.measure.Timing("torch-cpu", ms, 0.0, 1, 1, 1, 1) for ms in (1.0, 0.8)]
 
@@ -381,7 +381,7 @@ def test_a_plan_that_reads_slower_whole_is_not_kept(monkeypatch):
     net, x = _net()
     monkeypatch.setattr("separify.planning.latency.measure_modules", _flops_timer())
 
-    def fake_time_model(models, inputs, target, scale=1.0):
+    def fake_time_model(models, inputs, target, scale=1.0, **kw):
         return [separify.core.measure.Timing("torch-cpu", ms, 0.0, 1, 1, 1, 1) for ms in (1.0, 1.2)]
 
     monkeypatch.setattr("separify.planning.latency.time_model", fake_time_model)
@@ -523,7 +523,7 @@ def test_cli_latency_options(tmp_path, monkeypatch):
     res = runner.invoke(app, ["convert", "-o", str(out), "--objective", "latency", "--rank", "8", "--no-onnx",
                               "--no-layers", "--no-timing", "--threads", "1", "--batch-size", "2"])
     assert res.exit_code == 0, res.output
-    assert "latency objective on torch-cpu float32, batch 2, 1 threads" in res.stdout
+    assert "latency objective on torch-cpu float32 channels-last, batch 2, 1 threads" in res.stdout
     assert (tmp_path / "cache" / "latency.json").exists() and out.exists()
     bad = runner.invoke(app, ["convert", "-o", str(tmp_path / "x.pt2"), "--dtype", "bfloat16"])
     assert bad.exit_code == 1 and "--dtype apply to --objective latency" in bad.stderr

@@ -434,8 +434,8 @@ def test_an_onnxruntime_check_fills_the_onnxruntime_row_and_torch_is_timed_by_ti
     torch_row, ort_row = rep.latency
     assert torch_row.source == "report" and torch_row.original.median_ms == 2.0
     (target, run_time, shape), = calls
-    assert (target.backend, target.threads, target.batch_size, target.dtype, target.channels_last) == \
-        ("cpu", 1, 1, "float32", False)
+    assert (target.backend, target.threads, target.batch_size, target.dtype, target.runs_channels_last) == \
+        ("cpu", 1, 1, "float32", True)
     assert run_time == 0.03 and shape == (1, 3, 12, 12)
     assert ort_row.backend == "onnxruntime-cpu" and ort_row.source == FROM_CHECK
     assert ort_row.original is before and ort_row.converted is after
@@ -447,7 +447,7 @@ def test_a_check_on_another_target_is_not_reused(monkeypatch, change):
     result = separify.convert(model, example_inputs=x, method="dw-pw", rank=2, objective="flops")
     _with_check(result, threads=2 if change == "threads" else 1, blocks=1 if change == "injected" else 7)
     if change == "channels_last":
-        result.latency_spec = LatencyTarget("cpu", threads=1, channels_last=True)
+        result.latency_spec = LatencyTarget("cpu", threads=1, channels_last=False)  # the report times channels-last
     latency = _no_timing(monkeypatch)
     monkeypatch.setattr(latency, "time_model", lambda models, inputs, target, **kw: [
         Timing("torch-cpu", 9.0, 0.1, 50, 7, 1, 1) for _ in models])

@@ -200,3 +200,64 @@ def test_cli_max_drop_without_data_is_refused(tmp_path):
                                    "--no-timing"])
     assert res.exit_code != 0 and "--max-drop needs evaluation data" in res.output
     assert not (tmp_path / "o.pt2").exists()
+
+
+def test_the_cpu_target_runs_channels_last_by_default():
+    import dataclasses
+
+    assert separify.LatencyTarget().runs_channels_last and separify.LatencyTarget("cpu").channels_last is None
+    assert not separify.LatencyTarget("cuda").runs_channels_last
+    assert not separify.LatencyTarget("cpu", channels_last=False).runs_channels_last
+    assert "channels-last" in separify.LatencyTarget("cpu", threads=1).describe()
+    ort = dataclasses.replace(separify.LatencyTarget(), backend="onnxruntime")  # the default follows the backend
+    assert not ort.runs_channels_last
+    with pytest.raises(ConfigError, match="--channels-last apply to the cpu and cuda targets"):
+        separify.LatencyTarget("onnxruntime", channels_last=True)
+
+
+@pytest.mark.default_objective
+@pytest.mark.parametrize("channels_last", [None, False], ids=["default", "contiguous"])
+def test_the_converted_model_is_handed_back_as_it_was_timed(channels_last):
+    target = separify.LatencyTarget("cpu", channels_last=channels_last)
+    res = separify.convert(_net(), example_inputs=X, target=target, timer=flops_timer(), latency_cache=False)
+    assert res.converted
+    weights = [p for p in res.model.parameters() if p.dim() == 4]
+    cl = [p.is_contiguous(memory_format=torch.channels_last) for p in weights]
+    nchw = [p.is_contiguous() for p in weights]  # 1×1 and depthwise weights can be both
+    assert (all(cl) and not all(nchw)) if channels_last is None else (all(nchw) and not all(cl))
+    with torch.no_grad():  # the memory format changes strides, not values
+        dense = res.model.to(memory_format=torch.contiguous_format)(X)
+    torch.testing.assert_close(res.model(X), dense)
+
+
+def test_the_original_is_timed_at_its_best_memory_format(monkeypatch):
+    """The baseline is the faster of the original's contiguous and channels-last readings, taken in one run."""
+    from separify.core import measure
+    from separify.core.measure import Timing
+
+    seen = []
+
+    def fake_time_torch(models, inputs, **kw):  # contiguous weights read 2 ms, channels-last 3 ms (the original's)
+        formats = [next(p for p in m.parameters() if p.dim() == 4).is_contiguous() for m in models]
+        seen.append(formats)
+        return [Timing("torch-cpu", 2.0 if f else 3.0, 0.1, 10, 7, 1, 1) for f in formats]
+
+    monkeypatch.setattr(measure, "time_torch", fake_time_torch)
+    net = _net()
+    target = separify.LatencyTarget("cpu", threads=1)
+    before, after = latency.time_model([net, net], (X,), target, run_time=0.01, either_format=[True, False])
+    assert seen == [[False, True, False]]  # original channels-last and contiguous, the other channels-last
+    assert (before.median_ms, after.median_ms) == (2.0, 3.0)
+    contiguous = separify.LatencyTarget("cpu", threads=1, channels_last=False)
+    latency.time_model([net, net], (X,), contiguous, run_time=0.01, either_format=[True, False])
+    assert seen[-1] == [True, True]  # one format: nothing to choose
+
+
+def test_cli_channels_last_and_contiguous_together_are_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from separify.cli import app
+
+    res = CliRunner().invoke(app, ["convert", "-o", str(tmp_path / "o.pt2"), "--channels-last", "--contiguous"])
+    assert res.exit_code != 0 and "give --channels-last or --contiguous, not both" in res.output
+    assert not (tmp_path / "o.pt2").exists()

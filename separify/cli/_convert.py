@@ -61,7 +61,8 @@ def convert(
     target_batch: Optional[int] = opt.TARGET_BATCH,
     target_batch_size: Optional[int] = opt.TARGET_BATCH_ALIAS,
     dtype: str = opt.DTYPE,
-    channels_last: bool = opt.CHANNELS_LAST,
+    channels_last: Optional[bool] = opt.CHANNELS_LAST,
+    contiguous: bool = opt.CONTIGUOUS,
     margin: float = opt.MARGIN,
     latency_cache: Optional[Path] = opt.LATENCY_CACHE,
     no_cache: bool = opt.NO_LATENCY_CACHE,
@@ -122,8 +123,12 @@ def run_convert(params: Mapping[str, Any], explicit: frozenset[str]) -> None:
 # --- options → ConvertConfig
 
 def _unalias(params: Mapping[str, Any], explicit: frozenset[str]) -> tuple[dict, frozenset[str]]:
-    """``--target-batch-size N`` is ``--batch-size N``."""
+    """``--target-batch-size N`` is ``--batch-size N``; ``--contiguous`` is ``channels_last=False``."""
     params = dict(params)
+    if "contiguous" in explicit and params["contiguous"]:
+        if "channels_last" in explicit:
+            raise SeparifyError("give --channels-last or --contiguous, not both")
+        params["channels_last"], explicit = False, explicit | {"channels_last"}
     if "target_batch_size" in explicit:
         if "target_batch" in explicit:
             raise SeparifyError("give --batch-size or --target-batch-size, not both")
@@ -136,7 +141,8 @@ CONFIG_KEYS = {"method": "method", "rank": "rank", "energy": "energy", "flops": 
                "seed": "seed", "exclude": "exclude", "fold_bn": "fold_bn", "calib_limit": "calib_limit",
                "calib_steps": "calib_steps", "calib_als": "calib_als"}
 #: parameters that only apply under the latency objective → their option names
-LATENCY_ONLY = {"target_batch": "--batch-size", "dtype": "--dtype", "channels_last": "--channels-last",
+LATENCY_ONLY = {"target_batch": "--batch-size", "dtype": "--dtype",
+                "channels_last": "--channels-last/--contiguous",
                 "margin": "--margin", "latency_cache": "--latency-cache", "no_cache": "--no-latency-cache"}
 #: parameters that set a LatencyTarget field
 TARGET_FIELDS = {"target": "backend", "target_batch": "batch_size", "dtype": "dtype", "channels_last": "channels_last",

@@ -204,8 +204,11 @@ TARGET_BATCH = typer.Option(None, "--batch-size", rich_help_panel=LATENCY, help=
 TARGET_BATCH_ALIAS = typer.Option(None, "--target-batch-size", hidden=True)
 DTYPE = typer.Option(TARGET_DEFAULTS.dtype, "--dtype", rich_help_panel=LATENCY, help="Latency target dtype: float32, "
                      "bfloat16 or float16 (cuda).")
-CHANNELS_LAST = typer.Option(TARGET_DEFAULTS.channels_last, "--channels-last", rich_help_panel=LATENCY,
-                             help="Time the latency target in channels-last memory format.")
+CHANNELS_LAST = typer.Option(None, "--channels-last", rich_help_panel=LATENCY, show_default=False,
+                             help="Run the converted model channels-last (its 4-D weights stored so) and time it so: "
+                             "the default on --target cpu.")
+CONTIGUOUS = typer.Option(False, "--contiguous", rich_help_panel=LATENCY, help="Run and time the converted model "
+                          "contiguous (NCHW): the default on --target cuda.")
 MARGIN = typer.Option(LATENCY_DEFAULTS.margin, "--margin", rich_help_panel=LATENCY, help="A replacement must be "
                       "measured at least this fraction faster than the dense conv to be used.")
 LATENCY_CACHE = typer.Option(None, "--latency-cache", rich_help_panel=LATENCY, help="File of cached layer timings "

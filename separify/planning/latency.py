@@ -37,7 +37,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -53,8 +53,8 @@ __all__ = ["LatencyTarget", "LatencyCache", "Timer", "LayerTimes", "measure_modu
            "rank_grid", "BACKENDS", "DTYPES"]
 
 #: changes whenever what a cached time means changes (e.g. how ONNX Runtime layers are timed)
-TIMING_METHOD = ("layers-v3: torch interleaved; onnxruntime torchscript-export (split as Concat), no spinning, "
-                 "minus a one-node run")
+TIMING_METHOD = ("layers-v4: torch interleaved, whole models on contiguous inputs, the original at its best "
+                 "memory format; onnxruntime torchscript-export (split as Concat), no spinning, minus a one-node run")
 
 #: ``timer(modules, input_shape, target) -> milliseconds per call of each module`` (input shape incl. the batch)
 Timer = Callable[[Sequence[nn.Module], tuple, "LatencyTarget"], list[float]]
@@ -63,7 +63,7 @@ Timer = Callable[[Sequence[nn.Module], tuple, "LatencyTarget"], list[float]]
 def machine_key(target: LatencyTarget) -> dict:
     """What identifies the timing environment in the cache: device, software versions, threads."""
     key = {"backend": target.backend, "torch": torch.__version__, "dtype": target.dtype,
-           "channels_last": target.channels_last, "method": TIMING_METHOD}
+           "channels_last": target.runs_channels_last, "method": TIMING_METHOD}
     if target.backend == "cuda":
         key.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda",
                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
@@ -103,20 +103,23 @@ def fold_batchnorms(model: nn.Module) -> nn.Module:
         return model
 
 
-def _prepare(module: nn.Module, target: LatencyTarget) -> nn.Module:
+def _prepare(module: nn.Module, target: LatencyTarget, *, channels_last: bool | None = None) -> nn.Module:
     """A copy of ``module`` as it runs best on ``target``: eval mode, BatchNorm folded into the conv before it,
-    the target's device, dtype and memory format. Original and converted models are prepared alike, so a reported
-    speed-up is the replacement's, not a fusion's or a memory format's."""
+    the target's device and dtype, its 4-D weights channels-last where the target runs channels-last (or as
+    ``channels_last`` says). Original and converted models are prepared alike, so a reported speed-up is the
+    replacement's, not a fusion's."""
     module = fold_batchnorms(copy.deepcopy(module).eval())
     module = module.to(device=target.device, dtype=target.torch_dtype)
-    if target.channels_last:
+    if target.runs_channels_last if channels_last is None else channels_last:
         module = module.to(memory_format=torch.channels_last)
     return module.eval()
 
 
 def _input(shape: tuple, target: LatencyTarget) -> torch.Tensor:
+    """A layer's input: channels-last where the target runs channels-last (inside such a model every conv after the
+    first sees channels-last activations)."""
     x = torch.randn(shape, dtype=target.torch_dtype, device=target.device)
-    return x.contiguous(memory_format=torch.channels_last) if target.channels_last and x.dim() == 4 else x
+    return x.contiguous(memory_format=torch.channels_last) if target.runs_channels_last and x.dim() == 4 else x
 
 
 def _export_small(module: nn.Module, x: torch.Tensor, path: str) -> None:
@@ -161,11 +164,16 @@ def measure_modules(modules: Sequence[nn.Module], input_shape: tuple, target: La
 
 
 def time_model(models: Sequence[nn.Module], inputs: tuple, target: LatencyTarget, *, scale: float = 1.0,
-               run_time: float | None = None):
+               run_time: float | None = None, either_format: Sequence[bool] = ()):
     """Whole-model :class:`~separify.core.measure.Timing` of each of ``models`` on ``target`` (interleaved, for
     ``run_time`` seconds of timed calls each, default ``scale`` × 20 × the target's ``min_run_time`` and at least
     ``scale`` seconds), at the target's batch size (the inputs' first sample repeated). The one timing protocol of
-    the conversion's check and the report."""
+    the conversion's check and the report.
+
+    PyTorch targets: the inputs stay as given (contiguous, as a user calls the model); where the target runs
+    channels-last, the models' 4-D weights are, so their convs run channels-last. A model flagged in
+    ``either_format`` (the original) is also timed with contiguous weights in the same run, and the faster of its
+    two readings is returned: the baseline is the original at its own best, not in a format that suits separify."""
     from separify.core.measure import export_onnx, frozen_mode, time_onnxruntime, time_torch
 
     inputs = tuple(_at_batch(t, target.batch_size) for t in inputs)
@@ -178,11 +186,20 @@ def time_model(models: Sequence[nn.Module], inputs: tuple, target: LatencyTarget
                 with frozen_mode(model):
                     export_onnx(model, inputs, paths[-1])
             return time_onnxruntime(paths, list(inputs), threads=target.threads, min_run_time=run_time)
-    prepared = [_prepare(m, target) for m in models]
+    prepared, owner = [], []  # owner[i]: which of ``models`` prepared[i] is
+    for i, m in enumerate(models):
+        prepared.append(_prepare(m, target))
+        owner.append(i)
+        if target.runs_channels_last and i < len(either_format) and either_format[i]:
+            prepared.append(_prepare(m, target, channels_last=False))
+            owner.append(i)
     xs = tuple(t.to(device=target.device, dtype=target.torch_dtype) if t.is_floating_point() else t for t in inputs)
-    if target.channels_last:
-        xs = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in xs)
-    return time_torch(prepared, xs, device=target.device, threads=target.threads, min_run_time=run_time)
+    timed = time_torch(prepared, xs, device=target.device, threads=target.threads, min_run_time=run_time)
+    best: dict[int, Any] = {}
+    for i, t in zip(owner, timed):
+        if i not in best or t.median_ms < best[i].median_ms:
+            best[i] = t
+    return [best[i] for i in range(len(models))]
 
 
 def _at_batch(t: torch.Tensor, batch: int | None) -> torch.Tensor:

@@ -216,7 +216,8 @@ def _torch_latency(original: nn.Module, converted: nn.Module, inputs: tuple, set
 
 def report_target(settings: ReportSettings, inputs: tuple, model: nn.Module) -> LatencyTarget:
     """The :class:`~separify.config.LatencyTarget` a report times PyTorch models on: ``settings.device``, its
-    threads, the inputs' batch size, NCHW, the model's dtype where a target takes it (else float32)."""
+    threads, the inputs' batch size, the backend's default memory format (channels-last on the CPU: the original
+    is timed both ways, its faster reading kept), the model's dtype where a target takes it (else float32)."""
     dtype = next((name for name, d in DTYPES.items() if d == param_dtype(model)), "float32")
     if settings.device == "cpu" and dtype == "float16":
         dtype = "float32"
@@ -239,7 +240,7 @@ def check_timings(result: ConvertResult | None, backend: str, settings: ReportSe
     equivalent to the report's ``backend`` row, else ``None``.
 
     Equivalent: torch cpu (cuda) target → ``"torch-cpu"`` (``"torch-cuda"``), onnxruntime → ``"onnxruntime-cpu"``;
-    float32, NCHW; both timings real measurements on that backend (several blocks: an injected timer's single
+    float32, the backend's default memory format; both timings real measurements on that backend (several blocks: an injected timer's single
     reading is not reused) at the report's batch size and (CPU) threads; every conv the record and the report
     both know sees the same input shape past the batch dimension (``layer_shapes``: name → shape; for PyTorch
     they are taken from ``original`` on ``inputs``)."""

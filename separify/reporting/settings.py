@@ -128,13 +128,16 @@ TARGET_ROWS = {"cpu": "torch-cpu", "cuda": "torch-cuda", "onnxruntime": "onnxrun
 def check_matches(result: Any, backend: str, threads: int | None, batch: int | None) -> bool:
     """Whether the conversion behind ``result`` (a :class:`~separify.ConvertResult` or ``None``) timed its whole
     models, and so its layers, on a target equivalent to the report's ``backend`` row at ``batch`` and (CPU)
-    ``threads``: the target's backend maps to that row (:data:`TARGET_ROWS`), float32, NCHW, and both whole-model
+    ``threads``: the target's backend maps to that row (:data:`TARGET_ROWS`), float32, the backend's default memory
+    format (channels-last on the CPU, as the report times), and both whole-model
     timings were read on that backend at that batch size and thread count."""
     spec = getattr(result, "latency_spec", None)
     timings = (getattr(result, "latency_before", None), getattr(result, "latency_after", None))
     if spec is None or any(t is None for t in timings):
         return False
-    if TARGET_ROWS.get(spec.backend) != backend or spec.dtype != "float32" or spec.channels_last:
+    default_format = type(spec)(spec.backend).runs_channels_last
+    if TARGET_ROWS.get(spec.backend) != backend or spec.dtype != "float32" \
+            or spec.runs_channels_last != default_format:
         return False
     return all(t.backend == backend and t.batch_size == batch and (backend == "torch-cuda" or t.threads == threads)
                for t in timings)

@@ -129,12 +129,13 @@ class TorchBackend(Backend):
         return int(self.inputs[0].shape[0])
 
     def time_models(self, models: Sequence[Any], target: LatencyTarget, timer, *, scale: float = 1.0):
+        original = [isinstance(m, str) and m == "original" for m in models]
         models = [self._model(m) for m in models]
         if timer is not None:
             shape = (target.batch_size or self.inputs[0].shape[0], *self.inputs[0].shape[1:])
             return latency.injected_timings(models, shape, target, timer, target.backend)
         try:
-            return list(latency.time_model(models, self.inputs, target, scale=scale))
+            return list(latency.time_model(models, self.inputs, target, scale=scale, either_format=original))
         except Exception as exc:  # noqa: BLE001 - e.g. an export failure for the onnxruntime target
             raise SeparifyError(f"could not time the whole model on {target.describe()}: {first_line(exc)}") from None
 
@@ -197,6 +198,9 @@ class TorchBackend(Backend):
 
     def result(self, records, cfg: ConvertConfig, flops_budget) -> ConvertResult:
         model = self.converted
+        if cfg.objective == "latency" and cfg.target.runs_channels_last and any(r.converted for r in records):
+            # as it was timed: 4-D weights channels-last, so the convs run channels-last on any input (same values)
+            model = model.to(memory_format=torch.channels_last)
         return ConvertResult(model, records, self.path, cfg, self.trace_error, self.flops_before,
                              measure.count_flops(model, self.inputs), self.params_before,
                              measure.count_params(model), flops_budget)
