@@ -425,7 +425,7 @@ def test_an_onnxruntime_check_fills_the_onnxruntime_row_and_torch_is_timed_by_ti
     latency = _no_timing(monkeypatch)
     calls = []
 
-    def time_model(models, inputs, target, *, run_time=None, scale=1.0):
+    def time_model(models, inputs, target, *, run_time=None, scale=1.0, either_format=()):
         calls.append((target, run_time, tuple(inputs[0].shape)))
         return [Timing("torch-cpu", 2.0, 0.1, 50, 7, target.threads, target.batch_size) for _ in models]
 
