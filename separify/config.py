@@ -22,7 +22,7 @@ from separify.errors import ConfigError, SeparifyError
 __all__ = ["ConvertConfig", "RankSelection", "Calibration", "LatencySettings", "CPSolver", "LayerRule", "LatencyTarget",
            "METHODS", "OBJECTIVES", "DEFAULT_OBJECTIVE", "FLAT"]
 
-METHODS = ("dw-pw", "pw-dw-pw")
+METHODS = ("dw-pw", "pw-dw-pw", "auto")
 TRACERS = ("auto", "fx", "module")
 OBJECTIVES = ("flops", "latency")
 #: the objective when none is given: measured time on the target (the default result is never slower)
@@ -178,7 +178,9 @@ class RankSelection:
 
     Attributes:
         method: ``"pw-dw-pw"`` (CP form, the default: at equal FLOPs it keeps far more accuracy on trained
-            networks) or ``"dw-pw"`` (depthwise + pointwise, per-channel SVD).
+            networks), ``"dw-pw"`` (depthwise + pointwise, per-channel SVD) or ``"auto"`` (per layer, either form or
+            the dense conv, chosen jointly by the FLOPs or latency allocation by each form's predicted output error:
+            :mod:`separify.planning.forms`; needs a FLOPs or latency target).
         rank: one fixed rank for every layer (dw-pw: channel multiplier ``K``, clamped per layer to the exact rank
             ``min(out, kh·kw)``; pw-dw-pw: intermediate channels ``R``).
         energy: per layer, the smallest rank keeping this fraction of the kernel's energy ``‖W‖²``.
@@ -206,6 +208,9 @@ class RankSelection:
         given = [n for n in SELECTIONS if getattr(self, n) is not None]
         if len(given) > 1:
             raise ConfigError(f"give only one of rank, energy, flops and latency (got {', '.join(given)})")
+        if self.method == "auto" and given and given[0] in ("rank", "energy"):
+            raise ConfigError(f"method='auto' chooses each layer's form and rank together; give a FLOPs or latency "
+                              f"target instead of {given[0]}")
         if not given:
             object.__setattr__(self, "flops", 0.5)
 
@@ -218,6 +223,10 @@ class RankSelection:
     def value(self) -> float | int:
         """The active selection's value (the rank, energy, FLOPs or latency fraction)."""
         return getattr(self, self.kind)
+
+
+#: layer-wise reconstruction steps per replacement by default (``Calibration.steps=None``), where it pays
+RECONSTRUCTION_STEPS = 200
 
 
 @dataclass(frozen=True)
@@ -233,15 +242,32 @@ class Calibration:
         damp: relative damping of that whitening (larger: closer to the weight-space factors).
         ranks: with a FLOPs or latency allocation, allocate by each layer's predicted output error on the data
             (the whitened error curves) instead of its weight error.
+        loss_aware: with ``ranks``, weight each layer's predicted error by how much its output error moves the
+            model's ``loss`` (:func:`separify.calibration.sensitivity.sensitivity`, on a few calibration samples,
+            by backpropagation through the original model; an ONNX model is imported into PyTorch for it with
+            onnx2torch, and where that fails every layer weighs the same, with a warning).
+        loss: what the loss-aware weights measure: ``"fisher"``, the KL divergence of the softmax over
+            ``class_dim`` of the output (classifier or sequence logits), or ``"mse"``, the squared change of every
+            output (models whose outputs are not logits).
+        class_dim: the class axis of the output logits for ``loss="fisher"`` (-1: last, as ``(N, C)`` and
+            ``(N, T, C)``; 1 for segmentation ``(N, C, H, W)``).
         memory_gb: bound on the memory kept for the original layers' outputs; beyond it calibration stops with a
             clear error (use fewer samples).
-        steps: after the refit, this many Adam steps (learning rate ``lr``, minibatches of 32 samples) on all
-            factors of each replacement against the original layer's outputs (layer-wise reconstruction; 0 skips
-            it). Costs ``steps`` forward/backward passes per layer; it makes very low ranks usable. PyTorch only.
+        steps: after the ALS, this many Adam steps (learning rate ``lr``, minibatches of ``batch_size`` samples) on
+            all factors of each replacement against the original layer's outputs (layer-wise reconstruction), then
+            the least-squares refit. ``None`` (the default): :data:`RECONSTRUCTION_STEPS` for the replacements with a
+            factor the ALS does not fit (pw-dw-pw's first 1×1 conv), none for dw-pw (its ALS fits every factor);
+            0 turns it off. Costs ``steps`` forward/backward passes of the layer on a minibatch. PyTorch only (an
+            ONNX conversion refuses an explicit number and skips the default).
         als: before the refit, up to this many iterations of alternating least squares fitting each replacement's
             depthwise conv and last 1×1 conv jointly to the original layer's outputs (closed-form steps from patch
             statistics on at most 4,096 sampled pixels per layer; 0 turns it off).
         lr: learning rate of the layer-wise reconstruction.
+        batch_size: samples per minibatch of the layer-wise reconstruction.
+        input_key: which entry of the calibration data's items is the model input, where they are dicts (as a
+            ``DataLoader`` over a dict dataset yields); the CLI's ``--calib-key`` names the array of a ``.npz``/``.pt``
+            file. ``None``: the only floating-point tensor, or the first of
+            :data:`~separify.calibration.data.INPUT_KEYS` present.
     """
 
     limit: int = 1000
@@ -249,10 +275,15 @@ class Calibration:
     whiten: bool = False
     damp: float = 0.01
     ranks: bool = True
+    loss_aware: bool = True
+    loss: str = "fisher"
+    class_dim: int = -1
     memory_gb: float = 4.0
-    steps: int = 0
+    steps: int | None = None
     als: int = 10
-    lr: float = 1e-3
+    lr: float = 3e-3
+    batch_size: int = 8
+    input_key: str | None = None
 
     def __post_init__(self) -> None:
         # messages name the flat keywords (calib_limit...), which are also the CLI's option names
@@ -262,9 +293,19 @@ class Calibration:
             _check_number(getattr(self, name), f"calib_{name}")
         if not self.memory_gb > 0:
             raise ConfigError(f"calib_memory_gb must be positive, got {self.memory_gb!r}")
-        _check_int(self.steps, "calib_steps")
+        if self.steps is not None:
+            _check_int(self.steps, "calib_steps")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise ConfigError(f"calib_batch_size must be a positive integer, got {self.batch_size!r}")
         _check_int(self.als, "calib_als")
         _check_number(self.lr, "calib_lr", positive=True)
+        if self.loss not in ("fisher", "mse"):
+            raise ConfigError(f"calib_loss must be 'fisher' or 'mse', got {self.loss!r}")
+        if isinstance(self.class_dim, bool) or not isinstance(self.class_dim, int):
+            raise ConfigError(f"calib_class_dim must be an integer (the class axis of the output), got "
+                              f"{self.class_dim!r}")
+        if self.input_key is not None and not isinstance(self.input_key, str):
+            raise ConfigError(f"input_key must be a string, got {self.input_key!r}")
 
 
 @dataclass(frozen=True)
@@ -343,10 +384,11 @@ class CPSolver:
 #: flat keyword → (section, field): the flat names accepted by :class:`ConvertConfig` and ``separify.convert``
 FLAT: dict[str, tuple[str, str]] = {
     **{n: ("ranks", n) for n in ("method", "rank", "energy", "flops", "latency", "require_saving")},
-    **{f"calib_{n}": ("calibration", n) for n in ("limit", "ridge", "whiten", "damp", "ranks", "memory_gb", "steps",
-                                                    "als", "lr")},
+    **{f"calib_{n}": ("calibration", n) for n in ("limit", "ridge", "whiten", "damp", "ranks", "loss_aware",
+                                                    "loss", "class_dim", "memory_gb", "steps", "als", "lr",
+                                                    "batch_size")},
     "objective": ("latency", "objective"), "target": ("latency", "target"), "margin": ("latency", "margin"),
-    "latency_cache": ("latency", "cache"),
+    "latency_cache": ("latency", "cache"), "input_key": ("calibration", "input_key"),
     "cp_max_iter": ("cp", "max_iter"), "cp_tol": ("cp", "tol"),
 }
 SECTIONS = {"ranks": RankSelection, "calibration": Calibration, "latency": LatencySettings, "cp": CPSolver}

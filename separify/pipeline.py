@@ -21,7 +21,7 @@ from separify.config import ConvertConfig
 from separify.core import measure
 from separify.core.decompose import check_weight, whiten
 from separify.core.modules import FORMS, SeparableConv2d
-from separify.errors import BadWeightsError, SeparifyError
+from separify.errors import BadWeightsError, ConfigError, SeparifyError
 from separify.planning import latency
 from separify.planning.plan import Candidate, choose_ranks, from_conv_options, keep_faster, meet_latency, planned
 from separify.records import ConvertResult, LayerRecord, NoteCode, Plan, Reason, Skip, new_record
@@ -158,11 +158,15 @@ def run(backend: Backend, cfg: ConvertConfig, *, calibration: Any = None,
     conversions of the same model; ``keep`` leaves every candidate dense with that reason."""
     start = time.perf_counter()
     memo = memo if memo is not None else Memo()
-    samples = backend.set_calibration(calibration, cfg.calibration.limit) if calibration is not None else 0
+    samples = backend.set_calibration(calibration, cfg.calibration) if calibration is not None else 0
     records, cands = _check(backend, cfg, keep)
-    covs, whitened = _observe(backend, cfg, cands, memo) if samples else ({}, {})
+    covs, whitened, patches = _observe(backend, cfg, cands, memo) if samples else ({}, {}, {})
+    msgs: list[str] = []
+    if samples and cands:
+        _weigh(backend, cfg, cands, memo, msgs)
     clock = Clock(backend, cfg, timer, memo) if cfg.objective == "latency" and cands else None
-    budget, msgs = _plan(backend, cfg, cands, whitened, clock, progress)
+    budget, plan_msgs = _plan(backend, cfg, cands, whitened, patches, clock, progress)
+    msgs += plan_msgs
     pixels = backend.output_pixels(planned(cands)) if samples else {}
     replacements = _decompose(cfg, cands, covs, pixels, calibrated=samples > 0, progress=progress)
     by_name = {r.name: r for r in records}
@@ -223,6 +227,9 @@ def _check(backend: Backend, cfg: ConvertConfig, keep: Skip | None = None
             continue
         rule = cfg.rule_for(rec.name)
         method = (rule.method if rule and rule.method else None) or cfg.method
+        if method == "auto" and rule is not None and (rule.rank is not None or rule.energy is not None):
+            raise ConfigError(f"rule {rule.pattern!r} fixes a rank for layer {rec.name!r}, whose form is 'auto': "
+                              "name the form in the rule (method='dw-pw' or 'pw-dw-pw')")
         kernel = backend.kernel(rec.name, cfg)
         if kernel.bn_note:
             rec.add_note(NoteCode.BN_NOT_FOLDED, kernel.bn_note)
@@ -245,24 +252,40 @@ def _observe(backend: Backend, cfg: ConvertConfig, cands: list[Candidate], memo:
     whitened kernels whose error curves are the predicted output errors the allocation uses; taken from ``memo``
     when another conversion of the same model and data measured them."""
     if memo.observed is not None:
-        observed, covs, whitened = memo.observed
+        observed, covs, whitened, patches = memo.observed
         backend.use_observation(observed)
-        return covs, whitened
+        return covs, whitened, patches
     cal = cfg.calibration
     need = cal.whiten or (cal.ranks and cfg.selection in ("flops", "latency"))
-    covs = backend.observe(cands, moments=need) if cands else {}
+    auto = frozenset(c.name for c in cands if c.auto)
+    covs, patches = backend.observe(cands, moments=need, patches=auto) if cands else ({}, {})
     whitened = {c.name: whiten(c.kernel.weight, covs[c.name], c.method, damp=cal.damp)
-                for c in cands if cal.ranks and c.name in covs}
-    memo.observed = (backend.observation(), covs, whitened)
-    return covs, whitened
+                for c in cands if cal.ranks and c.name in covs and not c.auto}
+    memo.observed = (backend.observation(), covs, whitened, patches)
+    return covs, whitened, patches
 
 
-def _plan(backend: Backend, cfg: ConvertConfig, cands: list[Candidate], whitened, clock: "Clock | None",
+def _weigh(backend: Backend, cfg: ConvertConfig, cands: list[Candidate], memo: Memo, msgs: list[str]) -> None:
+    """Loss-aware allocation (``calibration.loss_aware``, with a data-aware FLOPs or latency allocation): each
+    candidate's weight, from ``memo`` when another conversion of the same model and data measured it."""
+    cal = cfg.calibration
+    if not (cal.loss_aware and cal.ranks and cfg.selection in ("flops", "latency")):
+        return
+    if memo.weights is None:
+        memo.weights = backend.sensitivity(cands, cal)
+    weights, note = memo.weights
+    for c in cands:
+        c.weight = weights.get(c.name)
+    if note:
+        msgs.append(note)
+
+
+def _plan(backend: Backend, cfg: ConvertConfig, cands: list[Candidate], whitened, patches, clock: "Clock | None",
           progress):
     """Ranks (and, under the latency objective, layouts measured on the target) for every candidate; under the
     latency objective the planned whole model is then checked against the original (:func:`keep_faster`)."""
     if clock is None:
-        return choose_ranks(cfg, cands, backend.flops_before, whitened, None)
+        return choose_ranks(cfg, cands, backend.flops_before, whitened, None, patches)
     with _timing_bar(progress, len(cands), clock.where) as on_layer:
         planner = clock.planner(cfg, on_layer)
 
@@ -272,10 +295,10 @@ def _plan(backend: Backend, cfg: ConvertConfig, cands: list[Candidate], whitened
             return tuple(t.median_ms for t in clock.models(models))
 
         try:
-            budget, msgs = choose_ranks(cfg, cands, backend.flops_before, whitened, planner)
+            budget, msgs = choose_ranks(cfg, cands, backend.flops_before, whitened, planner, patches)
             if cfg.selection == "latency":
                 budget, msgs = meet_latency(cfg, cands, backend.flops_before, whitened, planner, (budget, msgs),
-                                            trial_times)
+                                            trial_times, patches=patches)
             return budget, list(msgs) + keep_faster(cands, trial_times, clock.where)
         finally:
             clock.save()

@@ -39,7 +39,8 @@ class Memo:
     the timing cache (layer and whole-model times) and the calibration statistics."""
 
     cache: latency.LatencyCache | None = None
-    observed: tuple | None = None  # (backend observation, covariances, whitened kernels)
+    observed: tuple | None = None  # (backend observation, covariances, whitened kernels, patch statistics)
+    weights: tuple | None = None  # (loss-aware weights, warning)
 
 
 #: bisection steps over the latency budget (the first try is 0.5; resolution 1/2**TRIES)

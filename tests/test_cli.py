@@ -197,11 +197,14 @@ def test_arch_takes_literal_keyword_arguments(tmp_path):
     (["--calib-steps", "-1", "--calib", "x.npy"], "calib_steps must be a non-negative integer", 1),
     (["--calib-als", "5"], "--calib-als needs --calib DATA", 1),
     (["--calib-als", "-1", "--calib", "x.npy"], "calib_als must be a non-negative integer", 1),
+    (["--calib-loss", "mse"], "--calib-loss needs --calib DATA", 1),
+    (["--calib-loss", "kl", "--calib", "x.npy"], "--calib-loss must be fisher, mse or off", 1),
     (["--json", "report.txt"], "must end in .json", 1),
     (["--threads", "0"], "--threads must be a positive integer", 1),
     (["--report-batch-size", "0"], "batch size must be a positive integer", 1),
 ], ids=["rank0", "rank-neg", "rank-float", "energy0", "energy>1", "flops0", "flops>1", "two", "method", "shape-bad", "shape-zero",
-        "shape-mismatch", "calib-steps-no-data", "calib-steps-neg", "calib-als-no-data", "calib-als-neg", "json-suffix", "threads0", "report-batch0"])
+        "shape-mismatch", "calib-steps-no-data", "calib-steps-neg", "calib-als-no-data", "calib-als-neg",
+        "calib-loss-no-data", "calib-loss-bad", "json-suffix", "threads0", "report-batch0"])
 def test_bad_options(files, tmp_path, args, match, code):
     digest = _digest(files["pt2"])
     _bad(None, files["pt2"], "-o", tmp_path / "o.pt2", *args, match=match, code=code)
@@ -452,6 +455,14 @@ def test_config_file_settings_and_overrides(tmp_path, monkeypatch):
     # given explicitly, an option wins even when it equals its default
     cfg = _config_used(monkeypatch, tmp_path, "--config", conf, "--calib-limit", "1000", "--method", "pw-dw-pw")
     assert (cfg.calibration.limit, cfg.method, cfg.calibration.steps) == (1000, "pw-dw-pw", 4)
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32))
+    cfg = _config_used(monkeypatch, tmp_path, "--calib", tmp_path / "x.npy", "--calib-loss", "off")
+    assert not cfg.calibration.loss_aware
+    cfg = _config_used(monkeypatch, tmp_path, "--calib", tmp_path / "x.npy", "--calib-loss", "mse",
+                       "--calib-class-dim", "1")
+    assert (cfg.calibration.loss_aware, cfg.calibration.loss, cfg.calibration.class_dim) == (True, "mse", 1)
     # without --config: the library's defaults
     from separify.config import ConvertConfig
 

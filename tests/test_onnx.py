@@ -411,9 +411,24 @@ def test_calibration_on_an_exported_network_matches_the_torch_refit_at_full_rank
     assert res.output_error < 1e-3
 
 
-def test_calibration_refuses_reconstruction():
-    with pytest.raises(SeparifyError, match="calib_steps"):
-        convert_onnx(_conv_graph(SPATIAL[:1]), rank=1, calib_steps=10, calibration=torch.randn(2, 4, 17, 13))
+@pytest.mark.parametrize("pads", [[1, 1, 1, 1], [0, 1, 2, 1]], ids=["symmetric", "asymmetric"])
+def test_reconstruction_through_onnxruntime_equals_the_torch_path(pads):
+    """The layer-wise reconstruction of an ONNX conversion (its inputs from onnxruntime, the steps in PyTorch, the
+    graph's padding on the depthwise input) gives the factors the torch path's gives, and lowers the error."""
+    proto = _conv_graph([(16, (3, 3), {"pads": pads}, True)], in_shape=("N", 8, 12, 12))
+    net = torch.nn.Sequential(torch.nn.ZeroPad2d((pads[1], pads[3], pads[0], pads[2])), torch.nn.Conv2d(8, 16, 3))
+    inits = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer}
+    with torch.no_grad():
+        net[1].weight.copy_(inits["w0"])
+        net[1].bias.copy_(inits["b0"])
+    calib = torch.randn(48, 8, 12, 12, generator=torch.Generator().manual_seed(0))
+    kw = dict(method="pw-dw-pw", rank=4, calibration=calib, calib_steps=60)
+    res = convert_onnx(proto, input_shapes=(1, 8, 12, 12), **kw)
+    none = convert_onnx(proto, input_shapes=(1, 8, 12, 12), **{**kw, "calib_steps": 0})
+    ref = separify.convert(net.eval(), example_inputs=calib[:1], **kw)
+    onnx_err, torch_err = res.converted[0].calib_error_after, ref.converted[0].calib_error_after
+    assert onnx_err < none.converted[0].calib_error_after
+    assert onnx_err == pytest.approx(torch_err, rel=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------- bad input

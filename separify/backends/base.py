@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from separify.calibration import LayerFit
-from separify.config import ConvertConfig, LatencyTarget
+from separify.calibration import LayerFit, PatchStatistics
+from separify.config import Calibration, ConvertConfig, LatencyTarget
 from separify.core.decompose import InputCovariance
 from separify.core.measure import Timing
 from separify.core.modules import SeparableConv2d
@@ -68,13 +68,24 @@ class Backend(abc.ABC):
     # --- calibration
 
     @abc.abstractmethod
-    def set_calibration(self, data: Any, limit: int) -> int:
-        """Check and keep calibration data (at most ``limit`` samples); returns the samples that will be used."""
+    def set_calibration(self, data: Any, cal: Calibration) -> int:
+        """Check and keep calibration data (:func:`~separify.calibration.as_batches`: at most ``cal.limit``
+        samples, the input picked by ``cal.input_key``); returns the samples that will be used."""
 
     @abc.abstractmethod
-    def observe(self, cands: Sequence[Candidate], moments: bool) -> dict[str, InputCovariance]:
+    def observe(self, cands: Sequence[Candidate], moments: bool, patches: frozenset[str] = frozenset()
+                ) -> tuple[dict[str, InputCovariance], dict[str, PatchStatistics]]:
         """One pass over the calibration data through the original model: each candidate's input moments (where
-        ``moments``) and whatever the refit needs later."""
+        ``moments``), the patch statistics of input and output of the candidates in ``patches`` (for
+        ``method="auto"``, :func:`~separify.calibration.observation.add_patches`) and whatever the refit needs
+        later."""
+
+    @abc.abstractmethod
+    def sensitivity(self, cands: Sequence[Candidate], cal: Calibration) -> tuple[dict[str, float], str | None]:
+        """Per candidate, how much an error in its output moves the model's loss
+        (:func:`~separify.calibration.sensitivity`, ``cal.loss`` over ``cal.class_dim``, on the first calibration
+        samples), and a warning where some
+        or all could not be measured (those are missing from the dict)."""
 
     @abc.abstractmethod
     def output_pixels(self, cands: Sequence[Candidate]) -> dict[str, int]:

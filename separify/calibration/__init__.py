@@ -17,6 +17,9 @@ passes over the data (:func:`as_batches` normalises it to a list of input batche
    linear least squares on the input it really gets (:mod:`~separify.calibration.refit`). The weights change
    before the forward moves on, so every later layer sees, and corrects, the error left upstream.
 
+Between the two, :func:`sensitivity` (:mod:`~separify.calibration.sensitivity`) weighs each layer's predicted error
+by its effect on the model's output, for the rank allocation (``calib_loss_aware``).
+
 Scarce data (:func:`scarce`): with fewer than :data:`PIXELS_PER_INPUT` calibration pixels per input channel of a
 layer's last 1×1 conv, the refit's ridge is chosen by 2-fold cross-validation, and the alternating least squares and
 the reconstruction are skipped; the layer's note says so.
@@ -29,13 +32,14 @@ Both passes of the PyTorch path run inside :func:`reuse_freed_memory` (:mod:`~se
 """
 
 from separify.calibration.als import PatchStatistics, als_dw_pw, als_fit, als_runs, als_skip_reason
-from separify.calibration.data import as_batches
+from separify.calibration.data import as_batches, shape_groups
 from separify.calibration.memory import reuse_freed_memory
 from separify.calibration.observation import Observation, observe
 from separify.calibration.observation import _accumulate, _Moments  # noqa: F401 - the ONNX pass streams moments
 from separify.calibration.refit import PIXELS_PER_INPUT, LayerFit, PointwiseRefit, scarce, scarce_note
 from separify.calibration.refit_pass import refit_pointwise
+from separify.calibration.sensitivity import sensitivity
 
 __all__ = ["LayerFit", "Observation", "PatchStatistics", "PointwiseRefit", "als_dw_pw", "als_fit", "als_skip_reason",
            "als_runs", "as_batches", "observe", "refit_pointwise", "reuse_freed_memory", "scarce",
-           "scarce_note", "PIXELS_PER_INPUT"]
+           "scarce_note", "sensitivity", "shape_groups", "PIXELS_PER_INPUT"]

@@ -65,7 +65,7 @@ class PatchStatistics:
         self.cp = cp = dw.in_channels * kh * kw
         if max_pixels is None:  # 4,096 pixels, fewer (down to 1,024) where C·P is large: the Gram costs n·(C·P)²
             max_pixels = max(_ALS_PIXELS[0], min(_ALS_PIXELS[1], _ALS_GRAM // cp**2))
-        self.keep = None
+        self.keep, self.total = None, total
         if total > max_pixels:  # sorted, so that each batch takes its own
             gen = torch.Generator().manual_seed(seed)
             self.keep = torch.randperm(total, generator=gen)[:max_pixels].sort().values.to(device)
@@ -76,6 +76,18 @@ class PatchStatistics:
         self.yy, self.n = 0.0, 0
         self.dtype = torch.float32  # the precision of the data (float64 once any batch was float64)
         self._s_work: torch.Tensor | None = None  # S in that precision, made on first use after the last add
+
+    @classmethod
+    def from_sums(cls, dw: nn.Conv2d, S: torch.Tensor, Yu: torch.Tensor, us: torch.Tensor,
+                  like: "PatchStatistics") -> "PatchStatistics":
+        """Statistics of another input of the same pixels (``S``, ``Yu``, ``us`` of it for the depthwise conv
+        ``dw``), with the output sums, count and precision of ``like``; nothing more can be added."""
+        out = cls.__new__(cls)
+        kh, kw = dw.kernel_size
+        out.dw, out.cp, out.keep, out.total, out.offset = dw, dw.in_channels * kh * kw, None, like.total, like.offset
+        out.S, out.Yu, out.us, out.ys, out.yy, out.n = S, Yu, us, like.ys, like.yy, like.n
+        out.dtype, out._s_work = like.dtype, None
+        return out
 
     def add(self, h: torch.Tensor, y: torch.Tensor) -> None:
         """Add the sampled pixels of one batch: ``h (B, C, H, W)`` the depthwise conv's input (unpadded), ``y (B,
@@ -98,6 +110,14 @@ class PatchStatistics:
         idx = torch.arange(lo, self.offset, device=h.device) if self.keep is None else \
             self.keep[(self.keep >= lo) & (self.keep < self.offset)]
         idx = idx - lo  # pixels of this batch, in (sample, row, column) order as y's
+        if self.keep is not None and self.offset > self.total:  # more pixels than announced (samples of several
+            # sizes): the part beyond ``total`` is sampled at the same rate
+            start = max(self.total - lo, 0)
+            gen = torch.Generator().manual_seed(self.offset)
+            extra = torch.rand(b * ho * wo - start, generator=gen) < len(self.keep) / self.total
+            idx = torch.cat([idx, start + extra.nonzero()[:, 0].to(idx.device)])
+        if not len(idx):
+            return
         for part in idx.split(1 << 16):  # bounded gathers: (n, C·P) at most 65,536 rows
             bi, oy, ox = pixel_coords(part, wo, ho * wo)
             u = gather_patches(h, bi, oy, ox, dw.kernel_size, dw.stride, dw.dilation)  # (n, C·P)

@@ -10,12 +10,13 @@ BatchNorm's output in place (``out += identity``, ``ReLU(inplace=True)``) after 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from separify.calibration.als import PatchStatistics, als_runs
 from separify.calibration.memory import reuse_freed_memory
 from separify.calibration.patches import gather_patches, out_size, pixel_coords
 from separify.core.decompose import InputCovariance
@@ -31,12 +32,18 @@ _MOMENT_PATCHES = 1 << 16  # patches per layer (over the whole calibration set) 
 
 @dataclass
 class Observation:
-    """What :func:`observe` measured: per conv name, its input moments and its target's outputs ``(n, N, H, W)``
-    over all ``samples`` calibration samples, in the order of the batches."""
+    """What :func:`observe` measured: per conv name, its input moments and its target's outputs over all
+    ``samples`` calibration samples, one tensor ``(n_g, N, H_g, W_g)`` per sample shape ``g`` (the order of
+    :func:`~separify.calibration.data.shape_groups`)."""
 
     covariances: dict[str, InputCovariance]
-    outputs: dict[str, torch.Tensor]
+    outputs: dict[str, list[torch.Tensor]]
     samples: int
+    patches: dict[str, PatchStatistics] = field(default_factory=dict)
+
+    def pixels(self, name: str) -> int:
+        """The output pixels of conv ``name`` over all samples."""
+        return sum(y.shape[0] * y[0, 0].numel() for y in self.outputs[name])
 
 
 @dataclass
@@ -126,9 +133,75 @@ def _accumulate(conv: nn.Conv2d, x: torch.Tensor, acc: _Moments) -> None:
     acc.patches += total
 
 
+def add_patches(stats: dict[str, PatchStatistics], name: str, conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor,
+                samples: int, seed: int = 0) -> None:
+    """Add the conv's input ``x`` and (target) output ``y`` to ``stats[name]``
+    (:class:`~separify.calibration.PatchStatistics` over a seeded sample of the pixels of ``samples`` samples at
+    the first batch's output size), made on first use; skipped where the ``(C·P)²`` Gram would be too large."""
+    if name not in stats:
+        if not als_runs(conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]):
+            return
+        stats[name] = PatchStatistics(conv, y.shape[1], samples * y[0, 0].numel(), seed=seed)
+    stats[name].add(x, y)
+
+
+class _Reached(Exception):
+    """Every layer observed in this forward pass: it stops there."""
+
+
+class _Kept:
+    """The kept outputs of every layer: one tensor per sample shape, allocated at the layer's first output of that
+    shape for every sample of it (within ``memory_gb``) and filled batch by batch, in order of first appearance. A
+    copy: the model may still change its output in place (torchvision's ResNets: ``out += identity``,
+    ``ReLU(inplace=True)``)."""
+
+    def __init__(self, batches: list[torch.Tensor], memory_gb: float) -> None:
+        self.counts: dict[tuple, int] = {}
+        for b in batches:
+            self.counts[tuple(b.shape[1:])] = self.counts.get(tuple(b.shape[1:]), 0) + len(b)
+        self.memory_gb, self.samples, self.used = memory_gb, sum(self.counts.values()), 0
+        self.buffers: dict[tuple[str, tuple], torch.Tensor] = {}
+        self.filled: dict[tuple[str, tuple], int] = {}
+
+    def add(self, name: str, shape: tuple, output: torch.Tensor) -> None:
+        key = (name, shape)
+        if key not in self.buffers:
+            dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
+            buf = torch.empty((self.counts[shape], *output.shape[1:]), dtype=dtype)
+            self.used += buf.numel() * buf.element_size()
+            _check_kept(self.used, self.memory_gb, self.samples)
+            self.buffers[key], self.filled[key] = buf, 0
+        start = self.filled[key]
+        self.buffers[key][start : start + len(output)].copy_(output.detach())
+        self.filled[key] = start + len(output)
+
+    def outputs(self, name: str) -> list[torch.Tensor]:
+        return [buf for (n, _), buf in self.buffers.items() if n == name]
+
+
+def _check_kept(used: int, memory_gb: float, samples: int) -> None:
+    """Refuse to keep more than ``memory_gb`` of layer outputs, saying how many samples would fit."""
+    limit = int(memory_gb * (1 << 30))
+    if used > limit:
+        raise SeparifyError(f"calibration would keep more than {memory_gb:g} GB of layer outputs for {samples} "
+                            f"samples; use fewer samples (e.g. --calib-limit "
+                            f"{max(1, int(samples * limit / max(used, 1) * 0.9))}) or raise calib_memory_gb")
+
+
+def _pieces(model: nn.Module, batches: list[torch.Tensor]):
+    """``(sample shape, x)`` for each forward of :func:`observe`, with no gradients and the model frozen in eval
+    mode; on a CPU at most ``_OBSERVE_BYTES`` of input per forward (large batches of large images run slower)."""
+    with torch.no_grad(), frozen_mode(model), reuse_freed_memory():
+        for batch in batches:
+            size = _OBSERVE_BYTES // max(1, batch[0].numel() * batch.element_size()) \
+                if batch.device.type == "cpu" else len(batch)
+            for x in batch.split(max(1, size)):
+                yield tuple(batch.shape[1:]), x
+
+
 def observe(
     model: nn.Module, layers: dict[str, str], batches: list[torch.Tensor], *, memory_gb: float = 4.0,
-    moments: bool = True,
+    moments: bool = True, patches: frozenset[str] = frozenset(),
 ) -> Observation:
     """Run ``model`` (the original) over ``batches`` once, measuring every conv in ``layers``.
 
@@ -136,9 +209,12 @@ def observe(
         model: the unconverted model (run in eval mode, never changed).
         layers: conv name → name of the module whose output the replacement must reproduce (the conv itself, or the
             BatchNorm folded into it).
-        batches: calibration inputs, see :func:`~separify.calibration.as_batches`.
+        batches: calibration inputs, see :func:`~separify.calibration.as_batches` (batches of one sample shape each,
+            those of one shape together).
         memory_gb: bound on the kept outputs; exceeded → :class:`SeparifyError` saying how many samples fit.
         moments: measure the input moments (``False``: only keep the outputs; ``covariances`` is then empty).
+        patches: layers whose patch statistics of input and output are gathered too (:func:`add_patches`, for
+            ``method="auto"``).
 
     Returns:
         :class:`Observation` with one :class:`~separify.core.decompose.InputCovariance` and one output tensor per
@@ -146,57 +222,53 @@ def observe(
     """
     samples = sum(len(x) for x in batches)
     acc = {name: _Moments(samples) for name in layers}
-    kept: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    kept = _Kept(batches, memory_gb)
     seen: set[str] = set()
-    used = 0
-    limit = int(memory_gb * (1 << 30))
+    inputs: dict[str, torch.Tensor] = {}  # the last input of each conv in ``patches``
+    stats: dict[str, PatchStatistics] = {}
+    current: list[tuple] = [()]  # the sample shape of the batch running
 
     def pre(name):
         conv = model.get_submodule(name)
 
         def hook(_mod, args):
-            _accumulate(conv, args[0], acc[name])
+            if moments:
+                _accumulate(conv, args[0], acc[name])
+            if name in patches:
+                inputs[name] = args[0]
 
         return hook
 
     def post(name):
         def hook(_mod, _args, output):
-            nonlocal used
             if name in seen:  # first call of the module in this forward pass only
                 return
             seen.add(name)
-            # a copy: the model may still change its output in place (torchvision's ResNets: `out += identity`,
-            # ReLU(inplace=True)), and ``.to`` returns the tensor itself when it is already on the CPU in float32
-            y = output.detach().to("cpu", torch.float64 if output.dtype == torch.float64 else torch.float32,
-                                   copy=True)
-            used += y.numel() * y.element_size()
-            if used > limit:
-                raise SeparifyError(f"calibration would keep more than {memory_gb:g} GB of layer outputs for "
-                                    f"{samples} samples; use fewer samples (e.g. --calib-limit "
-                                    f"{max(1, int(samples * limit / max(used, 1) * 0.9))}) or raise calib_memory_gb")
-            kept[name].append(y)
+            if name in patches:
+                add_patches(stats, name, model.get_submodule(name), inputs.pop(name), output.detach(), samples)
+            kept.add(name, current[0], output)
+            if len(seen) == len(layers):  # the rest of the forward measures nothing
+                raise _Reached
 
         return hook
 
     handles = []
     try:
         for name, target in layers.items():
-            if moments:
+            if moments or name in patches:
                 handles.append(model.get_submodule(name).register_forward_pre_hook(pre(name)))
             handles.append(model.get_submodule(target).register_forward_hook(post(name)))
-        with torch.no_grad(), frozen_mode(model), reuse_freed_memory():
-            for batch in batches:
-                # on a CPU, at most _OBSERVE_BYTES of input per forward (large batches of large images run slower)
-                size = _OBSERVE_BYTES // max(1, batch[0].numel() * batch.element_size()) \
-                    if batch.device.type == "cpu" else len(batch)
-                for x in batch.split(max(1, size)):
-                    seen.clear()
-                    model(x)
+        for current[0], x in _pieces(model, batches):
+            seen.clear()
+            try:
+                model(x)
+            except _Reached:
+                pass
     finally:
         for h in handles:
             h.remove()
-    missing = [n for n in layers if not kept[n]]
+    missing = [n for n in layers if not kept.outputs(n)]
     if missing:
         raise SeparifyError(f"the calibration data never reaches layer(s) {', '.join(missing[:3])}")
     covariances = {n: acc[n].result() for n in layers} if moments else {}
-    return Observation(covariances, {n: torch.cat(kept[n]) for n in layers}, samples)
+    return Observation(covariances, {n: kept.outputs(n) for n in layers}, samples, stats)

@@ -2,46 +2,71 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["last_input", "reconstruct"]
+__all__ = ["CHECK_SAMPLES", "last_input", "reconstruct"]
+
+#: samples per shape group on which the reconstruction is checked to have lowered the layer's error
+CHECK_SAMPLES = 64
 
 
-def reconstruct(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float, batch_size: int,
-                seed: int) -> None:
+def reconstruct(module: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *, steps: int, lr: float,
+                batch_size: int, seed: int) -> None:
     """``steps`` Adam steps (learning rate ``lr``) on all of ``module``'s parameters (every factor, not only the
     last 1×1 conv), minimising ``mean((module(x_B) − y_B)²) / mean(y²)`` over random minibatches ``B`` of
-    ``batch_size`` of the samples ``x (n, ...)``, ``y (n, N, H, W)`` (drawn with a generator seeded by ``seed``).
+    ``batch_size`` samples. ``xs``, ``ys``: the inputs ``(n_g, ...)`` and targets ``(n_g, N, H_g, W_g)`` of each
+    group of samples of one shape; a minibatch is drawn from one group, chosen with probability proportional to its
+    size (a generator seeded by ``seed``).
 
-    A non-finite loss restores the parameters as they were and stops. ``requires_grad`` flags are restored and the
-    gradients cleared on exit."""
+    Never worse: the loss on up to :data:`CHECK_SAMPLES` samples of each group is measured before and after, and
+    the parameters are restored where the steps did not lower it (Adam's steps have the size ``lr`` however small the
+    gradient, so from a layer that is already exact they can only move away). A non-finite loss restores them too
+    and stops. ``requires_grad`` flags are restored and the gradients cleared on exit."""
     params = list(module.parameters())
     saved = [p.detach().clone() for p in params]
+    before = _check_loss(module, xs, ys)
     flags = [p.requires_grad for p in params]
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr)
-    scale = y.pow(2).mean().clamp_min(1e-30)
+    sizes = torch.tensor([float(len(x)) for x in xs])
+    scale = (sum(float(y.double().pow(2).sum()) for y in ys) / sum(y.numel() for y in ys)) or 1e-30
     try:
         with torch.enable_grad():
             for p in params:
                 p.requires_grad_(True)
             for _ in range(steps):
+                g = int(torch.multinomial(sizes, 1, generator=gen)) if len(xs) > 1 else 0
+                x, y = xs[g], ys[g]
                 idx = torch.randint(0, len(x), (min(batch_size, len(x)),), generator=gen)
                 loss = F.mse_loss(module(x[idx]), y[idx].to(x.device)) / scale
                 if not torch.isfinite(loss):
-                    with torch.no_grad():
-                        for p, s in zip(params, saved):
-                            p.copy_(s)
-                    return
+                    break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+        after = _check_loss(module, xs, ys)
+        if not after < before:  # NaN included
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
             p.grad = None
+
+
+def _check_loss(module: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> float:
+    """``Σ ‖module(x) − y‖²`` over the first :data:`CHECK_SAMPLES` samples of each group."""
+    total = 0.0
+    with torch.no_grad():
+        for x, y in zip(xs, ys):
+            x, y = x[:CHECK_SAMPLES], y[:CHECK_SAMPLES]
+            total += float((module(x) - y.to(x.device)).double().pow(2).sum())
+    return total
 
 
 def last_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

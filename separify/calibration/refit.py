@@ -17,6 +17,7 @@ ridge is chosen by 2-fold cross-validation over even and odd samples (:class:`Po
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -183,8 +184,11 @@ class PointwiseRefit:
         return LayerFit(self.name, before, after, self.pixels, note, few)
 
 
-def solve(last: nn.Conv2d, z_all: torch.Tensor, y_all: torch.Tensor, ridge: float, name: str) -> LayerFit:
-    """Least-squares refit of ``last`` (a 1×1 conv) so that ``last(z) ≈ y``, on all of the data at once."""
+def solve(last: nn.Conv2d, zs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], ridge: float,
+          name: str) -> LayerFit:
+    """Least-squares refit of ``last`` (a 1×1 conv) so that ``last(z) ≈ y``, over every pair of ``zs``/``ys`` (one
+    per group of samples of one shape)."""
     fit = PointwiseRefit(last, name, ridge=ridge)
-    fit.add(z_all, y_all)
+    for z, y in zip(zs, ys):
+        fit.add(z, y)
     return fit.apply()

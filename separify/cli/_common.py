@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from separify.errors import SeparifyError, first_line
-from separify.io.data import ImagePreprocessing, load_image_folder, load_labeled_file, load_tensor_file
+from separify.io.data import ImagePreprocessing, load_calibration_file, load_image_folder, load_labeled_file
 from separify.io.files import check_output_path
 from separify.io.models import load_model, parse_shape
 
@@ -143,17 +143,29 @@ def preprocessing(original: Original, folders, image_opts) -> ImagePreprocessing
     return None
 
 
-def calibration_data(console, calib: Path | None, prep, limit: int):
-    """The calibration inputs from a folder of images or a tensor file (``None`` without ``--calib``)."""
+def calibration_data(console, calib: Path | None, prep, limit: int, *, key: str | None = None,
+                     native: bool = False):
+    """The calibration inputs from a folder of images (``native``: each at its own size) or a tensor file (the
+    array ``key``); ``None`` without ``--calib``."""
     if calib is None:
         return None
     if prep is not None and calib.is_dir():
+        if key is not None:
+            raise SeparifyError("--calib-key names an array of a tensor file; --calib is an image folder")
+        prep = replace(prep, size=None, resize=None) if native else prep
         x, _, classes = load_image_folder(calib, **asdict(prep), limit=limit)
         console.print(f"Calibration data: {calib} ({describe_images(x, classes)}; {prep.describe()})", markup=False,
                       highlight=False, soft_wrap=True)
         return x
-    x = load_tensor_file(calib)
-    console.print(f"Calibration data: {calib} ({min(len(x), limit)} samples of shape {tuple(x.shape[1:])})")
+    if native:
+        raise SeparifyError("--calib-native-size applies to an image folder; a tensor file's samples keep their shape")
+    x = load_calibration_file(calib, key=key)
+    if isinstance(x, list):
+        sizes = sorted({tuple(t.shape) for t in x[:limit]})
+        console.print(f"Calibration data: {calib} ({min(len(x), limit)} arrays of {len(sizes)} shape(s), e.g. "
+                      f"{sizes[0]})")
+    else:
+        console.print(f"Calibration data: {calib} ({min(len(x), limit)} samples of shape {tuple(x.shape[1:])})")
     return x
 
 

@@ -48,8 +48,12 @@ def convert(
     seed: int = opt.seed(),
     calib: Optional[Path] = opt.calib(),
     calib_limit: int = opt.CALIB_LIMIT,
-    calib_steps: int = opt.CALIB_STEPS,
+    calib_steps: Optional[int] = opt.CALIB_STEPS,
     calib_als: int = opt.CALIB_ALS,
+    calib_loss: str = opt.CALIB_LOSS,
+    calib_class_dim: int = opt.CALIB_CLASS_DIM,
+    calib_key: Optional[str] = opt.CALIB_KEY,
+    calib_native_size: bool = opt.CALIB_NATIVE_SIZE,
     image_size: Optional[str] = opt.image_size(),
     resize: Optional[int] = opt.resize(),
     mean: Optional[str] = opt.mean(),
@@ -99,10 +103,14 @@ def run_convert(params: Mapping[str, Any], explicit: frozenset[str]) -> None:
     tune = FinetuneSettings(data=o.finetune, epochs=o.epochs, steps=o.steps, lr=o.lr, temperature=o.temperature,
                             batch_size=o.finetune_batch_size, checkpoint=o.checkpoint)
     cfg = build_config(params, explicit)
-    for name, flag in (("calib_steps", "--calib-steps"), ("calib_als", "--calib-als")):
+    for name, flag in (("calib_steps", "--calib-steps"), ("calib_als", "--calib-als"),
+                       ("calib_loss", "--calib-loss"), ("calib_class_dim", "--calib-class-dim")):
         if name in explicit and params[name] and o.calib is None:
             raise SeparifyError(f"{flag} needs --calib DATA")
     tune.check()
+    calib_opts = dict(key=o.calib_key, native=o.calib_native_size)
+    if o.calib is None and (o.calib_key is not None or o.calib_native_size):
+        raise SeparifyError(f"{'--calib-key' if o.calib_key is not None else '--calib-native-size'} needs --calib DATA")
     if o.model is None and o.max_drop is None and cfg.objective == "latency" \
             and not explicit & {"flops", "rank", "energy", "latency_budget", "config"}:
         o.max_drop = opt.EMBEDDED_MAX_DROP  # the demo: the fastest plan within a point of its top-1
@@ -114,10 +122,11 @@ def run_convert(params: Mapping[str, Any], explicit: frozenset[str]) -> None:
     if o.model is not None and is_onnx(o.model):
         if o.arch or o.allow_pickle:
             raise SeparifyError("--arch and --allow-pickle apply to PyTorch models, not to ONNX files")
-        convert_onnx(o.model, out, cfg, o.input_shape, o.calib, tune, image_opts, reporting, max_drop=o.max_drop)
+        convert_onnx(o.model, out, cfg, o.input_shape, o.calib, tune, image_opts, reporting, max_drop=o.max_drop,
+                     calib_opts=calib_opts)
     else:
         convert_torch(o.model, out, cfg, o.input_shape, o.arch, o.allow_pickle, o.calib, tune, image_opts, reporting,
-                      max_drop=o.max_drop)
+                      max_drop=o.max_drop, calib_opts=calib_opts)
 
 
 # --- options → ConvertConfig
@@ -139,7 +148,8 @@ def _unalias(params: Mapping[str, Any], explicit: frozenset[str]) -> tuple[dict,
 #: convert's parameters that set a ConvertConfig keyword (given on the command line, they override --config)
 CONFIG_KEYS = {"method": "method", "rank": "rank", "energy": "energy", "flops": "flops", "cp_iters": "cp_max_iter",
                "seed": "seed", "exclude": "exclude", "fold_bn": "fold_bn", "calib_limit": "calib_limit",
-               "calib_steps": "calib_steps", "calib_als": "calib_als"}
+               "calib_steps": "calib_steps", "calib_als": "calib_als",
+               "calib_class_dim": "calib_class_dim"}
 #: parameters that only apply under the latency objective → their option names
 LATENCY_ONLY = {"target_batch": "--batch-size", "dtype": "--dtype",
                 "channels_last": "--channels-last/--contiguous",
@@ -155,6 +165,11 @@ def build_config(params: Mapping[str, Any], explicit: frozenset[str]) -> Convert
     changes = {key: params[name] for name, key in CONFIG_KEYS.items() if name in explicit}
     if "exclude" in changes:
         changes["exclude"] = tuple(changes["exclude"])
+    if "calib_loss" in explicit:  # --calib-loss off: the loss-aware weights off
+        loss = params["calib_loss"]
+        if loss not in ("fisher", "mse", "off"):
+            raise SeparifyError(f"--calib-loss must be fisher, mse or off, got {loss!r}")
+        changes.update(calib_loss_aware=loss != "off", **({"calib_loss": loss} if loss != "off" else {}))
     changes.update(latency_changes(base, params, explicit))
     return base.replace(**changes) if changes else base
 
@@ -233,7 +248,8 @@ def save_converted(model: torch.nn.Module, out: Path, inputs: tuple) -> str:
 # --- the two passes
 
 def convert_torch(model_path, output, cfg: ConvertConfig, input_shape, arch, allow_pickle, calib,
-                  tune: FinetuneSettings, image_opts, reporting: ReportSettings, *, max_drop=None) -> None:
+                  tune: FinetuneSettings, image_opts, reporting: ReportSettings, *, max_drop=None,
+                  calib_opts=None) -> None:
     """``separify convert [model] -o out``: the PyTorch pass, optional fine-tuning, the report."""
     console = make_console()
     sources = () if model_path is None else (model_path,)
@@ -245,7 +261,7 @@ def convert_torch(model_path, output, cfg: ConvertConfig, input_shape, arch, all
         raise SeparifyError("a model loaded from a .pt2 program can only be written as .pt2 or .onnx (its graph "
                             "module cannot be pickled)")
     prep = preprocessing(original, (calib, tune.data, reporting.data), image_opts)
-    calibration = calibration_data(console, calib, prep, cfg.calibration.limit)
+    calibration = calibration_data(console, calib, prep, cfg.calibration.limit, **(calib_opts or {}))
     tune_data = finetune_data(console, model, tune, prep) if tune.data is not None else None
     eval_data = reporting.eval_data(console, original, prep)
     search, eval_data = search_options(max_drop, model, eval_data)
@@ -266,7 +282,7 @@ def convert_torch(model_path, output, cfg: ConvertConfig, input_shape, arch, all
 
 
 def convert_onnx(model_path: Path, output: Path, cfg: ConvertConfig, input_shape, calib, tune: FinetuneSettings,
-                 image_opts, reporting: ReportSettings, *, max_drop=None) -> None:
+                 image_opts, reporting: ReportSettings, *, max_drop=None, calib_opts=None) -> None:
     """``separify convert model.onnx -o out.onnx``: the ONNX pass, optional fine-tuning (onnx2torch), the report."""
     from separify.backends import onnx as onnx_pass
     from separify.pipeline import convert_onnx as convert_onnx_model
@@ -279,7 +295,7 @@ def convert_onnx(model_path: Path, output: Path, cfg: ConvertConfig, input_shape
                             "--input-shape")
     source, shape, stand_in = load_onnx_original(console, model_path, input_shape, cfg.seed)
     prep = preprocessing(stand_in, (calib, tune.data, reporting.data), image_opts)
-    calibration = calibration_data(console, calib, prep, cfg.calibration.limit)
+    calibration = calibration_data(console, calib, prep, cfg.calibration.limit, **(calib_opts or {}))
     tune_data = finetune_data(console, None, tune, prep) if tune.data is not None else None
     eval_data = reporting.eval_data(console, stand_in, prep)
     search, eval_data = search_options(max_drop, onnx_pass.OrtModule(onnx_pass.load_onnx(source),

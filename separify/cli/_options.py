@@ -12,8 +12,8 @@ import inspect
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from separify.config import (CP_SWEEPS, CP_SWEEPS_BEFORE_ALS, METHODS, OBJECTIVES, Calibration, ConvertConfig,
-                             LatencySettings, LatencyTarget, RankSelection)
+from separify.config import (CP_SWEEPS, CP_SWEEPS_BEFORE_ALS, METHODS, OBJECTIVES, RECONSTRUCTION_STEPS, Calibration,
+                             ConvertConfig, LatencySettings, LatencyTarget, RankSelection)
 from separify.tuning.finetune import finetune as _finetune
 
 # --- help panels
@@ -146,12 +146,29 @@ def calib(help: str = "Calibration inputs: a tensor file (.npy/.npz/.pt, shape (
 CALIB_LIMIT = typer.Option(CALIB_DEFAULTS.limit, "--calib-limit", rich_help_panel=CALIBRATION,
                            help="Use at most this many calibration samples.")
 CALIB_STEPS = typer.Option(CALIB_DEFAULTS.steps, "--calib-steps", rich_help_panel=CALIBRATION, help="With --calib: "
-                           "after the least-squares refit, this many Adam steps on all factors of each replacement "
-                           "against the original layer's outputs (layer-wise reconstruction; slower, much better at "
-                           "very low ranks).")
+                           "this many Adam steps on all factors of each replacement against the original layer's "
+                           "outputs (layer-wise reconstruction) before the least-squares refit; default: "
+                           f"{RECONSTRUCTION_STEPS} on pw-dw-pw layers (whose first 1×1 conv the ALS does not fit), "
+                           "none on dw-pw; 0 turns it off. PyTorch models only.", show_default=False)
 CALIB_ALS = typer.Option(CALIB_DEFAULTS.als, "--calib-als", rich_help_panel=CALIBRATION, help="With --calib: "
                          "iterations of alternating least squares fitting each replacement's depthwise and last 1×1 "
                          "conv to the original layer's outputs (0 skips it).")
+
+CALIB_LOSS = typer.Option(CALIB_DEFAULTS.loss, "--calib-loss", rich_help_panel=CALIBRATION, help="With --calib and "
+                          "a --flops or latency target, ranks go where errors move this loss of the model's output "
+                          "most: fisher (the KL divergence of the softmax of the output logits over "
+                          "--calib-class-dim), mse (the squared change of every output) or off (every layer alike).")
+CALIB_CLASS_DIM = typer.Option(CALIB_DEFAULTS.class_dim, "--calib-class-dim", rich_help_panel=CALIBRATION,
+                               help="The class axis of the output logits for --calib-loss fisher (-1: last; 1 for "
+                               "(N, C, H, W) segmentation).")
+
+
+CALIB_KEY = typer.Option(None, "--calib-key", rich_help_panel=CALIBRATION, help="The array of the --calib tensor "
+                         "file (.npz/.pt) that holds the inputs (default: one named images, x or inputs, or its only "
+                         "array; an .npz of several other arrays is read as one sample per array).")
+CALIB_NATIVE_SIZE = typer.Option(False, "--calib-native-size", rich_help_panel=CALIBRATION, help="Read the --calib "
+                                 "image folder at each image's own size (no resize, no crop), for models that take "
+                                 "inputs of any size; default: resized and centre-cropped like --image-size.")
 
 
 def image_size(panel: str = CALIBRATION):

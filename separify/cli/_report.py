@@ -101,7 +101,7 @@ def compare(
     flops: str = typer.Option(opt.COMPARE_FLOPS, "--flops", rich_help_panel=opt.RANKS,
                               help="FLOPs targets to compare, comma-separated."),
     methods: Optional[List[str]] = typer.Option(None, "--method", "-m", rich_help_panel=opt.RANKS, help="Forms to "
-                                                f"compare ({' | '.join(METHODS)}); repeatable (default: both)."),
+                                                f"compare ({' | '.join(METHODS)}); repeatable (default: dw-pw and pw-dw-pw)."),
     seed: int = opt.seed(),
     calib: Optional[Path] = opt.calib(help="Calibration data for every conversion (as for convert)."),
     calib_limit: int = opt.CALIB_LIMIT,
@@ -132,7 +132,7 @@ def run_compare(params: Mapping[str, Any]) -> None:
     o = SimpleNamespace(**params)
     console = make_console()
     targets = numbers(o.flops, "--flops", float)
-    forms = list(dict.fromkeys(o.methods or METHODS))
+    forms = list(dict.fromkeys(o.methods or METHODS[:2]))
     for f in forms:
         if f not in METHODS:
             raise SeparifyError(f"--method must be one of {', '.join(METHODS)}, got {f!r}")

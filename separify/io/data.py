@@ -1,9 +1,11 @@
 """Data for calibration and fine-tuning: tensor files and folders of images, as model inputs.
 
 * Tensor files (:func:`load_tensor_file`, :func:`load_labeled_file`): ``.npy``, ``.npz`` or ``.pt`` holding samples
-  ``(N, ...)`` already preprocessed as the model expects (floating point), optionally with integer labels ``(N,)``.
+  ``(N, ...)`` already preprocessed as the model expects (floating point), optionally with integer labels ``(N,)``;
+  for calibration (:func:`load_calibration_file`) also one array per sample, where samples differ in shape.
 * Image folders (:func:`load_image_folder`, needs ``pip install 'separify[images]'``): a flat folder of images or
-  one subfolder per class, decoded and preprocessed as :class:`ImagePreprocessing` describes.
+  one subfolder per class, decoded and preprocessed as :class:`ImagePreprocessing` describes (or kept at their own
+  sizes, for calibration).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import torch
 from separify.errors import ModelLoadError, SeparifyError, first_line
 from separify.io.files import check_input_file, few_names
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImagePreprocessing", "load_image_folder", "load_labeled_file",
-           "load_tensor_file"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImagePreprocessing", "load_calibration_file", "load_image_folder",
+           "load_labeled_file", "load_tensor_file"]
 
 
 def load_labeled_file(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -49,48 +51,82 @@ def load_labeled_file(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tens
     return x, labels
 
 
-def load_tensor_file(path: str | os.PathLike) -> torch.Tensor:
-    """Input samples ``(N, ...)`` from a ``.npy``, ``.npz`` (key ``images``, ``x`` or ``inputs``, or its only array)
-    or ``.pt`` file (a tensor, or a dict with one of those keys; loaded with ``weights_only=True``). The samples must
-    already be preprocessed as the model expects (floating point)."""
-    path = Path(path)
-    check_input_file(path)
-    keys = ("images", "x", "inputs")
+_KEYS = ("images", "x", "inputs")  # array names read as the samples of a tensor file
+
+
+def _read_arrays(path: Path, key: str | None) -> torch.Tensor | list[torch.Tensor]:
+    """The samples of a tensor file: one array ``(N, ...)``, or (``.npz`` with several arrays and none of
+    :data:`_KEYS`; ``.pt`` holding a list) a list of arrays, one sample or batch each."""
+    import numpy as np
+
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            import numpy as np
+    if suffix == ".npy":
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            inputs = [k for k in archive.files if k != "labels"]
+            if key is not None and key not in archive.files:
+                raise ModelLoadError(f"{path}: no array named {key!r} (found {', '.join(archive.files) or 'none'})")
+            names = [key] if key is not None else [k for k in _KEYS if k in archive.files] or inputs
+            if not names:
+                raise ModelLoadError(f"{path}: holds no array")
+            if len(names) == 1:
+                return torch.from_numpy(archive[names[0]])
+            return [torch.from_numpy(archive[k]) for k in names]  # one array per sample (np.savez order)
+    if suffix in (".pt", ".pth"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict):
+            if key is not None and key not in obj:
+                raise ModelLoadError(f"{path}: no entry named {key!r} (found {', '.join(map(str, obj))})")
+            obj = obj[key] if key is not None else next((obj[k] for k in _KEYS if k in obj), None)
+        if isinstance(obj, (list, tuple)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
+            return list(obj)
+        if not isinstance(obj, torch.Tensor):
+            raise ModelLoadError(f"{path}: expected a tensor, a list of tensors or a dict with one of "
+                                 f"{', '.join(_KEYS)}")
+        return obj
+    raise ModelLoadError(f"{path}: calibration data must be a .npy, .npz or .pt file")
 
-            data = torch.from_numpy(np.load(path, allow_pickle=False))
-        elif suffix == ".npz":
-            import numpy as np
 
-            with np.load(path, allow_pickle=False) as archive:
-                inputs = [k for k in archive.files if k != "labels"]
-                names = [k for k in keys if k in archive.files] or (inputs if len(inputs) == 1 else [])
-                if not names:
-                    raise ModelLoadError(f"{path}: expected an array named one of {', '.join(keys)} "
-                                         f"(found {', '.join(archive.files) or 'none'})")
-                data = torch.from_numpy(archive[names[0]])
-        elif suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(obj, dict):
-                obj = next((obj[k] for k in keys if k in obj), None)
-            if not isinstance(obj, torch.Tensor):
-                raise ModelLoadError(f"{path}: expected a tensor or a dict with one of {', '.join(keys)}")
-            data = obj
-        else:
-            raise ModelLoadError(f"{path}: calibration data must be a .npy, .npz or .pt file")
-    except ModelLoadError:
-        raise
-    except Exception as exc:
-        raise ModelLoadError(f"{path}: cannot read ({type(exc).__name__}: {first_line(exc)})") from None
-    if data.dim() < 2 or len(data) == 0:
+def _checked(path: Path, data: torch.Tensor, *, batch: bool = True) -> torch.Tensor:
+    if data.dim() < (2 if batch else 1) or len(data) == 0:
         raise ModelLoadError(f"{path}: expected samples of shape (N, ...), got {tuple(data.shape)}")
     if not data.is_floating_point():
         raise ModelLoadError(f"{path}: holds {data.dtype} values; store the inputs preprocessed as the model expects "
                              "them (floating point, normalised)")
     return data.float() if data.dtype == torch.float64 else data
+
+
+def _read(path: str | os.PathLike, key: str | None) -> tuple[Path, torch.Tensor | list[torch.Tensor]]:
+    path = Path(path)
+    check_input_file(path)
+    try:
+        return path, _read_arrays(path, key)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot read ({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def load_tensor_file(path: str | os.PathLike, *, key: str | None = None) -> torch.Tensor:
+    """Input samples ``(N, ...)`` from a ``.npy``, ``.npz`` (the array ``key``; else one named ``images``, ``x`` or
+    ``inputs``, or its only array) or ``.pt`` file (a tensor, or a dict with one of those keys; loaded with
+    ``weights_only=True``). The samples must already be preprocessed as the model expects (floating point)."""
+    path, data = _read(path, key)
+    if isinstance(data, list):
+        raise ModelLoadError(f"{path}: expected one array of samples (N, ...), found {len(data)} arrays; name it "
+                             f"{' or '.join(_KEYS)}")
+    return _checked(path, data)
+
+
+def load_calibration_file(path: str | os.PathLike, *, key: str | None = None) -> torch.Tensor | list[torch.Tensor]:
+    """Calibration samples from a tensor file: as :func:`load_tensor_file`, or a list of arrays where the samples
+    differ in shape — an ``.npz`` with several arrays and none of those names (one sample or batch per array, in the
+    order they were saved), or a ``.pt`` list of tensors."""
+    path, data = _read(path, key)
+    if isinstance(data, list):
+        return [_checked(path, t, batch=False) for t in data]
+    return _checked(path, data)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -103,13 +139,13 @@ class ImagePreprocessing:
     the model's example input shape ``(N, C, H, W)``.
 
     Attributes:
-        size: ``(H, W)`` of the centre crop.
+        size: ``(H, W)`` of the centre crop; ``None``: every image at its own size (no resize, no crop).
         channels: 1 (grayscale) or 3 (RGB).
         resize: the shorter image side is resized to this before the crop; ``None``: no resize.
         mean, std: per-channel normalisation of pixels scaled to [0, 1] (one value per channel).
     """
 
-    size: tuple[int, int]
+    size: tuple[int, int] | None
     channels: int
     resize: int | None
     mean: tuple[float, ...]
@@ -147,8 +183,9 @@ class ImagePreprocessing:
     def describe(self) -> str:
         """One line, e.g. ``resize 256, centre crop 224×224, RGB, mean (0.485, 0.456, 0.406), std (...)``."""
         fmt = lambda v: ", ".join(f"{x:g}" for x in v)  # noqa: E731
+        crop = "each at its own size" if self.size is None else f"centre crop {self.size[0]}×{self.size[1]}"
         return ", ".join(([f"resize {self.resize}"] if self.resize is not None else [])
-                         + [f"centre crop {self.size[0]}×{self.size[1]}", "grayscale" if self.channels == 1 else "RGB",
+                         + [crop, "grayscale" if self.channels == 1 else "RGB",
                             f"mean ({fmt(self.mean)})", f"std ({fmt(self.std)})"])
 
 
@@ -261,10 +298,10 @@ def _image_order(root: Path, image_folder, is_image: Callable[[str], bool],
     return [(str(root / name), -1) for name in top_images], None
 
 
-def _decode(files: list[str], root: Path, transform, loader, size: tuple[int, int],
-            resize: int | None) -> torch.Tensor:
+def _decode(files: list[str], root: Path, transform, loader, size: tuple[int, int] | None,
+            resize: int | None) -> torch.Tensor | list[torch.Tensor]:
     """``(N, C, H, W)``: each file read with ``loader`` and passed through ``transform``; errors name the file
-    relative to ``root``."""
+    relative to ``root``. ``size=None``: the images at their own sizes, a list of ``(C, H, W)``."""
     images = []
     for file in files:
         name = Path(file).relative_to(root).as_posix()
@@ -272,21 +309,24 @@ def _decode(files: list[str], root: Path, transform, loader, size: tuple[int, in
             img = loader(file)
         except Exception as exc:
             raise SeparifyError(f"cannot read image {name}: {type(exc).__name__}: {first_line(exc)}") from None
-        if resize is None and (img.height < size[0] or img.width < size[1]):
+        if size is not None and resize is None and (img.height < size[0] or img.width < size[1]):
             raise SeparifyError(f"image {name} is {img.height}×{img.width}, smaller than the crop "
                                 f"{size[0]}×{size[1]}; resize it first (CLI: --resize)")
         try:
             images.append(transform(img))  # (C, H, W) float32
         except Exception as exc:
             raise SeparifyError(f"cannot preprocess image {name}: {type(exc).__name__}: {first_line(exc)}") from None
-    return torch.stack(images)
+    return images if size is None else torch.stack(images)
 
 
-def load_image_folder(path: str | os.PathLike, *, size: tuple[int, int], channels: int, resize: int | None = None,
-                      mean: tuple[float, ...], std: tuple[float, ...], limit: int | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
+def load_image_folder(path: str | os.PathLike, *, size: tuple[int, int] | None, channels: int,
+                      resize: int | None = None, mean: tuple[float, ...], std: tuple[float, ...],
+                      limit: int | None = None
+                      ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | None, list[str] | None]:
     """Images from a folder as model inputs: ``(images (N, C, H, W) float32, labels (N,) int64 or None, class names
-    or None)``. Needs torchvision and Pillow (``pip install 'separify[images]'``).
+    or None)``; with ``size=None`` the images keep their own sizes (no resize, no crop) and come as a list of
+    ``(C, H, W)`` tensors, for calibrating models that take inputs of any size. Needs torchvision and Pillow
+    (``pip install 'separify[images]'``).
 
     Layouts:
 
@@ -319,7 +359,10 @@ def load_image_folder(path: str | os.PathLike, *, size: tuple[int, int], channel
         raise SeparifyError(f"{root}: no such folder")
     if not root.is_dir():
         raise SeparifyError(f"{root}: not a directory")
-    size, mean, std = _check_image_args(size, channels, resize, limit, mean, std)
+    native = size is None
+    if native and resize is not None:
+        raise SeparifyError("images kept at their own size (size=None) are not resized; give size with resize")
+    size, mean, std = _check_image_args((1, 1) if native else size, channels, resize, limit, mean, std)
     ImageFolder, extensions, default_loader, has_ext, v2 = _import_torchvision()
 
     def is_image(p: str) -> bool:  # hidden files and files in hidden folders are skipped
@@ -328,9 +371,10 @@ def load_image_folder(path: str | os.PathLike, *, size: tuple[int, int], channel
     order, classes = _image_order(root, ImageFolder, is_image, ", ".join(extensions))
     if limit is not None:
         order = order[:limit]
-    steps = ([v2.Resize(resize)] if resize is not None else []) + [v2.CenterCrop(list(size))]
+    steps = ([v2.Resize(resize)] if resize is not None else []) + ([] if native else [v2.CenterCrop(list(size))])
     steps += [v2.Grayscale(1)] if channels == 1 else []
     transform = v2.Compose(steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-    x = _decode([file for file, _ in order], root, transform, default_loader, size, resize)  # (N, C, H, W)
+    x = _decode([file for file, _ in order], root, transform, default_loader, None if native else size,
+                resize)  # (N, C, H, W), or N × (C, H_i, W_i)
     labels = torch.tensor([target for _, target in order], dtype=torch.int64) if classes is not None else None
     return x, labels, classes

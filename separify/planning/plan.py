@@ -4,7 +4,8 @@ A :class:`Candidate` is a conv that passed the checks: its record, the rule that
 kernel as an ``nn.Conv2d`` and the input shape(s) it runs at. :func:`choose_ranks` sets each candidate's
 ``plan.rank`` (or skips it with a :class:`~separify.records.Reason`): a fixed rank or energy per layer, or a global
 allocation of FLOPs or measured time (:func:`separify.planning.ranks.allocate_options`) minimising
-``Σ relative error²``, where the error is the kernel's or, with calibration data, the predicted output error on it.
+``Σ w · relative error²``, where the error is the kernel's or, with calibration data, the predicted output error on
+it, and ``w`` the candidate's loss-aware weight (its output error's effect on the model's output; 1 without it).
 :func:`meet_latency` then checks a latency plan on the whole model and re-plans with a corrected budget.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ from separify.calibration import als_runs, scarce
 from separify.config import ConvertConfig, LayerRule
 from separify.core import measure
 from separify.core.modules import FORMS
-from separify.planning import latency, ranks
+from separify.planning import forms, latency, ranks
 from separify.records import LayerRecord, NoteCode, Plan, Reason
 
 __all__ = ["Candidate", "choose_ranks", "meet_latency", "keep_faster", "from_conv_options"]
@@ -38,9 +39,15 @@ class Candidate:
 
     record: LayerRecord
     rule: LayerRule | None
-    method: str  # the form asked for (a rule's or the config's)
+    method: str  # the form asked for (a rule's or the config's; "auto": chosen by the allocation)
     kernel: nn.Conv2d  # the conv to decompose (BatchNorm folded in), unpadded for ONNX
     shapes: list[tuple[int, ...]]  # input shape(s) of its calls on the example input (padded for ONNX)
+    curves: dict[str, Any] = field(default_factory=dict)  # method="auto": predicted error curve per form
+    weight: float | None = None  # loss-aware allocation: how much its output error moves the model's output
+
+    @property
+    def auto(self) -> bool:
+        return self.method == "auto"
 
     @property
     def name(self) -> str:
@@ -51,15 +58,43 @@ class Candidate:
         return self.record.plan
 
 
-def _layer_cost(c: Candidate, whitened: dict[str, torch.Tensor]) -> ranks.LayerCost:
-    cls = FORMS[c.plan.method]
-    c.plan.exact_rank = cls.max_rank(c.kernel)
+def _layer_cost(c: Candidate, whitened: dict[str, torch.Tensor], method: str | None = None) -> ranks.LayerCost:
+    """FLOPs and error curve of one form (``method``, default the plan's) of a candidate."""
+    method = method or c.plan.method
+    cls = FORMS[method]
     weight = whitened.get(c.name, c.kernel.weight)
+    curve = c.curves.get(method) or (lambda r, _m=method, _w=weight: ranks.error_curve(_m, _w, r))
     return ranks.LayerCost(
         c.name, c.record.flops_before,
-        measure.affine_flops(lambda rank: cls.like(c.kernel, rank, device="meta"), c.shapes), c.plan.exact_rank,
-        lambda r, _m=c.plan.method, _w=weight: ranks.error_curve(_m, _w, r),
+        measure.affine_flops(lambda rank: cls.like(c.kernel, rank, device="meta"), c.shapes), cls.max_rank(c.kernel),
+        curve,
     )
+
+
+def _form_costs(cfg: ConvertConfig, c: Candidate, whitened, patches) -> dict[str, ranks.LayerCost]:
+    """Per form, its costs; for ``method="auto"`` both forms, with the predicted error curves of
+    :mod:`~separify.planning.forms` (measured once per candidate); else the plan's form."""
+    if not c.auto:
+        cost = _layer_cost(c, whitened)
+        c.plan.exact_rank = cost.max_rank
+        return {c.plan.method: cost}
+    out = {}
+    for method in forms.AUTO_FORMS:
+        cost = _layer_cost(c, {}, method)
+        if method not in c.curves:
+            stats = patches.get(c.name)
+            c.curves[method] = forms.form_curve(
+                c.kernel, method, cost.saving_ranks() if len(cost.saving_ranks()) else np.array([1]), stats,
+                options=lambda m, r: _decompose_options(cfg, m, r, refitted=stats is not None),
+                iters=cfg.calibration.als, ridge=cfg.calibration.ridge)
+        out[method] = _layer_cost(c, {}, method)
+    return out
+
+
+def _decompose_options(cfg: ConvertConfig, method: str, rank: int, *, refitted: bool) -> dict[str, Any]:
+    if method != "pw-dw-pw":
+        return {}
+    return dict(max_iter=cfg.cp_sweeps(refitted), tol=cfg.cp.tol, seed=cfg.seed)
 
 
 def _fixed_rank(cfg: ConvertConfig, c: Candidate) -> tuple[int | None, str]:
@@ -104,71 +139,99 @@ def _set_fixed(cfg: ConvertConfig, c: Candidate, rank: int, cost: ranks.LayerCos
             plan.layout, plan.time_after_ms = allowed[rank]
 
 
-def _timed_options(cfg: ConvertConfig, c: Candidate, cost: ranks.LayerCost, planner):
-    """The allocation's options for one layer, ``(choices, costs, err²)`` with ``None`` = dense, and the measured
-    ``{rank: (layout, ms)}`` under the latency objective; ``None`` where the layer has no option (then skipped)."""
-    if planner is None:
+def _timed(planner, c: Candidate, method: str, grid, width_ok) -> dict[int, tuple[str, float]]:
+    """``{rank: (layout, ms)}`` measured faster for one form; for ``method="auto"`` a form with none faster does
+    not skip the layer (the other form may be faster)."""
+    if not c.auto:
+        return planner.options(c.record, c.kernel, c.shapes, grid, width_ok)
+    rec, plan = c.record, c.record.plan
+    plan.method = method
+    allowed = planner.options(rec, c.kernel, c.shapes, grid, width_ok)
+    if rec.plan is None:  # none faster in this form
+        c.curves.setdefault("skips", []).append(rec.skip)
+        rec.skip, rec.plan, plan.time_before_ms = None, plan, rec._time_before_ms
+    plan.method = "auto"
+    return allowed
+
+
+def _options(cfg: ConvertConfig, c: Candidate, fcosts: dict[str, ranks.LayerCost], planner):
+    """The allocation's options for one layer, ``(choices, costs, err²)`` with choices ``(method, rank)`` and
+    ``None`` = dense, and the measured ``{(method, rank): (layout, ms)}`` under the latency objective; ``None`` where
+    the layer has no option (then skipped with the reason)."""
+    choices, costs, err2, timed = [], [], [], {}
+    for method, cost in fcosts.items():
+        saving = cost.saving_ranks()
+        if planner is None:
+            rs = [int(r) for r in saving]
+        else:
+            grid = latency.rank_grid(method, saving)
+            allowed = _timed(planner, c, method, grid, _width_ok(cfg, c, cost)) if grid else {}
+            if c.record.plan is None:  # skipped by the planner (one form)
+                return None, {}
+            rs = sorted(allowed)
+            timed.update({(method, r): allowed[r] for r in rs})
+        choices += [(method, r) for r in rs]
+        costs += [timed[(method, r)][1] for r in rs] if planner is not None and cfg.selection == "latency" \
+            else [cost.flops(r) for r in rs]
+        err2.append((c.weight or 1.0) * cost.errors(np.array(rs)) ** 2 if rs else np.zeros(0))
+    if not choices:
+        if planner is None or not any(len(cost.saving_ranks()) for cost in fcosts.values()):
+            c.record.skip_with(Reason.NO_SAVING, "no FLOPs saved at any rank")
+        else:
+            skip = c.curves.get("skips", [None])[-1]
+            c.record.skip_with(skip.code, "neither form: " + skip.text)
         return None, {}
-    grid = latency.rank_grid(c.plan.method, cost.saving_ranks())
-    if not grid:
-        c.record.skip_with(Reason.NO_SAVING, "no FLOPs saved at any rank")
-        return None, {}
-    allowed = planner.options(c.record, c.kernel, c.shapes, grid, _width_ok(cfg, c, cost))
-    if not allowed:
-        return None, {}
-    choices = sorted(allowed)
-    if cfg.selection == "latency":
-        costs = [allowed[r][1] for r in choices] + [c.plan.time_before_ms]
-    else:
-        costs = [cost.flops(r) for r in choices] + [c.record.flops_before]
-    err2 = np.concatenate([cost.errors(np.array(choices)) ** 2, [0.0]])
-    return (choices + [None], costs, err2), allowed
+    dense = c.plan.time_before_ms if planner is not None and cfg.selection == "latency" else c.record.flops_before
+    return (choices + [None], costs + [dense], np.concatenate(err2 + [np.zeros(1)])), timed
 
 
 def choose_ranks(cfg: ConvertConfig, cands: Sequence[Candidate], flops_before: int,
-                 whitened: dict[str, torch.Tensor], planner: "latency.LatencyPlanner | None" = None
-                 ) -> tuple[int | None, list[str]]:
+                 whitened: dict[str, torch.Tensor], planner: "latency.LatencyPlanner | None" = None,
+                 patches: dict | None = None) -> tuple[int | None, list[str]]:
     """Set ``plan.rank`` of every candidate, or skip it with its reason; returns the FLOPs budget and warnings.
 
     ``flops_before`` is the whole model's FLOPs; ``whitened`` maps layer names to kernels whitened by their
     calibration inputs, whose error curves (predicted relative output error) then replace the weight error. With a
     ``planner`` (``objective="latency"``) every candidate is timed on the target: a fixed rank not measured faster
     than the dense conv (by the margin) is dropped, and the allocation (FLOPs or time budget) only chooses among
-    the ranks of :func:`~separify.planning.latency.rank_grid` measured faster; layouts and times are set.
+    the ranks of :func:`~separify.planning.latency.rank_grid` measured faster; layouts and times are set. A
+    candidate with ``method="auto"`` offers both forms to the allocation, with the error curves of
+    :mod:`~separify.planning.forms` (on ``patches``, its patch statistics, where calibration gathered them); the
+    form chosen is set in its plan.
     """
-    costs = {c.name: _layer_cost(c, whitened) for c in cands}
-    planned = []
+    costs = {c.name: _form_costs(cfg, c, whitened, patches or {}) for c in cands}
+    planned_here = []
     for c in cands:
         rank, source = _fixed_rank(cfg, c)
         c.plan.rank_source = source
         if rank is not None:
-            _set_fixed(cfg, c, rank, costs[c.name], planner)
+            _set_fixed(cfg, c, rank, costs[c.name][c.plan.method], planner)
             continue
-        if c.name in whitened:
-            c.plan.rank_source = f"{cfg.selection} (output error on calibration data)"
-        planned.append(c)
-    if not planned:
-        return None, []
+        weighted = f", × {c.weight:.3g} its effect on the model's output" if c.weight is not None else ""
+        if c.auto:
+            c.plan.rank_source = f"{cfg.selection}, form chosen by method='auto' (predicted output error " + \
+                ("after calibration" if c.name in (patches or {}) else "of the weights") + f"{weighted})"
+        elif c.name in whitened:
+            c.plan.rank_source = f"{cfg.selection} (output error on calibration data{weighted})"
+        planned_here.append(c)
     options, timed, in_alloc = {}, {}, []
-    for c in planned:
-        opts, allowed = _timed_options(cfg, c, costs[c.name], planner)
-        if planner is not None and opts is None:
-            continue  # skipped with its reason
-        in_alloc.append(c)
+    for c in planned_here:
+        opts, allowed = _options(cfg, c, costs[c.name], planner)
         if opts is not None:
+            in_alloc.append(c)
             options[c.name], timed[c.name] = opts, allowed
     if not in_alloc:
         return None, []
     fixed = [c for c in cands if c.record.plan is not None and c.plan.rank is not None]
     alloc, budget, msgs = _allocate(cfg, in_alloc, fixed, costs, options, flops_before, planner)
     for c in in_alloc:
-        rank = alloc.ranks.get(c.name)
-        if rank is not None:
-            c.plan.rank = rank
-            if c.name in timed:
-                c.plan.layout, c.plan.time_after_ms = timed[c.name][rank]
-        elif len(costs[c.name].saving_ranks()) == 0:
-            c.record.skip_with(Reason.NO_SAVING, "no FLOPs saved at any rank")
+        choice = alloc.ranks.get(c.name)
+        if choice is not None:
+            method, rank = choice
+            c.plan.method, c.plan.rank = method, rank
+            c.plan.exact_rank = costs[c.name][method].max_rank
+            if timed[c.name]:
+                c.plan.layout, c.plan.time_after_ms = timed[c.name][choice]
         else:
             by = "the latency allocation" if cfg.selection == "latency" else "the global FLOPs allocation"
             c.record.skip_with(Reason.ALLOCATION, f"kept dense by {by}")
@@ -188,15 +251,13 @@ def _allocate(cfg, in_alloc, fixed, costs, options, flops_before, planner):
         rest = total - layers_ms
         fixed_after = sum(c.plan.time_after_ms for c in fixed)
         budget = cfg.ranks.latency * total * planner.budget_scale
-        alloc = ranks.allocate_options(options, budget - rest - fixed_after)
     else:
         total = flops_before
-        fixed_after = sum(costs[c.name].flops(c.plan.rank) for c in fixed)
+        fixed_after = sum(costs[c.name][c.plan.method].flops(c.plan.rank) for c in fixed)
         # FLOPs outside the allocation: non-conv ops, skipped convs, and the fixed-rank layers' dense cost
         rest = flops_before - sum(c.record.flops_before for c in in_alloc) - sum(c.record.flops_before for c in fixed)
         budget = int(cfg.ranks.flops * flops_before)
-        alloc = ranks.allocate([costs[c.name] for c in in_alloc], budget - rest - fixed_after) if planner is None \
-            else ranks.allocate_options(options, budget - rest - fixed_after)
+    alloc = ranks.allocate_options(options, budget - rest - fixed_after)
     if not alloc.feasible:
         lowest = (rest + fixed_after + alloc.flops) / total
         if cfg.selection == "latency":
@@ -220,7 +281,8 @@ def _restore(cands: Sequence[Candidate], saved: dict[str, tuple]) -> None:
 
 
 def meet_latency(cfg: ConvertConfig, cands: Sequence[Candidate], flops_before: int, whitened, planner,
-                 first: tuple, trial_times: TrialTimes, *, attempts: int = 3, tolerance: float = 0.02):
+                 first: tuple, trial_times: TrialTimes, *, attempts: int = 3, tolerance: float = 0.02,
+                 patches: dict | None = None):
     """Check a latency plan on the whole model and re-plan until the measured time meets the budget.
 
     The layer times are measured one layer at a time; inside the model the separable layers may gain less (a plan
@@ -244,7 +306,7 @@ def meet_latency(cfg: ConvertConfig, cands: Sequence[Candidate], flops_before: i
         planner.budget_scale *= target / ratio
         for c in cands:  # planned afresh (the layer times come from the cache)
             c.record.plan, c.record.skip, c.record._time_before_ms = Plan(c.method), None, None
-        result = choose_ranks(cfg, cands, flops_before, whitened, planner)
+        result = choose_ranks(cfg, cands, flops_before, whitened, planner, patches)
     if not plans:
         return result
     met = [p for p in plans if p[0] <= target * (1 + tolerance)]

@@ -25,8 +25,10 @@ from separify.backends.onnx.graph import (_EXTERNAL_KEY, OrtModule, _chunks, _fi
                                           too_large_in_memory)
 from separify.backends.onnx.rewrite import (_output_name, _rewrite, _write_layout, check, kernel_conv, layer_spec,
                                             match)
-from separify.calibration import as_batches
-from separify.config import ConvertConfig, LatencyTarget
+from separify.calibration import as_batches, sensitivity
+from separify.calibration.data import first_samples
+from separify.calibration.sensitivity import SAMPLES, unweighted_note
+from separify.config import Calibration, ConvertConfig, LatencyTarget
 from separify.core import measure
 from separify.core.modules import SeparableConv2d
 from separify.errors import ConfigError, SeparifyError, first_line
@@ -44,9 +46,6 @@ class OnnxBackend(Backend):
 
     def __init__(self, model: Any, cfg: ConvertConfig, *, input_shapes=None, check_samples: int = 8,
                  threads: int | None = None, timer=None) -> None:
-        if cfg.calibration.steps:
-            raise ConfigError("calib_steps (layer-wise reconstruction) runs in PyTorch and is not available for ONNX "
-                              "models; use the least-squares refit (the default) or fine-tune (--finetune)")
         self.original = load_onnx(model)
         self.work = self.original.clone()
         self.work.meta[_EXTERNAL_KEY] = self.original.meta.get(_EXTERNAL_KEY, False)
@@ -84,27 +83,56 @@ class OnnxBackend(Backend):
 
     # --- calibration
 
-    def set_calibration(self, data: Any, limit: int) -> int:
-        self.batches = as_batches(data, limit=limit)
+    def set_calibration(self, data: Any, cal: Calibration) -> int:
         if len(self.feeds) != 1:
             raise SeparifyError("ONNX calibration needs a single-input model")
+        (name, feed), = self.feeds.items()
+        self.batches = as_batches(data, limit=cal.limit, ndim=feed.ndim, input_key=cal.input_key,
+                                  max_bytes=int(cal.memory_gb * 2**30))
+        dims = graph_inputs(self.work)[0].shape
+        for b in self.batches:
+            fixed = [] if dims is None else [(i, d) for i, d in enumerate(dims) if isinstance(d, int) and i > 0]
+            if any(b.shape[i] != d for i, d in fixed):
+                declared = ", ".join(str(d) if isinstance(d, int) else "?" for d in dims)
+                raise SeparifyError(f"calibration samples of shape {tuple(b.shape[1:])} do not fit the model's input "
+                                    f"{name!r} of shape ({declared})")
         self.samples = sum(len(c) for c in _chunks(self.batches, self.fixed_batch))  # as run: a fixed batch drops
         return self.samples  # the partial last batch
 
-    def observe(self, cands, moments: bool):
-        if not moments:
-            return {}
+    def observe(self, cands, moments: bool, patches=frozenset()):
+        if not moments and not patches:
+            return {}, {}
         return onnx_calibrate.moments(self.original, [self.sites[c.name] for c in cands],
-                                      {c.name: c.kernel for c in cands}, self.batches, self.fixed_batch, self.threads)
+                                      {c.name: c.kernel for c in cands}, self.batches, self.fixed_batch, self.threads,
+                                      moments=moments, patches=patches)
+
+    def sensitivity(self, cands, cal: Calibration):
+        """Through the model imported into PyTorch (onnx2torch, modules named after the nodes); without it, none."""
+        from separify.backends.onnx.finetune import import_torch
+
+        names = [c.name for c in cands]
+        try:
+            module = import_torch(self.original)
+        except SeparifyError as exc:
+            return {}, unweighted_note(names, {}, first_line(exc))
+        modules = {n for n, _ in module.named_modules()}
+        # onnx2torch names a module after its node, without a leading "/" (torch.onnx's names start with one)
+        targets = {c.name: t for c in cands for t in [(c.record.bn_folded or c.name).lstrip("/")] if t in modules}
+        try:
+            weights = sensitivity(module, targets, first_samples(self.batches, SAMPLES), loss=cal.loss,
+                                  class_dim=cal.class_dim) if targets else {}
+        except Exception as exc:  # noqa: BLE001 - the imported graph may not run at other batch sizes
+            return {}, unweighted_note(names, {}, f"the imported model did not run ({first_line(exc)})")
+        return weights, unweighted_note(names, weights)
 
     def output_pixels(self, cands) -> dict[str, int]:
         return onnx_calibrate.calibration_pixels(self.work, [self.sites[c.name] for c in cands], self.batches,
-                                                 self.fixed_batch, self.samples, self.threads)
+                                                 self.fixed_batch, self.threads)
 
     def refit(self, replacements, records, cfg: ConvertConfig, pixels, progress=None):
         return onnx_calibrate.refit(self.original, self.work, self.replaced, self.batches, self.fixed_batch,
-                                    cfg.calibration.ridge, self.threads, pixels=pixels, als=cfg.calibration.als,
-                                    seed=cfg.seed, pads={n: self.sites[n].input_pads for n in self.replaced})
+                                    cfg.calibration, self.threads, pixels=pixels, seed=cfg.seed,
+                                    pads={n: self.sites[n].input_pads for n in self.replaced})
 
     # --- latency
 

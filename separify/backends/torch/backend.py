@@ -11,8 +11,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from separify.backends.base import Backend, Found, Kernel
 from separify.backends.torch import fx_pass
-from separify.calibration import LayerFit, Observation, as_batches, observe, refit_pointwise
-from separify.config import ConvertConfig, LatencyTarget
+from separify.calibration import (LayerFit, Observation, as_batches, observe, refit_pointwise, sensitivity,
+                                  shape_groups)
+from separify.calibration.data import first_samples
+from separify.calibration.sensitivity import SAMPLES, unweighted_note
+from separify.config import Calibration, ConvertConfig, LatencyTarget
 from separify.core import measure
 from separify.core.modules import SeparableConv2d, why_not_convertible
 from separify.errors import SeparifyError, first_line
@@ -92,30 +95,36 @@ class TorchBackend(Backend):
 
     # --- calibration
 
-    def set_calibration(self, data: Any, limit: int) -> int:
-        self.batches = as_batches(data, limit=limit)
-        _check_fits(self.original, self.batches[0])
+    def set_calibration(self, data: Any, cal: Calibration) -> int:
+        ndim = self.inputs[0].dim() if isinstance(self.inputs[0], torch.Tensor) else None
+        self.batches = as_batches(data, limit=cal.limit, ndim=ndim, input_key=cal.input_key,
+                                  max_bytes=int(cal.memory_gb * 2**30))
+        for group in shape_groups([b[:1] for b in self.batches]):  # one sample of each shape
+            _check_fits(self.original, group[:1])
         return sum(len(b) for b in self.batches)
 
-    def observe(self, cands, moments: bool):
+    def observe(self, cands, moments: bool, patches=frozenset()):
         targets = {c.name: c.record.bn_folded or c.name for c in cands}
         # on the input model, before any rewrite (so inplace is safe); the outputs are the refit's targets
-        self.obs = observe(self.original, targets, self.batches, memory_gb=self.memory_gb, moments=moments)
-        return self.obs.covariances
+        self.obs = observe(self.original, targets, self.batches, memory_gb=self.memory_gb, moments=moments,
+                           patches=patches)
+        return self.obs.covariances, self.obs.patches
+
+    def sensitivity(self, cands, cal: Calibration):
+        targets = {c.name: c.record.bn_folded or c.name for c in cands}
+        weights = sensitivity(self.original, targets, first_samples(self.batches, SAMPLES), loss=cal.loss,
+                              class_dim=cal.class_dim)
+        return weights, unweighted_note(list(targets), weights)
 
     def output_pixels(self, cands) -> dict[str, int]:
-        out = {}
-        for c in cands:
-            y = self.obs.outputs.get(c.name) if self.obs is not None else None  # (n, N, H, W)
-            if y is not None:
-                out[c.name] = y.shape[0] * y[0, 0].numel()
-        return out
+        obs = self.obs
+        return {c.name: obs.pixels(c.name) for c in cands if obs is not None and c.name in obs.outputs}
 
     def refit(self, replacements, records, cfg: ConvertConfig, pixels, progress=None) -> list[LayerFit]:
         cal = cfg.calibration
-        return refit_pointwise(self.converted, list(replacements), self.obs.outputs, torch.cat(self.batches),
-                               ridge=cal.ridge, steps=cal.steps, lr=cal.lr, als=cal.als, seed=cfg.seed,
-                               progress=progress)
+        return refit_pointwise(self.converted, list(replacements), self.obs.outputs, shape_groups(self.batches),
+                               ridge=cal.ridge, steps=cal.steps, lr=cal.lr, batch_size=cal.batch_size, als=cal.als,
+                               seed=cfg.seed, progress=progress)
 
     # --- latency
 
