@@ -392,7 +392,7 @@ def test_als_through_onnxruntime_beats_the_refit_alone_with_asymmetric_pads(meth
     data = data + 0.05 * torch.randn(data.shape, generator=gen)
     calib, held = data[:64], data[64:]
     ref = OrtModule(load_onnx(proto))(held)
-    kw = dict(input_shapes=(1, 8, 12, 12), calibration=calib, method=method, rank=rank)
+    kw = dict(input_shapes=(1, 8, 12, 12), calibration=calib, method=method, rank=rank, calib_steps=0)
     refit = convert_onnx(proto, calib_als=0, **kw)
     als = convert_onnx(proto, **kw)  # the default: calib_als=10
     for a, b in zip(als.converted, refit.converted):
