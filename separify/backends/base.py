@@ -84,8 +84,7 @@ class Backend(abc.ABC):
     def sensitivity(self, cands: Sequence[Candidate], cal: Calibration) -> tuple[dict[str, float], str | None]:
         """Per candidate, how much an error in its output moves the model's loss
         (:func:`~separify.calibration.sensitivity`, ``cal.loss`` over ``cal.class_dim``, on the first calibration
-        samples), and a warning where some
-        or all could not be measured (those are missing from the dict)."""
+        samples), and a warning where some or all could not be measured (those are missing from the dict)."""
 
     @abc.abstractmethod
     def output_pixels(self, cands: Sequence[Candidate]) -> dict[str, int]:

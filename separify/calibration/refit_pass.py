@@ -57,13 +57,14 @@ def layer_plan(mod: nn.Module, pixels: int, *, als: int, steps: int | None) -> t
 class _RefitPass:
     """The hooks of :func:`refit_pointwise` and what they record, per replacement name."""
 
-    def __init__(self, outputs: dict[str, list[torch.Tensor]], step: Lockstep, *, ridge: float, steps: int,
-                 lr: float, batch_size: int, seed: int, als: int, progress: Callable[[str], None] | None) -> None:
-        self.outputs, self.step, self.ridge, self.steps, self.lr = outputs, step, ridge, steps, lr  # steps: None =
-        # the default per layer (layer_plan)
+    def __init__(self, outputs: dict[str, list[torch.Tensor]], layers: int, step: Lockstep, *, ridge: float,
+                 steps: int | None, lr: float, batch_size: int, seed: int, als: int,
+                 progress: Callable[[str], None] | None) -> None:
+        # steps=None: the default per layer (layer_plan)
+        self.outputs, self.step, self.ridge, self.steps, self.lr = outputs, step, ridge, steps, lr
         self.batch_size, self.seed, self.als, self.progress = batch_size, seed, als, progress
         self.fits: list[LayerFit] = []
-        self.layers = len(outputs)  # how many replacements the pass fits (refit_pointwise sets it)
+        self.layers = layers  # how many replacements the pass fits
         self.entered: set[tuple[int, str]] = set()  # (group, name): first call of the module in each pass
         self.refitted: set[tuple[int, str]] = set()
         self.done: set[str] = set()  # refitted
@@ -175,12 +176,11 @@ def refit_pointwise(
     """
     groups = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
     outputs = {n: [y] if isinstance(y, torch.Tensor) else list(y) for n, y in outputs.items()}
-    step = Lockstep(len(groups))
-    state = _RefitPass(outputs, step, ridge=ridge, steps=steps, lr=lr, batch_size=batch_size, seed=seed, als=als,
-                       progress=progress)
-    handles = []
     names = list(layers)
-    state.layers = len(set(names))
+    step = Lockstep(len(groups))
+    state = _RefitPass(outputs, len(set(names)), step, ridge=ridge, steps=steps, lr=lr, batch_size=batch_size,
+                       seed=seed, als=als, progress=progress)
+    handles = []
     # the refit hooks the last 1×1 conv as a module, which only the default layout calls (the others compute the
     # same function from the same weights), so the replacements run in their default layout meanwhile
     layouts = {name: converted.get_submodule(name).layout for name in names}

@@ -478,14 +478,17 @@ class LatencyPlanner:
         self.where = layer_timer.target.describe(batch_size)
 
     def options(self, rec, conv: nn.Conv2d, input_shapes: Sequence[tuple], ranks: Sequence[int],
-                width_ok: Callable[[int], bool] | None = None) -> dict[int, tuple[str, float]]:
-        """``{rank: (fastest layout, ms)}`` for the ranks measured faster than the dense conv by the margin; with
-        none, the record is skipped with :attr:`~separify.records.Reason.NOT_FASTER` and what was measured. Sets
-        the plan's ``time_before_ms``. A layer called several times is
-        timed at its first call's shape, times the number of calls."""
+                width_ok: Callable[[int], bool] | None = None, *, method: str | None = None,
+                refused: Callable[[str], None] | None = None) -> dict[int, tuple[str, float]]:
+        """``{rank: (fastest layout, ms)}`` of the form ``method`` (default the plan's) for the ranks measured faster
+        than the dense conv by the margin; with none, the record is skipped with
+        :attr:`~separify.records.Reason.NOT_FASTER` and what was measured, or, with ``refused``, that text is
+        handed to it instead (the record stays planned). Sets the plan's ``time_before_ms``. A layer called several
+        times is timed at its first call's shape, times the number of calls."""
+        method = method or rec.method
         if self.on_layer is not None:
             self.on_layer(rec.name)
-        times = self.timer.time(conv, FORMS[rec.method], ranks, input_shapes[0], example_batch=self.example_batch,
+        times = self.timer.time(conv, FORMS[method], ranks, input_shapes[0], example_batch=self.example_batch,
                                 width_ok=width_ok)
         calls = len(input_shapes)
         if calls > 1:
@@ -496,9 +499,12 @@ class LatencyPlanner:
         if not allowed:
             best = times.fastest()
             what = f"rank {best[0]} {best[1]}: {best[2]:.3g} ms" if best else "none"
-            rec.skip_with(Reason.NOT_FASTER, f"no replacement measured faster than the dense conv by "
-                          f"{self.margin:.0%} on {self.where} (dense {times.dense_ms:.3g} ms; fastest {rec.method} "
-                          f"{what})")
+            text = (f"no replacement measured faster than the dense conv by {self.margin:.0%} on {self.where} "
+                    f"(dense {times.dense_ms:.3g} ms; fastest {method} {what})")
+            if refused is None:
+                rec.skip_with(Reason.NOT_FASTER, text)
+            else:
+                refused(text)
         return allowed
 
     def save(self) -> None:

@@ -139,33 +139,26 @@ def _set_fixed(cfg: ConvertConfig, c: Candidate, rank: int, cost: ranks.LayerCos
             plan.layout, plan.time_after_ms = allowed[rank]
 
 
-def _timed(planner, c: Candidate, method: str, grid, width_ok) -> dict[int, tuple[str, float]]:
+def _timed(planner, c: Candidate, method: str, grid, width_ok, refusals: list[str]) -> dict[int, tuple[str, float]]:
     """``{rank: (layout, ms)}`` measured faster for one form; for ``method="auto"`` a form with none faster does
-    not skip the layer (the other form may be faster)."""
+    not skip the layer (the other form may be faster): what was measured goes to ``refusals``."""
     if not c.auto:
         return planner.options(c.record, c.kernel, c.shapes, grid, width_ok)
-    rec, plan = c.record, c.record.plan
-    plan.method = method
-    allowed = planner.options(rec, c.kernel, c.shapes, grid, width_ok)
-    if rec.plan is None:  # none faster in this form
-        c.curves.setdefault("skips", []).append(rec.skip)
-        rec.skip, rec.plan, plan.time_before_ms = None, plan, rec._time_before_ms
-    plan.method = "auto"
-    return allowed
+    return planner.options(c.record, c.kernel, c.shapes, grid, width_ok, method=method, refused=refusals.append)
 
 
 def _options(cfg: ConvertConfig, c: Candidate, fcosts: dict[str, ranks.LayerCost], planner):
     """The allocation's options for one layer, ``(choices, costs, err²)`` with choices ``(method, rank)`` and
     ``None`` = dense, and the measured ``{(method, rank): (layout, ms)}`` under the latency objective; ``None`` where
     the layer has no option (then skipped with the reason)."""
-    choices, costs, err2, timed = [], [], [], {}
+    choices, costs, err2, timed, refusals = [], [], [], {}, []
     for method, cost in fcosts.items():
         saving = cost.saving_ranks()
         if planner is None:
             rs = [int(r) for r in saving]
         else:
             grid = latency.rank_grid(method, saving)
-            allowed = _timed(planner, c, method, grid, _width_ok(cfg, c, cost)) if grid else {}
+            allowed = _timed(planner, c, method, grid, _width_ok(cfg, c, cost), refusals) if grid else {}
             if c.record.plan is None:  # skipped by the planner (one form)
                 return None, {}
             rs = sorted(allowed)
@@ -178,8 +171,7 @@ def _options(cfg: ConvertConfig, c: Candidate, fcosts: dict[str, ranks.LayerCost
         if planner is None or not any(len(cost.saving_ranks()) for cost in fcosts.values()):
             c.record.skip_with(Reason.NO_SAVING, "no FLOPs saved at any rank")
         else:
-            skip = c.curves.get("skips", [None])[-1]
-            c.record.skip_with(skip.code, "neither form: " + skip.text)
+            c.record.skip_with(Reason.NOT_FASTER, "neither form: " + refusals[-1])
         return None, {}
     dense = c.plan.time_before_ms if planner is not None and cfg.selection == "latency" else c.record.flops_before
     return (choices + [None], costs + [dense], np.concatenate(err2 + [np.zeros(1)])), timed

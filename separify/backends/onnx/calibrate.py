@@ -109,14 +109,15 @@ def refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, cal
         if layer_als > 0:
             before = _als(converted, mod, inits, dtype, run_y, batches, fixed, input_name, pixels[name],
                           list(pads[name]), als=layer_als, ridge=cal.ridge, seed=seed, threads=threads)
+        ys = None  # the original layer's outputs per chunk, where the reconstruction read them
         if steps > 0:
-            _reconstruct(converted, mod, inits, dtype, run_y, batches, fixed, input_name, list(pads[name]), cal,
-                         steps=steps, seed=seed, threads=threads)
+            ys = _reconstruct(converted, mod, inits, dtype, run_y, batches, fixed, input_name, list(pads[name]), cal,
+                              steps=steps, seed=seed, threads=threads)
         conv_sess = session(_prefix(converted, [_last_input_name(inits)]), threads=threads)  # after the updates
         fit = PointwiseRefit(mod._last(), name, ridge=cal.ridge)
-        for chunk in _chunks(batches, fixed):
+        for i, chunk in enumerate(_chunks(batches, fixed)):
             z = conv_sess.run([_last_input_name(inits)], {input_name: chunk})[0]
-            fit.add(torch.from_numpy(z).float(), torch.from_numpy(run_y(chunk)).float())
+            fit.add(torch.from_numpy(z).float(), ys[i] if ys is not None else torch.from_numpy(run_y(chunk)).float())
         res = fit.apply()
         _update(inits, mod, dtype)
         notes = [n for n in (skip, res.note) if n]
@@ -126,19 +127,22 @@ def refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, cal
 
 
 def _reconstruct(converted, mod, inits, dtype, run_y, batches, fixed, input_name, p, cal: Calibration, *, steps,
-                 seed, threads) -> None:
+                 seed, threads) -> list[torch.Tensor]:
     """Layer-wise reconstruction (:func:`~separify.calibration.reconstruct.reconstruct`) of one replacement on the
     input the converted model gives it (every earlier layer refitted) and the original layer's outputs, grouped by
     sample shape; the graph's padding (ONNX ``[top, left, bottom, right]``) is applied to the depthwise conv's input,
-    as the graph does. The graph's initializers are updated."""
+    as the graph does. The graph's initializers are updated. Returns the original outputs, one per chunk of
+    ``_chunks(batches, fixed)``, for the refit that follows."""
     x_name = _first_node(inits).inputs[0].name
     sess = session(_prefix(converted, [x_name]), threads=threads)
     xs: dict[tuple, list[torch.Tensor]] = {}
     ys: dict[tuple, list[torch.Tensor]] = {}
+    per_chunk = []
     for chunk in _chunks(batches, fixed):
         key = tuple(chunk.shape[1:])
+        per_chunk.append(torch.from_numpy(run_y(chunk)).float())
         xs.setdefault(key, []).append(torch.from_numpy(sess.run([x_name], {input_name: chunk})[0]).float())
-        ys.setdefault(key, []).append(torch.from_numpy(run_y(chunk)).float())
+        ys.setdefault(key, []).append(per_chunk[-1])
     pad = mod.conv_dw.register_forward_pre_hook(lambda _m, a: (F.pad(a[0], (p[1], p[3], p[0], p[2])),))
     try:
         reconstruct(mod, [torch.cat(v) for v in xs.values()], [torch.cat(v) for v in ys.values()], steps=steps,
@@ -146,6 +150,7 @@ def _reconstruct(converted, mod, inits, dtype, run_y, batches, fixed, input_name
     finally:
         pad.remove()
     _update(inits, mod, dtype)
+    return per_chunk
 
 
 def _first_node(inits):
