@@ -56,14 +56,16 @@ def main() -> None:
     print(f"FLOPs {result.flops_ratio:.3f} of the original; top-1 {accuracy(teacher, test_x, test_y):.3f} → "
           f"{accuracy(student, test_x, test_y):.3f} after calibration")
 
-    # 3. distillation fine-tuning; rerunning with the same checkpoint resumes where it stopped
+    # 3. distillation fine-tuning (learning rate and temperature chosen from the data); rerunning with the same
+    # checkpoint resumes where it stopped
     batches = [(train_x[i : i + 128], train_y[i : i + 128]) for i in range(0, len(train_x), 128)]
-    run = separify.finetune(student, teacher, batches, epochs=1, lr=1e-4, checkpoint="finetune.ckpt",
+    run = separify.finetune(student, teacher, batches, epochs=1, checkpoint="finetune.ckpt",
                             features=result.feature_pairs(), feature_weight=args.feature_weight, progress=True)
     if run.stopped:
         print("fine-tuning stopped early:", run.stopped)
     student.eval()
-    print(f"after {run.steps} fine-tuning steps: top-1 {accuracy(student, test_x, test_y):.3f}")
+    print(f"after {run.steps} fine-tuning steps (lr {run.lr:.2g}, temperature {run.temperature:g}): "
+          f"top-1 {accuracy(student, test_x, test_y):.3f}")
 
     # 4. save: a torch.export program that loads without separify
     save_model(student, args.out, (test_x[:1],))

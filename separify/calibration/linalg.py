@@ -1,10 +1,10 @@
-"""Dense linear-algebra helpers of the calibration fits: a symmetric solve and a Gram product."""
+"""Dense linear-algebra helpers of the calibration fits: a symmetric solve, a Gram product and a squared norm."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["blocked_gram", "spd_solve"]
+__all__ = ["blocked_gram", "spd_solve", "sq_norm"]
 
 
 def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -28,3 +28,9 @@ def blocked_gram(u: torch.Tensor, blocks: int = 4) -> torch.Tensor:
         out[lo:hi, lo:] = row
         out[hi:, lo:hi] = row[:, hi - lo :].T
     return out
+
+
+def sq_norm(t: torch.Tensor) -> float:
+    """``Σ t²`` as a Python float, reduced in ``t``'s own precision (a blocked sum, without the float64 copy of the
+    whole tensor that ``t.double().pow(2).sum()`` makes)."""
+    return float(torch.linalg.vector_norm(t.detach())) ** 2

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from separify.calibration.linalg import sq_norm
+
 __all__ = ["CHECK_SAMPLES", "last_input", "reconstruct"]
 
 #: samples per shape group on which the reconstruction is checked to have lowered the layer's error
@@ -33,7 +35,7 @@ def reconstruct(module: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torc
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr)
     sizes = torch.tensor([float(len(x)) for x in xs])
-    scale = (sum(float(y.double().pow(2).sum()) for y in ys) / sum(y.numel() for y in ys)) or 1e-30
+    scale = (sum(sq_norm(y) for y in ys) / sum(y.numel() for y in ys)) or 1e-30
     try:
         with torch.enable_grad():
             for p in params:
@@ -65,7 +67,7 @@ def _check_loss(module: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torc
     with torch.no_grad():
         for x, y in zip(xs, ys):
             x, y = x[:CHECK_SAMPLES], y[:CHECK_SAMPLES]
-            total += float((module(x) - y.to(x.device)).double().pow(2).sum())
+            total += sq_norm(module(x) - y.to(x.device))
     return total
 
 

@@ -28,6 +28,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from separify.calibration.linalg import sq_norm
+from separify.calibration.memory import reuse_freed_memory
 from separify.core.measure import frozen_mode
 
 __all__ = ["LOSSES", "SAMPLES", "sensitivity", "unweighted_note"]
@@ -79,7 +81,7 @@ def sensitivity(model: nn.Module, targets: dict[str, str], xs: Sequence[torch.Te
             if name in seen or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return None
             seen.add(name)
-            sq[name] += float(output.detach().double().square().sum())
+            sq[name] += sq_norm(output)
             size[name] += output.numel()
             output.register_hook(lambda g: _add(name, g))
             return output.clone()  # later in-place ops (ReLU(inplace=True), out += identity) change the clone
@@ -88,7 +90,7 @@ def sensitivity(model: nn.Module, targets: dict[str, str], xs: Sequence[torch.Te
 
     def _add(name, g):
         reached.add(name)
-        grads[name] += float(g.double().square().sum())
+        grads[name] += sq_norm(g)
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     gen = torch.Generator().manual_seed(seed)
@@ -98,7 +100,7 @@ def sensitivity(model: nn.Module, targets: dict[str, str], xs: Sequence[torch.Te
             p.requires_grad_(False)
         for name, target in targets.items():
             handles.append(model.get_submodule(target).register_forward_hook(hook(name)))
-        with frozen_mode(model), torch.enable_grad():
+        with frozen_mode(model), torch.enable_grad(), reuse_freed_memory():
             for x in xs:
                 seen.clear()
                 outs = _tensors(model(x.detach().clone().requires_grad_(True)))

@@ -74,8 +74,8 @@ def convert(
     finetune: Optional[Path] = opt.FINETUNE_DATA,
     epochs: Optional[int] = opt.EPOCHS,
     steps: Optional[int] = opt.STEPS,
-    lr: float = opt.LR,
-    temperature: float = opt.TEMPERATURE,
+    lr: Optional[float] = opt.LR,
+    temperature: Optional[float] = opt.TEMPERATURE,
     finetune_batch_size: int = opt.FINETUNE_BATCH_SIZE,
     checkpoint: Optional[Path] = opt.CHECKPOINT,
     data: Optional[Path] = opt.data(),
@@ -362,14 +362,17 @@ class FinetuneSettings:
     data: Path | None
     epochs: int | None
     steps: int | None
-    lr: float
-    temperature: float
+    lr: float | None
+    temperature: float | None
     batch_size: int
     checkpoint: Path | None
 
     def check(self) -> None:
         """Refuse bad fine-tuning options before the conversion, not after it."""
-        check_temperature(self.temperature, "--temperature")
+        if self.temperature is not None:
+            check_temperature(self.temperature, "--temperature")
+        if self.lr is not None and not self.lr > 0:
+            raise SeparifyError(f"--lr must be a positive number, got {self.lr}")
         if self.data is None and any(v is not None for v in (self.epochs, self.steps, self.checkpoint)):
             raise SeparifyError("--epochs, --steps and --checkpoint need --finetune DATA")
         if self.data is not None and self.batch_size <= 0:
@@ -394,6 +397,12 @@ def finetune_data(console, teacher, tune: FinetuneSettings, prep):
     return x, y
 
 
+def _settings(res) -> str:
+    """``lr 0.0003 (range test), temperature 2 (from the original's outputs)``: what fine-tuning used."""
+    how = {"lr": " (range test)", "temperature": " (from the original's outputs)"}
+    return ", ".join(f"{k} {getattr(res, k):g}{how[k] if k in res.chosen else ''}" for k in ("lr", "temperature"))
+
+
 def _few(names) -> str:
     return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
 
@@ -408,6 +417,7 @@ def run_finetune(console, tune: FinetuneSettings, seed: int, x, y, *, run) -> No
               temperature=tune.temperature, progress=True)
     if res.losses:
         console.print(f"fine-tuned {res.steps} steps" + (f" (resumed at step {res.resumed_from})"
-                      if res.resumed_from is not None else "") + f": loss {res.losses[0]:.4f} → {res.losses[-1]:.4f}")
+                      if res.resumed_from is not None else "") + f", {_settings(res)}: loss {res.losses[0]:.4f} → "
+                      f"{res.losses[-1]:.4f}")
     if res.stopped:
         console.print(f"[yellow]warning:[/yellow] {escape(res.stopped)}")

@@ -252,11 +252,12 @@ FINETUNE_DATA = typer.Option(None, "--finetune", rich_help_panel=FINETUNE, help=
 EPOCHS = typer.Option(None, "--epochs", rich_help_panel=FINETUNE,
                       help=f"Fine-tuning epochs (default {FINETUNE_EPOCHS} with --finetune).")
 STEPS = typer.Option(None, "--steps", rich_help_panel=FINETUNE, help="Fine-tuning steps, instead of --epochs.")
-LR = typer.Option(FINETUNE_LR, "--lr", rich_help_panel=FINETUNE,
-                  help="Fine-tuning learning rate (AdamW, cosine schedule).")
-TEMPERATURE = typer.Option(FINETUNE_TEMPERATURE, "--temperature", rich_help_panel=FINETUNE, help="Fine-tuning "
-                           "distillation temperature (on the OCR benchmark, a CTC model over 8,210 classes, 1 did "
-                           "much better than 4).")
+LR = typer.Option(FINETUNE_LR, "--lr", rich_help_panel=FINETUNE, show_default=False,
+                  help="Fine-tuning learning rate (AdamW, linear warm-up, cosine decay). Default: chosen by a short "
+                  "learning-rate range test on the fine-tuning data.")
+TEMPERATURE = typer.Option(FINETUNE_TEMPERATURE, "--temperature", rich_help_panel=FINETUNE, show_default=False,
+                           help="Fine-tuning distillation temperature. Default: the highest of 4, 2, 1 at which the "
+                           "original model's softened outputs still give their top class 90% of the probability.")
 FINETUNE_BATCH_SIZE = typer.Option(FINETUNE_BATCH, "--finetune-batch-size", rich_help_panel=FINETUNE,
                                    help="Fine-tuning batch size.")
 CHECKPOINT = typer.Option(None, "--checkpoint", rich_help_panel=FINETUNE, help="Fine-tuning checkpoint file: saved "

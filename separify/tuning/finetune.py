@@ -9,7 +9,9 @@ Loss (Hinton et al. 2015): ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` between 
 layer's output ``t_l`` on the same batch (relative, so layers of any scale count alike). :func:`distillation_loss`
 and :func:`feature_loss` are the same losses for use in your own training loop.
 
-:func:`finetune` runs AdamW with a cosine learning-rate schedule. BatchNorm layers are kept in eval mode (frozen
+:func:`finetune` runs AdamW with a linear warm-up and a cosine decay of the learning rate. Left unset, the learning
+rate comes from a short range test on a copy of the student, and the temperature from the teacher's outputs on the
+first batches (:mod:`~separify.tuning.defaults`). BatchNorm layers are kept in eval mode (frozen
 statistics) unless ``train_bn=True``: the converted model inherits well-calibrated statistics, and small fine-tuning
 batches would only add noise. Checkpoints (atomic, every ``checkpoint_every`` steps) hold the student, the optimizer,
 the step and the position in the data; a call with the same arguments resumes from the checkpoint and, with the same
@@ -22,6 +24,7 @@ good state.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 from contextlib import contextmanager, nullcontext
@@ -36,6 +39,7 @@ from torch import nn
 from separify.errors import SeparifyError
 from separify.core.measure import frozen_mode
 from separify.io.files import atomic_write
+from separify.tuning import defaults
 
 __all__ = ["distillation_loss", "feature_loss", "finetune", "FinetuneResult"]
 
@@ -129,12 +133,16 @@ class _Taps:
 @dataclass
 class FinetuneResult:
     """What :func:`finetune` did: steps run in all, the loss of each step run in this call, where it resumed from,
-    and why it stopped early (``None`` if it ran to the end)."""
+    why it stopped early (``None`` if it ran to the end), and the learning rate and temperature it used (``chosen``:
+    those of them it chose itself, ``"lr"`` and/or ``"temperature"``)."""
 
     steps: int
     losses: list[float] = field(default_factory=list)
     resumed_from: int | None = None
     stopped: str | None = None
+    lr: float | None = None
+    temperature: float | None = None
+    chosen: tuple[str, ...] = ()
 
 
 def check_temperature(value: Any, name: str = "temperature") -> None:
@@ -212,22 +220,23 @@ class _Trainer:
     """The state of one :func:`finetune` run: the models (``model`` is the student, wrapped in
     ``DistributedDataParallel`` when ``world > 1``), AdamW with a cosine schedule over ``total`` steps, the
     position (``step``, ``epoch``, batches of the epoch to ``skip``), the last good state, the feature taps and the
-    progress bar."""
+    progress bar; ``schedule(step)``: the factor of ``lr`` at each step (default: :func:`defaults.schedule`)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, objective: _Objective, *, total: int,
                  device: torch.device, amp: bool, rank: int, world: int, lr: float, weight_decay: float, seed: int,
-                 train_bn: bool, checkpoint_every: int, callback: Callable[[int, float], None] | None) -> None:
+                 train_bn: bool, checkpoint_every: int, callback: Callable[[int, float], None] | None,
+                 schedule: Callable[[int], float] | None = None) -> None:
         self.student, self.teacher, self.objective = student, teacher, objective
         self.total, self.device, self.amp, self.rank, self.world = total, device, amp, rank, world
         self.seed, self.train_bn, self.checkpoint_every, self.callback = seed, train_bn, checkpoint_every, callback
+        self.lr = lr
         self.model: nn.Module = student
         if world > 1 and not isinstance(student, nn.parallel.DistributedDataParallel):
             self.model = nn.parallel.DistributedDataParallel(
                 student, device_ids=[device.index] if device.type == "cuda" else None)
         params = [p for p in student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule or defaults.schedule(total))
         self.step, self.epoch, self.skip = 0, 0, 0
         self.saved_rng: torch.Tensor | None = None  # the random state to continue from, when resuming
         self.result = FinetuneResult(0)
@@ -267,19 +276,20 @@ class _Trainer:
             payload = {"format": CHECKPOINT_FORMAT, "fingerprint": _fingerprint(self.student),
                        "student": self.last_good, "optimizer": self.optimizer.state_dict(),
                        "schedule": self.schedule.state_dict(), "step": self.step, "epoch": self.epoch,
-                       "batch": batch_index, "rng": torch.get_rng_state()}
+                       "batch": batch_index, "rng": torch.get_rng_state(), "lr": self.lr,
+                       "temperature": self.objective.temperature}
             atomic_write(self.ckpt_path, lambda tmp: torch.save(payload, tmp))
         if self.world > 1:
             torch.distributed.barrier()
 
-    def start_progress(self, progress: bool) -> None:
+    def start_progress(self, progress: bool, label: str = "fine-tuning") -> None:
         """A transient progress bar on rank 0, from the current step."""
         if progress and self.rank == 0:
             from rich.progress import Progress
 
             self.bar = Progress(transient=True)
             self.bar.start()
-            self.task = self.bar.add_task("fine-tuning", total=self.total, completed=self.step)
+            self.task = self.bar.add_task(label, total=self.total, completed=self.step)
 
     def set_modes(self) -> None:
         """The student in train mode, its BatchNorm layers in eval mode unless ``train_bn``."""
@@ -327,7 +337,8 @@ class _Trainer:
             self.saved_rng = None
         loss = self._loss(batch)
         if not torch.isfinite(loss):
-            self.student.load_state_dict(self.last_good)
+            if self.last_good is not None:
+                self.student.load_state_dict(self.last_good)
             self.result.stopped = (f"the loss became {float(loss)} at step {self.step + 1}; stopped and restored the "
                                    f"last good state (step {self.last_good_step})")
             return False
@@ -340,7 +351,7 @@ class _Trainer:
         if self.bar is not None:
             self.bar.update(self.task, completed=self.step)
         if self.callback is not None:
-            self.callback(self.step, float(loss))
+            self.callback(self.step, float(loss.detach()))
         if self.step % self.checkpoint_every == 0 or self.step == self.total:
             self.save(index + 1)
         return True
@@ -373,9 +384,10 @@ def finetune(
     *,
     steps: int | None = None,
     epochs: int | None = None,
-    lr: float = 1e-4,
+    lr: float | None = None,
     weight_decay: float = 0.0,
-    temperature: float = 4.0,
+    temperature: float | None = None,
+    warmup: float = defaults.WARMUP,
     alpha: float = 0.9,
     use_labels: bool = True,
     label_loss: LabelLoss | None = None,
@@ -391,15 +403,19 @@ def finetune(
     progress: bool = False,
     callback: Callable[[int, float], None] | None = None,
 ) -> FinetuneResult:
-    """Fine-tune ``student`` by distillation from ``teacher`` (see the module docstring).
+    """Fine-tune ``student`` by distillation from ``teacher`` (module docstring); returns a :class:`FinetuneResult`.
 
     Args:
         student: the converted model; trained in place, and left in the train/eval mode it came in.
         teacher: the original model; only run, in eval mode (its own mode flags are restored), without gradients.
         data: a re-iterable of batches (a list, a ``DataLoader``): tensors, or ``(input, label)`` tuples.
         steps, epochs: how long (give exactly one). ``steps`` cycles through the data as needed.
-        lr, weight_decay: AdamW settings; the learning rate follows a cosine schedule to 0.
+        lr, weight_decay: AdamW settings; the learning rate warms up linearly over the first ``warmup`` fraction
+            of the steps, then follows a cosine to 0. ``lr=None``: chosen by a learning-rate range test on a copy of
+            the student (:mod:`~separify.tuning.defaults`; a tenth of the steps, 16–64, before the run).
         temperature, alpha: distillation loss settings; ``use_labels=False`` ignores labels in the data.
+            ``temperature=None``: the highest of 4, 2, 1 at which the teacher's softened outputs on the first
+            batches still give their top class 90% of the probability on average.
         label_loss: ``label_loss(student_logits, labels)``, the label term instead of the cross-entropy (for labels
             that are not one class per sample, e.g. CTC targets; see :func:`distillation_loss`); under ``amp`` it
             gets bfloat16 logits (cast them up if the loss needs it).
@@ -412,9 +428,6 @@ def finetune(
         device: where to train (default: the student's device). ``amp`` (default: on for CUDA) uses bfloat16
             autocast.
         progress: show a progress bar. ``callback(step, loss)`` is called after every step.
-
-    Returns:
-        :class:`FinetuneResult`.
     """
     total = _total_steps(steps, epochs, data)
     rank, world = _dist()
@@ -423,15 +436,16 @@ def finetune(
     student.to(device)
     teacher.to(device)
     was_training = student.training
-    if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or not feature_weight >= 0:
-        raise SeparifyError(f"feature_weight must be a non-negative number, got {feature_weight!r}")
-    check_temperature(temperature)
-    objective = _Objective(temperature, alpha, class_dim, label_loss, use_labels, feature_weight)
-
+    _check_weights(feature_weight, warmup)
+    chosen = tuple(k for k, v in (("lr", lr), ("temperature", temperature)) if v is None)
+    kw = dict(device=device, amp=amp, rank=rank, world=world, weight_decay=weight_decay, seed=seed,
+              train_bn=train_bn)
+    lr, objective = _settings(student, teacher, data, total, lr, checkpoint, progress,
+                              _Objective(temperature, alpha, class_dim, label_loss, use_labels, feature_weight), kw)
     torch.manual_seed(seed)
-    run = _Trainer(student, teacher, objective, total=total, device=device, amp=amp, rank=rank, world=world, lr=lr,
-                   weight_decay=weight_decay, seed=seed, train_bn=train_bn, checkpoint_every=checkpoint_every,
-                   callback=callback)
+    run = _Trainer(student, teacher, objective, total=total, lr=lr, checkpoint_every=checkpoint_every,
+                   callback=callback, schedule=defaults.schedule(total, warmup), **kw)
+    run.result.lr, run.result.temperature, run.result.chosen = lr, objective.temperature, chosen
     run.resume(checkpoint)
     run.start_progress(progress)
     run.set_modes()
@@ -443,6 +457,102 @@ def finetune(
         run.close()
         student.train(was_training)
     return _finish(run.result, run.step)
+
+
+def _check_weights(feature_weight: Any, warmup: Any) -> None:
+    """Refuse a negative or non-numeric ``feature_weight`` and a ``warmup`` outside [0, 1]."""
+    if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or not feature_weight >= 0:
+        raise SeparifyError(f"feature_weight must be a non-negative number, got {feature_weight!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup <= 1:
+        raise SeparifyError(f"warmup must be a fraction of the steps in [0, 1], got {warmup!r}")
+
+
+def _settings(student: nn.Module, teacher: nn.Module, data: Iterable, total: int, lr: float | None,
+              checkpoint: str | os.PathLike | None, progress: bool, objective: _Objective,
+              kw: dict[str, Any]) -> tuple[float, _Objective]:
+    """The learning rate and the objective with its temperature: as given, else as stored in the checkpoint a run
+    resumes from, else chosen (:func:`_auto_temperature`, :func:`_range_test`)."""
+    saved = _saved_settings(checkpoint)
+    if objective.temperature is None:
+        objective = dataclasses.replace(objective, temperature=saved.get("temperature") or _auto_temperature(
+            teacher, data, objective.class_dim, kw["device"]))
+    else:
+        check_temperature(objective.temperature)
+    if lr is None:
+        lr = saved.get("lr") or _range_test(student, teacher, objective, data, total, progress=progress, **kw)
+    return lr, objective
+
+
+def _saved_settings(checkpoint: str | os.PathLike | None) -> dict[str, float]:
+    """The learning rate and temperature stored in ``checkpoint`` where it exists and holds them (else ``{}``; a
+    bad file is refused later, by :meth:`_Trainer.resume`)."""
+    if checkpoint is None or not Path(checkpoint).exists():
+        return {}
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - resume() says what is wrong with it
+        return {}
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        return {}
+    return {k: float(state[k]) for k in ("lr", "temperature") if state.get(k) is not None}
+
+
+def _first_inputs(data: Iterable, count: int = 4) -> list[torch.Tensor]:
+    """The inputs of the first ``count`` batches of ``data``."""
+    out = []
+    for batch in data:
+        out.append(_split(batch)[0])
+        if len(out) == count:
+            break
+    if not out:
+        raise SeparifyError("the fine-tuning data is empty")
+    return out
+
+
+def _auto_temperature(teacher: nn.Module, data: Iterable, class_dim: int, device: torch.device) -> float:
+    """:func:`defaults.choose_temperature` on the teacher's logits for the first batches (the same on every
+    process)."""
+    with torch.no_grad(), frozen_mode(teacher):
+        logits = [teacher(x.to(device)) for x in _first_inputs(data)]
+    return defaults.choose_temperature(logits, class_dim)
+
+
+class _Diverged(Exception):
+    """The range test's loss diverged: it stops there."""
+
+
+def _range_test(student: nn.Module, teacher: nn.Module, objective: _Objective, data: Iterable, total: int, *,
+                progress: bool, **kw: Any) -> float:
+    """The learning rate of :func:`defaults.lr_from_losses` from a range test (:mod:`~separify.tuning.defaults`) on
+    a copy of ``student`` (itself unchanged), over the first :func:`defaults.range_steps` ``(total)`` batches; under
+    ``torch.distributed``, rank 0's choice for every process."""
+    steps = defaults.range_steps(total)
+    torch.manual_seed(kw["seed"])
+    probe = _Trainer(copy.deepcopy(student), teacher, objective, total=steps, lr=1.0, checkpoint_every=steps + 1,
+                     callback=None, schedule=lambda s: defaults.range_lr(s, steps), **kw)
+
+    def stop_if_diverged(_step: int, _loss: float) -> None:
+        if defaults.diverged(probe.result.losses):
+            raise _Diverged
+
+    probe.callback = stop_if_diverged
+    probe.start_progress(progress, "choosing the learning rate (range test)")
+    probe.set_modes()
+    try:
+        probe.train(data)
+    except _Diverged:
+        pass
+    finally:
+        probe.close()
+    lr = defaults.lr_from_losses(probe.result.losses, steps)
+    if lr is None:
+        raise SeparifyError("the fine-tuning loss was not finite even at the lowest learning rate of the range test "
+                            f"({defaults.RANGE_LOW:g}); give lr=")
+    if kw["world"] > 1:
+        value = torch.tensor([lr], dtype=torch.float64, device=kw["device"])
+        torch.distributed.broadcast(value, src=0)
+        lr = float(value)
+    return lr
 
 
 def _finish(result: FinetuneResult, step: int) -> FinetuneResult:

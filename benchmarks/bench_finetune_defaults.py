@@ -1,0 +1,101 @@
+"""One epoch of fine-tuning at the defaults (learning rate from the range test, temperature from the teacher's
+outputs, warm-up and cosine decay) after a calibrated conversion with the defaults, FLOPs objective.
+
+Run from the repository root (``pip install -e '.[bench]'``; Debian's ``dataset-fashion-mnist`` and
+``fonts-dejavu-core``)::
+
+    python benchmarks/bench_finetune_defaults.py [--models ocr,embedded] [--targets 0.5,0.25] [--method pw-dw-pw]
+        [--old-defaults]
+
+Per network and FLOPs target: ``separify.convert(..., calibration=256 samples)`` then
+``separify.finetune(converted, original, data, epochs=1)`` with nothing else set (``lr`` and ``temperature`` chosen
+by separify), as ``separify convert --finetune DATA`` does; ``--old-defaults`` gives the settings that were the
+defaults before (``lr=1e-4, temperature=4.0, warmup=0.0``: a cosine schedule without warm-up), as a control. Data:
+
+* OCR network (ddddocr ``common.onnx``): calibration on 256 rendered words; fine-tuning on 9,600 other rendered words
+  without labels (distillation only), batch 32 (300 steps); word accuracy on 500 eval strings.
+* embedded FashionResNet: calibration on 256 training images; fine-tuning on 10,000 labeled training images, batch
+  128 (79 steps); top-1 on the 1,000 held-out test images.
+
+A target the whole OCR model cannot reach is replaced by the same fraction of its convertible convs' FLOPs (as in
+``bench_calibration.py``). Times are wall-clock on this machine with nothing else running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import separify
+from _common import write_result
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_accuracy import _fashion_train, embedded_setup, ocr_setup  # noqa: E402
+from bench_calibration import _whole_target  # noqa: E402
+
+warnings.filterwarnings("ignore")
+CALIB = 256
+
+
+def _setup(name: str) -> dict:
+    if name == "embedded":
+        setup = embedded_setup()
+        setup["calib"] = _fashion_train(CALIB)[0]
+        return setup
+    setup = ocr_setup(9600)
+    setup["calib"] = setup["calib"][:CALIB]
+    return setup
+
+
+OLD_DEFAULTS = dict(lr=1e-4, temperature=4.0, warmup=0.0)
+
+
+def _row(setup: dict, method: str, target: float, label: str, settings: dict) -> str:
+    model, evaluate = setup["model"], setup["evaluate"]
+    t0 = time.perf_counter()
+    res = separify.convert(model, example_inputs=setup["example"], objective="flops", method=method, flops=target,
+                           calibration=setup["calib"])
+    convert_s, before = time.perf_counter() - t0, evaluate(res.model)
+    t0 = time.perf_counter()
+    out = separify.finetune(res.model, model, setup["tune"], epochs=1, class_dim=setup["class_dim"], seed=0,
+                            **settings)
+    tune_s = time.perf_counter() - t0
+    res.model.eval()
+    return (f"| {label} | {method} | {res.flops_ratio:.3f} | {before:.3f} ({convert_s:.0f} s) | "
+            f"{out.lr:.2g} | {out.temperature:g} | {out.steps} | **{evaluate(res.model):.3f}** ({tune_s:.0f} s) |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="ocr,embedded")
+    ap.add_argument("--targets", default="0.5,0.25")
+    ap.add_argument("--method", default="pw-dw-pw")
+    ap.add_argument("--old-defaults", action="store_true", help="lr 1e-4, temperature 4, no warm-up (a control)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune_defaults_2026-12-03.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    lines = [f"Command: `python benchmarks/bench_finetune_defaults.py --models {args.models} --targets "
+             f"{args.targets} --method {args.method}{' --old-defaults' if args.old_defaults else ''}`; "
+             f"{torch.get_num_threads()} threads, CPU "
+             f"({platform.processor() or platform.machine()}), torch {torch.__version__}, separify "
+             f"{separify.__version__}."]
+    for name in args.models.split(","):
+        setup = _setup(name)
+        lines += ["", f"### {setup['name']}", "", f"Original: **{setup['evaluate'](setup['model']):.3f}**.", "",
+                  "| target | form | FLOPs after / before | calibrated (convert s) | lr | temperature | "
+                  "steps (1 epoch) | + fine-tune, 1 epoch (s) |", "|---|---|---|---|---|---|---|---|"]
+        for t in (float(t) for t in args.targets.split(",")):
+            whole, label = _whole_target(setup, t)
+            lines.append(_row(setup, args.method, whole, label, OLD_DEFAULTS if args.old_defaults else {}))
+            print(lines[-1], flush=True)
+    write_result(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()

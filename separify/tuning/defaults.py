@@ -1,0 +1,110 @@
+"""Fine-tuning settings chosen from the model and the data: the distillation temperature and the learning rate.
+
+**Temperature.** Distillation at temperature ``T`` trains the student on ``softmax(t/T)`` of the teacher's logits
+``t``. A higher ``T`` shows more of the teacher's ranking of the wrong classes, but over many classes it flattens the
+targets into noise: on the OCR benchmark (8,210 classes per time step) the teacher's largest probability averages
+0.98 at ``T = 1``, 0.84 at ``T = 2`` and 0.08 at ``T = 4`` (at ``T = 4`` its mean perplexity is 5,000 classes). One
+epoch of its fine-tuning from 0.936 word accuracy gave 0.932 at ``T = 2`` and 0.956 at ``T = 1`` (each with the
+range test's learning rate, benchmarks/RESULTS.md). On the 10-class embedded model the largest probability is 0.91,
+0.78 and 0.51. :func:`choose_temperature` takes the highest
+of :data:`TEMPERATURES` at which the tempered teacher still gives its top class at least :data:`TOP_MASS` of the
+probability on average, so the soft targets stay close to the teacher's decisions; both benchmark networks get 1.
+
+**Learning rate.** The range test of Smith (2017) (run by :func:`separify.finetune`): from a copy of the student,
+one step per batch with the learning rate rising geometrically from :data:`RANGE_LOW` to :data:`RANGE_HIGH`, stopped
+where a batch's loss exceeds :data:`DIVERGED` times the lowest smoothed loss so far (:func:`diverged`). The chosen
+rate (:func:`lr_from_losses`) is a tenth of the one that made the loss diverge, within :data:`LR_BOUNDS`. A converted
+model starts close to its teacher, so its loss is flat and noisy until the rate is too high: the lowest point of
+that flat stretch (the usual "a tenth of the rate at the minimum") is noise, the divergence is not. On the OCR
+benchmark it diverges near 2e-3 to 5e-3, and the rates that fine-tune it well are 1e-4 to 6e-4. The training run then
+warms up linearly over its first :data:`WARMUP` of the steps and decays on a cosine to 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["DIVERGED", "LR_BOUNDS", "RANGE_HIGH", "RANGE_LOW", "TEMPERATURES", "TOP_MASS", "WARMUP",
+           "choose_temperature", "diverged", "lr_from_losses", "range_lr", "range_steps", "schedule"]
+
+TEMPERATURES = (4.0, 2.0, 1.0)  # candidates, highest first (Hinton et al. use 1–20; 4 is the common default)
+TOP_MASS = 0.9  # the tempered teacher's mean top-class probability must stay at least this
+RANGE_LOW, RANGE_HIGH = 1e-6, 1e-1  # learning rates swept by the range test
+DIVERGED = 4.0  # the range test stops where a loss exceeds this times the lowest smoothed loss
+LR_BOUNDS = (1e-5, 1e-2)  # the chosen learning rate is clipped to these
+WARMUP = 0.05  # fraction of the steps of linear warm-up
+_SMOOTH = 0.7  # weight of the past in the range test's exponential moving average of the loss
+
+
+def choose_temperature(teacher_logits: Sequence[torch.Tensor], class_dim: int) -> float:
+    """The highest of :data:`TEMPERATURES` at which ``softmax(t / T)`` over ``class_dim`` gives the largest class at
+    least :data:`TOP_MASS` on average over every position of ``teacher_logits`` (module docstring); the lowest
+    where none does."""
+    flat = torch.cat([t.detach().movedim(class_dim, -1).reshape(-1, t.shape[class_dim]).double()
+                      for t in teacher_logits])  # (positions, classes)
+    for temperature in TEMPERATURES:
+        if float(torch.softmax(flat / temperature, -1).amax(-1).mean()) >= TOP_MASS:
+            return temperature
+    return TEMPERATURES[-1]
+
+
+def range_steps(total: int) -> int:
+    """Steps of the range test for a run of ``total`` steps: a tenth of it, within 16–64."""
+    return min(64, max(16, total // 10))
+
+
+def range_lr(step: int, steps: int) -> float:
+    """The learning rate of step ``step`` (0-based) of a range test of ``steps`` steps."""
+    return RANGE_LOW * (RANGE_HIGH / RANGE_LOW) ** (step / max(steps - 1, 1))
+
+
+def _smoothed(losses: Sequence[float]) -> list[float]:
+    """The bias-corrected exponential moving average of ``losses``, up to the first that is not finite."""
+    out, avg = [], 0.0
+    for i, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            break
+        avg = _SMOOTH * avg + (1 - _SMOOTH) * loss
+        out.append(avg / (1 - _SMOOTH ** (i + 1)))
+    return out
+
+
+def _divergence(losses: Sequence[float]) -> int | None:
+    """The index of the first loss that is not finite or exceeds :data:`DIVERGED` times the lowest smoothed loss
+    before it (``None``: none)."""
+    smooth = _smoothed(losses)
+    for i, loss in enumerate(losses):
+        if i >= len(smooth) or (i > 0 and loss > DIVERGED * min(smooth[:i])):
+            return i
+    return None
+
+
+def diverged(losses: Sequence[float]) -> bool:
+    """Whether a range test can stop: its loss diverged (:func:`lr_from_losses`)."""
+    return _divergence(losses) is not None
+
+
+def lr_from_losses(losses: Sequence[float], steps: int) -> float | None:
+    """The chosen learning rate (module docstring) from the losses of a range test of ``steps`` steps, the loss of
+    step ``i`` measured before its update at :func:`range_lr` ``(i)``; ``None`` if the first loss is not finite."""
+    if not losses or not math.isfinite(losses[0]):
+        return None
+    at = _divergence(losses)
+    # loss i shows the updates before it: the rate that made the loss diverge is that of update i − 1 (the last
+    # rate of the sweep where it never did)
+    lr = range_lr((at if at is not None else len(losses)) - 1, steps) / 10
+    return min(max(lr, LR_BOUNDS[0]), LR_BOUNDS[1])
+
+
+def schedule(total: int, warmup: float = WARMUP) -> Callable[[int], float]:
+    """The learning-rate factor of step ``s`` of ``total``: linear warm-up over ``warmup · total`` steps (at least
+    one), then a cosine from 1 to 0."""
+    warm = max(1, round(warmup * total))
+
+    def factor(s: int) -> float:
+        return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+
+    return factor

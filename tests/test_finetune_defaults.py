@@ -1,0 +1,111 @@
+"""Fine-tuning settings chosen from the model and the data: temperature, range-test learning rate, warm-up."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from separify.tuning import defaults
+from separify.tuning.finetune import finetune
+
+from test_finetune import _data, _params, _student, _teacher
+
+
+def _logits(classes: int, margin: float, positions: int = 64) -> torch.Tensor:
+    """``(positions, classes)`` logits whose top class leads every other by ``margin``."""
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(positions, classes, generator=g) * 0.1
+    out[torch.arange(positions), torch.randint(0, classes, (positions,), generator=g)] += margin
+    return out
+
+
+@pytest.mark.parametrize("classes, margin, expected", [
+    pytest.param(10, 20.0, 4.0, id="10-classes-very-confident"),
+    pytest.param(10, 12.0, 2.0, id="10-classes-confident"),
+    pytest.param(8210, 26.0, 2.0, id="8210-classes-very-confident"),
+    pytest.param(8210, 20.0, 1.0, id="8210-classes-confident"),
+    pytest.param(10, 0.0, 1.0, id="undecided-falls-back-to-1"),
+])
+def test_temperature_keeps_the_top_class_on_top(classes, margin, expected):
+    logits = _logits(classes, margin)
+    chosen = defaults.choose_temperature([logits[:32], logits[32:]], class_dim=-1)
+    assert chosen == expected
+    top = torch.softmax(logits.double() / chosen, -1).amax(-1).mean()
+    assert top >= defaults.TOP_MASS or chosen == defaults.TEMPERATURES[-1]
+    higher = [t for t in defaults.TEMPERATURES if t > chosen]
+    for t in higher:  # every higher candidate gives the top class less than TOP_MASS
+        assert torch.softmax(logits.double() / t, -1).amax(-1).mean() < defaults.TOP_MASS
+
+
+def test_temperature_reads_the_class_dim_of_sequence_logits():
+    seq = _logits(8210, 26.0).reshape(4, 16, 8210).transpose(1, 2)  # (B, C, T): classes along dim 1
+    assert defaults.choose_temperature([seq], class_dim=1) == 2.0
+
+
+def test_range_test_picks_a_tenth_of_the_rate_that_made_the_loss_diverge():
+    """A converted model's range test: a flat, noisy loss (a dip included, which must not decide) until the rate
+    reaches 1e-3, then a loss ten times higher."""
+    steps = 40
+    lrs = [defaults.range_lr(i, steps) for i in range(steps)]
+    assert lrs[0] == pytest.approx(defaults.RANGE_LOW) and lrs[-1] == pytest.approx(defaults.RANGE_HIGH)
+    g = torch.Generator().manual_seed(0)
+    losses = [10.0 + float(torch.rand((), generator=g)) * 3 for _ in range(steps)]
+    losses[5] = 4.0  # a lucky batch early on
+    first_bad = next(i for i, lr in enumerate(lrs) if lr >= 1e-3)  # the update that hurts
+    for i in range(first_bad + 1, steps):
+        losses[i] = 100.0
+    assert defaults.lr_from_losses(losses, steps) == pytest.approx(lrs[first_bad] / 10)
+    assert defaults.diverged(losses[: first_bad + 2]) and not defaults.diverged(losses[: first_bad + 1])
+
+
+def test_range_test_bounds_and_non_finite_losses():
+    assert defaults.lr_from_losses([float("nan")], 20) is None
+    assert defaults.lr_from_losses([1.0] * 5 + [float("inf")], 20) == defaults.LR_BOUNDS[0]  # 1e-7, clipped
+    falling = [1.0 / (i + 1) for i in range(64)]  # never diverges: a tenth of the last rate
+    assert defaults.lr_from_losses(falling, 64) == pytest.approx(defaults.RANGE_HIGH / 10)
+    assert defaults.lr_from_losses(falling, 64) <= defaults.LR_BOUNDS[1]
+    assert defaults.range_steps(10) == 16 and defaults.range_steps(300) == 30 and defaults.range_steps(10_000) == 64
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    f = defaults.schedule(100, warmup=0.1)
+    assert f(0) == pytest.approx(0.1) and f(4) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 0.04)))
+    assert max(f(s) for s in range(100)) == pytest.approx(f(9)) and f(100) == pytest.approx(0.0)
+    no_warmup = defaults.schedule(100, warmup=0.0)
+    assert no_warmup(0) == pytest.approx(1.0)
+
+
+def test_finetune_at_defaults_chooses_and_reports_its_settings(tmp_path):
+    teacher, data = _teacher(), _data()
+    student = _student(teacher)
+    start = _params(student).clone()
+    res = finetune(student, teacher, data, steps=12, seed=0, checkpoint=tmp_path / "c.ckpt")
+    assert res.chosen == ("lr", "temperature")
+    assert defaults.LR_BOUNDS[0] <= res.lr <= defaults.LR_BOUNDS[1] and res.temperature in defaults.TEMPERATURES
+    assert not torch.equal(_params(student), start)
+    # resuming keeps the settings the run started with (no new range test), even if the data changed
+    state = torch.load(tmp_path / "c.ckpt", weights_only=True)
+    assert state["lr"] == res.lr and state["temperature"] == res.temperature
+    again = finetune(_student(teacher), teacher, _data(seed=9), steps=16, seed=0, checkpoint=tmp_path / "c.ckpt")
+    assert again.resumed_from == 12 and (again.lr, again.temperature) == (res.lr, res.temperature)
+
+
+def test_the_range_test_leaves_the_student_as_it_was():
+    teacher, data = _teacher(), _data()
+    b = _student(teacher)
+    res = finetune(b, teacher, data, steps=6, seed=0, lr=None, temperature=4.0)
+    assert res.chosen == ("lr",)
+    again = _student(teacher)
+    finetune(again, teacher, data, steps=6, seed=0, lr=res.lr, temperature=4.0)
+    torch.testing.assert_close(_params(again), _params(b), rtol=0, atol=0)  # the same run as with that lr given
+
+
+def test_bad_warmup_is_refused():
+    from separify.errors import SeparifyError
+
+    teacher = _teacher()
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(SeparifyError, match="warmup"):
+            finetune(_student(teacher), teacher, _data(), steps=2, warmup=bad)
