@@ -246,18 +246,12 @@ class _Trainer:
         self.t_taps: _Taps | None = None
         self.bar = self.task = None
 
-    def resume(self, checkpoint: str | os.PathLike | None) -> None:
-        """Load ``checkpoint`` where it exists (student, optimizer, schedule, position, random state), after
-        checking its format and that its parameters match the student; then keep the current state as the last
-        good one."""
+    def resume(self, checkpoint: str | os.PathLike | None, state: dict | None) -> None:
+        """Write to ``checkpoint`` from now on, and resume from its loaded ``state`` (:func:`_load_checkpoint`;
+        ``None``: start afresh) after checking that its parameters match the student: student, optimizer,
+        schedule, position, random state. Then keep the current state as the last good one."""
         self.ckpt_path = path = Path(checkpoint) if checkpoint is not None else None
-        if path is not None and path.exists():
-            try:
-                state = torch.load(path, map_location=self.device, weights_only=True)
-            except Exception as exc:
-                raise SeparifyError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
-            if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-                raise SeparifyError(f"{path} is not a separify fine-tuning checkpoint")
+        if state is not None:
             if [(k, tuple(shape)) for k, shape in state["fingerprint"]] != _fingerprint(self.student):
                 raise SeparifyError(f"{path} is a checkpoint of another model (its parameters do not match)")
             self.student.load_state_dict(state["student"])
@@ -437,16 +431,16 @@ def finetune(
     teacher.to(device)
     was_training = student.training
     _check_weights(feature_weight, warmup)
-    chosen = tuple(k for k, v in (("lr", lr), ("temperature", temperature)) if v is None)
+    state = _load_checkpoint(checkpoint, device)
     kw = dict(device=device, amp=amp, rank=rank, world=world, weight_decay=weight_decay, seed=seed,
               train_bn=train_bn)
-    lr, objective = _settings(student, teacher, data, total, lr, checkpoint, progress,
-                              _Objective(temperature, alpha, class_dim, label_loss, use_labels, feature_weight), kw)
+    objective = _Objective(temperature, alpha, class_dim, label_loss, use_labels, feature_weight)
+    lr, objective, chosen = _settings(student, teacher, data, total, lr, state or {}, progress, objective, kw)
     torch.manual_seed(seed)
     run = _Trainer(student, teacher, objective, total=total, lr=lr, checkpoint_every=checkpoint_every,
                    callback=callback, schedule=defaults.schedule(total, warmup), **kw)
     run.result.lr, run.result.temperature, run.result.chosen = lr, objective.temperature, chosen
-    run.resume(checkpoint)
+    run.resume(checkpoint, state)
     run.start_progress(progress)
     run.set_modes()
     if features and feature_weight > 0:
@@ -468,11 +462,12 @@ def _check_weights(feature_weight: Any, warmup: Any) -> None:
 
 
 def _settings(student: nn.Module, teacher: nn.Module, data: Iterable, total: int, lr: float | None,
-              checkpoint: str | os.PathLike | None, progress: bool, objective: _Objective,
-              kw: dict[str, Any]) -> tuple[float, _Objective]:
-    """The learning rate and the objective with its temperature: as given, else as stored in the checkpoint a run
-    resumes from, else chosen (:func:`_auto_temperature`, :func:`_range_test`)."""
-    saved = _saved_settings(checkpoint)
+              saved: dict, progress: bool, objective: _Objective,
+              kw: dict[str, Any]) -> tuple[float, _Objective, tuple[str, ...]]:
+    """The learning rate, the objective with its temperature, and which of the two were not given: as given, else
+    as stored in the checkpoint state ``saved`` a run resumes from, else chosen (:func:`_auto_temperature`,
+    :func:`_range_test`)."""
+    chosen = tuple(k for k, v in (("lr", lr), ("temperature", objective.temperature)) if v is None)
     if objective.temperature is None:
         objective = dataclasses.replace(objective, temperature=saved.get("temperature") or _auto_temperature(
             teacher, data, objective.class_dim, kw["device"]))
@@ -480,21 +475,22 @@ def _settings(student: nn.Module, teacher: nn.Module, data: Iterable, total: int
         check_temperature(objective.temperature)
     if lr is None:
         lr = saved.get("lr") or _range_test(student, teacher, objective, data, total, progress=progress, **kw)
-    return lr, objective
+    return lr, objective, chosen
 
 
-def _saved_settings(checkpoint: str | os.PathLike | None) -> dict[str, float]:
-    """The learning rate and temperature stored in ``checkpoint`` where it exists and holds them (else ``{}``; a
-    bad file is refused later, by :meth:`_Trainer.resume`)."""
+def _load_checkpoint(checkpoint: str | os.PathLike | None, device: torch.device) -> dict | None:
+    """The state saved in ``checkpoint`` (``None`` where there is no file yet), after checking that it is a
+    readable separify fine-tuning checkpoint."""
     if checkpoint is None or not Path(checkpoint).exists():
-        return {}
+        return None
+    path = Path(checkpoint)
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - resume() says what is wrong with it
-        return {}
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise SeparifyError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        return {}
-    return {k: float(state[k]) for k in ("lr", "temperature") if state.get(k) is not None}
+        raise SeparifyError(f"{path} is not a separify fine-tuning checkpoint")
+    return state
 
 
 def _first_inputs(data: Iterable, count: int = 4) -> list[torch.Tensor]:
