@@ -10,6 +10,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
 import separify
@@ -81,7 +82,8 @@ def test_bfloat16_autocast_trains_and_keeps_float32_weights():
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     teacher, data = _teacher(), _data()
     full = _student(teacher)
-    finetune(full, teacher, data, steps=20, seed=3, checkpoint=tmp_path / "full.ckpt", checkpoint_every=5)
+    uninterrupted = finetune(full, teacher, data, steps=20, seed=3, checkpoint=tmp_path / "full.ckpt",
+                             checkpoint_every=5)
 
     resumed = _student(teacher)
     ckpt = tmp_path / "run.ckpt"
@@ -96,6 +98,52 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     res = finetune(fresh, teacher, data, steps=20, seed=3, checkpoint=ckpt, checkpoint_every=5)
     assert res.resumed_from == 10 and res.steps == 20 and len(res.losses) == 10
     torch.testing.assert_close(_params(fresh), _params(full), rtol=0, atol=0)
+    # the kept state and the agreement checks carry across the interruption
+    assert (res.kept_step, res.scores) == (uninterrupted.kept_step, uninterrupted.scores)
+
+
+def test_keep_best_ends_with_the_state_that_scored_best():
+    """A metric that only falls as training moves the weights: the run ends with the state it started from."""
+    teacher = _teacher(dropout=0.0)
+    student = _student(teacher)
+    start = _params(student).clone()
+    res = finetune(student, teacher, _data(), steps=10, lr=1e-2, seed=0,
+                   evaluate=lambda m: -float((_params(m) - start).abs().sum()))
+    assert res.steps == 10 and [s for s, _ in res.scores] == list(range(11))
+    assert res.kept_step == 0 and res.scores[0][1] == 0.0 and all(v < 0 for _, v in res.scores[1:])
+    torch.testing.assert_close(_params(student), start, rtol=0, atol=0)
+
+
+def test_default_guard_keeps_the_end_unless_it_agrees_less_than_the_start():
+    """Without ``evaluate``, the score is the fraction of samples whose largest class is the teacher's, on the first
+    four batches (then the fraction of positions), and only the end of the run is compared with its start: a run
+    at a far too large learning rate ends where it started, a good one where it ended."""
+    teacher = _teacher(dropout=0.0)
+    data = _data(labels=False)
+    for lr, kept in ((0.5, 0), (5e-3, 12)):
+        student = _student(teacher)
+        start = _params(student).clone()
+        res = finetune(student, teacher, data, steps=12, lr=lr, warmup=0.0, seed=0)
+        assert [s for s, _ in res.scores] == [0, 12] and res.stopped is None and res.kept_step == kept, lr
+        assert (res.scores[1][1] < res.scores[0][1]) == (kept == 0), lr
+        with torch.no_grad():
+            hits = sum(int((student.eval()(x).argmax(1) == teacher(x).argmax(1)).sum()) for x in data[:4])
+        assert hits / 32 == pytest.approx(dict(res.scores)[kept])
+        assert torch.equal(_params(student), start) == (kept == 0), lr
+    off = finetune(_student(teacher), teacher, data, steps=12, lr=0.5, warmup=0.0, seed=0, keep_best=False)
+    assert off.kept_step is None and off.scores == []
+
+
+def test_guard_validation_data_and_metric_errors():
+    teacher = _teacher(dropout=0.0)
+    student = _student(teacher)
+    with pytest.raises(SeparifyError, match="the validation data is empty"):
+        finetune(student, teacher, _data(2), steps=2, validation=[])
+    with pytest.raises(SeparifyError, match="metric returned nan at step 0"):
+        finetune(student, teacher, _data(2), steps=2, evaluate=lambda m: float("nan"))
+    held_out = _data(3, seed=9)  # scored on these instead of the first batches of the training data
+    res = finetune(student, teacher, _data(2), steps=2, validation=held_out)
+    assert [s for s, _ in res.scores] == [0, 2]
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
@@ -117,6 +165,7 @@ def test_non_finite_loss_stops_and_restores_last_good_state():
     res = finetune(student, teacher, data, steps=8, checkpoint_every=2)
     assert res.steps == 3 and "restored the last good state (step 2)" in res.stopped
     assert torch.isfinite(_params(student)).all()
+    assert [s for s, _ in res.scores] == [0, 2]  # the restored state is scored against the start
 
 
 def test_bad_arguments_and_labels():
@@ -272,3 +321,55 @@ def test_feature_taps_keep_outputs_as_returned_despite_later_inplace_ops():
         assert (expected < 0).any()
         torch.testing.assert_close(feature, expected, rtol=0, atol=0)
         assert feature.requires_grad is not detach
+
+
+@pytest.mark.parametrize("class_dim, shape", [(1, (6, 5)), (-1, (6, 7, 5))], ids=["classes", "sequence"])
+def test_hard_term_is_the_cross_entropy_against_the_teachers_decisions(class_dim, shape):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    soft = distillation_loss(s, t, temperature=2.0, class_dim=class_dim)
+    decisions = t.argmax(class_dim)
+    ce = F.cross_entropy(s.movedim(class_dim, 1), decisions, reduction="sum") / shape[0]  # per sample, like the KL
+    got = distillation_loss(s, t, temperature=2.0, class_dim=class_dim, hard=0.3)
+    assert float(got) == pytest.approx(0.7 * float(soft) + 0.3 * float(ce), rel=1e-6)
+
+
+def test_train_converted_trains_only_the_separable_replacements():
+    teacher = _teacher(dropout=0.0)
+    data = _data(labels=False)
+    frozen = {n for n, _ in teacher.named_parameters()} - {"0.weight", "0.bias", "3.weight", "3.bias"}
+    for train, moved in (("converted", False), ("all", True), (None, True)):
+        student = _student(teacher)
+        before = {n: p.detach().clone() for n, p in student.named_parameters()}
+        kw = {"train": train} if train else {}
+        finetune(student, teacher, data, steps=6, lr=1e-2, seed=0, keep_best=False, **kw)
+        after = dict(student.named_parameters())
+        others = [n for n in after if not n.startswith(("0.", "3."))]  # BatchNorm's affine and the linear head
+        assert others and set(others) <= frozen
+        assert any(not torch.equal(after[n], before[n]) for n in others) == moved, train
+        assert any(not torch.equal(after[n], before[n]) for n in after if n.startswith(("0.", "3."))), train
+        assert all(p.requires_grad for p in student.parameters())  # the flags are restored
+    with pytest.raises(SeparifyError, match="train must be 'converted' or 'all'"):
+        finetune(_student(teacher), teacher, data, steps=1, train="head")
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(SeparifyError, match=r"hard must be a weight in \[0, 1\]"):
+            finetune(_student(teacher), teacher, data, steps=1, hard=bad)
+
+
+def test_agreement_counts_whole_sequences_first():
+    """For ``(B, T, C)`` logits a sample agrees only where every step does; positions only break ties. A student
+    right on one whole sequence beats one right on two thirds of the steps of both."""
+    from separify.tuning.finetune import _agreement
+
+    class Fixed(nn.Module):
+        def __init__(self, decisions):
+            super().__init__()
+            self.logits = F.one_hot(torch.tensor(decisions), 4).float()  # (B, T, 4)
+
+        def forward(self, x):
+            return self.logits
+
+    score = _agreement(Fixed([[0, 1, 2], [3, 3, 3]]), [torch.zeros(2, 1)], class_dim=-1)
+    one_whole = score(Fixed([[0, 1, 2], [0, 0, 0]]))
+    most_steps = score(Fixed([[0, 1, 0], [3, 3, 0]]))
+    assert one_whole == (0.5, 0.5) and most_steps == (0.0, pytest.approx(4 / 6)) and one_whole > most_steps

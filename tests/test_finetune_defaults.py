@@ -81,24 +81,33 @@ def test_finetune_at_defaults_chooses_and_reports_its_settings(tmp_path):
     teacher, data = _teacher(), _data()
     student = _student(teacher)
     start = _params(student).clone()
-    res = finetune(student, teacher, data, steps=12, seed=0, checkpoint=tmp_path / "c.ckpt")
-    assert res.chosen == ("lr", "temperature")
+    res = finetune(student, teacher, data, steps=12, seed=0, checkpoint=tmp_path / "c.ckpt", keep_best=False)
+    assert res.chosen == ("lr", "temperature", "hard") and res.hard in (0.0, defaults.HARD)
     assert defaults.LR_BOUNDS[0] <= res.lr <= defaults.LR_BOUNDS[1] and res.temperature in defaults.TEMPERATURES
     assert not torch.equal(_params(student), start)
     # resuming keeps the settings the run started with (no new range test), even if the data changed
     state = torch.load(tmp_path / "c.ckpt", weights_only=True)
-    assert state["lr"] == res.lr and state["temperature"] == res.temperature
-    again = finetune(_student(teacher), teacher, _data(seed=9), steps=16, seed=0, checkpoint=tmp_path / "c.ckpt")
-    assert again.resumed_from == 12 and (again.lr, again.temperature) == (res.lr, res.temperature)
+    assert (state["lr"], state["temperature"], state["hard"]) == (res.lr, res.temperature, res.hard)
+    again = finetune(_student(teacher), teacher, _data(seed=9), steps=16, seed=0, checkpoint=tmp_path / "c.ckpt",
+                     keep_best=False)
+    assert again.resumed_from == 12
+    assert (again.lr, again.temperature, again.hard) == (res.lr, res.temperature, res.hard)
+
+
+@pytest.mark.parametrize("scale, expected", [(20.0, defaults.HARD), (0.5, 0.0)], ids=["confident", "unsure"])
+def test_hard_targets_only_from_a_confident_teacher(scale, expected):
+    """The teacher's decisions become targets only where its top class holds 90% of the probability on average."""
+    logits = torch.randn(64, 7, 10, generator=torch.Generator().manual_seed(0)) * scale  # (B, T, classes)
+    assert defaults.choose_hard([logits[:32], logits[32:]], class_dim=-1) == expected
 
 
 def test_the_range_test_leaves_the_student_as_it_was():
     teacher, data = _teacher(), _data()
     b = _student(teacher)
-    res = finetune(b, teacher, data, steps=6, seed=0, lr=None, temperature=4.0)
+    res = finetune(b, teacher, data, steps=6, seed=0, lr=None, temperature=4.0, hard=0.5)
     assert res.chosen == ("lr",)
     again = _student(teacher)
-    finetune(again, teacher, data, steps=6, seed=0, lr=res.lr, temperature=4.0)
+    finetune(again, teacher, data, steps=6, seed=0, lr=res.lr, temperature=4.0, hard=0.5)
     torch.testing.assert_close(_params(again), _params(b), rtol=0, atol=0)  # the same run as with that lr given
 
 

@@ -398,9 +398,12 @@ def finetune_data(console, teacher, tune: FinetuneSettings, prep):
 
 
 def _settings(res) -> str:
-    """``lr 0.0003 (range test), temperature 2 (from the original's outputs)``: what fine-tuning used."""
-    how = {"lr": " (range test)", "temperature": " (from the original's outputs)"}
-    return ", ".join(f"{k} {getattr(res, k):g}{how[k] if k in res.chosen else ''}" for k in ("lr", "temperature"))
+    """``lr 0.0003 (range test), temperature 2 (from the original's outputs), hard 0.5 (...)``: what fine-tuning
+    used."""
+    how = {"lr": " (range test)", "temperature": " (from the original's outputs)",
+           "hard": " (from the original's outputs)"}
+    return ", ".join(f"{k} {getattr(res, k):g}{how[k] if k in res.chosen else ''}"
+                     for k in ("lr", "temperature", "hard"))
 
 
 def _few(names) -> str:
@@ -419,5 +422,9 @@ def run_finetune(console, tune: FinetuneSettings, seed: int, x, y, *, run) -> No
         console.print(f"fine-tuned {res.steps} steps" + (f" (resumed at step {res.resumed_from})"
                       if res.resumed_from is not None else "") + f", {_settings(res)}: loss {res.losses[0]:.4f} → "
                       f"{res.losses[-1]:.4f}")
+    if res.kept_step == 0 and res.steps > 0 and len(res.scores) > 1:
+        first, last = res.scores[0][1], res.scores[-1][1]
+        console.print(f"[yellow]kept the model as it was before fine-tuning:[/yellow] it agreed with the original on "
+                      f"{first:.1%} of the first fine-tuning batches' samples, the fine-tuned one on {last:.1%}")
     if res.stopped:
         console.print(f"[yellow]warning:[/yellow] {escape(res.stopped)}")

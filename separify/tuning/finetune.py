@@ -9,6 +9,13 @@ Loss (Hinton et al. 2015): ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` between 
 layer's output ``t_l`` on the same batch (relative, so layers of any scale count alike). :func:`distillation_loss`
 and :func:`feature_loss` are the same losses for use in your own training loop.
 
+The distillation term puts weight ``hard`` on the teacher's decisions, ``CE(s, argmax t)``, where the teacher is
+confident. The run ends with the better-scoring of the states it checks (``keep_best``), so that it never leaves
+the student worse than it came in by that score: with ``evaluate(student)`` (a metric on held-out data, higher is
+better, called in eval mode without gradients) the best of the start and :data:`CHECKS` states during the run;
+without it, the start or the end, by the fraction of samples on which the student's largest class is the
+teacher's at every position (a noisy proxy of accuracy, so it is asked only that).
+
 :func:`finetune` runs AdamW with a linear warm-up and a cosine decay of the learning rate. Left unset, the learning
 rate comes from a short range test on a copy of the student, and the temperature from the teacher's outputs on the
 first batches (:mod:`~separify.tuning.defaults`). BatchNorm layers are kept in eval mode (frozen
@@ -44,14 +51,18 @@ from separify.tuning import defaults
 __all__ = ["distillation_loss", "feature_loss", "finetune", "FinetuneResult"]
 
 CHECKPOINT_FORMAT = "separify-finetune-1"
+VALIDATION_BATCHES = 4  # batches of the data that score the student's agreement with the teacher, by default
+CHECKS = 10  # checks of evaluate= in a run, besides the one at the start (the agreement: at the start and the end)
 
 LabelLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student logits, labels) → scalar loss
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
                       *, temperature: float = 4.0, alpha: float = 0.9, class_dim: int = 1,
-                      label_loss: LabelLoss | None = None) -> torch.Tensor:
-    """``α·T²·KL(teacher ‖ student) + (1 − α)·CE(student, labels)`` (just the KL term without labels).
+                      label_loss: LabelLoss | None = None, hard: float = 0.0) -> torch.Tensor:
+    """``α·KD + (1 − α)·CE(student, labels)`` (just ``KD`` without labels), with the distillation term
+    ``KD = (1 − hard)·T²·KL(teacher ‖ student) + hard·CE(student, argmax teacher)``: soft targets at temperature
+    ``T`` mixed with the teacher's decisions as hard labels (Touvron et al. 2021).
 
     Logits are ``(B, C)``, or any shape with the classes along ``class_dim`` (e.g. ``(B, T, C)`` per time step of a
     sequence model with ``class_dim=-1``; the KL is then summed over the other positions and averaged over ``B``);
@@ -62,6 +73,11 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     t = temperature
     kd = F.kl_div(F.log_softmax(student_logits / t, dim=class_dim), F.log_softmax(teacher_logits / t, dim=class_dim),
                   reduction="batchmean", log_target=True) * (t * t)
+    if hard > 0:
+        # cross-entropy against the teacher's decisions, summed over positions and averaged over B like the KL
+        s = student_logits.movedim(class_dim, 1)
+        ce = F.cross_entropy(s, teacher_logits.movedim(class_dim, 1).argmax(1), reduction="sum") / s.shape[0]
+        kd = (1.0 - hard) * kd + hard * ce
     if labels is None:
         return kd
     task = label_loss(student_logits, labels) if label_loss is not None else F.cross_entropy(student_logits, labels)
@@ -130,11 +146,67 @@ class _Taps:
             h.remove()
 
 
+def _agreement(teacher: nn.Module, inputs: Sequence[torch.Tensor],
+               class_dim: int) -> Callable[[nn.Module], tuple[float, float]]:
+    """``score(student)``: the student's agreement with the teacher on ``inputs``, ``(fraction of samples, fraction
+    of positions)`` at which its largest class along ``class_dim`` is the teacher's. A sample agrees where every
+    position does: each sample of ``(B, C)`` logits, the whole sequence of ``(B, T, C)`` ones (one wrong step can
+    change a decoded word). The positions break ties (``(B, C, H, W)`` maps rarely agree everywhere)."""
+    with torch.no_grad(), frozen_mode(teacher):
+        decisions = [teacher(x).argmax(class_dim) for x in inputs]
+    samples = sum(len(d) for d in decisions)
+
+    def score(student: nn.Module) -> float:
+        whole = hits = total = 0
+        for x, decision in zip(inputs, decisions):
+            same = (student(x).argmax(class_dim) == decision).reshape(len(decision), -1)  # (B, positions)
+            whole, hits, total = whole + int(same.all(1).sum()), hits + int(same.sum()), total + same.numel()
+        return whole / samples, hits / max(total, 1)
+
+    return score
+
+
+class _Guard:
+    """Keeps the student's state that scores best: ``score(student)``, a number or a tuple compared in order (higher
+    is better; run without gradients, in eval mode), at the start and every ``every`` steps. Ties go to the later
+    state. The trace holds the first number of each score."""
+
+    def __init__(self, score: Callable[[nn.Module], float | tuple[float, ...]], every: int) -> None:
+        self.score, self.every = score, every
+        self.best_step: int | None = None
+        self.best_score: tuple[float, ...] = (-math.inf,)
+        self.best_state: dict | None = None
+        self.trace: list[tuple[int, float]] = []
+
+    def check(self, student: nn.Module, step: int) -> None:
+        """Score the student at ``step``; keep a copy of its state if it is the best so far."""
+        with torch.no_grad(), frozen_mode(student):
+            value = self.score(student)
+        value = tuple(float(v) for v in value) if isinstance(value, tuple) else (float(value),)
+        if not all(math.isfinite(v) for v in value):
+            raise SeparifyError(f"the fine-tuning metric returned {value[0] if len(value) == 1 else value} at step "
+                                f"{step}")
+        self.trace.append((step, value[0]))
+        if value >= self.best_score:
+            self.best_step, self.best_score = step, value
+            self.best_state = copy.deepcopy(student.state_dict())
+
+    def state(self) -> dict:
+        return {"step": self.best_step, "score": self.best_score, "state": self.best_state, "trace": self.trace}
+
+    def load(self, saved: dict) -> None:
+        self.best_step, self.best_score, self.best_state = saved["step"], tuple(saved["score"]), saved["state"]
+        self.trace = [tuple(t) for t in saved["trace"]]
+
+
 @dataclass
 class FinetuneResult:
-    """What :func:`finetune` did: steps run in all, the loss of each step run in this call, where it resumed from,
-    why it stopped early (``None`` if it ran to the end), and the learning rate and temperature it used (``chosen``:
-    those of them it chose itself, ``"lr"`` and/or ``"temperature"``)."""
+    """What :func:`finetune` did: steps run in all, the loss of each step run in this call, where it resumed from, why
+    it stopped early (``None`` if it ran to the end), and the learning rate, temperature and hard weight it used
+    (``chosen``: those of them it chose itself, ``"lr"``, ``"temperature"``, ``"hard"``). ``scores``: ``(step,
+    score)`` at each check of ``keep_best`` (``evaluate``'s value, or the fraction of validation samples on
+    which the student agrees with the teacher); ``kept_step``: the step whose state the student holds at the end
+    (``steps`` unless an earlier state scored better)."""
 
     steps: int
     losses: list[float] = field(default_factory=list)
@@ -143,6 +215,9 @@ class FinetuneResult:
     lr: float | None = None
     temperature: float | None = None
     chosen: tuple[str, ...] = ()
+    hard: float | None = None
+    scores: list[tuple[int, float]] = field(default_factory=list)
+    kept_step: int | None = None
 
 
 def check_temperature(value: Any, name: str = "temperature") -> None:
@@ -202,6 +277,7 @@ class _Objective:
     label_loss: LabelLoss | None
     use_labels: bool
     feature_weight: float
+    hard: float | None = 0.0
 
     def check_labels(self, y: torch.Tensor | None, t_logits: torch.Tensor) -> None:
         """Class labels ``y (B,)`` must index the teacher's classes (unchecked with a custom ``label_loss``)."""
@@ -213,7 +289,7 @@ class _Objective:
     def distillation(self, s_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """:func:`distillation_loss` of student logits ``s_logits`` against ``t_logits`` (labels ``y`` or None)."""
         return distillation_loss(s_logits, t_logits, y, temperature=self.temperature, alpha=self.alpha,
-                                 class_dim=self.class_dim, label_loss=self.label_loss)
+                                 class_dim=self.class_dim, label_loss=self.label_loss, hard=self.hard)
 
 
 class _Trainer:
@@ -244,6 +320,7 @@ class _Trainer:
         self.last_good, self.last_good_step = None, 0
         self.s_taps: _Taps | None = None
         self.t_taps: _Taps | None = None
+        self.guard: _Guard | None = None
         self.bar = self.task = None
 
     def resume(self, checkpoint: str | os.PathLike | None, state: dict | None) -> None:
@@ -260,7 +337,11 @@ class _Trainer:
             self.step, self.epoch, self.skip = state["step"], state["epoch"], state["batch"]
             self.saved_rng = state["rng"]
             self.result.resumed_from = self.step
+            if self.guard is not None and state.get("best") is not None:
+                self.guard.load(state["best"])
         self.last_good, self.last_good_step = copy.deepcopy(self.student.state_dict()), self.step
+        if self.guard is not None and self.guard.best_step is None:
+            self.guard.check(self.student, self.step)
 
     def save(self, batch_index: int) -> None:
         """Keep the current state as the last good one and write the checkpoint (rank 0; atomic); ``batch_index``:
@@ -271,7 +352,8 @@ class _Trainer:
                        "student": self.last_good, "optimizer": self.optimizer.state_dict(),
                        "schedule": self.schedule.state_dict(), "step": self.step, "epoch": self.epoch,
                        "batch": batch_index, "rng": torch.get_rng_state(), "lr": self.lr,
-                       "temperature": self.objective.temperature}
+                       "temperature": self.objective.temperature, "hard": self.objective.hard,
+                       "best": self.guard.state() if self.guard is not None else None}
             atomic_write(self.ckpt_path, lambda tmp: torch.save(payload, tmp))
         if self.world > 1:
             torch.distributed.barrier()
@@ -297,6 +379,17 @@ class _Trainer:
         """Record the outputs of the student modules (keys) and teacher modules (values) of ``features``."""
         self.s_taps = _Taps(self.student, list(features.keys()), detach=False)
         self.t_taps = _Taps(self.teacher, list(features.values()), detach=True)
+
+    def keep_best(self) -> None:
+        """Load the state the guard kept (if it is not the current one) and record the guard's trace."""
+        if self.guard is None:
+            return
+        at = self.last_good_step if self.result.stopped else self.step  # the state the student holds now
+        if not self.guard.trace or self.guard.trace[-1][0] != at:
+            self.guard.check(self.student, at)
+        if self.guard.best_step != at and self.guard.best_state is not None:
+            self.student.load_state_dict(self.guard.best_state)
+        self.result.kept_step, self.result.scores = self.guard.best_step, list(self.guard.trace)
 
     def close(self) -> None:
         """Remove the taps and stop the progress bar."""
@@ -346,6 +439,8 @@ class _Trainer:
             self.bar.update(self.task, completed=self.step)
         if self.callback is not None:
             self.callback(self.step, float(loss.detach()))
+        if self.guard is not None and (self.step % self.guard.every == 0 or self.step == self.total):
+            self.guard.check(self.student, self.step)
         if self.step % self.checkpoint_every == 0 or self.step == self.total:
             self.save(index + 1)
         return True
@@ -381,6 +476,7 @@ def finetune(
     lr: float | None = None,
     weight_decay: float = 0.0,
     temperature: float | None = None,
+    hard: float | None = None,
     warmup: float = defaults.WARMUP,
     alpha: float = 0.9,
     use_labels: bool = True,
@@ -389,6 +485,7 @@ def finetune(
     features: Mapping[str, str] | None = None,
     feature_weight: float = 0.0,
     train_bn: bool = False,
+    train: str = "all",
     seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
@@ -396,67 +493,119 @@ def finetune(
     amp: bool | None = None,
     progress: bool = False,
     callback: Callable[[int, float], None] | None = None,
+    keep_best: bool = True,
+    validation: Iterable | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``student`` by distillation from ``teacher`` (module docstring); returns a :class:`FinetuneResult`.
 
     Args:
-        student: the converted model; trained in place, and left in the train/eval mode it came in.
-        teacher: the original model; only run, in eval mode (its own mode flags are restored), without gradients.
+        student: the converted model; trained in place, left in the train/eval mode it came in.
+        teacher: the original model; only run, in eval mode (mode flags restored), without gradients.
         data: a re-iterable of batches (a list, a ``DataLoader``): tensors, or ``(input, label)`` tuples.
         steps, epochs: how long (give exactly one). ``steps`` cycles through the data as needed.
-        lr, weight_decay: AdamW settings; the learning rate warms up linearly over the first ``warmup`` fraction
-            of the steps, then follows a cosine to 0. ``lr=None``: chosen by a learning-rate range test on a copy of
-            the student (:mod:`~separify.tuning.defaults`; a tenth of the steps, 16–64, before the run).
-        temperature, alpha: distillation loss settings; ``use_labels=False`` ignores labels in the data.
-            ``temperature=None``: the highest of 4, 2, 1 at which the teacher's softened outputs on the first
-            batches still give their top class 90% of the probability on average.
-        label_loss: ``label_loss(student_logits, labels)``, the label term instead of the cross-entropy (for labels
-            that are not one class per sample, e.g. CTC targets; see :func:`distillation_loss`); under ``amp`` it
-            gets bfloat16 logits (cast them up if the loss needs it).
+        lr, weight_decay: AdamW settings; ``warmup`` fraction of the steps of linear warm-up, then a cosine to 0.
+            ``lr=None``: chosen by a range test on a copy of the student (:mod:`~separify.tuning.defaults`).
+        temperature, alpha, hard: distillation loss settings (:func:`distillation_loss`); ``use_labels=False``
+            ignores labels in the data. ``None``: chosen from the teacher's outputs on the first batches
+            (:func:`~separify.tuning.defaults.choose_temperature`, :func:`~separify.tuning.defaults.choose_hard`).
+        label_loss: ``label_loss(student_logits, labels)`` instead of the cross-entropy (e.g. CTC targets; see
+            :func:`distillation_loss`); under ``amp`` it gets bfloat16 logits (cast them up if the loss needs it).
         class_dim: the class dimension of the model's output (``-1`` for ``(B, T, C)`` sequence logits).
-        features, feature_weight: student module name → teacher module name whose outputs should match (e.g.
-            ``result.feature_pairs()`` from :func:`separify.convert`), and the weight of that term (0: off).
-        train_bn: update BatchNorm statistics (default: frozen).
-        seed: seeds torch's generator at the start and at every epoch (for a ``DataLoader`` that shuffles with it).
+        features, feature_weight: student → teacher module names whose outputs should match (e.g.
+            ``result.feature_pairs()``), and the weight of that term (0: off).
+        train, train_bn: ``"all"`` parameters, or the separable replacements' (``"converted"``, as the ONNX path
+            does; all where there are none), never those not requiring gradients; update BatchNorm statistics.
+        seed: seeds torch at the start and at every epoch (for a ``DataLoader`` that shuffles with it).
         checkpoint: file to save to every ``checkpoint_every`` steps and at the end, and to resume from.
-        device: where to train (default: the student's device). ``amp`` (default: on for CUDA) uses bfloat16
-            autocast.
+        device: where to train (default: the student's). ``amp`` (default: on for CUDA): bfloat16 autocast.
         progress: show a progress bar. ``callback(step, loss)`` is called after every step.
+        keep_best, validation, evaluate: end with the better-scoring state (module docstring): by
+            ``evaluate(student)`` (higher is better) the best of :data:`CHECKS` + 1 states, else the start or the end
+            by the agreement with the teacher on ``validation`` (batches; default: the first batches of ``data``).
     """
     total = _total_steps(steps, epochs, data)
-    rank, world = _dist()
     device = torch.device(device) if device is not None else next(student.parameters()).device
-    amp = (device.type == "cuda") if amp is None else amp
-    student.to(device)
-    teacher.to(device)
-    was_training = student.training
-    _check_weights(feature_weight, warmup)
+    student.to(device), teacher.to(device)
+    _check_weights(feature_weight, warmup, hard)
     state = _load_checkpoint(checkpoint, device)
-    kw = dict(device=device, amp=amp, rank=rank, world=world, weight_decay=weight_decay, seed=seed,
-              train_bn=train_bn)
-    objective = _Objective(temperature, alpha, class_dim, label_loss, use_labels, feature_weight)
-    lr, objective, chosen = _settings(student, teacher, data, total, lr, state or {}, progress, objective, kw)
-    torch.manual_seed(seed)
-    run = _Trainer(student, teacher, objective, total=total, lr=lr, checkpoint_every=checkpoint_every,
-                   callback=callback, schedule=defaults.schedule(total, warmup), **kw)
-    run.result.lr, run.result.temperature, run.result.chosen = lr, objective.temperature, chosen
-    run.resume(checkpoint, state)
-    run.start_progress(progress)
-    run.set_modes()
-    if features and feature_weight > 0:
-        run.tap(features)
-    try:
-        run.train(data)
-    finally:
-        run.close()
-        student.train(was_training)
+    kw = dict(zip(("rank", "world"), _dist()), device=device, amp=(device.type == "cuda") if amp is None else amp,
+              weight_decay=weight_decay, seed=seed, train_bn=train_bn)
+    objective = _Objective(temperature, alpha, class_dim, label_loss, use_labels, feature_weight, hard)
+    guard = _guard(teacher, data, total, evaluate, validation, class_dim, device) if keep_best else None
+    was_training = student.training
+    with _trained_parameters(student, train):
+        lr, objective, chosen = _settings(student, teacher, data, total, lr, state or {}, progress, objective, kw)
+        torch.manual_seed(seed)
+        run = _Trainer(student, teacher, objective, total=total, lr=lr, checkpoint_every=checkpoint_every,
+                       callback=callback, schedule=defaults.schedule(total, warmup), **kw)
+        run.result.lr, run.result.temperature, run.result.chosen = lr, objective.temperature, chosen
+        run.result.hard, run.guard = objective.hard, guard
+        try:
+            _run(run, data, checkpoint, state, progress, features)
+        finally:
+            student.train(was_training)
     return _finish(run.result, run.step)
 
 
-def _check_weights(feature_weight: Any, warmup: Any) -> None:
-    """Refuse a negative or non-numeric ``feature_weight`` and a ``warmup`` outside [0, 1]."""
+def _run(run: _Trainer, data: Iterable, checkpoint: str | os.PathLike | None, state: dict | None, progress: bool,
+         features: Mapping[str, str] | None) -> None:
+    """Resume ``run`` from the checkpoint ``state`` (or start it), train it over ``data``, and end with the state
+    its guard kept."""
+    run.resume(checkpoint, state)
+    run.start_progress(progress)
+    run.set_modes()
+    if features and run.objective.feature_weight > 0:
+        run.tap(features)
+    try:
+        run.train(data)
+        run.keep_best()
+    finally:
+        run.close()
+
+
+def _guard(teacher: nn.Module, data: Iterable, total: int, evaluate: Callable[[nn.Module], float] | None,
+           validation: Iterable | None, class_dim: int, device: torch.device) -> _Guard:
+    """The guard of a run of ``total`` steps: ``evaluate`` at the start and :data:`CHECKS` times, else the agreement
+    with the teacher (:func:`_agreement`) on the inputs of ``validation`` or of the first :data:`VALIDATION_BATCHES`
+    batches of ``data``, at the start and the end only (a noisy proxy picks badly among many states)."""
+    if evaluate is not None:
+        return _Guard(evaluate, every=max(1, math.ceil(total / CHECKS)))
+    inputs = (_first_inputs(validation, None, "validation") if validation is not None
+              else _first_inputs(data, VALIDATION_BATCHES))
+    return _Guard(_agreement(teacher, [x.to(device) for x in inputs], class_dim), every=total)
+
+
+@contextmanager
+def _trained_parameters(student: nn.Module, train: str):
+    """While inside, only the parameters ``train`` names require gradients: ``"converted"``, those of the student's
+    separable replacements (:class:`~separify.core.modules.SeparableConv2d`; every parameter where it has none),
+    ``"all"``, every parameter; either way only among those that required gradients already. Each parameter's flag
+    is restored afterwards."""
+    if train not in ("converted", "all"):
+        raise SeparifyError(f"train must be 'converted' or 'all', got {train!r}")
+    from separify.core.modules import SeparableConv2d
+
+    saved = [(p, p.requires_grad) for p in student.parameters()]
+    replacements = [m for m in student.modules() if isinstance(m, SeparableConv2d)]
+    if train == "converted" and replacements:
+        keep = {id(p) for m in replacements for p in m.parameters()}
+        for p, _ in saved:
+            if id(p) not in keep:
+                p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def _check_weights(feature_weight: Any, warmup: Any, hard: Any) -> None:
+    """Refuse a negative or non-numeric ``feature_weight``, and a ``warmup`` or ``hard`` outside [0, 1]."""
     if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or not feature_weight >= 0:
         raise SeparifyError(f"feature_weight must be a non-negative number, got {feature_weight!r}")
+    if hard is not None and (isinstance(hard, bool) or not isinstance(hard, (int, float)) or not 0 <= hard <= 1):
+        raise SeparifyError(f"hard must be a weight in [0, 1], got {hard!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup <= 1:
         raise SeparifyError(f"warmup must be a fraction of the steps in [0, 1], got {warmup!r}")
 
@@ -464,15 +613,27 @@ def _check_weights(feature_weight: Any, warmup: Any) -> None:
 def _settings(student: nn.Module, teacher: nn.Module, data: Iterable, total: int, lr: float | None,
               saved: dict, progress: bool, objective: _Objective,
               kw: dict[str, Any]) -> tuple[float, _Objective, tuple[str, ...]]:
-    """The learning rate, the objective with its temperature, and which of the two were not given: as given, else
-    as stored in the checkpoint state ``saved`` a run resumes from, else chosen (:func:`_auto_temperature`,
+    """The learning rate, the objective with its temperature and hard weight, and which of the three were not given:
+    as given, else as stored in the checkpoint state ``saved`` a run resumes from, else chosen (from the teacher's
+    outputs on the first batches, :func:`defaults.choose_temperature` and :func:`defaults.choose_hard`;
     :func:`_range_test`)."""
-    chosen = tuple(k for k, v in (("lr", lr), ("temperature", objective.temperature)) if v is None)
+    chosen = tuple(k for k, v in (("lr", lr), ("temperature", objective.temperature), ("hard", objective.hard))
+                   if v is None)
+    logits: list[torch.Tensor] = []  # the teacher's on the first batches, once needed
+
+    def teacher_logits() -> list[torch.Tensor]:
+        if not logits:
+            logits.extend(_teacher_logits(teacher, data, kw["device"]))
+        return logits
+
     if objective.temperature is None:
-        objective = dataclasses.replace(objective, temperature=saved.get("temperature") or _auto_temperature(
-            teacher, data, objective.class_dim, kw["device"]))
+        objective = dataclasses.replace(objective, temperature=saved.get("temperature") or defaults.choose_temperature(
+            teacher_logits(), objective.class_dim))
     else:
         check_temperature(objective.temperature)
+    if objective.hard is None:
+        objective = dataclasses.replace(objective, hard=saved["hard"] if saved.get("hard") is not None
+                                        else defaults.choose_hard(teacher_logits(), objective.class_dim))
     if lr is None:
         lr = saved.get("lr") or _range_test(student, teacher, objective, data, total, progress=progress, **kw)
     return lr, objective, chosen
@@ -493,24 +654,23 @@ def _load_checkpoint(checkpoint: str | os.PathLike | None, device: torch.device)
     return state
 
 
-def _first_inputs(data: Iterable, count: int = 4) -> list[torch.Tensor]:
-    """The inputs of the first ``count`` batches of ``data``."""
+def _first_inputs(data: Iterable, count: int | None = 4, what: str = "fine-tuning") -> list[torch.Tensor]:
+    """The inputs of the first ``count`` batches of ``data`` (``None``: all of them); ``what`` names the data in the
+    message for empty data."""
     out = []
     for batch in data:
         out.append(_split(batch)[0])
         if len(out) == count:
             break
     if not out:
-        raise SeparifyError("the fine-tuning data is empty")
+        raise SeparifyError(f"the {what} data is empty")
     return out
 
 
-def _auto_temperature(teacher: nn.Module, data: Iterable, class_dim: int, device: torch.device) -> float:
-    """:func:`defaults.choose_temperature` on the teacher's logits for the first batches (the same on every
-    process)."""
+def _teacher_logits(teacher: nn.Module, data: Iterable, device: torch.device) -> list[torch.Tensor]:
+    """The teacher's logits for the first batches of ``data`` (the same on every process)."""
     with torch.no_grad(), frozen_mode(teacher):
-        logits = [teacher(x.to(device)) for x in _first_inputs(data)]
-    return defaults.choose_temperature(logits, class_dim)
+        return [teacher(x.to(device)) for x in _first_inputs(data)]
 
 
 class _Diverged(Exception):
