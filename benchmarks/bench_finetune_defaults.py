@@ -60,15 +60,8 @@ def _setup(name: str) -> dict:
     setup = ocr_setup(9600)
     setup["calib"] = setup["calib"][:CALIB]
     x, words = sm.calibration_set(256 + 9600 + 300)  # the 300 strings after the fine-tuning ones
-    setup["validate"] = lambda m: _word_accuracy(sm, m, x[-300:], words[-300:])
+    setup["validate"] = lambda m: sm.word_accuracy(m, x[-300:], words[-300:])
     return setup
-
-
-def _word_accuracy(sm, model, x: torch.Tensor, words: list[str]) -> float:
-    with torch.no_grad():
-        hits = sum(p == w.lower() for k in range(0, len(x), 50)
-                   for p, w in zip(sm.decode(model(x[k:k + 50])), words[k:k + 50]))
-    return hits / len(x)
 
 
 OLD_DEFAULTS = dict(lr=1e-4, temperature=4.0, warmup=0.0, hard=0.0)

@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import second_model as sm  # noqa: E402
 from bench_accuracy import ocr_setup  # noqa: E402
 from bench_calibration import _whole_target  # noqa: E402
-from bench_finetune_defaults import _word_accuracy  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -64,7 +63,7 @@ def main() -> None:
                            calibration=setup["calib"][:256])
     student, first = res.model, setup["tune"][:4]
     x, words = sm.calibration_set(256 + 9600 + 300)  # the 300 strings after the fine-tuning ones
-    validate = lambda m: _word_accuracy(sm, m, x[-300:], words[-300:])  # noqa: E731
+    validate = lambda m: sm.word_accuracy(m, x[-300:], words[-300:])  # noqa: E731
     print(f"{label}; step 0: KL, agreement {_agreement(model, student, first)}; eval {evaluate(student):.3f}; "
           f"validation {validate(student):.3f}", flush=True)
 

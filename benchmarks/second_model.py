@@ -323,16 +323,21 @@ def decode(logits: torch.Tensor) -> list[str]:
     return out
 
 
-def evaluate(model: nn.Module, n: int = 500) -> float:
-    """Word accuracy of ``model`` on the first ``n`` eval strings (see METRIC)."""
-    x, labels = eval_set(n)
+def word_accuracy(model: nn.Module, x: torch.Tensor, labels) -> float:
+    """The fraction of images ``x`` whose greedy decoding by ``model`` (eval mode) is their string in ``labels``."""
     model.eval()
     hits = 0
     with torch.no_grad():
-        for k in range(0, n, BATCH):
+        for k in range(0, len(x), BATCH):
             preds = decode(model(x[k:k + BATCH]))
             hits += sum(p == t for p, t in zip(preds, labels[k:k + BATCH]))
-    return hits / n
+    return hits / len(x)
+
+
+def evaluate(model: nn.Module, n: int = 500) -> float:
+    """Word accuracy of ``model`` on the first ``n`` eval strings (see METRIC)."""
+    x, labels = eval_set(n)
+    return word_accuracy(model, x, labels)
 
 
 if __name__ == "__main__":

@@ -369,7 +369,8 @@ def test_agreement_counts_whole_sequences_first():
         def forward(self, x):
             return self.logits
 
-    score = _agreement(Fixed([[0, 1, 2], [3, 3, 3]]), [torch.zeros(2, 1)], class_dim=-1)
+    inputs = [torch.zeros(2, 1)]
+    score = _agreement(inputs, [Fixed([[0, 1, 2], [3, 3, 3]])(x) for x in inputs], class_dim=-1)
     one_whole = score(Fixed([[0, 1, 2], [0, 0, 0]]))
     most_steps = score(Fixed([[0, 1, 0], [3, 3, 0]]))
     assert one_whole == (0.5, 0.5) and most_steps == (0.0, pytest.approx(4 / 6)) and one_whole > most_steps

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import os
 from contextlib import contextmanager, nullcontext
@@ -51,7 +52,8 @@ from separify.tuning import defaults
 __all__ = ["distillation_loss", "feature_loss", "finetune", "FinetuneResult"]
 
 CHECKPOINT_FORMAT = "separify-finetune-1"
-VALIDATION_BATCHES = 4  # batches of the data that score the student's agreement with the teacher, by default
+VALIDATION_BATCHES = 4  # first batches of the data: the teacher's outputs on them choose the temperature and the
+# hard weight, and by default the student's agreement with the teacher is scored on them
 CHECKS = 10  # checks of evaluate= in a run, besides the one at the start (the agreement: at the start and the end)
 
 LabelLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student logits, labels) → scalar loss
@@ -146,14 +148,14 @@ class _Taps:
             h.remove()
 
 
-def _agreement(teacher: nn.Module, inputs: Sequence[torch.Tensor],
+def _agreement(inputs: Sequence[torch.Tensor], teacher_logits: Sequence[torch.Tensor],
                class_dim: int) -> Callable[[nn.Module], tuple[float, float]]:
-    """``score(student)``: the student's agreement with the teacher on ``inputs``, ``(fraction of samples, fraction
-    of positions)`` at which its largest class along ``class_dim`` is the teacher's. A sample agrees where every
-    position does: each sample of ``(B, C)`` logits, the whole sequence of ``(B, T, C)`` ones (one wrong step can
-    change a decoded word). The positions break ties (``(B, C, H, W)`` maps rarely agree everywhere)."""
-    with torch.no_grad(), frozen_mode(teacher):
-        decisions = [teacher(x).argmax(class_dim) for x in inputs]
+    """``score(student)``: the student's agreement with the teacher (whose logits on ``inputs`` are
+    ``teacher_logits``), ``(fraction of samples, fraction of positions)`` at which its largest class along
+    ``class_dim`` is the teacher's. A sample agrees where every position does: each sample of ``(B, C)`` logits, the
+    whole sequence of ``(B, T, C)`` ones (one wrong step can change a decoded word). The positions break ties
+    (``(B, C, H, W)`` maps rarely agree everywhere)."""
+    decisions = [t.argmax(class_dim) for t in teacher_logits]
     samples = sum(len(d) for d in decisions)
 
     def score(student: nn.Module) -> float:
@@ -315,7 +317,7 @@ class _Trainer:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule or defaults.schedule(total))
         self.step, self.epoch, self.skip = 0, 0, 0
         self.saved_rng: torch.Tensor | None = None  # the random state to continue from, when resuming
-        self.result = FinetuneResult(0)
+        self.result = FinetuneResult(0, lr=lr, temperature=objective.temperature, hard=objective.hard)
         self.ckpt_path: Path | None = None
         self.last_good, self.last_good_step = None, 0
         self.s_taps: _Taps | None = None
@@ -526,54 +528,54 @@ def finetune(
     """
     total = _total_steps(steps, epochs, data)
     device = torch.device(device) if device is not None else next(student.parameters()).device
-    student.to(device), teacher.to(device)
+    student.to(device)
+    teacher.to(device)
     _check_weights(feature_weight, warmup, hard)
     state = _load_checkpoint(checkpoint, device)
     kw = dict(zip(("rank", "world"), _dist()), device=device, amp=(device.type == "cuda") if amp is None else amp,
               weight_decay=weight_decay, seed=seed, train_bn=train_bn)
     objective = _Objective(temperature, alpha, class_dim, label_loss, use_labels, feature_weight, hard)
-    guard = _guard(teacher, data, total, evaluate, validation, class_dim, device) if keep_best else None
+    first = _FirstBatches(teacher, data, device)  # read once, by the settings and the guard, where they need it
+    guard = _guard(first, total, evaluate, validation, class_dim) if keep_best else None
     was_training = student.training
     with _trained_parameters(student, train):
-        lr, objective, chosen = _settings(student, teacher, data, total, lr, state or {}, progress, objective, kw)
+        lr, objective, chosen = _settings(student, first, total, lr, state or {}, progress, objective, kw)
         torch.manual_seed(seed)
         run = _Trainer(student, teacher, objective, total=total, lr=lr, checkpoint_every=checkpoint_every,
                        callback=callback, schedule=defaults.schedule(total, warmup), **kw)
-        run.result.lr, run.result.temperature, run.result.chosen = lr, objective.temperature, chosen
-        run.result.hard, run.guard = objective.hard, guard
-        try:
-            _run(run, data, checkpoint, state, progress, features)
-        finally:
-            student.train(was_training)
+        run.result.chosen, run.guard = chosen, guard
+        _run(run, data, checkpoint, state, progress, features, was_training)
     return _finish(run.result, run.step)
 
 
 def _run(run: _Trainer, data: Iterable, checkpoint: str | os.PathLike | None, state: dict | None, progress: bool,
-         features: Mapping[str, str] | None) -> None:
-    """Resume ``run`` from the checkpoint ``state`` (or start it), train it over ``data``, and end with the state
-    its guard kept."""
-    run.resume(checkpoint, state)
-    run.start_progress(progress)
-    run.set_modes()
-    if features and run.objective.feature_weight > 0:
-        run.tap(features)
+         features: Mapping[str, str] | None, was_training: bool) -> None:
+    """Resume ``run`` from the checkpoint ``state`` (or start it), train it over ``data``, end with the state its
+    guard kept, and leave the student in train mode if ``was_training``."""
     try:
+        run.resume(checkpoint, state)
+        run.start_progress(progress)
+        run.set_modes()
+        if features and run.objective.feature_weight > 0:
+            run.tap(features)
         run.train(data)
         run.keep_best()
     finally:
         run.close()
+        run.student.train(was_training)
 
 
-def _guard(teacher: nn.Module, data: Iterable, total: int, evaluate: Callable[[nn.Module], float] | None,
-           validation: Iterable | None, class_dim: int, device: torch.device) -> _Guard:
+def _guard(first: _FirstBatches, total: int, evaluate: Callable[[nn.Module], float] | None,
+           validation: Iterable | None, class_dim: int) -> _Guard:
     """The guard of a run of ``total`` steps: ``evaluate`` at the start and :data:`CHECKS` times, else the agreement
-    with the teacher (:func:`_agreement`) on the inputs of ``validation`` or of the first :data:`VALIDATION_BATCHES`
-    batches of ``data``, at the start and the end only (a noisy proxy picks badly among many states)."""
+    with the teacher (:func:`_agreement`) on the inputs of ``validation`` or on ``first``, at the start and the end
+    only (a noisy proxy picks badly among many states)."""
     if evaluate is not None:
         return _Guard(evaluate, every=max(1, math.ceil(total / CHECKS)))
-    inputs = (_first_inputs(validation, None, "validation") if validation is not None
-              else _first_inputs(data, VALIDATION_BATCHES))
-    return _Guard(_agreement(teacher, [x.to(device) for x in inputs], class_dim), every=total)
+    if validation is not None:
+        held_out = _FirstBatches(first.teacher, validation, first.device, None, "validation")
+        return _Guard(_agreement(held_out.inputs, held_out.logits, class_dim), every=total)
+    return _Guard(_agreement(first.inputs, first.logits, class_dim), every=total)
 
 
 @contextmanager
@@ -610,32 +612,25 @@ def _check_weights(feature_weight: Any, warmup: Any, hard: Any) -> None:
         raise SeparifyError(f"warmup must be a fraction of the steps in [0, 1], got {warmup!r}")
 
 
-def _settings(student: nn.Module, teacher: nn.Module, data: Iterable, total: int, lr: float | None,
-              saved: dict, progress: bool, objective: _Objective,
-              kw: dict[str, Any]) -> tuple[float, _Objective, tuple[str, ...]]:
+def _settings(student: nn.Module, first: _FirstBatches, total: int, lr: float | None, saved: dict, progress: bool,
+              objective: _Objective, kw: dict[str, Any]) -> tuple[float, _Objective, tuple[str, ...]]:
     """The learning rate, the objective with its temperature and hard weight, and which of the three were not given:
     as given, else as stored in the checkpoint state ``saved`` a run resumes from, else chosen (from the teacher's
-    outputs on the first batches, :func:`defaults.choose_temperature` and :func:`defaults.choose_hard`;
-    :func:`_range_test`)."""
+    outputs on the ``first`` batches, :func:`defaults.choose_temperature` and :func:`defaults.choose_hard`;
+    :func:`_range_test` over ``first.data``)."""
     chosen = tuple(k for k, v in (("lr", lr), ("temperature", objective.temperature), ("hard", objective.hard))
                    if v is None)
-    logits: list[torch.Tensor] = []  # the teacher's on the first batches, once needed
-
-    def teacher_logits() -> list[torch.Tensor]:
-        if not logits:
-            logits.extend(_teacher_logits(teacher, data, kw["device"]))
-        return logits
-
     if objective.temperature is None:
         objective = dataclasses.replace(objective, temperature=saved.get("temperature") or defaults.choose_temperature(
-            teacher_logits(), objective.class_dim))
+            first.logits, objective.class_dim))
     else:
         check_temperature(objective.temperature)
     if objective.hard is None:
         objective = dataclasses.replace(objective, hard=saved["hard"] if saved.get("hard") is not None
-                                        else defaults.choose_hard(teacher_logits(), objective.class_dim))
+                                        else defaults.choose_hard(first.logits, objective.class_dim))
     if lr is None:
-        lr = saved.get("lr") or _range_test(student, teacher, objective, data, total, progress=progress, **kw)
+        lr = saved.get("lr") or _range_test(student, first.teacher, objective, first.data, total, progress=progress,
+                                            **kw)
     return lr, objective, chosen
 
 
@@ -654,23 +649,29 @@ def _load_checkpoint(checkpoint: str | os.PathLike | None, device: torch.device)
     return state
 
 
-def _first_inputs(data: Iterable, count: int | None = 4, what: str = "fine-tuning") -> list[torch.Tensor]:
-    """The inputs of the first ``count`` batches of ``data`` (``None``: all of them); ``what`` names the data in the
-    message for empty data."""
-    out = []
-    for batch in data:
-        out.append(_split(batch)[0])
-        if len(out) == count:
-            break
-    if not out:
-        raise SeparifyError(f"the {what} data is empty")
-    return out
+class _FirstBatches:
+    """The inputs of the first ``count`` batches of ``data`` (``None``: all of them) on ``device``, and the teacher's
+    logits for them (the same on every process), each read once and only when first asked for."""
 
+    def __init__(self, teacher: nn.Module, data: Iterable, device: torch.device,
+                 count: int | None = VALIDATION_BATCHES, what: str = "fine-tuning") -> None:
+        self.teacher, self.data, self.device, self.count, self.what = teacher, data, device, count, what
 
-def _teacher_logits(teacher: nn.Module, data: Iterable, device: torch.device) -> list[torch.Tensor]:
-    """The teacher's logits for the first batches of ``data`` (the same on every process)."""
-    with torch.no_grad(), frozen_mode(teacher):
-        return [teacher(x.to(device)) for x in _first_inputs(data)]
+    @functools.cached_property
+    def inputs(self) -> list[torch.Tensor]:
+        out = []
+        for batch in self.data:
+            out.append(_split(batch)[0].to(self.device))
+            if len(out) == self.count:
+                break
+        if not out:
+            raise SeparifyError(f"the {self.what} data is empty")
+        return out
+
+    @functools.cached_property
+    def logits(self) -> list[torch.Tensor]:
+        with torch.no_grad(), frozen_mode(self.teacher):
+            return [self.teacher(x) for x in self.inputs]
 
 
 class _Diverged(Exception):
