@@ -324,6 +324,8 @@ def test_finetune_from_the_command_line(files, tmp_path):
     assert out.is_file() and ckpt.is_file()
     res = _run(*args[:-2], "--force")  # no checkpoint: starts afresh
     assert res.exit_code == 0, res.output
+    res = _run(*args[:-6], "--steps", "2", "--finetune-batch-size", "2", "--force")  # 32 batches: 4 held out
+    assert res.exit_code == 0 and "4 batches held out for the check" in " ".join(res.stdout.split()), res.output
     _bad(None, files["state"], "-o", tmp_path / "x.pt2", "--arch", ARCH, "--input-shape", SHAPE, "--epochs", "2",
          match="need --finetune")
     bad = tmp_path / "bad.npz"

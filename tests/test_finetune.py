@@ -134,6 +134,44 @@ def test_default_guard_keeps_the_end_unless_it_agrees_less_than_the_start():
     assert off.kept_step is None and off.scores == []
 
 
+def test_default_guard_scores_batches_that_training_never_sees(tmp_path):
+    """With enough data (20 batches or more) the default check's first four batches are held out of training at
+    every epoch, also when the run resumes; with ``evaluate=``, ``validation=`` or less data nothing is held out."""
+    teacher = _teacher(dropout=0.0)
+    data = _data(20, batch=2, labels=False)
+    index = {x.data_ptr(): i for i, x in enumerate(data)}  # training runs on these very tensors (same device)
+    trained: list[int] = []
+
+    def record(module, args):
+        if module.training:
+            trained.append(index[args[0].data_ptr()])
+
+    student = _student(teacher)
+    handle = student.register_forward_pre_hook(record)
+    start = _params(student).clone()
+    res = finetune(student, teacher, data, epochs=2, lr=1e-3, seed=0)
+    assert not torch.equal(_params(student), start) and res.held_out == 4 and res.steps == 32
+    assert sorted(set(trained)) == list(range(4, 20))
+    assert trained.count(4) == 2  # each epoch trains on every batch after the held-out ones
+    handle.remove()
+    ckpt, resumed = tmp_path / "run.ckpt", _student(teacher)
+
+    def interrupt(step, _loss):
+        if step == 21:  # after the checkpoint of step 20, in the second epoch
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(resumed, teacher, data, epochs=2, lr=1e-3, seed=0, checkpoint=ckpt, checkpoint_every=10,
+                 callback=interrupt)
+    again = finetune(resumed, teacher, data, epochs=2, lr=1e-3, seed=0, checkpoint=ckpt, checkpoint_every=10)
+    assert again.resumed_from == 20 and again.steps == 32
+    torch.testing.assert_close(_params(resumed), _params(student), rtol=0, atol=0)
+    for kw in ({"evaluate": lambda m: 0.0}, {"validation": data[:2]}, {"keep_best": False}):
+        assert finetune(_student(teacher), teacher, data, epochs=1, lr=1e-3, **kw).held_out == 0
+    few = finetune(_student(teacher), teacher, data[:19], epochs=1, lr=1e-3)
+    assert few.held_out == 0 and few.steps == 19
+
+
 def test_guard_validation_data_and_metric_errors():
     teacher = _teacher(dropout=0.0)
     student = _student(teacher)

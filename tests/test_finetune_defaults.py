@@ -60,6 +60,22 @@ def test_range_test_picks_a_tenth_of_the_rate_that_made_the_loss_diverge():
     assert defaults.diverged(losses[: first_bad + 2]) and not defaults.diverged(losses[: first_bad + 1])
 
 
+def test_range_test_stops_at_a_sustained_rise_that_no_single_batch_shows(monkeypatch):
+    """Past 1e-3 every loss is 2.5× the flat stretch's, never 4× its lowest smoothed value: the smoothed loss
+    doubling stops the test within a few steps of the rise, where the single-batch rule alone ran to the end."""
+    steps = 40
+    lrs = [defaults.range_lr(i, steps) for i in range(steps)]
+    g = torch.Generator().manual_seed(1)
+    losses = [10.0 + float(torch.rand((), generator=g)) * 3 for _ in range(steps)]
+    first_bad = next(i for i, lr in enumerate(lrs) if lr >= 1e-3)
+    for i in range(first_bad + 1, steps):
+        losses[i] = 30.0
+    chosen = defaults.lr_from_losses(losses, steps)
+    assert lrs[first_bad] / 10 <= chosen <= lrs[first_bad + 3] / 10
+    monkeypatch.setattr(defaults, "DIVERGED_SMOOTH", math.inf)
+    assert defaults.lr_from_losses(losses, steps) == pytest.approx(defaults.RANGE_HIGH / 10)
+
+
 def test_range_test_bounds_and_non_finite_losses():
     assert defaults.lr_from_losses([float("nan")], 20) is None
     assert defaults.lr_from_losses([1.0] * 5 + [float("inf")], 20) == defaults.LR_BOUNDS[0]  # 1e-7, clipped

@@ -421,10 +421,13 @@ def run_finetune(console, tune: FinetuneSettings, seed: int, x, y, *, run) -> No
     if res.losses:
         console.print(f"fine-tuned {res.steps} steps" + (f" (resumed at step {res.resumed_from})"
                       if res.resumed_from is not None else "") + f", {_settings(res)}: loss {res.losses[0]:.4f} → "
-                      f"{res.losses[-1]:.4f}")
+                      f"{res.losses[-1]:.4f}" + (f"; {res.held_out} batches held out for the check"
+                                                 if res.held_out else ""))
     if res.kept_step == 0 and res.steps > 0 and len(res.scores) > 1:
         first, last = res.scores[0][1], res.scores[-1][1]
+        where = (f"the {res.held_out} batches held out of fine-tuning" if res.held_out
+                 else "the first fine-tuning batches")
         console.print(f"[yellow]kept the model as it was before fine-tuning:[/yellow] it agreed with the original on "
-                      f"{first:.1%} of the first fine-tuning batches' samples, the fine-tuned one on {last:.1%}")
+                      f"{first:.1%} of the samples of {where}, the fine-tuned one on {last:.1%}")
     if res.stopped:
         console.print(f"[yellow]warning:[/yellow] {escape(res.stopped)}")

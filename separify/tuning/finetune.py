@@ -14,7 +14,9 @@ confident. The run ends with the better-scoring of the states it checks (``keep_
 the student worse than it came in by that score: with ``evaluate(student)`` (a metric on held-out data, higher is
 better, called in eval mode without gradients) the best of the start and :data:`CHECKS` states during the run;
 without it, the start or the end, by the fraction of samples on which the student's largest class is the
-teacher's at every position (a noisy proxy of accuracy, so it is asked only that).
+teacher's at every position (a noisy proxy of accuracy, so it is asked only that), on ``validation`` or else on the
+first :data:`VALIDATION_BATCHES` batches of the data, which training then skips (:func:`_held_out`), so that the
+check does not score the student on batches it was trained on.
 
 :func:`finetune` runs AdamW with a linear warm-up and a cosine decay of the learning rate. Left unset, the learning
 rate comes from a short range test on a copy of the student, and the temperature from the teacher's outputs on the
@@ -53,7 +55,8 @@ __all__ = ["distillation_loss", "feature_loss", "finetune", "FinetuneResult"]
 
 CHECKPOINT_FORMAT = "separify-finetune-1"
 VALIDATION_BATCHES = 4  # first batches of the data: the teacher's outputs on them choose the temperature and the
-# hard weight, and by default the student's agreement with the teacher is scored on them
+# hard weight, and by default the student's agreement with the teacher is scored on them (held out of training)
+HOLD_MIN_BATCHES = 5 * VALIDATION_BATCHES  # data with fewer batches is too small to hold any out
 CHECKS = 10  # checks of evaluate= in a run, besides the one at the start (the agreement: at the start and the end)
 
 LabelLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student logits, labels) → scalar loss
@@ -208,7 +211,8 @@ class FinetuneResult:
     (``chosen``: those of them it chose itself, ``"lr"``, ``"temperature"``, ``"hard"``). ``scores``: ``(step,
     score)`` at each check of ``keep_best`` (``evaluate``'s value, or the fraction of validation samples on
     which the student agrees with the teacher); ``kept_step``: the step whose state the student holds at the end
-    (``steps`` unless an earlier state scored better)."""
+    (``steps`` unless an earlier state scored better); ``held_out``: the batches at the start of each epoch that
+    training skipped, the default check's validation batches (0: none held out)."""
 
     steps: int
     losses: list[float] = field(default_factory=list)
@@ -220,6 +224,7 @@ class FinetuneResult:
     hard: float | None = None
     scores: list[tuple[int, float]] = field(default_factory=list)
     kept_step: int | None = None
+    held_out: int = 0
 
 
 def check_temperature(value: Any, name: str = "temperature") -> None:
@@ -252,9 +257,9 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def _total_steps(steps: int | None, epochs: int | None, data: Iterable) -> int:
-    """The number of optimizer steps: ``steps``, or ``epochs × len(data)``; refuses anything but exactly one
-    positive integer of the two, empty data, and ``epochs`` for data without a length."""
+def _total_steps(steps: int | None, epochs: int | None, data: Iterable, hold: int = 0) -> int:
+    """The number of optimizer steps: ``steps``, or ``epochs × (len(data) − hold)``; refuses anything but exactly
+    one positive integer of the two, empty data, and ``epochs`` for data without a length."""
     if (steps is None) == (epochs is None):
         raise SeparifyError("finetune needs exactly one of steps and epochs")
     for name, value in (("steps", steps), ("epochs", epochs)):
@@ -265,7 +270,19 @@ def _total_steps(steps: int | None, epochs: int | None, data: Iterable) -> int:
         raise SeparifyError("the fine-tuning data is empty")
     if epochs is not None and batches_per_epoch is None:
         raise SeparifyError("epochs needs data with a length (a list or a DataLoader); give steps instead")
-    return steps if steps is not None else epochs * batches_per_epoch
+    return steps if steps is not None else epochs * (batches_per_epoch - hold)
+
+
+def _held_out(data: Iterable, keep_best: bool, evaluate: Any, validation: Any) -> int:
+    """How many batches at the start of each epoch training skips: the default check's :data:`VALIDATION_BATCHES`
+    (keep_best without ``evaluate`` or ``validation``), where the data has at least :data:`HOLD_MIN_BATCHES`
+    batches or no length (a stream); else 0, and the check scores batches the student also trains on. A
+    ``DataLoader`` that reshuffles at every epoch shows those samples to the later epochs: give ``validation=`` for
+    a set held out of all of them."""
+    if not keep_best or evaluate is not None or validation is not None:
+        return 0
+    size = len(data) if hasattr(data, "__len__") else None
+    return VALIDATION_BATCHES if size is None or size >= HOLD_MIN_BATCHES else 0
 
 
 @dataclass(frozen=True)
@@ -316,6 +333,7 @@ class _Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule or defaults.schedule(total))
         self.step, self.epoch, self.skip = 0, 0, 0
+        self.hold = 0  # batches at the start of every epoch that are not trained on (the guard's validation)
         self.saved_rng: torch.Tensor | None = None  # the random state to continue from, when resuming
         self.result = FinetuneResult(0, lr=lr, temperature=objective.temperature, hard=objective.hard)
         self.ckpt_path: Path | None = None
@@ -407,14 +425,15 @@ class _Trainer:
             torch.manual_seed(self.seed + self.epoch)  # a DataLoader shuffling with it repeats its order
             index = -1
             for index, batch in enumerate(data):
-                if index < self.skip:
+                if index < max(self.skip, self.hold):
                     continue
                 if self.step >= self.total:
                     break
                 if not self._train_step(batch, index):
                     return
-            if index == -1:
-                raise SeparifyError("the fine-tuning data is empty")
+            if index < self.hold:
+                raise SeparifyError("the fine-tuning data is empty" if index == -1 else
+                                    f"the fine-tuning data has only the {index + 1} batch(es) held out for checking")
             if self.step < self.total:
                 self.epoch, self.skip = self.epoch + 1, 0
 
@@ -524,9 +543,11 @@ def finetune(
         progress: show a progress bar. ``callback(step, loss)`` is called after every step.
         keep_best, validation, evaluate: end with the better-scoring state (module docstring): by
             ``evaluate(student)`` (higher is better) the best of :data:`CHECKS` + 1 states, else the start or the end
-            by the agreement with the teacher on ``validation`` (batches; default: the first batches of ``data``).
+            by the agreement with the teacher on ``validation`` (batches; default: the first batches of ``data``,
+            held out of training where it has enough, :func:`_held_out`; ``epochs=1`` then trains ``len(data) − 4``).
     """
-    total = _total_steps(steps, epochs, data)
+    hold = _held_out(data, keep_best, evaluate, validation)
+    total = _total_steps(steps, epochs, data, hold)
     device = torch.device(device) if device is not None else next(student.parameters()).device
     student.to(device)
     teacher.to(device)
@@ -535,7 +556,7 @@ def finetune(
     kw = dict(zip(("rank", "world"), _dist()), device=device, amp=(device.type == "cuda") if amp is None else amp,
               weight_decay=weight_decay, seed=seed, train_bn=train_bn)
     objective = _Objective(temperature, alpha, class_dim, label_loss, use_labels, feature_weight, hard)
-    first = _FirstBatches(teacher, data, device)  # read once, by the settings and the guard, where they need it
+    first = _FirstBatches(teacher, data, device, seed=seed)  # read once, by the settings and the guard
     guard = _guard(first, total, evaluate, validation, class_dim) if keep_best else None
     was_training = student.training
     with _trained_parameters(student, train):
@@ -543,7 +564,7 @@ def finetune(
         torch.manual_seed(seed)
         run = _Trainer(student, teacher, objective, total=total, lr=lr, checkpoint_every=checkpoint_every,
                        callback=callback, schedule=defaults.schedule(total, warmup), **kw)
-        run.result.chosen, run.guard = chosen, guard
+        run.result.chosen, run.result.held_out, run.guard, run.hold = chosen, hold, guard, hold
         _run(run, data, checkpoint, state, progress, features, was_training)
     return _finish(run.result, run.step)
 
@@ -651,19 +672,25 @@ def _load_checkpoint(checkpoint: str | os.PathLike | None, device: torch.device)
 
 class _FirstBatches:
     """The inputs of the first ``count`` batches of ``data`` (``None``: all of them) on ``device``, and the teacher's
-    logits for them (the same on every process), each read once and only when first asked for."""
+    logits for them (the same on every process), each read once and only when first asked for. With ``seed``, read
+    with torch seeded by it, as training's first epoch reads them (a ``DataLoader`` that shuffles with torch's random
+    state then yields the same first batches), without changing torch's random state."""
 
     def __init__(self, teacher: nn.Module, data: Iterable, device: torch.device,
-                 count: int | None = VALIDATION_BATCHES, what: str = "fine-tuning") -> None:
+                 count: int | None = VALIDATION_BATCHES, what: str = "fine-tuning", seed: int | None = None) -> None:
         self.teacher, self.data, self.device, self.count, self.what = teacher, data, device, count, what
+        self.seed = seed
 
     @functools.cached_property
     def inputs(self) -> list[torch.Tensor]:
         out = []
-        for batch in self.data:
-            out.append(_split(batch)[0].to(self.device))
-            if len(out) == self.count:
-                break
+        with torch.random.fork_rng(devices=[]):
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+            for batch in self.data:
+                out.append(_split(batch)[0].to(self.device))
+                if len(out) == self.count:
+                    break
         if not out:
             raise SeparifyError(f"the {self.what} data is empty")
         return out
