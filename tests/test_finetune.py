@@ -172,6 +172,44 @@ def test_default_guard_scores_batches_that_training_never_sees(tmp_path):
     assert few.held_out == 0 and few.steps == 19
 
 
+def test_held_out_batches_are_those_a_shuffling_loader_yields_first():
+    """A shuffling DataLoader: the check scores the first four batches of training's first epoch (torch seeded as
+    training seeds it), so no sample it scores is trained on in that epoch."""
+    teacher = _teacher(dropout=0.0)
+    x = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    x[:, 0, 0, 0] = torch.arange(40.0) + 1000  # a marker per sample
+    loader = torch.utils.data.DataLoader(x, batch_size=2, shuffle=True)
+    trained: set[int] = set()
+    checked: set[int] = set()  # the student runs in eval mode only for the check
+
+    def record(module, args):
+        (trained if module.training else checked).update(int(v) - 1000 for v in args[0][:, 0, 0, 0])
+
+    student = _student(teacher)
+    student.register_forward_pre_hook(record)
+    torch.manual_seed(123)  # whatever the state before the call: the check reads as epoch 0 does
+    res = finetune(student, teacher, loader, epochs=1, lr=1e-3, seed=5)
+    torch.manual_seed(5)  # training's epoch 0: seed + 0
+    scored = {int(v) - 1000 for _, batch in zip(range(4), loader) for v in batch[:, 0, 0, 0]}
+    assert res.held_out == 4 and res.steps == 16 and len(scored) == 8
+    assert checked == scored and trained == set(range(40)) - scored
+
+
+def test_a_checkpoint_keeps_the_held_out_count_it_was_saved_with(tmp_path):
+    """Resuming adopts the checkpoint's count (0 for a checkpoint without one), so the run's length and the
+    batches it skips do not change under it."""
+    teacher = _teacher(dropout=0.0)
+    data, ckpt = _data(20, batch=2, labels=False), tmp_path / "run.ckpt"
+    finetune(_student(teacher), teacher, data, steps=4, lr=1e-3, checkpoint=ckpt, checkpoint_every=2)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["hold"] == 4
+    del state["hold"]  # as written before the count was saved
+    state["step"] = 2
+    torch.save(state, ckpt)
+    res = finetune(_student(teacher), teacher, data, epochs=1, lr=1e-3, checkpoint=ckpt, checkpoint_every=2)
+    assert res.held_out == 0 and res.resumed_from == 2 and res.steps == 20
+
+
 def test_guard_validation_data_and_metric_errors():
     teacher = _teacher(dropout=0.0)
     student = _student(teacher)

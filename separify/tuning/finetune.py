@@ -15,8 +15,9 @@ the student worse than it came in by that score: with ``evaluate(student)`` (a m
 better, called in eval mode without gradients) the best of the start and :data:`CHECKS` states during the run;
 without it, the start or the end, by the fraction of samples on which the student's largest class is the
 teacher's at every position (a noisy proxy of accuracy, so it is asked only that), on ``validation`` or else on the
-first :data:`VALIDATION_BATCHES` batches of the data, which training then skips (:func:`_held_out`), so that the
-check does not score the student on batches it was trained on.
+first :data:`VALIDATION_BATCHES` batches of the data, which training then skips where the data has enough
+(:func:`_held_out`), so that the check does not score the student on batches it was trained on (a reshuffling
+``DataLoader`` shows them to later epochs).
 
 :func:`finetune` runs AdamW with a linear warm-up and a cosine decay of the learning rate. Left unset, the learning
 rate comes from a short range test on a copy of the student, and the temperature from the teacher's outputs on the
@@ -212,7 +213,8 @@ class FinetuneResult:
     score)`` at each check of ``keep_best`` (``evaluate``'s value, or the fraction of validation samples on
     which the student agrees with the teacher); ``kept_step``: the step whose state the student holds at the end
     (``steps`` unless an earlier state scored better); ``held_out``: the batches at the start of each epoch that
-    training skipped, the default check's validation batches (0: none held out)."""
+    training skipped, the default check's validation batches (0: none held out; see :func:`_held_out` for when
+    the student may still have seen their samples)."""
 
     steps: int
     losses: list[float] = field(default_factory=list)
@@ -265,7 +267,7 @@ def _total_steps(steps: int | None, epochs: int | None, data: Iterable, hold: in
     for name, value in (("steps", steps), ("epochs", epochs)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise SeparifyError(f"{name} must be a positive integer, got {value!r}")
-    batches_per_epoch = len(data) if hasattr(data, "__len__") else None
+    batches_per_epoch = _length(data)
     if batches_per_epoch == 0:
         raise SeparifyError("the fine-tuning data is empty")
     if epochs is not None and batches_per_epoch is None:
@@ -273,15 +275,27 @@ def _total_steps(steps: int | None, epochs: int | None, data: Iterable, hold: in
     return steps if steps is not None else epochs * (batches_per_epoch - hold)
 
 
-def _held_out(data: Iterable, keep_best: bool, evaluate: Any, validation: Any) -> int:
+def _length(data: Iterable) -> int | None:
+    """``len(data)``, ``None`` where it has none (a generator; a ``DataLoader`` over an ``IterableDataset``)."""
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _held_out(data: Iterable, keep_best: bool, evaluate: Any, validation: Any, saved: dict | None = None) -> int:
     """How many batches at the start of each epoch training skips: the default check's :data:`VALIDATION_BATCHES`
     (keep_best without ``evaluate`` or ``validation``), where the data has at least :data:`HOLD_MIN_BATCHES`
-    batches or no length (a stream); else 0, and the check scores batches the student also trains on. A
-    ``DataLoader`` that reshuffles at every epoch shows those samples to the later epochs: give ``validation=`` for
-    a set held out of all of them."""
+    batches or no length (a stream; one of fewer than 5 batches is then refused when training reaches its end);
+    else 0, and the check scores batches the student also trains on. A run resuming from the checkpoint state
+    ``saved`` keeps the count it was saved with (0 for checkpoints that predate it). A ``DataLoader`` that reshuffles
+    at every epoch shows the held-out samples to the later epochs (and ``steps`` that cycle the data, to the later
+    passes): give ``validation=`` for a set held out of all of them."""
+    if saved is not None:
+        return int(saved.get("hold", 0))
     if not keep_best or evaluate is not None or validation is not None:
         return 0
-    size = len(data) if hasattr(data, "__len__") else None
+    size = _length(data)
     return VALIDATION_BATCHES if size is None or size >= HOLD_MIN_BATCHES else 0
 
 
@@ -371,7 +385,7 @@ class _Trainer:
             payload = {"format": CHECKPOINT_FORMAT, "fingerprint": _fingerprint(self.student),
                        "student": self.last_good, "optimizer": self.optimizer.state_dict(),
                        "schedule": self.schedule.state_dict(), "step": self.step, "epoch": self.epoch,
-                       "batch": batch_index, "rng": torch.get_rng_state(), "lr": self.lr,
+                       "batch": batch_index, "hold": self.hold, "rng": torch.get_rng_state(), "lr": self.lr,
                        "temperature": self.objective.temperature, "hard": self.objective.hard,
                        "best": self.guard.state() if self.guard is not None else None}
             atomic_write(self.ckpt_path, lambda tmp: torch.save(payload, tmp))
@@ -433,7 +447,8 @@ class _Trainer:
                     return
             if index < self.hold:
                 raise SeparifyError("the fine-tuning data is empty" if index == -1 else
-                                    f"the fine-tuning data has only the {index + 1} batch(es) held out for checking")
+                                    f"the fine-tuning data has only the {index + 1} batch(es) held out for checking"
+                                    "; give more data, validation= or evaluate=, or keep_best=False")
             if self.step < self.total:
                 self.epoch, self.skip = self.epoch + 1, 0
 
@@ -546,13 +561,13 @@ def finetune(
             by the agreement with the teacher on ``validation`` (batches; default: the first batches of ``data``,
             held out of training where it has enough, :func:`_held_out`; ``epochs=1`` then trains ``len(data) − 4``).
     """
-    hold = _held_out(data, keep_best, evaluate, validation)
-    total = _total_steps(steps, epochs, data, hold)
     device = torch.device(device) if device is not None else next(student.parameters()).device
+    state = _load_checkpoint(checkpoint, device)
+    hold = _held_out(data, keep_best, evaluate, validation, state)
+    total = _total_steps(steps, epochs, data, hold)
     student.to(device)
     teacher.to(device)
     _check_weights(feature_weight, warmup, hard)
-    state = _load_checkpoint(checkpoint, device)
     kw = dict(zip(("rank", "world"), _dist()), device=device, amp=(device.type == "cuda") if amp is None else amp,
               weight_decay=weight_decay, seed=seed, train_bn=train_bn)
     objective = _Objective(temperature, alpha, class_dim, label_loss, use_labels, feature_weight, hard)
@@ -686,7 +701,7 @@ class _FirstBatches:
         out = []
         with torch.random.fork_rng(devices=[]):
             if self.seed is not None:
-                torch.manual_seed(self.seed)
+                torch.default_generator.manual_seed(self.seed)  # the CPU generator, which fork_rng restores
             for batch in self.data:
                 out.append(_split(batch)[0].to(self.device))
                 if len(out) == self.count:
