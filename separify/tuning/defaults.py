@@ -13,15 +13,16 @@ probability on average, so the soft targets stay close to the teacher's decision
 **Learning rate.** The range test of Smith (2017) (run by :func:`separify.finetune`): from a copy of the student,
 one step per batch with the learning rate rising geometrically from :data:`RANGE_LOW` to :data:`RANGE_HIGH`, stopped
 where the loss diverges (:func:`diverged`): a batch's loss exceeds :data:`DIVERGED` times the lowest smoothed loss
-so far, or the smoothed loss itself exceeds :data:`DIVERGED_SMOOTH` times its lowest two steps in a row (a sustained
-rise, which noisy single batches may not show in time). The chosen rate (:func:`lr_from_losses`) is a tenth of the one that made the loss
-diverge, within :data:`LR_BOUNDS`. A converted model starts close to its teacher, so its loss is flat and noisy until
-the rate is too high: the lowest point of that flat stretch (the usual "a tenth of the rate at the minimum") is
-noise, the divergence is not. On the OCR benchmark the loss is flat and noisy (3–8 per batch) up to about 3e-3 and
-rises above it (12 at 4e-3–9e-3); the single-batch rule alone stopped at 6e-3 in one run and at 2e-2 in another
-that differed only in the number of steps (30 against 29: 4.2e-4 against 1.3e-3 chosen), the smoothed one at 6e-3
-and 1.3e-2 (4.2e-4 and 8.5e-4). The rates that fine-tune it well are 1e-4 to 6e-4. The training run then warms up
-linearly over its first :data:`WARMUP` of the steps and decays on a cosine to 0.
+so far, or the smoothed loss itself exceeds :data:`DIVERGED_SMOOTH` times its lowest two steps in a row (a
+sustained rise, which noisy single batches may not show in time). The chosen rate (:func:`lr_from_losses`) is a
+tenth of the one that made the loss diverge, within :data:`LR_BOUNDS`. A converted model starts close to its
+teacher, so its loss is flat and noisy until the rate is too high: the lowest point of that flat stretch (the usual
+"a tenth of the rate at the minimum") is noise, the divergence is not. On the OCR benchmark the loss is flat and
+noisy (3–8 per batch) up to about 3e-3 and rises above it (12 at 4e-3–9e-3); the single-batch rule alone stopped
+at 6e-3 in one run and at 2e-2 in another that differed only in the number of steps (30 against 29: 4.2e-4
+against 1.3e-3 chosen), the smoothed one at 6e-3 and 1.3e-2 (4.2e-4 and 8.5e-4). The rates that fine-tune it well
+are 1e-4 to 6e-4 (one epoch at 8.5e-4 and 1.3e-3 gave 0.964, at 4.2e-4 and 5.6e-4 0.970 and 0.968). The training
+run then warms up linearly over its first :data:`WARMUP` of the steps and decays on a cosine to 0.
 
 **Hard targets.** Where the teacher is confident (its largest class holds :data:`TOP_MASS` of ``softmax(t)`` on
 average), the distillation term mixes the soft KL with the cross-entropy against the teacher's decisions (its
