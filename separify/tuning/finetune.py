@@ -329,12 +329,13 @@ class _Trainer:
     """The state of one :func:`finetune` run: the models (``model`` is the student, wrapped in
     ``DistributedDataParallel`` when ``world > 1``), AdamW with a cosine schedule over ``total`` steps, the
     position (``step``, ``epoch``, batches of the epoch to ``skip``), the last good state, the feature taps and the
-    progress bar; ``schedule(step)``: the factor of ``lr`` at each step (default: :func:`defaults.schedule`)."""
+    progress bar; ``schedule(step)``: the factor of ``lr`` at each step (default: :func:`defaults.schedule`);
+    ``hold``: the batches at the start of every epoch it does not train on (:func:`_held_out`)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, objective: _Objective, *, total: int,
                  device: torch.device, amp: bool, rank: int, world: int, lr: float, weight_decay: float, seed: int,
                  train_bn: bool, checkpoint_every: int, callback: Callable[[int, float], None] | None,
-                 schedule: Callable[[int], float] | None = None) -> None:
+                 schedule: Callable[[int], float] | None = None, hold: int = 0) -> None:
         self.student, self.teacher, self.objective = student, teacher, objective
         self.total, self.device, self.amp, self.rank, self.world = total, device, amp, rank, world
         self.seed, self.train_bn, self.checkpoint_every, self.callback = seed, train_bn, checkpoint_every, callback
@@ -347,9 +348,9 @@ class _Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule or defaults.schedule(total))
         self.step, self.epoch, self.skip = 0, 0, 0
-        self.hold = 0  # batches at the start of every epoch that are not trained on (the guard's validation)
+        self.hold = hold  # batches at the start of every epoch that are not trained on (the guard's validation)
         self.saved_rng: torch.Tensor | None = None  # the random state to continue from, when resuming
-        self.result = FinetuneResult(0, lr=lr, temperature=objective.temperature, hard=objective.hard)
+        self.result = FinetuneResult(0, lr=lr, temperature=objective.temperature, hard=objective.hard, held_out=hold)
         self.ckpt_path: Path | None = None
         self.last_good, self.last_good_step = None, 0
         self.s_taps: _Taps | None = None
@@ -578,8 +579,8 @@ def finetune(
         lr, objective, chosen = _settings(student, first, total, lr, state or {}, progress, objective, kw)
         torch.manual_seed(seed)
         run = _Trainer(student, teacher, objective, total=total, lr=lr, checkpoint_every=checkpoint_every,
-                       callback=callback, schedule=defaults.schedule(total, warmup), **kw)
-        run.result.chosen, run.result.held_out, run.guard, run.hold = chosen, hold, guard, hold
+                       callback=callback, schedule=defaults.schedule(total, warmup), hold=hold, **kw)
+        run.result.chosen, run.guard = chosen, guard
         _run(run, data, checkpoint, state, progress, features, was_training)
     return _finish(run.result, run.step)
 
