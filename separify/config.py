@@ -225,6 +225,9 @@ class RankSelection:
         return getattr(self, self.kind)
 
 
+#: the values of ``Calibration.precision``
+PRECISIONS = ("auto", "float32", "bfloat16")
+
 #: layer-wise reconstruction steps per replacement by default (``Calibration.steps=None``), where it pays
 RECONSTRUCTION_STEPS = 200
 
@@ -263,11 +266,18 @@ class Calibration:
             depthwise conv and last 1×1 conv jointly to the original layer's outputs (closed-form steps from patch
             statistics on at most 4,096 sampled pixels per layer; 0 turns it off).
         lr: learning rate of the layer-wise reconstruction.
-        batch_size: samples per minibatch of the layer-wise reconstruction.
+        batch_size: samples per minibatch of the layer-wise reconstruction (fewer where they would hold more than
+            :data:`~separify.calibration.reconstruct.MINIBATCH_PIXELS` output pixels).
         input_key: which entry of the calibration data's items is the model input, where they are dicts (as a
             ``DataLoader`` over a dict dataset yields); the CLI's ``--calib-key`` names the array of a ``.npz``/``.pt``
             file. ``None``: the only floating-point tensor, or the first of
             :data:`~separify.calibration.data.INPUT_KEYS` present.
+        precision: the number format of the calibration passes' convolutions (PyTorch models):
+            ``"float32"`` (the model's own), ``"bfloat16"`` (autocast; the statistics and fits stay in float32 or
+            float64), or ``"auto"``: bfloat16 for a float32 model on hardware with native bfloat16 (x86 CPUs with
+            AVX512-BF16 or AMX, CUDA GPUs that support it) when one forward pass over the calibration data costs at
+            least :data:`~separify.calibration.precision.AUTO_FLOPS`, else float32
+            (:mod:`separify.calibration.precision`).
     """
 
     limit: int = 1000
@@ -284,6 +294,7 @@ class Calibration:
     lr: float = 3e-3
     batch_size: int = 8
     input_key: str | None = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         # messages name the flat keywords (calib_limit...), which are also the CLI's option names
@@ -306,6 +317,8 @@ class Calibration:
                               f"{self.class_dim!r}")
         if self.input_key is not None and not isinstance(self.input_key, str):
             raise ConfigError(f"input_key must be a string, got {self.input_key!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"calib_precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -386,7 +399,7 @@ FLAT: dict[str, tuple[str, str]] = {
     **{n: ("ranks", n) for n in ("method", "rank", "energy", "flops", "latency", "require_saving")},
     **{f"calib_{n}": ("calibration", n) for n in ("limit", "ridge", "whiten", "damp", "ranks", "loss_aware",
                                                     "loss", "class_dim", "memory_gb", "steps", "als", "lr",
-                                                    "batch_size")},
+                                                    "batch_size", "precision")},
     "objective": ("latency", "objective"), "target": ("latency", "target"), "margin": ("latency", "margin"),
     "latency_cache": ("latency", "cache"), "input_key": ("calibration", "input_key"),
     "cp_max_iter": ("cp", "max_iter"), "cp_tol": ("cp", "tol"),

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from separify.calibration.linalg import spd_solve
+from separify.calibration.linalg import spd_solve, sq_norm
 from separify.errors import SeparifyError
 
 __all__ = ["LayerFit", "PIXELS_PER_INPUT", "PointwiseRefit", "scarce", "scarce_note", "solve"]
@@ -109,7 +109,9 @@ class PointwiseRefit:
         work = torch.float64 if z_all.dtype == torch.float64 else torch.float32
         dev = self.old.device
         old = self.old.to(work)
-        step = max(1, (1 << 24) // max(1, z_all[0].numel()))  # bound the pixel matrices
+        # bound the pixel matrices (16 MiB of float32 each): small temporaries are reused, large ones are fresh
+        # pages to fault in
+        step = max(1, (1 << 22) // max(1, z_all[0].numel(), y_all[0].numel()))
         for i in range(0, len(z_all), step):
             end = min(i + step, len(z_all))
             for fold in (0, 1):
@@ -123,8 +125,8 @@ class PointwiseRefit:
                 e = y - z @ old.T  # (b·H·W, N)
                 self.grams[fold] += (z.T @ z).double()
                 self.resids[fold] += (e.T @ z).double()
-                self.y2 += float(y.square().sum())  # in the data's precision: a pairwise sum
-                self.e2s[fold] += float(e.square().sum())
+                self.y2 += sq_norm(y)  # in the data's precision: a blocked sum
+                self.e2s[fold] += sq_norm(e)
                 self.counts[fold] += y.shape[0]
         self.samples += len(z_all)
 

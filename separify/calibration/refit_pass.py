@@ -24,6 +24,7 @@ from torch import nn
 from separify.calibration.als import PatchStatistics, als_fit, als_skip_reason
 from separify.calibration.lockstep import Finished, Lockstep, run_lockstep
 from separify.calibration.memory import reuse_freed_memory
+from separify.calibration.precision import fast_layout, forward_precision, full_precision, widened
 from separify.calibration.reconstruct import last_input, reconstruct
 from separify.calibration.refit import LayerFit, scarce, scarce_note, solve
 from separify.config import RECONSTRUCTION_STEPS
@@ -31,6 +32,14 @@ from separify.core.measure import frozen_mode
 from separify.errors import SeparifyError
 
 __all__ = ["layer_plan", "refit_pointwise"]
+
+
+def _exact(fit: Callable, name: str, mod: nn.Module, parts: dict[int, torch.Tensor]) -> None:
+    """``fit(name, mod, xs)`` on the gathered inputs ``parts`` (one per group), in float32 where the pass runs
+    under autocast, with autocast off."""
+    xs = [widened(x) for x in parts.values()]
+    with full_precision(xs[0].device):
+        fit(name, mod, xs)
 
 
 def _pixels(ys: Sequence[torch.Tensor]) -> int:
@@ -89,7 +98,7 @@ class _RefitPass:
 
     def _enter(self, name: str, mod: nn.Module, args: tuple) -> None:
         if self._first(self.entered, name):
-            self.step.gather(("enter", name), args[0], lambda xs: self._prefit(name, mod, list(xs.values())))
+            self.step.gather(("enter", name), args[0], lambda xs: _exact(self._prefit, name, mod, xs))
 
     def _prefit(self, name: str, mod: nn.Module, xs: list[torch.Tensor]) -> None:
         """ALS (or a first refit) and then the reconstruction of one replacement, on its inputs ``xs`` (one per
@@ -121,7 +130,7 @@ class _RefitPass:
 
     def _refit(self, name: str, mod: nn.Module, args: tuple) -> None:
         if self._first(self.refitted, name):
-            self.step.gather(("refit", name), args[0], lambda zs: self._record(name, mod, list(zs.values())))
+            self.step.gather(("refit", name), args[0], lambda zs: _exact(self._record, name, mod, zs))
             if len(self.done) == self.layers:  # the rest of the forward fits nothing
                 raise Finished
 
@@ -147,6 +156,7 @@ def refit_pointwise(
     seed: int = 0,
     als: int = 0,
     progress: Callable[[str], None] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[LayerFit]:
     """Refit the last 1×1 conv of each replacement to the original outputs, in one forward pass (module docstring).
 
@@ -169,6 +179,8 @@ def refit_pointwise(
         inputs: the calibration samples, one tensor ``(n_g, ...)`` per sample shape
             (:func:`~separify.calibration.data.shape_groups`); each group runs as one batch.
         ridge: relative weight of the pull towards the current factors (times the mean diagonal of ``G``).
+        dtype: the forward runs under autocast to it (:mod:`~separify.calibration.precision`; ``None``: the model's
+            precision); the fits and the reconstruction's steps in float32 or float64.
 
     Returns:
         One :class:`LayerFit` per layer, in the order the forward pass reached them (errors before anything and
@@ -180,6 +192,12 @@ def refit_pointwise(
     step = Lockstep(len(groups))
     state = _RefitPass(outputs, len(set(names)), step, ridge=ridge, steps=steps, lr=lr, batch_size=batch_size,
                        seed=seed, als=als, progress=progress)
+    device = groups[0].device
+
+    def forward(x: torch.Tensor) -> None:  # in each group's thread: autocast is thread-local
+        with forward_precision(dtype, device):
+            converted(x)
+
     handles = []
     # the refit hooks the last 1×1 conv as a module, which only the default layout calls (the others compute the
     # same function from the same weights), so the replacements run in their default layout meanwhile
@@ -190,7 +208,7 @@ def refit_pointwise(
             handles.append(replacement.register_forward_pre_hook(state.enter_hook(name)))
             handles.append(replacement._last().register_forward_pre_hook(state.refit_hook(name)))
         with frozen_mode(converted), reuse_freed_memory():
-            run_lockstep(step, converted, groups)
+            run_lockstep(step, forward, [fast_layout(g) for g in groups])
     finally:
         for h in handles:
             h.remove()

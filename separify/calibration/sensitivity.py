@@ -30,6 +30,7 @@ from torch import nn
 
 from separify.calibration.linalg import sq_norm
 from separify.calibration.memory import reuse_freed_memory
+from separify.calibration.precision import fast_layout, forward_precision, widened
 from separify.core.measure import frozen_mode
 
 __all__ = ["LOSSES", "SAMPLES", "sensitivity", "unweighted_note"]
@@ -64,12 +65,14 @@ def _probe(outs: list[torch.Tensor], loss: str, class_dim: int, gen: torch.Gener
 
 
 def sensitivity(model: nn.Module, targets: dict[str, str], xs: Sequence[torch.Tensor], *, loss: str = "fisher",
-                class_dim: int = -1, probes: int = 2, seed: int = 0) -> dict[str, float]:
+                class_dim: int = -1, probes: int = 2, seed: int = 0,
+                dtype: torch.dtype | None = None) -> dict[str, float]:
     """``w_i`` of the module docstring (``loss``: ``"fisher"``, softmax over ``class_dim``, or ``"mse"``) for every
     layer ``name`` of ``targets`` (name → the module whose output
     the replacement must reproduce), on the samples ``xs`` (batches, of any shapes the model takes; the sums run
     over all of them); mean 1 over the layers the output depends on, which are the keys returned. The model is run
-    in eval mode and left unchanged (no gradient reaches its parameters)."""
+    in eval mode and left unchanged (no gradient reaches its parameters). ``dtype``: the forward runs under autocast
+    to it (:mod:`~separify.calibration.precision`); the sums are taken in float32 or wider."""
     sq = dict.fromkeys(targets, 0.0)  # Σ y² over the samples
     size = dict.fromkeys(targets, 0)  # entries of y
     grads = dict.fromkeys(targets, 0.0)  # Σ over probes of ‖J_iᵀ v‖²
@@ -81,7 +84,7 @@ def sensitivity(model: nn.Module, targets: dict[str, str], xs: Sequence[torch.Te
             if name in seen or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return None
             seen.add(name)
-            sq[name] += sq_norm(output)
+            sq[name] += sq_norm(widened(output))
             size[name] += output.numel()
             output.register_hook(lambda g: _add(name, g))
             return output.clone()  # later in-place ops (ReLU(inplace=True), out += identity) change the clone
@@ -90,7 +93,7 @@ def sensitivity(model: nn.Module, targets: dict[str, str], xs: Sequence[torch.Te
 
     def _add(name, g):
         reached.add(name)
-        grads[name] += sq_norm(g)
+        grads[name] += sq_norm(widened(g))
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     gen = torch.Generator().manual_seed(seed)
@@ -103,7 +106,9 @@ def sensitivity(model: nn.Module, targets: dict[str, str], xs: Sequence[torch.Te
         with frozen_mode(model), torch.enable_grad(), reuse_freed_memory():
             for x in xs:
                 seen.clear()
-                outs = _tensors(model(x.detach().clone().requires_grad_(True)))
+                with forward_precision(dtype, x.device):
+                    outs = _tensors(model(fast_layout(x.detach()).clone().requires_grad_(True)))
+                outs = [widened(o) for o in outs]
                 for i in range(probes):
                     total = _probe(outs, loss, class_dim, gen)
                     if isinstance(total, torch.Tensor) and total.requires_grad:

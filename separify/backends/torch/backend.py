@@ -14,6 +14,7 @@ from separify.backends.torch import fx_pass
 from separify.calibration import (LayerFit, Observation, as_batches, observe, refit_pointwise, sensitivity,
                                   shape_groups)
 from separify.calibration.data import first_samples
+from separify.calibration.precision import pass_dtype
 from separify.calibration.sensitivity import SAMPLES, unweighted_note
 from separify.config import Calibration, ConvertConfig, LatencyTarget
 from separify.core import measure
@@ -47,6 +48,7 @@ class TorchBackend(Backend):
         self.flops_before = measure.count_flops(self.root, self.inputs)
         self.params_before = measure.count_params(self.root)
         self.batches: list[torch.Tensor] | None = None
+        self.dtype: torch.dtype | None = None  # autocast of the calibration passes (set_calibration)
         self.obs: Observation | None = None
         self.folded: dict[str, str] = {}
         self.converted: nn.Module | None = None
@@ -101,19 +103,29 @@ class TorchBackend(Backend):
                                   max_bytes=int(cal.memory_gb * 2**30))
         for group in shape_groups([b[:1] for b in self.batches]):  # one sample of each shape
             _check_fits(self.original, group[:1])
+        device = self.batches[0].device if self.batches else torch.device("cpu")
+        self.dtype = pass_dtype(cal.precision, self.original, device, self._pass_flops())
         return sum(len(b) for b in self.batches)
+
+    def _pass_flops(self) -> float:
+        """The FLOPs of one forward of the original over the calibration data: the example's count per input value
+        times the calibration data's input values (exact for a fully convolutional model)."""
+        example = self.inputs[0]
+        if not (isinstance(example, torch.Tensor) and example.numel()):
+            return 0.0
+        return self.flops_before / example.numel() * sum(b.numel() for b in self.batches)
 
     def observe(self, cands, moments: bool, patches=frozenset()):
         targets = {c.name: c.record.bn_folded or c.name for c in cands}
         # on the input model, before any rewrite (so inplace is safe); the outputs are the refit's targets
         self.obs = observe(self.original, targets, self.batches, memory_gb=self.memory_gb, moments=moments,
-                           patches=patches)
+                           patches=patches, dtype=self.dtype)
         return self.obs.covariances, self.obs.patches
 
     def sensitivity(self, cands, cal: Calibration):
         targets = {c.name: c.record.bn_folded or c.name for c in cands}
         weights = sensitivity(self.original, targets, first_samples(self.batches, SAMPLES), loss=cal.loss,
-                              class_dim=cal.class_dim)
+                              class_dim=cal.class_dim, dtype=self.dtype)
         return weights, unweighted_note(list(targets), weights)
 
     def output_pixels(self, cands) -> dict[str, int]:
@@ -124,7 +136,7 @@ class TorchBackend(Backend):
         cal = cfg.calibration
         return refit_pointwise(self.converted, list(replacements), self.obs.outputs, shape_groups(self.batches),
                                ridge=cal.ridge, steps=cal.steps, lr=cal.lr, batch_size=cal.batch_size, als=cal.als,
-                               seed=cfg.seed, progress=progress)
+                               seed=cfg.seed, progress=progress, dtype=self.dtype)
 
     # --- latency
 

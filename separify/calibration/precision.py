@@ -1,0 +1,84 @@
+"""How the calibration passes compute: the number format and memory layout of their forward passes.
+
+The passes over the original and the converted model (observation, loss-aware weights, refit) are mostly
+convolutions. Where the hardware has native bfloat16 arithmetic (x86 CPUs with AVX512-BF16 or AMX, CUDA GPUs that
+support it), running them under bfloat16 autocast halves their time. Everything the fits compute from them stays in
+float32 or float64, with autocast off (:func:`full_precision`): the input moments, the kept target outputs, the
+patch statistics, the least-squares and ALS solves, and the layer-wise reconstruction (its Adam steps are smaller
+than bfloat16's rounding of the weights). The activations the fits see then carry bfloat16's rounding (a relative
+``2⁻⁹``), well below the error a FLOPs-saving truncation leaves to fit.
+
+``precision="auto"`` (:func:`pass_dtype`) uses bfloat16 only where it pays: a float32 model, native bfloat16, and a
+calibration set whose forward pass costs at least :data:`AUTO_FLOPS`; smaller jobs are fast in float32 and keep its
+exactness (a full-rank conversion refits to float32 rounding). Images (4-D inputs) run in the channels-last layout
+on a CPU, where oneDNN's convolutions, depthwise ones above all, are faster in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from separify.config import PRECISIONS
+
+__all__ = ["AUTO_FLOPS", "PRECISIONS", "fast_layout", "forward_precision", "full_precision", "native_bfloat16",
+           "pass_dtype", "widened"]
+
+#: ``precision="auto"``: bfloat16 where the original model's forward over the calibration set costs at least this
+#: many FLOPs (as :class:`torch.utils.flop_counter.FlopCounterMode` counts them: 2 per multiply-add; about 7 s of
+#: float32 on two AVX-512 cores; ResNet-50 on 256 images at 224² is 2.1e12)
+AUTO_FLOPS = 1e12
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 convolutions natively (not by conversion to float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # x86; elsewhere absent or False
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def pass_dtype(precision: str, model: nn.Module, device: torch.device, flops: float) -> torch.dtype | None:
+    """The autocast dtype of the calibration passes (``None``: none, the model's own precision).
+
+    ``precision``: ``"float32"`` (none), ``"bfloat16"`` (always, for a float32 model) or ``"auto"`` (module
+    docstring); ``flops``: the estimated FLOPs of one forward pass of ``model`` over the whole calibration set."""
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if precision == "float32" or floats - {torch.float32}:
+        return None
+    if precision == "bfloat16" or (native_bfloat16(device) and flops >= AUTO_FLOPS):
+        return torch.bfloat16
+    return None
+
+
+def forward_precision(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device`` for the forward passes (a no-op for ``None``). Autocast is thread-local:
+    every thread running a pass enters it."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """Autocast off on ``device`` (inside a hook of a pass that runs under :func:`forward_precision`)."""
+    with torch.autocast(device.type, enabled=False):
+        yield
+
+
+def fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the layout convolutions run fastest in on its device: channels-last for a 4-D CPU tensor
+    ``(B, C, H, W)`` (same values and shape, strides ``(H·W·C, 1, W·C, C)``), else ``x``."""
+    if x.dim() == 4 and x.device.type == "cpu":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def widened(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 where it is a 16-bit float (an activation of a pass under autocast), else ``x``."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x

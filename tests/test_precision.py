@@ -1,0 +1,119 @@
+"""The calibration passes under bfloat16 autocast: when they use it, and that the fits stay in full precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import separify
+import separify.calibration.precision as precision
+from separify.calibration import observe
+from separify.calibration.observation import _channel_moments
+from separify.calibration.reconstruct import MINIBATCH_PIXELS, _minibatch
+from separify.errors import ConfigError
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 8, 3, stride=2)).eval()
+
+
+def _images(n: int = 48, size: int = 12) -> torch.Tensor:
+    x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return nn.functional.avg_pool2d(x, 3, stride=1, padding=1)  # smooth, correlated like real images
+
+
+@pytest.mark.parametrize("setting, model_dtype, native, flops, expected", [
+    ("float32", torch.float32, True, 1e15, None),
+    ("bfloat16", torch.float32, False, 0, torch.bfloat16),
+    ("bfloat16", torch.float64, True, 1e15, None),  # never below a float64 model's precision
+    ("auto", torch.float32, True, precision.AUTO_FLOPS, torch.bfloat16),
+    ("auto", torch.float32, True, precision.AUTO_FLOPS / 2, None),  # small jobs stay exact
+    ("auto", torch.float32, False, 1e15, None),  # no native bfloat16: it would be slower
+    ("auto", torch.float64, True, 1e15, None),
+], ids=["float32", "bfloat16-forced", "bfloat16-float64-model", "auto-large", "auto-small", "auto-not-native",
+        "auto-float64-model"])
+def test_the_pass_precision_follows_the_setting_the_hardware_and_the_work(monkeypatch, setting, model_dtype, native,
+                                                                          flops, expected):
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: native)
+    model = nn.Conv2d(3, 4, 3).to(model_dtype)
+    assert precision.pass_dtype(setting, model, torch.device("cpu"), flops) is expected
+
+
+def test_the_precision_setting_is_checked():
+    with pytest.raises(ConfigError, match="calib_precision must be one of auto, float32, bfloat16"):
+        separify.ConvertConfig(calib_precision="half")
+
+
+def test_channel_moments_are_the_same_in_either_memory_layout():
+    x = torch.randn(3, 5, 7, 6)
+    nchw = _channel_moments(x, torch.float32)
+    last = _channel_moments(x.contiguous(memory_format=torch.channels_last), torch.float32)
+    px = x.double().transpose(0, 1).reshape(5, -1)
+    torch.testing.assert_close(nchw, px @ px.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, px @ px.T, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_layout_is_channels_last_for_cpu_images_only():
+    assert precision.fast_layout(torch.randn(2, 3, 4, 5)).is_contiguous(memory_format=torch.channels_last)
+    seq = torch.randn(2, 3, 4)
+    assert precision.fast_layout(seq) is seq
+
+
+def test_observation_under_bfloat16_keeps_float32_statistics_close_to_float32_ones():
+    """The forward runs in bfloat16, the moments and kept outputs are float32 sums of its activations: equal to the
+    float32 pass up to bfloat16's rounding."""
+    model, x = _net(), _images()
+    layers = {"0": "1", "3": "3"}
+    exact = observe(model, layers, [x])
+    fast = observe(model, layers, [x], dtype=torch.bfloat16)
+    for name in layers:
+        y, y16 = torch.cat(exact.outputs[name]), torch.cat(fast.outputs[name])
+        assert y16.dtype == torch.float32 and exact.covariances[name].channel.dtype == torch.float64
+        assert 0 < float((y16 - y).norm() / y.norm()) < 0.02  # bfloat16 ran, and only rounded
+        for part in ("channel", "spatial"):
+            a, b = getattr(fast.covariances[name], part), getattr(exact.covariances[name], part)
+            assert float((a - b).norm() / b.norm()) < 0.02
+
+
+def test_calibration_under_bfloat16_fits_as_well_as_in_float32_and_leaves_float32_weights():
+    """The whole conversion with the passes in bfloat16: every replacement is refitted to within a hair of the
+    float32 fit (the fits run in full precision), and the model it returns is float32."""
+    model, x = _net(), _images()
+    errors = {}
+    for setting in ("float32", "bfloat16"):
+        res = separify.convert(model, example_inputs=x[:1], method="pw-dw-pw", flops=0.6, calibration=x,
+                               calib_precision=setting)
+        assert all(p.dtype == torch.float32 for p in res.model.parameters())
+        errors[setting] = {r.name: r.calib_error_after for r in res.converted}
+    assert errors["bfloat16"].keys() == errors["float32"].keys() and errors["float32"]
+    for name, err in errors["float32"].items():
+        assert abs(errors["bfloat16"][name] - err) < 0.01 + 0.05 * err, (name, errors)
+
+
+@pytest.mark.parametrize("pixels, batch_size, samples, expected", [
+    (10 * 10, 8, 100, 8),  # small images: the configured minibatch
+    (56 * 56, 8, 100, -(-MINIBATCH_PIXELS // (56 * 56))),  # large: about MINIBATCH_PIXELS pixels
+    (224 * 224, 8, 100, 1),  # at least one sample
+    (4 * 4, 8, 3, 3),  # no more than the group holds
+], ids=["small-images", "large-images", "huge-images", "small-group"])
+def test_reconstruction_minibatch_is_bounded_by_pixels(pixels, batch_size, samples, expected):
+    side = int(pixels ** 0.5)
+    x, y = torch.empty(samples, 1, side, side), torch.empty(samples, 2, side, side)
+    assert _minibatch(batch_size, x, y) == expected
+
+
+def test_observation_hooks_sum_the_bfloat16_activations_in_full_precision():
+    """The moments are the float64 sums of the activations the bfloat16 forward produced (autocast is off inside
+    the hooks: a bfloat16 product there would be off by about 1e-3)."""
+    model, x = _net(), _images()
+    seen = []
+    handle = model[3].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(precision.fast_layout(x))
+    handle.remove()
+    h = seen[0].double().transpose(0, 1).reshape(16, -1)  # (M, pixels): the activations as bfloat16 gave them
+    cov = observe(model, {"3": "3"}, [x], dtype=torch.bfloat16).covariances["3"]
+    torch.testing.assert_close(cov.channel, h @ h.T / h.shape[1], rtol=1e-6, atol=1e-6)
