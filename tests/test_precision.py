@@ -117,3 +117,42 @@ def test_observation_hooks_sum_the_bfloat16_activations_in_full_precision():
     h = seen[0].double().transpose(0, 1).reshape(16, -1)  # (M, pixels): the activations as bfloat16 gave them
     cov = observe(model, {"3": "3"}, [x], dtype=torch.bfloat16).covariances["3"]
     torch.testing.assert_close(cov.channel, h @ h.T / h.shape[1], rtol=1e-6, atol=1e-6)
+
+
+class _Viewing(nn.Module):
+    """Two convs with a ``.view`` of the activation between them that merges channels and rows (which a
+    channels-last tensor cannot give without a copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.a(x)
+        n, c, h, w = x.shape
+        x = x.view(n, c * h, w).relu().view(n, c, h, w)  # the first .view fails on channels-last
+        return self.b(x).flatten(1)
+
+
+@pytest.mark.parametrize("setting", ["float32", "bfloat16"])
+def test_a_model_that_views_its_activations_is_calibrated_in_its_own_layout(setting):
+    model, x = _Viewing().eval(), _images(24)
+    assert not precision.runs_channels_last(model, x[:1]) and precision.runs_channels_last(_net(), x[:1])
+    res = separify.convert(model, example_inputs=x[:1], objective="flops", method="pw-dw-pw", flops=0.7,
+                           calibration=x, calib_precision=setting)
+    assert [r.name for r in res.converted] and all(r.calib_error_after is not None for r in res.converted)
+
+
+def test_a_bfloat16_model_is_calibrated_in_its_own_precision():
+    model, x = _net().to(torch.bfloat16), _images(24).to(torch.bfloat16)
+    res = separify.convert(model, example_inputs=x[:1], objective="flops", method="pw-dw-pw", flops=0.6,
+                           calibration=x)
+    assert res.converted and all(p.dtype == torch.bfloat16 for p in res.model.parameters())
+
+
+@pytest.mark.parametrize("capability, native", [((7, 5), False), ((8, 0), True), ((9, 0), True)],
+                         ids=["turing-emulates", "ampere", "hopper"])
+def test_only_gpus_that_compute_bfloat16_count_as_native(monkeypatch, capability, native):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert precision.native_bfloat16(torch.device("cuda", 0)) is native

@@ -203,11 +203,11 @@ def _check_kept(used: int, memory_gb: float, samples: int) -> None:
                             f"{max(1, int(samples * limit / max(used, 1) * 0.9))}) or raise calib_memory_gb")
 
 
-def _pieces(model: nn.Module, batches: list[torch.Tensor], dtype: torch.dtype | None):
+def _pieces(model: nn.Module, batches: list[torch.Tensor], dtype: torch.dtype | None, channels_last: bool):
     """``(sample shape, x)`` for each forward of :func:`observe`, with no gradients, the model frozen in eval mode
     and autocast to ``dtype`` (:func:`~separify.calibration.precision.forward_precision`); on a CPU at most
     ``_OBSERVE_BYTES`` of input per forward (large batches of large images run slower; ``_OBSERVE_BYTES_AUTOCAST``
-    under autocast), channels-last."""
+    under autocast), channels-last where ``channels_last``."""
     device = batches[0].device if batches else torch.device("cpu")
     with torch.no_grad(), frozen_mode(model), reuse_freed_memory(), forward_precision(dtype, device):
         for batch in batches:
@@ -215,12 +215,13 @@ def _pieces(model: nn.Module, batches: list[torch.Tensor], dtype: torch.dtype | 
             size = bound // max(1, batch[0].numel() * batch.element_size()) if batch.device.type == "cpu" \
                 else len(batch)
             for x in batch.split(max(1, size)):
-                yield tuple(batch.shape[1:]), fast_layout(x)
+                yield tuple(batch.shape[1:]), fast_layout(x) if channels_last else x
 
 
 def observe(
     model: nn.Module, layers: dict[str, str], batches: list[torch.Tensor], *, memory_gb: float = 4.0,
     moments: bool = True, patches: frozenset[str] = frozenset(), dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> Observation:
     """Run ``model`` (the original) over ``batches`` once, measuring every conv in ``layers``.
 
@@ -236,6 +237,8 @@ def observe(
             ``method="auto"``).
         dtype: the forward runs under autocast to it (:mod:`~separify.calibration.precision`; ``None``: the
             model's precision); the moments and the kept outputs are float32 (float64 for a float64 model) anyway.
+        channels_last: run the samples in the channels-last layout on a CPU (faster convolutions; only for models
+            that take it, :func:`~separify.calibration.precision.runs_channels_last`).
 
     Returns:
         :class:`Observation` with one :class:`~separify.core.decompose.InputCovariance` and one output tensor per
@@ -281,7 +284,7 @@ def observe(
             if moments or name in patches:
                 handles.append(model.get_submodule(name).register_forward_pre_hook(pre(name)))
             handles.append(model.get_submodule(target).register_forward_hook(post(name)))
-        for current[0], x in _pieces(model, batches, dtype):
+        for current[0], x in _pieces(model, batches, dtype, channels_last):
             seen.clear()
             try:
                 model(x)

@@ -11,7 +11,8 @@ than bfloat16's rounding of the weights). The activations the fits see then carr
 ``precision="auto"`` (:func:`pass_dtype`) uses bfloat16 only where it pays: a float32 model, native bfloat16, and a
 calibration set whose forward pass costs at least :data:`AUTO_FLOPS`; smaller jobs are fast in float32 and keep its
 exactness (a full-rank conversion refits to float32 rounding). Images (4-D inputs) run in the channels-last layout
-on a CPU, where oneDNN's convolutions, depthwise ones above all, are faster in it.
+on a CPU, where oneDNN's convolutions, depthwise ones above all, are faster in it, for models that take it
+(:func:`runs_channels_last`: one that flattens an activation with ``.view`` does not).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 from separify.config import PRECISIONS
 
 __all__ = ["AUTO_FLOPS", "PRECISIONS", "fast_layout", "forward_precision", "full_precision", "native_bfloat16",
-           "pass_dtype", "widened"]
+           "pass_dtype", "runs_channels_last", "widened"]
 
 #: ``precision="auto"``: bfloat16 where the original model's forward over the calibration set costs at least this
 #: many FLOPs (as :class:`torch.utils.flop_counter.FlopCounterMode` counts them: 2 per multiply-add; about 7 s of
@@ -35,8 +36,8 @@ AUTO_FLOPS = 1e12
 
 def native_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 convolutions natively (not by conversion to float32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # compute capability 8.0 (Ampere) on; older GPUs only emulate it
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type != "cpu":
         return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # x86; elsewhere absent or False
@@ -82,3 +83,18 @@ def fast_layout(x: torch.Tensor) -> torch.Tensor:
 def widened(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32 where it is a 16-bit float (an activation of a pass under autocast), else ``x``."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def runs_channels_last(model: nn.Module, sample: torch.Tensor) -> bool:
+    """Whether ``model`` runs on ``sample (B, C, H, W)`` (a few CPU images) in the channels-last layout, tried once
+    without gradients: a model that reshapes an activation with ``.view`` across its channels and pixels (a
+    flatten) fails there, and keeps the layout it was given. ``False`` for anything but a 4-D CPU tensor. Calls ``model``: run it
+    before any hooks are attached."""
+    if fast_layout(sample) is sample:
+        return False
+    try:
+        with torch.no_grad():
+            model(fast_layout(sample))
+    except Exception:  # noqa: BLE001 - any failure means: keep the layout the model was given
+        return False
+    return True

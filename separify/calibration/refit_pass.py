@@ -34,10 +34,10 @@ from separify.errors import SeparifyError
 __all__ = ["layer_plan", "refit_pointwise"]
 
 
-def _exact(fit: Callable, name: str, mod: nn.Module, parts: dict[int, torch.Tensor]) -> None:
-    """``fit(name, mod, xs)`` on the gathered inputs ``parts`` (one per group), in float32 where the pass runs
-    under autocast, with autocast off."""
-    xs = [widened(x) for x in parts.values()]
+def _exact(fit: Callable, name: str, mod: nn.Module, parts: dict[int, torch.Tensor], autocast: bool) -> None:
+    """``fit(name, mod, xs)`` on the gathered inputs ``parts`` (one per group) with autocast off; where the pass runs
+    under ``autocast``, its 16-bit activations widened to float32 (a 16-bit model's own inputs stay as they are)."""
+    xs = [widened(x) if autocast else x for x in parts.values()]
     with full_precision(xs[0].device):
         fit(name, mod, xs)
 
@@ -68,9 +68,10 @@ class _RefitPass:
 
     def __init__(self, outputs: dict[str, list[torch.Tensor]], layers: int, step: Lockstep, *, ridge: float,
                  steps: int | None, lr: float, batch_size: int, seed: int, als: int,
-                 progress: Callable[[str], None] | None) -> None:
-        # steps=None: the default per layer (layer_plan)
+                 progress: Callable[[str], None] | None, autocast: bool = False) -> None:
+        # steps=None: the default per layer (layer_plan); autocast: the forward runs under it
         self.outputs, self.step, self.ridge, self.steps, self.lr = outputs, step, ridge, steps, lr
+        self.autocast = autocast
         self.batch_size, self.seed, self.als, self.progress = batch_size, seed, als, progress
         self.fits: list[LayerFit] = []
         self.layers = layers  # how many replacements the pass fits
@@ -98,7 +99,7 @@ class _RefitPass:
 
     def _enter(self, name: str, mod: nn.Module, args: tuple) -> None:
         if self._first(self.entered, name):
-            self.step.gather(("enter", name), args[0], lambda xs: _exact(self._prefit, name, mod, xs))
+            self.step.gather(("enter", name), args[0], lambda xs: _exact(self._prefit, name, mod, xs, self.autocast))
 
     def _prefit(self, name: str, mod: nn.Module, xs: list[torch.Tensor]) -> None:
         """ALS (or a first refit) and then the reconstruction of one replacement, on its inputs ``xs`` (one per
@@ -130,7 +131,7 @@ class _RefitPass:
 
     def _refit(self, name: str, mod: nn.Module, args: tuple) -> None:
         if self._first(self.refitted, name):
-            self.step.gather(("refit", name), args[0], lambda zs: _exact(self._record, name, mod, zs))
+            self.step.gather(("refit", name), args[0], lambda zs: _exact(self._record, name, mod, zs, self.autocast))
             if len(self.done) == self.layers:  # the rest of the forward fits nothing
                 raise Finished
 
@@ -157,6 +158,7 @@ def refit_pointwise(
     als: int = 0,
     progress: Callable[[str], None] | None = None,
     dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> list[LayerFit]:
     """Refit the last 1×1 conv of each replacement to the original outputs, in one forward pass (module docstring).
 
@@ -181,6 +183,8 @@ def refit_pointwise(
         ridge: relative weight of the pull towards the current factors (times the mean diagonal of ``G``).
         dtype: the forward runs under autocast to it (:mod:`~separify.calibration.precision`; ``None``: the model's
             precision); the fits and the reconstruction's steps in float32 or float64.
+        channels_last: the samples run in the channels-last layout on a CPU
+            (:func:`~separify.calibration.precision.runs_channels_last` says whether the model takes it).
 
     Returns:
         One :class:`LayerFit` per layer, in the order the forward pass reached them (errors before anything and
@@ -191,7 +195,7 @@ def refit_pointwise(
     names = list(layers)
     step = Lockstep(len(groups))
     state = _RefitPass(outputs, len(set(names)), step, ridge=ridge, steps=steps, lr=lr, batch_size=batch_size,
-                       seed=seed, als=als, progress=progress)
+                       seed=seed, als=als, progress=progress, autocast=dtype is not None)
     device = groups[0].device
 
     def forward(x: torch.Tensor) -> None:  # in each group's thread: autocast is thread-local
@@ -208,7 +212,7 @@ def refit_pointwise(
             handles.append(replacement.register_forward_pre_hook(state.enter_hook(name)))
             handles.append(replacement._last().register_forward_pre_hook(state.refit_hook(name)))
         with frozen_mode(converted), reuse_freed_memory():
-            run_lockstep(step, forward, [fast_layout(g) for g in groups])
+            run_lockstep(step, forward, [fast_layout(g) if channels_last else g for g in groups])
     finally:
         for h in handles:
             h.remove()

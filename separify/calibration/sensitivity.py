@@ -30,7 +30,7 @@ from torch import nn
 
 from separify.calibration.linalg import sq_norm
 from separify.calibration.memory import reuse_freed_memory
-from separify.calibration.precision import fast_layout, forward_precision, widened
+from separify.calibration.precision import forward_precision, widened
 from separify.core.measure import frozen_mode
 
 __all__ = ["LOSSES", "SAMPLES", "sensitivity", "unweighted_note"]
@@ -107,7 +107,7 @@ def sensitivity(model: nn.Module, targets: dict[str, str], xs: Sequence[torch.Te
             for x in xs:
                 seen.clear()
                 with forward_precision(dtype, x.device):
-                    outs = _tensors(model(fast_layout(x.detach()).clone().requires_grad_(True)))
+                    outs = _tensors(model(x.detach().clone().requires_grad_(True)))
                 outs = [widened(o) for o in outs]
                 for i in range(probes):
                     total = _probe(outs, loss, class_dim, gen)

@@ -14,7 +14,7 @@ from separify.backends.torch import fx_pass
 from separify.calibration import (LayerFit, Observation, as_batches, observe, refit_pointwise, sensitivity,
                                   shape_groups)
 from separify.calibration.data import first_samples
-from separify.calibration.precision import pass_dtype
+from separify.calibration.precision import pass_dtype, runs_channels_last
 from separify.calibration.sensitivity import SAMPLES, unweighted_note
 from separify.config import Calibration, ConvertConfig, LatencyTarget
 from separify.core import measure
@@ -49,6 +49,7 @@ class TorchBackend(Backend):
         self.params_before = measure.count_params(self.root)
         self.batches: list[torch.Tensor] | None = None
         self.dtype: torch.dtype | None = None  # autocast of the calibration passes (set_calibration)
+        self.channels_last = False  # the passes run images channels-last (set_calibration)
         self.obs: Observation | None = None
         self.folded: dict[str, str] = {}
         self.converted: nn.Module | None = None
@@ -105,6 +106,8 @@ class TorchBackend(Backend):
             _check_fits(self.original, group[:1])
         device = self.batches[0].device if self.batches else torch.device("cpu")
         self.dtype = pass_dtype(cal.precision, self.original, device, self._pass_flops())
+        with measure.frozen_mode(self.original):
+            self.channels_last = bool(self.batches) and runs_channels_last(self.original, self.batches[0][:2])
         return sum(len(b) for b in self.batches)
 
     def _pass_flops(self) -> float:
@@ -119,7 +122,7 @@ class TorchBackend(Backend):
         targets = {c.name: c.record.bn_folded or c.name for c in cands}
         # on the input model, before any rewrite (so inplace is safe); the outputs are the refit's targets
         self.obs = observe(self.original, targets, self.batches, memory_gb=self.memory_gb, moments=moments,
-                           patches=patches, dtype=self.dtype)
+                           patches=patches, dtype=self.dtype, channels_last=self.channels_last)
         return self.obs.covariances, self.obs.patches
 
     def sensitivity(self, cands, cal: Calibration):
@@ -136,7 +139,8 @@ class TorchBackend(Backend):
         cal = cfg.calibration
         return refit_pointwise(self.converted, list(replacements), self.obs.outputs, shape_groups(self.batches),
                                ridge=cal.ridge, steps=cal.steps, lr=cal.lr, batch_size=cal.batch_size, als=cal.als,
-                               seed=cfg.seed, progress=progress, dtype=self.dtype)
+                               seed=cfg.seed, progress=progress, dtype=self.dtype,
+                               channels_last=self.channels_last)
 
     # --- latency
 
