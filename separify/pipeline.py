@@ -21,6 +21,7 @@ from separify.config import ConvertConfig
 from separify.core import measure
 from separify.core.decompose import check_weight, whiten
 from separify.core.modules import FORMS, SeparableConv2d
+from separify.core.progress import progress_bar
 from separify.errors import BadWeightsError, ConfigError, SeparifyError
 from separify.planning import latency
 from separify.planning.plan import Candidate, choose_ranks, from_conv_options, keep_faster, meet_latency, planned
@@ -100,7 +101,8 @@ def convert(
     from separify.backends.torch import TorchBackend
 
     def make(inplace: bool = inplace) -> TorchBackend:
-        return TorchBackend(model, cfg, example_inputs, inplace=inplace, timer=timer)
+        with _step_bar(progress, "tracing the model (torch.fx) and counting its FLOPs", live=True):
+            return TorchBackend(model, cfg, example_inputs, inplace=inplace, timer=timer)
 
     return _run_or_search(make, cfg, calibration=calibration, progress=progress, timer=timer, **search)
 
@@ -160,10 +162,12 @@ def run(backend: Backend, cfg: ConvertConfig, *, calibration: Any = None,
     memo = memo if memo is not None else Memo()
     samples = backend.set_calibration(calibration, cfg.calibration) if calibration is not None else 0
     records, cands = _check(backend, cfg, keep)
-    covs, whitened, patches = _observe(backend, cfg, cands, memo) if samples else ({}, {}, {})
+    with _sample_bar(progress if samples else False, "calibration: the original on", samples) as on_samples:
+        covs, whitened, patches = _observe(backend, cfg, cands, memo, on_samples) if samples else ({}, {}, {})
     msgs: list[str] = []
     if samples and cands:
-        _weigh(backend, cfg, cands, memo, msgs)
+        with _step_bar(progress, "calibration: each layer's effect on the output", live=True):
+            _weigh(backend, cfg, cands, memo, msgs)
     clock = Clock(backend, cfg, timer, memo) if cfg.objective == "latency" and cands else None
     budget, plan_msgs = _plan(backend, cfg, cands, whitened, patches, clock, progress)
     msgs += plan_msgs
@@ -175,13 +179,16 @@ def run(backend: Backend, cfg: ConvertConfig, *, calibration: Any = None,
             c.record.bn_folded = None
     backend.apply(replacements, by_name)
     if samples and replacements:
-        fits = backend.refit(replacements, by_name, cfg, pixels, progress if callable(progress) else None)
+        with _layer_bar(progress, "calibrating", len(replacements), counted=False) as on_layer:
+            fits = backend.refit(replacements, by_name, cfg, pixels,
+                                 on_layer if progress is True or callable(progress) else None)
         _record_fits(by_name, fits)
         _scarce_warning(records, samples, msgs)
     _layouts(backend, cands, replacements)
     result = backend.result(records, cfg, budget)
     if clock is not None:
-        _check_latency(clock, result, msgs)
+        with _step_bar(progress, f"checking: timing both whole models on {clock.where}"):
+            _check_latency(clock, result, msgs)
         clock.save()
     _warn(result, msgs)
     result.seconds = time.perf_counter() - start
@@ -247,10 +254,10 @@ def _check(backend: Backend, cfg: ConvertConfig, keep: Skip | None = None
 # calibration statistics → plan
 
 
-def _observe(backend: Backend, cfg: ConvertConfig, cands: list[Candidate], memo: Memo):
+def _observe(backend: Backend, cfg: ConvertConfig, cands: list[Candidate], memo: Memo, progress=None):
     """Input moments of every candidate (where the whitening or the data-aware allocation uses them) and the
     whitened kernels whose error curves are the predicted output errors the allocation uses; taken from ``memo``
-    when another conversion of the same model and data measured them."""
+    when another conversion of the same model and data measured them. ``progress(done, total)``: samples seen."""
     if memo.observed is not None:
         observed, covs, whitened, patches = memo.observed
         backend.use_observation(observed)
@@ -258,7 +265,7 @@ def _observe(backend: Backend, cfg: ConvertConfig, cands: list[Candidate], memo:
     cal = cfg.calibration
     need = cal.whiten or (cal.ranks and cfg.selection in ("flops", "latency"))
     auto = frozenset(c.name for c in cands if c.auto)
-    covs, patches = backend.observe(cands, moments=need, patches=auto) if cands else ({}, {})
+    covs, patches = backend.observe(cands, moments=need, patches=auto, progress=progress) if cands else ({}, {})
     whitened = {c.name: whiten(c.kernel.weight, covs[c.name], c.method, damp=cal.damp)
                 for c in cands if cal.ranks and c.name in covs and not c.auto}
     memo.observed = (backend.observation(), covs, whitened, patches)
@@ -306,21 +313,16 @@ def _plan(backend: Backend, cfg: ConvertConfig, cands: list[Candidate], whitened
 
 @contextmanager
 def _timing_bar(progress, layers: int, where: str):
-    """A progress bar with an ETA over the layers whose candidates are timed (``progress is True``); yields
-    ``on_layer(name)``, called before each layer is timed (``None``: a whole-model timing). Redrawn only between
-    measurements, never while timing."""
+    """A progress bar with an ETA over the layers whose candidates are timed (``progress is True``), drawn from the
+    start; yields ``on_layer(name)``, called before each layer is timed (``None``: a whole-model timing). Redrawn
+    only between measurements, never while timing."""
     if progress is not True:
         yield lambda name: None
         return
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), transient=True,
-                   auto_refresh=False)
+    bar = progress_bar(total=True)
     with bar:
         task = bar.add_task(f"timing candidates on {where}", total=layers)
+        bar.refresh()
         seen: set[str] = set()
 
         def on_layer(name):
@@ -331,6 +333,64 @@ def _timing_bar(progress, layers: int, where: str):
                     bar.advance(task)
                 seen.add(name)
                 bar.update(task, description=f"timing candidates of {name}")
+            bar.refresh()
+
+        yield on_layer
+
+
+@contextmanager
+def _step_bar(progress, what: str, *, live: bool = False):
+    """One step whose length is not known in advance (``progress is True``): its description, drawn once (no
+    redraw while it times), or with ``live`` redrawn with its elapsed time (a step that times nothing)."""
+    if progress is not True:
+        yield
+        return
+    with progress_bar(total=False, auto_refresh=live) as bar:
+        bar.add_task(what, total=None)
+        bar.refresh()
+        yield
+
+
+@contextmanager
+def _sample_bar(progress, what: str, samples: int):
+    """A progress bar with an ETA over ``samples`` calibration samples (``progress is True``); yields
+    ``on_samples(done, total)``."""
+    if progress is not True:
+        yield None
+        return
+    with progress_bar(total=True) as bar:
+        task = bar.add_task(f"{what} {samples} samples", total=samples)
+        bar.refresh()
+
+        def on_samples(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+            bar.refresh()
+
+        yield on_samples
+
+
+@contextmanager
+def _layer_bar(progress, what: str, layers: int, *, counted: bool = True):
+    """A progress bar with an ETA over ``layers`` layers (``progress is True``); yields ``on_layer(name)``, called as
+    each layer starts (``progress`` itself when it is a callable). ``counted=False``: the total (and so the ETA)
+    only from the first reported layer on, the elapsed time until then (a backend may report none)."""
+    if progress is not True:
+        yield progress if callable(progress) else (lambda name: None)
+        return
+    with progress_bar(total=True) as bar:
+        task = bar.add_task(f"{what} {layers} layers", total=layers if counted else None)
+        bar.refresh()
+        seen: set[str] = set()
+
+        def on_layer(name: str) -> None:
+            if name in seen:
+                return
+            if seen:
+                bar.advance(task)
+            elif not counted:
+                bar.update(task, total=layers)
+            seen.add(name)
+            bar.update(task, description=f"{what} {name}")
             bar.refresh()
 
         yield on_layer
@@ -354,7 +414,10 @@ class Clock:
     def planner(self, cfg: ConvertConfig, on_layer) -> latency.LatencyPlanner:
         """The layer timer; with a latency budget, the original model's time on the target is measured first."""
         layer_timer = latency.LayerTimer(self.target, cache=self.cache, timer=self.timer)
-        original_ms = self.models(["original"])[0].median_ms if cfg.selection == "latency" else None
+        original_ms = None
+        if cfg.selection == "latency":
+            on_layer(None)
+            original_ms = self.models(["original"])[0].median_ms
         return latency.LatencyPlanner(layer_timer, cfg.latency.margin, original_ms=original_ms,
                                       batch_size=self.backend.example_batch, on_layer=on_layer)
 
@@ -384,23 +447,18 @@ def _decompose(cfg: ConvertConfig, cands: list[Candidate], covs, pixels, *, cali
                progress) -> dict[str, SeparableConv2d]:
     """The replacement module of every planned candidate, in graph order."""
     items = [c for c in cands if c.record.plan is not None and c.plan.rank is not None]
-    iterator = items
-    if progress is True:
-        from rich.progress import track
-
-        iterator = track(items, description="decomposing", transient=True)
     replacements = {}
-    for c in iterator:
-        if callable(progress):
-            progress(c.name)
-        new = FORMS[c.plan.method].from_conv(c.kernel, c.plan.rank,
-                                             **from_conv_options(cfg, c, calibrated, covs, pixels.get(c.name)))
-        new.train(c.kernel.training)
-        replacements[c.name] = new
-        rec = c.record
-        rec.status = "converted"
-        rec.rel_error = new.decomposition_error
-        _count(rec, new, c.shapes)
+    with _layer_bar(progress, "decomposing", len(items)) as on_layer:
+        for c in items:
+            on_layer(c.name)
+            new = FORMS[c.plan.method].from_conv(c.kernel, c.plan.rank,
+                                                 **from_conv_options(cfg, c, calibrated, covs, pixels.get(c.name)))
+            new.train(c.kernel.training)
+            replacements[c.name] = new
+            rec = c.record
+            rec.status = "converted"
+            rec.rel_error = new.decomposition_error
+            _count(rec, new, c.shapes)
     return replacements
 
 

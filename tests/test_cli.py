@@ -88,8 +88,8 @@ def test_embedded_default(tmp_path, monkeypatch):
     res = _run("--method", "pw-dw-pw")
     assert res.exit_code == 0, res.output
     assert "top-1 accuracy (1000 held-out" in res.stdout
-    assert (tmp_path / "fashion_resnet_separable.pt2").is_file()
-    _check_converted(tmp_path / "fashion_resnet_separable.pt2", load_default_model())
+    assert (tmp_path / "fashion_separable.pt2").is_file()
+    _check_converted(tmp_path / "fashion_separable.pt2", load_default_model())
     res = _run("--method", "pw-dw-pw")  # a second run must not overwrite silently
     assert res.exit_code == 1 and "exists; pass --force" in res.stderr
 
@@ -594,7 +594,7 @@ def test_convert_help_starts_with_examples():
     text = _help("convert", 80)
     head = text.split("╭")[0]
     assert "Examples:" in head
-    for example in ("  separify convert      # the embedded model → fashion_resnet_separable.pt2",
+    for example in ("  separify convert      # the embedded model → fashion_separable.pt2",
                     "--arch 'torchvision.models:resnet18(num_classes=10)'", "--input-shape 1,3,224,224 --flops 0.5 "
                     "--calib images/", "separify convert model.onnx -o fast.onnx --objective latency --latency 0.6",
                     "--config conv.toml"):

@@ -156,3 +156,12 @@ def test_only_gpus_that_compute_bfloat16_count_as_native(monkeypatch, capability
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert precision.native_bfloat16(torch.device("cuda", 0)) is native
+
+
+def test_the_observation_pass_reports_its_progress_in_samples(monkeypatch):
+    import separify.calibration.observation as cal
+
+    monkeypatch.setattr(cal, "_OBSERVE_BYTES", 3 * 12 * 12 * 4 * 5)  # five samples per forward
+    seen = []
+    cal.observe(_net(), {"0": "1", "3": "3"}, [_images(12)], progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(5, 12), (10, 12), (12, 12)]

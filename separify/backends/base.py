@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -73,12 +73,13 @@ class Backend(abc.ABC):
         samples, the input picked by ``cal.input_key``); returns the samples that will be used."""
 
     @abc.abstractmethod
-    def observe(self, cands: Sequence[Candidate], moments: bool, patches: frozenset[str] = frozenset()
+    def observe(self, cands: Sequence[Candidate], moments: bool, patches: frozenset[str] = frozenset(),
+                progress: Callable[[int, int], None] | None = None
                 ) -> tuple[dict[str, InputCovariance], dict[str, PatchStatistics]]:
         """One pass over the calibration data through the original model: each candidate's input moments (where
         ``moments``), the patch statistics of input and output of the candidates in ``patches`` (for
         ``method="auto"``, :func:`~separify.calibration.observation.add_patches`) and whatever the refit needs
-        later."""
+        later; ``progress(done, total)`` after each batch, in samples."""
 
     @abc.abstractmethod
     def sensitivity(self, cands: Sequence[Candidate], cal: Calibration) -> tuple[dict[str, float], str | None]:

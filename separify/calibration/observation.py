@@ -11,6 +11,7 @@ BatchNorm's output in place (``out += identity``, ``ReLU(inplace=True)``) after 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -218,10 +219,26 @@ def _pieces(model: nn.Module, batches: list[torch.Tensor], dtype: torch.dtype | 
                 yield tuple(batch.shape[1:]), fast_layout(x) if channels_last else x
 
 
+def _forwards(model: nn.Module, pieces, seen: set[str], current: list[tuple], samples: int,
+              progress: Callable[[int, int], None] | None) -> None:
+    """The forwards of :func:`observe` over ``pieces`` (each stopped once every layer is observed), ``current[0]``
+    set to each piece's sample shape, ``seen`` cleared before each; ``progress(done, samples)`` after each."""
+    done = 0
+    for current[0], x in pieces:
+        seen.clear()
+        try:
+            model(x)
+        except _Reached:
+            pass
+        done += len(x)
+        if progress is not None:
+            progress(done, samples)
+
+
 def observe(
     model: nn.Module, layers: dict[str, str], batches: list[torch.Tensor], *, memory_gb: float = 4.0,
     moments: bool = True, patches: frozenset[str] = frozenset(), dtype: torch.dtype | None = None,
-    channels_last: bool = False,
+    channels_last: bool = False, progress: Callable[[int, int], None] | None = None,
 ) -> Observation:
     """Run ``model`` (the original) over ``batches`` once, measuring every conv in ``layers``.
 
@@ -239,6 +256,7 @@ def observe(
             model's precision); the moments and the kept outputs are float32 (float64 for a float64 model) anyway.
         channels_last: run the samples in the channels-last layout on a CPU (faster convolutions; only for models
             that take it, :func:`~separify.calibration.precision.runs_channels_last`).
+        progress: called as ``progress(done, total)`` (samples) after each forward.
 
     Returns:
         :class:`Observation` with one :class:`~separify.core.decompose.InputCovariance` and one output tensor per
@@ -284,12 +302,7 @@ def observe(
             if moments or name in patches:
                 handles.append(model.get_submodule(name).register_forward_pre_hook(pre(name)))
             handles.append(model.get_submodule(target).register_forward_hook(post(name)))
-        for current[0], x in _pieces(model, batches, dtype, channels_last):
-            seen.clear()
-            try:
-                model(x)
-            except _Reached:
-                pass
+        _forwards(model, _pieces(model, batches, dtype, channels_last), seen, current, samples, progress)
     finally:
         for h in handles:
             h.remove()

@@ -36,7 +36,7 @@ FINETUNE_BATCH = 64
 DATA_LIMIT = 1000
 MIN_TIME = 0.5
 COMPARE_FLOPS = "0.75,0.5,0.25"
-DEFAULT_OUTPUT = "fashion_resnet_separable.pt2"  # the embedded model's output without -o
+DEFAULT_OUTPUT = "fashion_separable.pt2"  # the embedded model's output without -o
 
 
 class _FlagsAsFlags:

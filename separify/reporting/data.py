@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from separify.core.measure import Timing
 from separify.records import ConvertResult, Search
+from separify.reporting.verdict import Verdict, verdict
 
 __all__ = ["Report", "ModelFigures", "Latency", "Quality", "LayerFigures", "NotMeasured", "Comparison", "write_json",
            "SCHEMA", "SCHEMA_VERSION", "schema", "fig", "timing_doc", "conversion_doc", "search_doc", "MEASURED",
@@ -171,7 +172,12 @@ class Report:
                          "converted": fig(q.converted, q.unit)} for q in self.quality],
             "layers": [_layer_dict(r) for r in self.layers],
             "not_measured": [{"what": w, "why": y} for w, y in self.not_measured],
+            "verdict": self.verdict().to_dict(),
         }
+
+    def verdict(self) -> Verdict:
+        """What the conversion gave in a sentence, and the next step (:mod:`~separify.reporting.verdict`)."""
+        return verdict(self)
 
 
 @dataclass(frozen=True)

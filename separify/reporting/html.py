@@ -16,10 +16,12 @@ import os
 from typing import Callable
 
 from separify.core.measure import Timing
-from separify.reporting.data import Comparison, NotMeasured, Report
+from separify.reporting.data import Comparison, Report
 from separify.reporting.search import (CHOSEN, OVER, WITHIN, search_chosen, search_head, search_of, search_rows,
                                        search_title)
-from separify.reporting.tables import SUSPECT_NOTE, source_note
+from separify.reporting.story import (SUSPECT_NOTE, Cell, conversion_lines, environment_line, layer_head,
+                                      layer_rows, note_lines, totals_rows)
+from separify.reporting.verdict import verdict
 
 __all__ = ["render_html", "write_html", "write_png"]
 
@@ -213,11 +215,12 @@ _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.85em; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child, td.text { text-align: left; }
+th:first-child, td:first-child, td.text, th.text { text-align: left; }
 td.kept { color: #8a6d00; } td.worse { color: #c00; font-weight: bold; } .noisy { color: #b36b00; }
 td.chosen { font-weight: bold; } .suspect { color: #c00; }
 figure { margin: 1.5em 0; } figcaption { font-weight: bold; margin-bottom: 0.3em; }
 .meta { color: #555; font-size: 0.85em; }
+.verdict { border-left: 4px solid #1f77b4; background: #f3f7fb; padding: 0.2em 1em; margin: 1em 0; }
 """
 
 
@@ -225,12 +228,28 @@ def _e(x) -> str:
     return html.escape(str(x))
 
 
-def _t(t: Timing | NotMeasured | None) -> str:
-    if t is None or isinstance(t, NotMeasured):
-        return f'<span title="{_e(t.why) if t else ""}">not measured</span>'
-    suspect = f' <span class="suspect" title="{_e(SUSPECT_NOTE)}">suspect</span>' if t.suspect else ""
-    noisy = ' <span class="noisy">noisy</span>' if t.noisy else ""
-    return f"{t.median_ms:.3g} ms ±{100 * t.spread:.0f}%{suspect}{noisy}"
+def _cells(row: list[Cell]) -> tuple[list[str], list[str]]:
+    """A row of :mod:`~separify.reporting.story` cells as escaped HTML and CSS classes (a suspect timing explains
+    itself on hover)."""
+    texts = [f'<span title="{_e(SUSPECT_NOTE)}">{_e(c.text)}</span>' if c.style == "suspect" else _e(c.text)
+             for c in row]
+    return texts, [c.style or "" for c in row]
+
+
+def _cell_table(cols: list[tuple[str, str]], rows: list[list[Cell]]) -> str:
+    """A table of story cells under ``(head, "left"|"right")`` columns; left-justified columns get class ``text``."""
+    out, classes = [], []
+    for row in rows:
+        texts, cls = _cells(row)
+        out.append(texts)
+        classes.append([" ".join(filter(None, (c, "text" if j == "left" else ""))) for c, (_, j) in zip(cls, cols)])
+    return _table([h for h, _ in cols], out, classes, {i for i, (_, j) in enumerate(cols) if j == "left"})
+
+
+def _verdict(rep: Report) -> str:
+    v = verdict(rep)
+    hint = f"<p><b>Next:</b> {_e(v.hint)}</p>" if v.hint else ""
+    return f"<div class='verdict'><p><b>Verdict:</b> {_e(v.text())}</p>{hint}</div>"
 
 
 def _search_section(rep: Report) -> list[str]:
@@ -248,8 +267,11 @@ def _search_section(rep: Report) -> list[str]:
             f"<figure><figcaption>{_e(title)}</figcaption>{_svg(draw, height)}</figure>"]
 
 
-def _table(head: list[str], rows: list[list[str]], classes: list[list[str]] | None = None) -> str:
-    out = ["<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+def _table(head: list[str], rows: list[list[str]], classes: list[list[str]] | None = None,
+           left: set[int] = frozenset()) -> str:
+    """``left``: the columns whose heads are left-justified (their cells say so in ``classes``)."""
+    heads = [f'<th class="text">{_e(h)}</th>' if i in left else f"<th>{_e(h)}</th>" for i, h in enumerate(head)]
+    out = ["<table><thead><tr>" + "".join(heads) + "</tr></thead><tbody>"]
     for i, row in enumerate(rows):
         cls = classes[i] if classes else [""] * len(row)
         out.append("<tr>" + "".join(f'<td class="{c}">{v}</td>' if c else f"<td>{v}</td>" for v, c in zip(row, cls))
@@ -259,45 +281,23 @@ def _table(head: list[str], rows: list[list[str]], classes: list[list[str]] | No
 
 
 def _report_body(rep: Report) -> str:
-    o, c = rep.original, rep.converted
-    rows = [["FLOPs (M, = 2 × MACs)", f"{o.flops / 1e6:,.2f}", f"{c.flops / 1e6:,.2f}", f"{rep.flops_ratio:.3f}"],
-            ["parameters", f"{o.params:,}", f"{c.params:,}", f"{c.params / max(o.params, 1):.3f}"],
-            ["state dict size (MB)", f"{o.state_dict_bytes / 1e6:.2f}", f"{c.state_dict_bytes / 1e6:.2f}",
-             f"{c.state_dict_bytes / max(o.state_dict_bytes, 1):.3f}"]]
-    for lat in rep.latency:
-        rows.append([f"latency, {_e(lat.backend)} (median ±IQR/median){_e(source_note(lat))}", _t(lat.original),
-                     _t(lat.converted),
-                     "not measured" if lat.ratio is None else f"{lat.ratio:.3f}"])
-    for q in rep.quality:
-        fmt = "{:.4f}" if q.unit in ("fraction", "user") else "{:.3g}"
-        rows.append([f"{_e(q.metric)} <span class='meta'>({_e(q.data)})</span>",
-                     "—" if q.original is None else fmt.format(q.original), fmt.format(q.converted), ""])
-    parts = ["<h2>Whole model</h2>", _table(["", "original", "converted", "converted / original"], rows)]
-
+    """The whole-model table, the conversion's lines, the layer table, the search, the notes and the
+    plots: the terminal's content (:func:`~separify.reporting.tables.print_report`) in its words."""
+    parts = ["<h2>Whole model</h2>",
+             _cell_table([("", "left"), ("original", "right"), ("converted", "right"),
+                          ("converted / original", "right")], totals_rows(rep)),
+             f"<p class='meta'>{_e(environment_line(rep))}</p>"]
+    parts += [f"<p>{_e(line)}</p>" for line in conversion_lines(rep.conversion)]
     if rep.layers:
-        head = ["layer", "conv", "status", "method", "rank", "MFLOPs before", "MFLOPs after", "latency before",
-                "latency after", "time ratio", "kernel error", "notes / reason"]
-        lrows, lcls = [], []
-        for r in rep.layers:
-            ratio = r.latency_ratio
-            lrows.append([_e(r.name), _e(r.conv), _e(r.status), _e(r.method or ""), _e(r.rank if r.rank is not None else ""),
-                          "—" if r.flops_before is None else f"{r.flops_before / 1e6:,.2f}",
-                          "—" if r.flops_after is None else f"{r.flops_after / 1e6:,.2f}",
-                          _t(r.latency_before), _t(r.latency_after) if r.status == "converted" else "",
-                          "" if ratio is None else f"{ratio:.2f}",
-                          "" if r.kernel_error is None else f"{r.kernel_error:.3f}",
-                          _e(r.note or "" if r.status == "converted" else "; ".join(t for t in (r.reason, r.note) if t))])
-            lcls.append(["text", "text", "kept" if r.status != "converted" else "text", "text"] + [""] * 5
-                        + ["worse" if ratio is not None and ratio > 1 else "", "", "text"])
-        parts += ["<h2>Layers</h2>", _table(head, lrows, lcls)]
-
+        title, cols = layer_head(rep)
+        parts += [f"<h2>{_e(title)}</h2>", _cell_table(cols, layer_rows(rep))]
     parts += _search_section(rep)
+    notes = note_lines(rep)
+    if notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
     parts.append("<h2>Plots</h2>")
     for title, draw, height in _plots(rep, search=False):
         parts.append(f"<figure><figcaption>{_e(title)}</figcaption>{_svg(draw, height)}</figure>")
-    if rep.not_measured:
-        parts.append("<h2>Not measured</h2><ul>" + "".join(f"<li>{_e(w)}: {_e(y)}</li>" for w, y in rep.not_measured)
-                     + "</ul>")
     return "\n".join(parts)
 
 
@@ -307,8 +307,7 @@ def _meta(rep: Report) -> str:
              f"GPU {env['gpu']}" if env.get("gpu") else "no GPU used", f"torch {env.get('torch')}",
              f"onnxruntime {env.get('onnxruntime')}", f"device {s.get('device')}", f"batch {s.get('batch_size')}",
              f"{s.get('threads')} threads", f"input {s.get('input_shapes')}", f"separify {env.get('separify')}"]
-    notes = "".join(f"<p class='meta'>note: {_e(n)}</p>" for n in s.get("notes", []))
-    return f"<p class='meta'>{' · '.join(_e(i) for i in items)}</p>{notes}"
+    return f"<p class='meta'>{' · '.join(_e(i) for i in items)}</p>"
 
 
 def render_html(doc: Report | Comparison, *, title: str = "separify report") -> str:
@@ -320,10 +319,10 @@ def render_html(doc: Report | Comparison, *, title: str = "separify report") -> 
         for t, draw, height in _plots(doc):
             body.append(f"<figure><figcaption>{_e(t)}</figcaption>{_svg(draw, height)}</figure>")
         for label, _, rep in doc.runs:
-            body.append(f"<h2>{_e(label)}</h2>" + _report_body(rep))
+            body.append(f"<h2>{_e(label)}</h2>" + _verdict(rep) + _report_body(rep))
         content = "\n".join(body)
     else:
-        content = _meta(doc) + _report_body(doc)
+        content = _verdict(doc) + _meta(doc) + _report_body(doc)
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
             f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>\n{content}\n</body></html>\n")
 

@@ -3,8 +3,10 @@
 For every ``nn.Conv2d`` of a PyTorch original, the converted model holds at the same name either a separable module
 (:class:`~separify.SeparableConv2d`, or the 1×1/depthwise convs under that name when the model was loaded back from a
 ``torch.export`` program), or the same conv (kept). ONNX models are paired by node name
-(:func:`separify.backends.onnx.pair_layers`). With the :class:`~separify.ConvertResult` of the conversion, the
-per-layer record (method, rank, reason for keeping, errors) joins the row.
+(:func:`separify.backends.onnx.pair_layers`), and their rows are named after the layer each node came from where the
+file records it (:func:`separify.backends.onnx.source_names`), the node name in the note. With the
+:class:`~separify.ConvertResult` of the conversion, the per-layer record (method, rank, reason for keeping, errors)
+joins the row.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from separify.reporting.data import LayerFigures, NotMeasured
 from separify.reporting.progress import Bar
 from separify.reporting.settings import ReportSettings, check_matches
 
-__all__ = ["conv_desc", "torch_layers", "onnx_layers", "flag_shared"]
+__all__ = ["conv_desc", "torch_layers", "onnx_layers", "flag_shared", "flag_slow"]
 
 KEPT = "the same conv is in both models"
 
@@ -105,13 +107,15 @@ def torch_layers(original: nn.Module, converted: nn.Module, inputs: tuple, resul
         times = _layer_times(name, conv, new, status, calls[0] if calls else None, settings, run_time, bar)
         row = _torch_row(name, conv, status, new, calls, flops, times, records.get(name), where)
         rows.append(_disagreement(row, len(calls)) if same else row)
-    return flag_shared(rows)
+    return flag_slow(flag_shared(rows))
 
 
 #: a dense conv timed by the report and by the selection on an equivalent target disagree beyond this factor
 DISAGREE = 2.0
 #: this many layers of different shapes reading one figure (3 significant digits) is implausible
 SHARED_LAYERS = 3
+#: a dense conv taking this many times the median time per FLOP of the timed convs is implausible
+SLOW_FACTOR = 100.0
 
 
 def _disagreement(row: LayerFigures, calls: int) -> LayerFigures:
@@ -149,6 +153,19 @@ def flag_shared(rows: Sequence[LayerFigures]) -> list[LayerFigures]:
 
     return [dataclasses.replace(r, latency_before=mark("before", r.latency_before),
                                 latency_after=mark("after", r.latency_after)) for r in rows]
+
+
+def flag_slow(rows: Sequence[LayerFigures]) -> list[LayerFigures]:
+    """``rows`` with a dense conv's timing marked ``suspect`` where its time per FLOP is more than
+    :data:`SLOW_FACTOR` × the median over the timed convs (at least three): e.g. a 0.5 MFLOPs stem conv reading
+    16 ms while the others run at a thousandth of that per FLOP (a stall, not the layer's time)."""
+    per_flop = {r.name: r.latency_before.median_ms / r.flops_before for r in rows
+                if isinstance(r.latency_before, Timing) and r.flops_before}
+    if len(per_flop) < 3:
+        return list(rows)
+    limit = SLOW_FACTOR * sorted(per_flop.values())[len(per_flop) // 2]
+    return [dataclasses.replace(r, latency_before=dataclasses.replace(r.latency_before, suspect=True))
+            if per_flop.get(r.name, 0.0) > limit else r for r in rows]
 
 
 def _counterpart(name: str, new_modules: dict[str, nn.Module], conv_order: list[str]) -> tuple[str, nn.Module | None]:
@@ -246,22 +263,32 @@ def _rank_of(module: nn.Module | None) -> int | None:
 
 
 def onnx_layers(models: Sequence[Any], feeds: Mapping[str, Any], result: ConvertResult | None,
-                threads: int | None) -> list[LayerFigures]:
-    """One row per Conv node of ``models[0]``, paired by node name with ``models[1]``; FLOPs on ``feeds``, no
-    per-layer timing."""
+                threads: int | None, *, pairs: Sequence[LayerRecord] | None = None) -> list[LayerFigures]:
+    """One row per Conv node of ``models[0]``, paired by node name with ``models[1]`` (``pairs``: those of
+    :func:`~separify.backends.onnx.pair_layers`, when already made); FLOPs on ``feeds``, no per-layer timing.
+    A row is named after the layer its node came from where the file records one
+    (:func:`~separify.backends.onnx.source_names`: e.g. ``layer1.0.conv1`` for torch.onnx's ``node_Conv_12``),
+    with ``node <name>`` first in its note; else after the node."""
     from separify.backends import onnx as onnx_pass
 
     records = _records(result)
+    if pairs is None:
+        pairs = onnx_pass.pair_layers(*models, feeds, threads=threads)
+    sources = onnx_pass.source_names(models[0])
     rows = []
-    for pair in onnx_pass.pair_layers(*models, feeds, threads=threads):
+    for pair in pairs:
         rec = records.get(pair.name)
         why = NotMeasured("per-layer timing is for PyTorch models only")
+        figures = _record_figures(rec, result.latency_target if result is not None else None)
+        name = sources.get(pair.name, pair.name)
+        if name != pair.name:
+            figures["note"] = "; ".join(p for p in (f"node {pair.name}", figures["note"]) if p)
         rows.append(LayerFigures(
-            name=pair.name, conv=conv_desc(pair.in_channels, pair.out_channels, pair.kernel_size, pair.stride,
-                                           pair.groups),
+            name=name, conv=conv_desc(pair.in_channels, pair.out_channels, pair.kernel_size, pair.stride,
+                                      pair.groups),
             status=pair.status, input_shape=pair.input_shape, flops_before=pair.flops_before,
             flops_after=pair.flops_after, latency_before=why, latency_after=why, method=pair.method, rank=pair.rank,
             reason=_reason(rec, pair.status, "no Conv node, or nodes written by separify, at this name in the "
                                              "converted model"),
-            **_record_figures(rec, result.latency_target if result is not None else None)))
+            **figures))
     return rows

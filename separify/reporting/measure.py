@@ -121,10 +121,13 @@ def report_onnx(
     FLOPs are those of the Conv, Gemm and MatMul nodes (:func:`separify.backends.onnx.onnx_flops`); parameters are
     the initializers' elements; latency is onnxruntime on the CPU, both models in the same run
     (:func:`~separify.core.measure.time_onnxruntime`); quality as in :func:`report`, with both models run by
-    onnxruntime. Layers are paired by node name (:func:`separify.backends.onnx.pair_layers`); per-layer latency is
-    not measured for ONNX models. ``result`` (the conversion's record) adds ranks, errors and reasons.
-    ``input_shapes`` fixes the inputs' dynamic dimensions (:func:`separify.backends.onnx.example_feeds`, seeded by
-    ``seed``); the other settings are those of :class:`~separify.reporting.ReportSettings`.
+    onnxruntime; a file's size counts the external-data files it references
+    (:func:`separify.backends.onnx.onnx_file_bytes`). Layers are paired by node name
+    (:func:`separify.backends.onnx.pair_layers`) and named after the layer they came from where the file records it
+    (:func:`separify.backends.onnx.source_names`); per-layer latency is not measured for ONNX models. ``result``
+    (the conversion's record) adds ranks, errors and reasons. ``input_shapes`` fixes the inputs' dynamic dimensions
+    (:func:`separify.backends.onnx.example_feeds`, seeded by ``seed``); the other settings are those of
+    :class:`~separify.reporting.ReportSettings`.
     """
     settings = ReportSettings(data=data, labels=labels, data_name=data_name, random_samples=random_samples,
                               class_dim=class_dim, seed=seed, threads=threads, latency=latency,
@@ -146,15 +149,16 @@ def _report_onnx(paths: tuple[str | os.PathLike, str | os.PathLike], result: Con
         bar = progress_bar(stack, s.progress)
         bar.step("counting FLOPs and parameters")
         figures = tuple(ModelFigures(onnx_pass.onnx_flops(m, feeds, threads=s.threads), onnx_pass.onnx_params(m),
-                                     onnx_pass.initializer_bytes(m), str(p), os.path.getsize(p))
+                                     onnx_pass.initializer_bytes(m), str(p), onnx_pass.onnx_file_bytes(p))
                         for m, p in zip(models, paths))
         runners = [onnx_pass.OrtModule(m, threads=s.threads) for m in models]
         check_outputs(*runners, inputs)
         bar.step("measuring quality")
         quality = measure_quality(*runners, inputs, s)
         bar.step("pairing the layers")
-        layers = onnx_layers(models, feeds, result, s.threads)
-        latencies = _onnx_latency(paths, inputs, s, bar, result, {r.name: r.input_shape for r in layers})
+        pairs = onnx_pass.pair_layers(*models, feeds, threads=s.threads)
+        layers = onnx_layers(models, feeds, result, s.threads, pairs=pairs)  # rows named after the source layers
+        latencies = _onnx_latency(paths, inputs, s, bar, result, {p.name: p.input_shape for p in pairs})
         not_measured += _latency_gaps(latencies, s)
     notes = notes + ["FLOPs: Conv, Gemm and MatMul nodes only (other ONNX ops, e.g. LSTM, are not counted)"]
     return Report(figures[0], figures[1], tuple(latencies), tuple(quality), tuple(layers), s.document(inputs, notes),
@@ -184,9 +188,20 @@ def _latency_gaps(latencies: list[Latency], settings: ReportSettings) -> list[tu
 
 
 def _model_figures(model: nn.Module, inputs, file) -> ModelFigures:
-    size = os.path.getsize(file) if file is not None and os.path.isfile(file) else None
     return ModelFigures(count_flops(model, inputs), count_params(model), state_dict_bytes(model),
-                        str(file) if file is not None else None, size)
+                        str(file) if file is not None else None, _file_bytes(file))
+
+
+def _file_bytes(file: str | os.PathLike | None) -> int | None:
+    """Bytes on disk of a model file (``None``: no file): an ONNX file (by its ``.onnx`` extension) with every
+    external-data file it references (:func:`separify.backends.onnx.onnx_file_bytes`), any other the file alone."""
+    if file is None or not os.path.isfile(file):
+        return None
+    if Path(file).suffix.lower() == ".onnx":
+        from separify.backends.onnx import onnx_file_bytes
+
+        return onnx_file_bytes(file)
+    return os.path.getsize(file)
 
 
 def _torch_latency(original: nn.Module, converted: nn.Module, inputs: tuple, settings: ReportSettings,

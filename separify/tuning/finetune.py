@@ -49,6 +49,7 @@ from torch import nn
 
 from separify.errors import SeparifyError
 from separify.core.measure import frozen_mode
+from separify.core.progress import progress_bar
 from separify.io.files import atomic_write
 from separify.tuning import defaults
 
@@ -396,9 +397,7 @@ class _Trainer:
     def start_progress(self, progress: bool, label: str = "fine-tuning") -> None:
         """A transient progress bar on rank 0, from the current step."""
         if progress and self.rank == 0:
-            from rich.progress import Progress
-
-            self.bar = Progress(transient=True)
+            self.bar = progress_bar(total=True, auto_refresh=True)
             self.bar.start()
             self.task = self.bar.add_task(label, total=self.total, completed=self.step)
 

@@ -3,5 +3,5 @@
 from separify.backends.onnx.backend import OnnxBackend, OnnxConvertResult  # noqa: F401
 from separify.backends.onnx.finetune import finetune_onnx, import_torch  # noqa: F401
 from separify.backends.onnx.graph import (MIN_OPSET, OrtModule, example_feeds, initializer_bytes, load_onnx,  # noqa: F401
-                                          onnx_flops, onnx_params, save_onnx, session)
-from separify.backends.onnx.pairing import pair_layers  # noqa: F401
+                                          onnx_file_bytes, onnx_flops, onnx_params, save_onnx, session)
+from separify.backends.onnx.pairing import pair_layers, source_names  # noqa: F401

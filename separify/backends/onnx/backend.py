@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +25,7 @@ from separify.backends.onnx.graph import (_EXTERNAL_KEY, OrtModule, _chunks, _fi
                                           _pads, _padded, _probe, _taken_names, example_feeds, graph_inputs,
                                           load_onnx, onnx_flops, onnx_params, save_onnx, session,
                                           too_large_in_memory)
+from separify.backends.onnx.pairing import source_names
 from separify.backends.onnx.rewrite import (_output_name, _rewrite, _write_layout, check, kernel_conv, layer_spec,
                                             match)
 from separify.calibration import as_batches, sensitivity
@@ -32,15 +35,20 @@ from separify.config import Calibration, ConvertConfig, LatencyTarget
 from separify.core import measure
 from separify.core.modules import SeparableConv2d
 from separify.errors import ConfigError, SeparifyError, first_line
+from separify.io.files import few_names
 from separify.planning.latency import injected_timings
-from separify.records import ConvertResult, LayerRecord
+from separify.records import ConvertResult, LayerRecord, Reason, Skip
 
 __all__ = ["OnnxBackend", "OnnxConvertResult"]
 
 
 class OnnxBackend(Backend):
     """An ONNX model (a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``; never modified: the backend works on
-    a clone whose tensors are shared, never mutated), converted at ``input_shapes``."""
+    a clone whose tensors are shared, never mutated), converted at ``input_shapes``.
+
+    Layers are named after their nodes (:func:`~separify.backends.onnx.rewrite.match`); the name of the layer each
+    came from, where the file records it (:func:`~separify.backends.onnx.source_names`), goes to the result's
+    ``source_names``, and ``exclude`` patterns (and rules with ``exclude=True``) match it too."""
 
     path = "onnx"
 
@@ -56,6 +64,8 @@ class OnnxBackend(Backend):
         self.flops_before = sum(_node_flops(n, self.shapes) for n in counted)
         self.params_before = onnx_params(self.work)
         self.sites = {s.name: s for s in match(self.work)}
+        self.source_names = source_names(self.work)
+        self.cfg = cfg
         self.fixed_batch = _fixed_batch(self.work)
         self.value_names = _taken_names(self.work)
         self.batches: list[torch.Tensor] | None = None
@@ -75,6 +85,10 @@ class OnnxBackend(Backend):
             if refusal is None and site.input_shape is not None:
                 site.pads = _pads(site.node, site.input_shape, site.weight.shape[2:])
                 shapes = [_padded(site.input_shape, site.input_pads)]
+            if refusal is None:
+                pattern = _excluded_by_source(self.cfg, site.name, self.source_names.get(site.name, site.name))
+                if pattern is not None:  # as the pipeline words an exclusion by the layer name
+                    refusal = Skip(Reason.EXCLUDED, f"excluded by pattern {pattern!r}")
             found.append(Found(spec, _node_flops(site.node, self.shapes), int(params), shapes, refusal))
         return found
 
@@ -99,12 +113,12 @@ class OnnxBackend(Backend):
         self.samples = sum(len(c) for c in _chunks(self.batches, self.fixed_batch))  # as run: a fixed batch drops
         return self.samples  # the partial last batch
 
-    def observe(self, cands, moments: bool, patches=frozenset()):
+    def observe(self, cands, moments: bool, patches=frozenset(), progress=None):
         if not moments and not patches:
             return {}, {}
         return onnx_calibrate.moments(self.original, [self.sites[c.name] for c in cands],
                                       {c.name: c.kernel for c in cands}, self.batches, self.fixed_batch, self.threads,
-                                      moments=moments, patches=patches)
+                                      moments=moments, patches=patches, progress=progress)
 
     def sensitivity(self, cands, cal: Calibration):
         """Through the model imported into PyTorch (onnx2torch, modules named after the nodes); without it, none."""
@@ -209,7 +223,10 @@ class OnnxBackend(Backend):
                                                                                    threads=self.threads),
             self.params_before, onnx_params(self.work), flops_budget,
             input_shapes={k: tuple(v.shape) for k, v in self.feeds.items()}, checked=checked,
-            factor_nodes=factor_nodes)
+            factor_nodes=factor_nodes, source_names=dict(self.source_names))
+        for msg in _rules_by_source(cfg, self.source_names):
+            warnings.warn(msg, stacklevel=2)
+            result.warnings.append(msg)
         if self.check_samples and self.replaced:
             result.output_error = _compare(self.original, self.work, self.feeds, self.check_samples, self.seed,
                                            self.replaced, {r.name: r for r in records}, self.threads)
@@ -223,6 +240,9 @@ class OnnxConvertResult(ConvertResult):
 
     Extra attributes:
         input_shapes: the shapes the model was converted (and FLOPs counted) at.
+        source_names: layer name (the node's, ``rec.name``) → the name of the layer it came from where the file
+            records one (e.g. ``layer1.0.conv1`` for torch.onnx's ``node_Conv_12``), else the layer name
+            (:func:`~separify.backends.onnx.source_names`); :meth:`source_name` reads it.
         output_error: largest relative error ‖y − ŷ‖/‖y‖ over the graph outputs, original vs converted, both run in
             onnxruntime on ``check_samples`` random inputs (the per-layer ``output_error`` is the same for each
             converted layer's output inside the converted model, so it includes the error of the layers before it).
@@ -234,6 +254,12 @@ class OnnxConvertResult(ConvertResult):
     output_error: float | None = None
     checked: bool = False
     factor_nodes: dict[str, list[str]] = field(default_factory=dict)  # layer → names of the Conv nodes written
+    source_names: dict[str, str] = field(default_factory=dict)
+
+    def source_name(self, layer: str | LayerRecord) -> str:
+        """The name of the layer ``layer`` (a name or a record) came from, else its own (node) name."""
+        name = layer if isinstance(layer, str) else layer.name
+        return self.source_names.get(name, name)
 
     def save(self, path: str | os.PathLike) -> list[Path]:
         """Write the converted model atomically (see :func:`save_onnx`); returns the files written. A model too large
@@ -246,7 +272,41 @@ class OnnxConvertResult(ConvertResult):
         doc = super().to_dict()
         doc.update(input_shapes={k: list(v) for k, v in self.input_shapes.items()}, output_error=self.output_error,
                    checked=self.checked)
+        for layer in doc["layers"]:
+            layer["source_name"] = self.source_name(layer["name"])
         return doc
+
+
+def _excluded_by_source(cfg: ConvertConfig, layer: str, source: str) -> str | None:
+    """The pattern that leaves ``layer`` dense by its source name ``source``: an ``exclude`` pattern matching it
+    (exclusions come first, as for layer names), else the first rule matching it when that rule excludes and no
+    rule matches the layer name itself (whose own rule wins, as the pipeline applies it); else ``None``."""
+    own = cfg.rule_for(layer)
+    if source == layer or (own is not None and own.exclude):
+        return None  # the pipeline matches the layer name
+    pattern = next((p for p in cfg.exclude if fnmatch.fnmatchcase(source, p)), None)
+    if pattern is not None:
+        return pattern
+    if own is not None:
+        return None
+    rule = cfg.rule_for(source)
+    return rule.pattern if rule is not None and rule.exclude else None
+
+
+def _rules_by_source(cfg: ConvertConfig, names: dict[str, str]) -> list[str]:
+    """A warning for each rule that sets a form or rank and matches layers by their source names only: rules are
+    applied by layer (node) name; only exclusions also match source names."""
+    msgs = []
+    for rule in cfg.rules:
+        if rule.exclude:
+            continue
+        by_source = [s for layer, s in names.items() if s != layer and rule.matches(s)]
+        if by_source and not any(rule.matches(layer) for layer in names):
+            msgs.append(f"rule {rule.pattern!r} matches only the source names of layers of this ONNX model "
+                        f"({few_names(by_source)}); "
+                        "rules that set a form or rank match the node names (the notes of the report's layer rows "
+                        "give them); only exclusions match either name")
+    return msgs
 
 
 def _onnx_target(cfg: ConvertConfig) -> LatencyTarget:

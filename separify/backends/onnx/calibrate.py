@@ -33,9 +33,10 @@ from separify.config import Calibration
 
 def moments(original: ir.Model, sites: list[OnnxConvSite], kernels: Mapping[str, nn.Conv2d],
             batches: Sequence[torch.Tensor], fixed: int | None, threads: int | None, *, moments: bool = True,
-            patches: frozenset[str] = frozenset()) -> tuple[dict, dict]:
+            patches: frozenset[str] = frozenset(), progress=None) -> tuple[dict, dict]:
     """Input moments of every candidate on the calibration data (where ``moments``), captured as extra outputs of
-    the original model, and the patch statistics of input and output of the candidates in ``patches``."""
+    the original model, and the patch statistics of input and output of the candidates in ``patches``;
+    ``progress(done, total)`` after each batch, in samples."""
     names = {s.name: s.node.inputs[0].name for s in sites}
     outs_of = {s.name: s.node.outputs[0].name for s in sites if s.name in patches}
     want = list(dict.fromkeys([*names.values(), *outs_of.values()]))
@@ -44,6 +45,7 @@ def moments(original: ir.Model, sites: list[OnnxConvSite], kernels: Mapping[str,
     samples = sum(len(c) for c in _chunks(batches, fixed))  # as run: a fixed batch size drops a partial batch
     acc = {s.name: _Moments(samples) for s in sites}
     stats: dict = {}
+    done = 0
     for chunk in _chunks(batches, fixed):
         outs = dict(zip(want, sess.run(want, {input_name: chunk})))
         for s in sites:
@@ -54,6 +56,9 @@ def moments(original: ir.Model, sites: list[OnnxConvSite], kernels: Mapping[str,
                 _accumulate(kernels[s.name], x, acc[s.name])
             if s.name in outs_of:
                 add_patches(stats, s.name, kernels[s.name], x, torch.from_numpy(outs[outs_of[s.name]]), samples)
+        done += len(chunk)
+        if progress is not None:
+            progress(done, samples)
     return {n: a.result() for n, a in acc.items() if a.channel is not None}, stats
 
 

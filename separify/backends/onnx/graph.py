@@ -1,5 +1,5 @@
-"""ONNX models in and out: loading, saving (atomically, external data included), onnxruntime sessions,
-example inputs, probed shapes and the FLOPs and parameters of a graph.
+"""ONNX models in and out: loading, saving (atomically, external data included), their size on disk (external data
+included), onnxruntime sessions, example inputs, probed shapes and the FLOPs and parameters of a graph.
 
 Shapes come from running the model once in onnxruntime on a random input (extra graph outputs on the inputs of every
 Conv, Gemm and MatMul), so models with dynamic spatial dimensions are converted, and timed, at the shape the user
@@ -183,6 +183,66 @@ def save_onnx(model: ir.Model, path: str | os.PathLike, *, check: bool = False) 
             os.chmod(f, 0o666 & ~umask)
             os.replace(f, folder / f.name)
     return [folder / f.name for f in written]
+
+
+def onnx_file_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of the ONNX model at ``path``: the file itself plus every distinct external-data file its
+    tensors reference (initializers, sparse initializers and tensor attributes, subgraphs and functions included),
+    each counted once, locations resolved relative to the model's folder as ONNX specifies. A referenced file that
+    is missing counts for nothing; a file that does not parse as ONNX counts alone."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    path = Path(path)
+    total = path.stat().st_size
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not an ONNX protobuf: its own size is all there is
+        return total
+    seen = {os.path.realpath(path)}
+    for tensor in _tensors(proto):
+        if not uses_external_data(tensor):
+            continue
+        try:
+            location = ExternalDataInfo(tensor).location
+        except Exception:  # noqa: BLE001 - a malformed external_data entry
+            continue
+        if not location:
+            continue
+        file = os.path.realpath(path.parent / location)
+        if file not in seen:
+            seen.add(file)
+            if os.path.isfile(file):
+                total += os.path.getsize(file)
+    return total
+
+
+def _tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in ``proto``: graph and subgraph initializers (sparse ones too) and tensor attributes of
+    the nodes of the graph, its subgraphs and the model's functions."""
+    def graph(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        yield from nodes(g.node)
+
+    def nodes(items) -> Iterator[onnx.TensorProto]:
+        for node in items:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                if a.HasField("sparse_tensor"):
+                    yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
+                for sparse in a.sparse_tensors:
+                    yield from (sparse.values, sparse.indices)
+                if a.HasField("g"):
+                    yield from graph(a.g)
+                for sub in a.graphs:
+                    yield from graph(sub)
+
+    yield from graph(proto.graph)
+    for f in proto.functions:
+        yield from nodes(f.node)
 
 
 def graph_inputs(model: ir.Model) -> list[ir.Value]:

@@ -118,11 +118,11 @@ class TorchBackend(Backend):
             return 0.0
         return self.flops_before / example.numel() * sum(b.numel() for b in self.batches)
 
-    def observe(self, cands, moments: bool, patches=frozenset()):
+    def observe(self, cands, moments: bool, patches=frozenset(), progress=None):
         targets = {c.name: c.record.bn_folded or c.name for c in cands}
         # on the input model, before any rewrite (so inplace is safe); the outputs are the refit's targets
         self.obs = observe(self.original, targets, self.batches, memory_gb=self.memory_gb, moments=moments,
-                           patches=patches, dtype=self.dtype, channels_last=self.channels_last)
+                           patches=patches, dtype=self.dtype, channels_last=self.channels_last, progress=progress)
         return self.obs.covariances, self.obs.patches
 
     def sensitivity(self, cands, cal: Calibration):
