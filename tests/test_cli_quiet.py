@@ -164,3 +164,15 @@ def test_report_bar_has_time_left():
         bar.step("counting")
         bar.total(3)
         assert bar._p.tasks[0].total == 3 and bar._p.tasks[0].completed == 0
+
+
+def test_filters_added_during_a_quiet_run_stay_after_it():
+    import warnings
+
+    from separify.cli._quiet import Quiet
+
+    with warnings.catch_warnings():
+        before = len(warnings.filters)
+        with Quiet():
+            warnings.filterwarnings("once", message="a library's own filter")  # e.g. added on import
+        assert len(warnings.filters) == before + 1 and warnings.filters[0][1].pattern == "a library's own filter"

@@ -105,8 +105,9 @@ def test_a_layer_far_slower_per_flop_than_the_others_is_suspect():
     flagged = flag_slow([row("stem", 0.5, 16.0), row("a", 57.8, 0.34), row("b", 57.8, 0.36), row("c", 28.9, 0.23)])
     assert [r.latency_before.suspect for r in flagged] == [True, False, False, False]
     assert "16 suspect" in _printed(_report_with(flagged))
-    # a stem conv that is merely inefficient (7× the others per FLOP, as measured on the embedded model) is not
-    rows = flag_slow([row("stem", 0.9, 0.038), row("a", 57.8, 0.34), row("b", 57.8, 0.36)])
+    # a stem conv that is merely inefficient (7× the others per FLOP, as measured on the embedded model) is not,
+    # nor a squeeze-and-excitation 1×1 conv on a pooled map (microseconds for a few thousand FLOPs)
+    rows = flag_slow([row("stem", 0.9, 0.038), row("se", 0.002, 0.0085), row("a", 57.8, 0.34), row("b", 57.8, 0.36)])
     assert not any(r.latency_before.suspect for r in rows)
 
 
@@ -114,3 +115,25 @@ def _report_with(layers) -> Report:
     rep = _report()
     return Report(rep.original, rep.converted, rep.latency, rep.quality, tuple(layers), rep.settings,
                   rep.environment, rep.conversion)
+
+
+def test_a_report_of_two_files_claims_no_output_and_gives_no_conversion_advice():
+    rep = _report(ratio=1.2, accuracy=(0.93, 0.80))
+    rep = Report(rep.original, rep.converted, rep.latency, rep.quality, rep.layers, rep.settings, rep.environment,
+                 None)  # separify report A B: no conversion ran
+    v = rep.verdict()
+    assert v.output is None and v.hint is None and "written to" not in v.text() and "1.20× slower" in v.text()
+
+
+def test_the_hints_never_name_what_is_already_in_effect():
+    hints = [_report(ratio=1.02).verdict().hint, _report(accuracy=(0.93, 0.90), calibrated=True).verdict().hint]
+    assert all("--max-drop" not in h and "--latency" not in h for h in hints)
+
+
+def test_a_converted_time_of_zero_is_no_ratio():
+    rep = _report()
+    zero = Timing("torch-cpu", 0.0, 0.0, 9, 9, 2, 1)
+    rep = Report(rep.original, rep.converted, (Latency("torch-cpu", rep.latency[0].original, zero),), rep.quality,
+                 rep.layers, rep.settings, rep.environment, rep.conversion)
+    assert rep.latency[0].ratio is None and "speed not measured" in rep.verdict().text()
+    jsonschema.validate(json.loads(json.dumps(rep.to_dict())), schema())

@@ -28,20 +28,20 @@ LOGGERS = ("torch", "torch.utils.cpp_extension", "torch.onnx", "torch._dynamo", 
 
 class Quiet:
     """While entered and not ``verbose``: third-party warnings ignored, third-party loggers at ERROR; on exit (or
-    :meth:`lift`) the warning filters and the loggers' levels are as they were."""
+    :meth:`lift`) its two warning filters come off (filters others added meanwhile stay) and the loggers' levels
+    are as they were."""
 
     def __init__(self, verbose: bool = False) -> None:
         self.verbose = verbose
-        self._catch: warnings.catch_warnings | None = None
+        self._filters: list[tuple] = []
         self._levels: dict[str, int] = {}
 
     def __enter__(self) -> "Quiet":
         if self.verbose:
             return self
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
         warnings.filterwarnings("ignore", module=THIRD_PARTY)
         warnings.filterwarnings("ignore", message=TORCH_CPP)
+        self._filters = list(warnings.filters[:2])  # exactly these two come off again (filters added meanwhile stay)
         for name in LOGGERS:
             log = logging.getLogger(name)
             self._levels[name] = log.level
@@ -55,9 +55,11 @@ class Quiet:
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
         self._levels.clear()
-        if self._catch is not None:
-            catch, self._catch = self._catch, None
-            catch.__exit__(None, None, None)
+        for f in self._filters:
+            if f in warnings.filters:
+                warnings.filters.remove(f)
+        self._filters = []
+        getattr(warnings, "_filters_mutated", lambda: None)()  # reset the caches of which warnings were shown
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

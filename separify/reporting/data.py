@@ -65,8 +65,9 @@ class Latency:
 
     @property
     def ratio(self) -> float | None:
-        """Median converted / median original, when both were measured."""
-        if isinstance(self.original, Timing) and isinstance(self.converted, Timing) and self.original.median_ms > 0:
+        """Median converted / median original, when both were measured (and read above 0)."""
+        if (isinstance(self.original, Timing) and isinstance(self.converted, Timing) and self.original.median_ms > 0
+                and self.converted.median_ms > 0):
             return self.converted.median_ms / self.original.median_ms
         return None
 

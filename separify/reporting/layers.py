@@ -116,6 +116,9 @@ DISAGREE = 2.0
 SHARED_LAYERS = 3
 #: a dense conv taking this many times the median time per FLOP of the timed convs is implausible
 SLOW_FACTOR = 100.0
+#: ... and reading more than this many ms (tiny convs, e.g. squeeze-and-excitation 1×1 convs on a pooled map, take
+#: microseconds whatever their FLOPs: their cost per FLOP is high and real)
+SLOW_MS = 1.0
 
 
 def _disagreement(row: LayerFigures, calls: int) -> LayerFigures:
@@ -157,15 +160,17 @@ def flag_shared(rows: Sequence[LayerFigures]) -> list[LayerFigures]:
 
 def flag_slow(rows: Sequence[LayerFigures]) -> list[LayerFigures]:
     """``rows`` with a dense conv's timing marked ``suspect`` where its time per FLOP is more than
-    :data:`SLOW_FACTOR` × the median over the timed convs (at least three): e.g. a 0.5 MFLOPs stem conv reading
-    16 ms while the others run at a thousandth of that per FLOP (a stall, not the layer's time)."""
+    :data:`SLOW_FACTOR` × the median over the timed convs (at least three) and it reads over :data:`SLOW_MS`: e.g.
+    a 0.5 MFLOPs stem conv reading 16 ms while the others run at a thousandth of that per FLOP (a stall, not the
+    layer's time)."""
     per_flop = {r.name: r.latency_before.median_ms / r.flops_before for r in rows
                 if isinstance(r.latency_before, Timing) and r.flops_before}
     if len(per_flop) < 3:
         return list(rows)
     limit = SLOW_FACTOR * sorted(per_flop.values())[len(per_flop) // 2]
+    slow = {r.name for r in rows if per_flop.get(r.name, 0.0) > limit and r.latency_before.median_ms > SLOW_MS}
     return [dataclasses.replace(r, latency_before=dataclasses.replace(r.latency_before, suspect=True))
-            if per_flop.get(r.name, 0.0) > limit else r for r in rows]
+            if r.name in slow else r for r in rows]
 
 
 def _counterpart(name: str, new_modules: dict[str, nn.Module], conv_order: list[str]) -> tuple[str, nn.Module | None]:

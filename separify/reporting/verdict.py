@@ -4,7 +4,7 @@ Built from a :class:`~separify.reporting.data.Report`'s own measurements only (r
 report's module imports this one for its JSON): the FLOPs ratio; the speed ratio on the target (the backend the
 conversion's latency selection ran on, else the first one the report timed), named; the change of the first
 quality figure the original also has (accuracy), else the converted model's agreement with the original; and the
-converted file. Where the converted model measured slower than the original, or lost more than
+converted file (of a conversion). Where a conversion measured slower than the original, or lost more than
 :data:`MAX_LOSS` of an accuracy, :attr:`Verdict.hint` names the option most likely to help.
 """
 
@@ -86,13 +86,17 @@ def _quality(rep: Any) -> Any:
 
 
 def _hint(rep: Any, speed: tuple[str, float] | None, q: Any) -> str | None:
-    conv = rep.conversion or {}
+    """The next step of a conversion (``rep.conversion`` set; a report of two files gets none) that is not faster
+    or lost more than a point, naming only options not already in effect."""
+    conv = rep.conversion
+    if conv is None:
+        return None
     if speed is not None and speed[1] >= 1:
         if conv.get("objective") == "flops":
             return (f"it is not faster on {speed[0]}: convert with --objective latency (the default), which keeps "
                     "a layer dense unless its replacement measures faster on the target")
-        return (f"it measured no faster on {speed[0]} here: time it on the machine it will run on (--target), on "
-                "an idle machine (--min-time), or set a latency budget (--latency 0.8)")
+        return (f"it measured no faster on {speed[0]} here: time it where it will run (--target) and on an idle "
+                "machine (--min-time)")
     lost = (q is not None and q.original is not None and q.unit == "fraction"
             and q.original - q.converted > MAX_LOSS + 1e-9)  # a point shown as 1.0 is not more than a point
     if not lost:
@@ -100,11 +104,12 @@ def _hint(rep: Any, speed: tuple[str, float] | None, q: Any) -> str | None:
     if not conv.get("calibrated"):
         return ("it lost more than a point: give calibration data (--calib DIR|FILE; calibration= in Python), which "
                 "fits each layer to its real outputs")
-    return ("it lost more than a point: fine-tune it (--finetune DATA; separify.finetune in Python), or allow a "
-            "smaller loss with --max-drop 0.01")
+    return ("it lost more than a point after calibration: fine-tune it (--finetune DATA; separify.finetune in "
+            "Python), for more epochs if it already was")
 
 
 def verdict(rep: Any) -> Verdict:
     """The :class:`Verdict` of the report ``rep``."""
     speed, q = _speed(rep), _quality(rep)
-    return Verdict(rep.flops_ratio, speed, q, rep.converted.file, _hint(rep, speed, q))
+    out = rep.converted.file if rep.conversion is not None else None  # a report of two files wrote neither
+    return Verdict(rep.flops_ratio, speed, q, out, _hint(rep, speed, q))
