@@ -180,8 +180,7 @@ def run(backend: Backend, cfg: ConvertConfig, *, calibration: Any = None,
     backend.apply(replacements, by_name)
     if samples and replacements:
         with _layer_bar(progress, "calibrating", len(replacements), counted=False) as on_layer:
-            fits = backend.refit(replacements, by_name, cfg, pixels,
-                                 on_layer if progress is True or callable(progress) else None)
+            fits = backend.refit(replacements, by_name, cfg, pixels, on_layer)
         _record_fits(by_name, fits)
         _scarce_warning(records, samples, msgs)
     _layouts(backend, cands, replacements)

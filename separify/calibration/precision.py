@@ -18,14 +18,10 @@ on a CPU, where oneDNN's convolutions, depthwise ones above all, are faster in i
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
-
 import torch
 from torch import nn
 
-from separify.config import PRECISIONS
-
-__all__ = ["AUTO_FLOPS", "PRECISIONS", "fast_layout", "forward_precision", "full_precision", "native_bfloat16",
+__all__ = ["AUTO_FLOPS", "fast_layout", "forward_precision", "full_precision", "native_bfloat16",
            "pass_dtype", "runs_channels_last", "widened"]
 
 #: ``precision="auto"``: bfloat16 where the original model's forward over the calibration set costs at least this
@@ -65,11 +61,9 @@ def forward_precision(dtype: torch.dtype | None, device: torch.device) -> contex
     return torch.autocast(device.type, dtype=dtype)
 
 
-@contextlib.contextmanager
-def full_precision(device: torch.device) -> Iterator[None]:
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off on ``device`` (inside a hook of a pass that runs under :func:`forward_precision`)."""
-    with torch.autocast(device.type, enabled=False):
-        yield
+    return torch.autocast(device.type, enabled=False)
 
 
 def fast_layout(x: torch.Tensor) -> torch.Tensor:

@@ -23,16 +23,17 @@ def reconstruct(module: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torc
                 batch_size: int, seed: int) -> None:
     """``steps`` Adam steps (learning rate ``lr``) on all of ``module``'s parameters (every factor, not only the
     last 1×1 conv), minimising ``mean((module(x_B) − y_B)²) / mean(y²)`` over random minibatches ``B`` of
-    ``batch_size`` samples (fewer for large images, :data:`MINIBATCH_PIXELS`). ``xs``, ``ys``: the inputs ``(n_g, ...)`` and targets ``(n_g, N, H_g, W_g)`` of each
-    group of samples of one shape; a minibatch is drawn from one group, chosen with probability proportional to its
-    size (a generator seeded by ``seed``).
+    ``batch_size`` samples (fewer for large images, :data:`MINIBATCH_PIXELS`). ``xs``, ``ys``: the inputs
+    ``(n_g, ...)`` and targets ``(n_g, N, H_g, W_g)`` of each group of samples of one shape; a minibatch is drawn from
+    one group, chosen with probability proportional to its size (a generator seeded by ``seed``).
 
     Never worse: the loss on up to :data:`CHECK_SAMPLES` samples of each group is measured before and after, and
     the parameters are restored where the steps did not lower it (Adam's steps have the size ``lr`` however small the
     gradient, so from a layer that is already exact they can only move away). A non-finite loss restores them too
     and stops. The steps run in full precision, also where the calibration passes run under bfloat16 autocast
     (:mod:`~separify.calibration.precision`): bfloat16 rounds the weights to 8 bits, below which Adam's small
-    steps do not show (on the OCR benchmark network it cost 12 points of word accuracy). ``requires_grad`` flags are restored and the gradients cleared on exit."""
+    steps do not show (on the OCR benchmark network it cost 12 points of word accuracy). ``requires_grad`` flags
+    are restored and the gradients cleared on exit."""
     params = list(module.parameters())
     saved = [p.detach().clone() for p in params]
     before = _check_loss(module, xs, ys)

@@ -52,12 +52,6 @@ def make_console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
-def status(console: Console, what: str):
-    """A transient spinner saying ``what`` while a step without a progress bar of its own runs (loading, preparing
-    data, writing), on ``console`` (which also prints what the step says); drawn only on a terminal."""
-    return console.status(what)
-
-
 def image_options(image_size, resize, mean, std) -> dict:
     return dict(size=numbers(image_size, "--image-size", int, (1, 2)), resize=resize,
                 mean=numbers(mean, "--mean", float), std=numbers(std, "--std", float))
