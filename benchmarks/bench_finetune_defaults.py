@@ -5,7 +5,7 @@ Run from the repository root (``pip install -e '.[bench]'``; Debian's ``dataset-
 ``fonts-dejavu-core``)::
 
     python benchmarks/bench_finetune_defaults.py [--models ocr,embedded] [--targets 0.5,0.25] [--method pw-dw-pw]
-        [--old-defaults] [--guard-metric]
+        [--old-defaults] [--guard-metric] [--labels]
 
 Per network and FLOPs target: ``separify.convert(..., calibration=256 samples)`` then
 ``separify.finetune(converted, original, data, epochs=1)`` with nothing else set (``lr`` and ``temperature`` chosen
@@ -16,8 +16,10 @@ with the original on the first four fine-tuning batches; with ``--guard-metric``
 set apart from both the fine-tuning data and the reported evaluation set (``evaluate=``). Data:
 
 * OCR network (ddddocr ``common.onnx``): calibration on 256 rendered words; fine-tuning on 9,600 other rendered words
-  without labels (distillation only), batch 32 (300 steps); word accuracy on 500 eval strings; validation: 300 more
-  rendered words of the calibration stream.
+  without labels (distillation only), batch 32 (300 steps); with ``--labels`` the batches are ``(images, CTC
+  targets of their strings)`` and ``label_loss`` is the CTC loss (``second_model.ctc_loss``: a sequence model's
+  labels need the task's loss), every other setting still separify's; word accuracy on 500 eval strings;
+  validation: 300 more rendered words of the calibration stream.
 * embedded FashionResNet: calibration on 256 training images; fine-tuning on 10,000 labeled training images, batch
   128 (79 steps); top-1 on the 1,000 held-out test images; validation: the next 1,000 training images.
 
@@ -48,7 +50,7 @@ warnings.filterwarnings("ignore")
 CALIB = 256
 
 
-def _setup(name: str) -> dict:
+def _setup(name: str, labels: bool = False) -> dict:
     if name == "embedded":
         setup = embedded_setup()
         setup["calib"] = _fashion_train(CALIB)[0]
@@ -61,6 +63,10 @@ def _setup(name: str) -> dict:
     setup["calib"] = setup["calib"][:CALIB]
     x, words = sm.calibration_set(256 + 9600 + 300)  # the 300 strings after the fine-tuning ones
     setup["validate"] = lambda m: sm.word_accuracy(m, x[-300:], words[-300:])
+    if labels:  # the same 9,600 fine-tuning images (ocr_setup's slice of the stream), with their strings
+        tune_x, tune_words = x[256:256 + 9600], words[256:256 + 9600]
+        setup["tune"] = [(tune_x[i:i + 32], sm.ctc_targets(tune_words[i:i + 32])) for i in range(0, 9600, 32)]
+        setup["label_loss"] = sm.ctc_loss
     return setup
 
 
@@ -74,6 +80,8 @@ def _row(setup: dict, method: str, target: float, label: str, settings: dict) ->
                            calibration=setup["calib"])
     convert_s, before = time.perf_counter() - t0, evaluate(res.model)
     t0 = time.perf_counter()
+    if "label_loss" in setup:
+        settings = dict(settings, label_loss=setup["label_loss"])
     out = separify.finetune(res.model, model, setup["tune"], epochs=1, class_dim=setup["class_dim"], seed=0,
                             **settings)
     tune_s = time.perf_counter() - t0
@@ -92,17 +100,18 @@ def main() -> None:
                     help="lr 1e-4, temperature 4, no warm-up, soft targets only (a control)")
     ap.add_argument("--guard-metric", action="store_true",
                     help="keep the state with the best task metric on a validation set (evaluate=)")
+    ap.add_argument("--labels", action="store_true", help="OCR: fine-tune on the strings too (CTC label loss)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune_defaults_2026-12-06.md"))
     args = ap.parse_args()
     torch.set_num_threads(2)
     lines = [f"Command: `python benchmarks/bench_finetune_defaults.py --models {args.models} --targets "
              f"{args.targets} --method {args.method}{' --old-defaults' if args.old_defaults else ''}"
-             f"{' --guard-metric' if args.guard_metric else ''}`; "
+             f"{' --guard-metric' if args.guard_metric else ''}{' --labels' if args.labels else ''}`; "
              f"{torch.get_num_threads()} threads, CPU "
              f"({platform.processor() or platform.machine()}), torch {torch.__version__}, separify "
              f"{separify.__version__}."]
     for name in args.models.split(","):
-        setup = _setup(name)
+        setup = _setup(name, args.labels)
         lines += ["", f"### {setup['name']}", "", f"Original: **{setup['evaluate'](setup['model']):.3f}**.", "",
                   "| target | form | FLOPs after / before | calibrated (convert s) | lr | temperature | "
                   "kept step of 1 epoch | + fine-tune, 1 epoch (s) |", "|---|---|---|---|---|---|---|---|"]

@@ -162,12 +162,12 @@ def run(backend: Backend, cfg: ConvertConfig, *, calibration: Any = None,
     memo = memo if memo is not None else Memo()
     samples = backend.set_calibration(calibration, cfg.calibration) if calibration is not None else 0
     records, cands = _check(backend, cfg, keep)
-    with _sample_bar(progress if samples else False, "calibration: the original on", samples) as on_samples:
+    with _count_bar(progress if samples else False, f"calibration: the original on {samples} samples",
+                    samples) as on_samples:
         covs, whitened, patches = _observe(backend, cfg, cands, memo, on_samples) if samples else ({}, {}, {})
     msgs: list[str] = []
     if samples and cands:
-        with _step_bar(progress, "calibration: each layer's effect on the output", live=True):
-            _weigh(backend, cfg, cands, memo, msgs)
+        _weigh(backend, cfg, cands, memo, msgs, progress)
     clock = Clock(backend, cfg, timer, memo) if cfg.objective == "latency" and cands else None
     budget, plan_msgs = _plan(backend, cfg, cands, whitened, patches, clock, progress)
     msgs += plan_msgs
@@ -271,14 +271,18 @@ def _observe(backend: Backend, cfg: ConvertConfig, cands: list[Candidate], memo:
     return covs, whitened, patches
 
 
-def _weigh(backend: Backend, cfg: ConvertConfig, cands: list[Candidate], memo: Memo, msgs: list[str]) -> None:
+def _weigh(backend: Backend, cfg: ConvertConfig, cands: list[Candidate], memo: Memo, msgs: list[str],
+           progress=False) -> None:
     """Loss-aware allocation (``calibration.loss_aware``, with a data-aware FLOPs or latency allocation): each
-    candidate's weight, from ``memo`` when another conversion of the same model and data measured it."""
+    candidate's weight, from ``memo`` when another conversion of the same model and data measured it (else
+    measured under a bar over the passes, ``progress is True``)."""
     cal = cfg.calibration
     if not (cal.loss_aware and cal.ranks and cfg.selection in ("flops", "latency")):
         return
     if memo.weights is None:
-        memo.weights = backend.sensitivity(cands, cal)
+        with _count_bar(progress, "calibration: each layer's effect on the output (forward and backward passes)", None,
+                        live=True) as on_passes:
+            memo.weights = backend.sensitivity(cands, cal, progress=on_passes)
     weights, note = memo.weights
     for c in cands:
         c.weight = weights.get(c.name)
@@ -351,21 +355,22 @@ def _step_bar(progress, what: str, *, live: bool = False):
 
 
 @contextmanager
-def _sample_bar(progress, what: str, samples: int):
-    """A progress bar with an ETA over ``samples`` calibration samples (``progress is True``); yields
-    ``on_samples(done, total)``."""
+def _count_bar(progress, what: str, total: int | None, *, live: bool = False):
+    """A progress bar with an ETA over ``total`` steps (calibration samples, passes) (``progress is True``; else
+    yields ``None``); yields ``on_count(done, total)``, which sets both. ``total=None``: the elapsed time only until
+    the first call. ``live``: redrawn by a thread too (a step that times nothing), else only at each call."""
     if progress is not True:
         yield None
         return
-    with progress_bar(total=True) as bar:
-        task = bar.add_task(f"{what} {samples} samples", total=samples)
+    with progress_bar(total=True, auto_refresh=live) as bar:
+        task = bar.add_task(what, total=total)
         bar.refresh()
 
-        def on_samples(done: int, total: int) -> None:
+        def on_count(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
             bar.refresh()
 
-        yield on_samples
+        yield on_count
 
 
 @contextmanager

@@ -17,6 +17,7 @@ measured time ratio, metric, so the report can show the frontier explored.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 from separify.backends.base import Backend
 from separify.config import ConvertConfig
+from separify.core.progress import overall_bar, step
 from separify.errors import ConfigError, SeparifyError, first_line
 from separify.planning import latency
 from separify.records import ConvertResult, Reason, Search, SearchTry, Skip
@@ -45,6 +47,8 @@ class Memo:
 
 #: bisection steps over the latency budget (the first try is 0.5; resolution 1/2**TRIES)
 TRIES = 5
+#: the description of the search's overall bar
+SEARCHING = "max-drop search"
 
 
 def check_search(cfg: ConvertConfig, max_drop: Any, evaluate: Any) -> None:
@@ -88,28 +92,35 @@ def fastest_within(make_backend: Callable[[], Backend], run: Callable[..., Conve
                    progress: Any = False, timer: Any = None, tries: int = TRIES) -> ConvertResult:
     """The fastest plan on the target whose ``evaluate`` is within ``max_drop`` of the original's (module
     docstring). ``make_backend()`` builds a fresh backend of the same model for each try; ``run`` is
-    :func:`separify.pipeline.run`."""
+    :func:`separify.pipeline.run`. ``progress=True``: one overall bar (tries done of at most ``tries``, elapsed
+    time, time left from the second try on) drawn above each try's own bars
+    (:func:`separify.core.progress.overall_bar`); a callable is passed to ``run`` as it is."""
     check_search(cfg, max_drop, evaluate)
     start = time.perf_counter()
     memo = Memo()
-    first = make_backend()
-    original = metric(evaluate, first.runnable("original"), "the original model")
-    search = Search(metric_name, original, float(max_drop), target="")
-    best: ConvertResult | None = None
-    lo, hi = 0.0, 1.0
-    for _ in range(tries):
-        budget = round((lo + hi) / 2, 4)
-        backend = first if first is not None else make_backend()
-        first = None
-        result, within, reached = _try(run, backend, cfg.replace(latency=budget), budget, evaluate, search, memo,
-                                       calibration=calibration, progress=progress, timer=timer)
-        if within and (best is None or (result.latency_ratio or 1.0) < (best.latency_ratio or 1.0)):
-            best = result
-        if within and not reached:
-            break  # the fastest reachable plan keeps the metric: lower budgets give the same plan
-        lo, hi = (lo, budget) if within else (budget, hi)
-    if best is None:
-        best = _original(run, make_backend(), cfg, search, calibration=calibration, memo=memo, timer=timer)
+    with overall_bar(f"{SEARCHING}: the original model", tries, on=progress is True) as bar:
+        first = make_backend()
+        with _evaluating(progress, "evaluating the original model"):
+            original = metric(evaluate, first.runnable("original"), "the original model")
+        search = Search(metric_name, original, float(max_drop), target="")
+        best: ConvertResult | None = None
+        lo, hi = 0.0, 1.0
+        for i in range(tries):
+            budget = round((lo + hi) / 2, 4)
+            bar.show(f"{SEARCHING}: try {i + 1} of at most {tries}, latency budget {budget:g}")
+            backend = first if first is not None else make_backend()
+            first = None
+            result, within, reached = _try(run, backend, cfg.replace(latency=budget), budget, evaluate, search, memo,
+                                           calibration=calibration, progress=progress, timer=timer)
+            bar.done()
+            if within and (best is None or (result.latency_ratio or 1.0) < (best.latency_ratio or 1.0)):
+                best = result
+            if within and not reached:
+                break  # the fastest reachable plan keeps the metric: lower budgets give the same plan
+            lo, hi = (lo, budget) if within else (budget, hi)
+        if best is None:
+            bar.show(f"{SEARCHING}: no plan within the drop, keeping the original")
+            best = _original(run, make_backend(), cfg, search, calibration=calibration, memo=memo, timer=timer)
     _choose(search, best)
     best.search, best.seconds = search, time.perf_counter() - start
     return best
@@ -120,7 +131,8 @@ def _try(run, backend: Backend, cfg: ConvertConfig, budget: float, evaluate, sea
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         result = run(backend, cfg, memo=memo, **kw)
-    value = metric(evaluate, backend.runnable("converted"), f"the plan at latency budget {budget:g}")
+    with _evaluating(kw.get("progress"), f"evaluating the plan at latency budget {budget:g}"):
+        value = metric(evaluate, backend.runnable("converted"), f"the plan at latency budget {budget:g}")
     within = value >= search.original - search.max_drop
     ratio = result.latency_ratio
     search.target = result.latency_target or search.target
@@ -128,6 +140,12 @@ def _try(run, backend: Backend, cfg: ConvertConfig, budget: float, evaluate, sea
     result._search_index = len(search.tries) - 1
     reached = ratio is not None and ratio <= budget * 1.02 and bool(result.converted)
     return result, within, reached
+
+
+def _evaluating(progress: Any, what: str):
+    """The evaluation as a step with its elapsed time (``progress is True``; the user's function, of a length not
+    known beforehand)."""
+    return step(what) if progress is True else contextlib.nullcontext()
 
 
 def _original(run, backend: Backend, cfg: ConvertConfig, search: Search, **kw) -> ConvertResult:

@@ -82,10 +82,13 @@ class Backend(abc.ABC):
         later; ``progress(done, total)`` after each batch, in samples."""
 
     @abc.abstractmethod
-    def sensitivity(self, cands: Sequence[Candidate], cal: Calibration) -> tuple[dict[str, float], str | None]:
+    def sensitivity(self, cands: Sequence[Candidate], cal: Calibration,
+                    progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, float], str | None]:
         """Per candidate, how much an error in its output moves the model's loss
         (:func:`~separify.calibration.sensitivity`, ``cal.loss`` over ``cal.class_dim``, on the first calibration
-        samples), and a warning where some or all could not be measured (those are missing from the dict)."""
+        samples), and a warning where some or all could not be measured (those are missing from the dict);
+        ``progress(done, total)`` as :func:`~separify.calibration.sensitivity` calls it, in passes (never called
+        when nothing is measured)."""
 
     @abc.abstractmethod
     def output_pixels(self, cands: Sequence[Candidate]) -> dict[str, int]:

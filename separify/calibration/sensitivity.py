@@ -23,7 +23,7 @@ The weights are normalised to mean 1.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -65,14 +65,16 @@ def _probe(outs: list[torch.Tensor], loss: str, class_dim: int, gen: torch.Gener
 
 
 def sensitivity(model: nn.Module, targets: dict[str, str], xs: Sequence[torch.Tensor], *, loss: str = "fisher",
-                class_dim: int = -1, probes: int = 2, seed: int = 0,
-                dtype: torch.dtype | None = None) -> dict[str, float]:
+                class_dim: int = -1, probes: int = 2, seed: int = 0, dtype: torch.dtype | None = None,
+                progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """``w_i`` of the module docstring (``loss``: ``"fisher"``, softmax over ``class_dim``, or ``"mse"``) for every
     layer ``name`` of ``targets`` (name → the module whose output
     the replacement must reproduce), on the samples ``xs`` (batches, of any shapes the model takes; the sums run
     over all of them); mean 1 over the layers the output depends on, which are the keys returned. The model is run
     in eval mode and left unchanged (no gradient reaches its parameters). ``dtype``: the forward runs under autocast
-    to it (:mod:`~separify.calibration.precision`); the sums are taken in float32 or wider."""
+    to it (:mod:`~separify.calibration.precision`); the sums are taken in float32 or wider. ``progress(done,
+    total)``: passes done of ``total = len(xs) * (1 + probes)`` (a forward or a backward over one batch), called
+    before the first (``done`` 0) and after each."""
     sq = dict.fromkeys(targets, 0.0)  # Σ y² over the samples
     size = dict.fromkeys(targets, 0)  # entries of y
     grads = dict.fromkeys(targets, 0.0)  # Σ over probes of ‖J_iᵀ v‖²
@@ -98,21 +100,25 @@ def sensitivity(model: nn.Module, targets: dict[str, str], xs: Sequence[torch.Te
     flags = [(p, p.requires_grad) for p in model.parameters()]
     gen = torch.Generator().manual_seed(seed)
     handles = []
+    passes, report = len(xs) * (1 + probes), progress or (lambda done, total: None)
     try:
         for p, _ in flags:
             p.requires_grad_(False)
         for name, target in targets.items():
             handles.append(model.get_submodule(target).register_forward_hook(hook(name)))
+        report(0, passes)
         with frozen_mode(model), torch.enable_grad(), reuse_freed_memory():
-            for x in xs:
+            for b, x in enumerate(xs):
                 seen.clear()
                 with forward_precision(dtype, x.device):
                     outs = _tensors(model(x.detach().clone().requires_grad_(True)))
                 outs = [widened(o) for o in outs]
+                report(b * (1 + probes) + 1, passes)
                 for i in range(probes):
                     total = _probe(outs, loss, class_dim, gen)
                     if isinstance(total, torch.Tensor) and total.requires_grad:
                         total.backward(retain_graph=i < probes - 1)
+                    report(b * (1 + probes) + 2 + i, passes)
     finally:
         for h in handles:
             h.remove()

@@ -19,6 +19,7 @@ from separify.cli._app import app
 from separify.cli._common import (ReportSettings, calibration_data, describe_images, given, guard, image_options,
                                   load_onnx_original, load_original, make_console, preprocessing)
 from separify.config import OBJECTIVES, ConvertConfig, LatencyTarget
+from separify.core.progress import step
 from separify.errors import SeparifyError, first_line
 from separify.io.data import load_image_folder, load_labeled_file
 from separify.io.files import atomic_write, check_output_path, is_onnx
@@ -255,13 +256,13 @@ def convert_torch(model_path, output, cfg: ConvertConfig, input_shape, arch, all
     sources = () if model_path is None else (model_path,)
     out = check_output_path(output, inputs=sources, force=reporting.force)
     reporting.check(sources + (out,))
-    with console.status("loading the model"):
+    with step("loading the model", console=console):
         original = load_original(console, model_path, arch, allow_pickle, input_shape, cfg.seed)
     model, inputs = original.model, original.inputs
     if model_path is not None and original.kind == "pt2" and out.suffix.lower() not in (".pt2", ".onnx"):
         raise SeparifyError("a model loaded from a .pt2 program can only be written as .pt2 or .onnx (its graph "
                             "module cannot be pickled)")
-    with console.status("reading the data"):
+    with step("reading the data", console=console):
         prep = preprocessing(original, (calib, tune.data, reporting.data), image_opts)
         calibration = calibration_data(console, calib, prep, cfg.calibration.limit, **(calib_opts or {}))
         tune_data = finetune_data(console, model, tune, prep) if tune.data is not None else None
@@ -277,7 +278,7 @@ def convert_torch(model_path, output, cfg: ConvertConfig, input_shape, arch, all
 
         run_finetune(console, tune, cfg.seed, *tune_data, run=lambda b, **kw: finetune(result.model, model, b, **kw))
         result.model.eval()
-    with console.status(f"writing {out}"):
+    with step(f"writing {out}", console=console):
         how = save_converted(result.model, out, inputs)
     rep = reporting.run(model, result, inputs, eval_data, files=(model_path, out))
     reporting.show(console, rep, title=f"separify: {model_path or 'embedded model'} → {out}")
@@ -296,9 +297,9 @@ def convert_onnx(model_path: Path, output: Path, cfg: ConvertConfig, input_shape
     if reporting.batch_size is not None:
         raise SeparifyError("--report-batch-size applies to PyTorch models; for ONNX give the whole shape with "
                             "--input-shape")
-    with console.status("loading the model"):
+    with step("loading the model", console=console):
         source, shape, stand_in = load_onnx_original(console, model_path, input_shape, cfg.seed)
-    with console.status("reading the data"):
+    with step("reading the data", console=console):
         prep = preprocessing(stand_in, (calib, tune.data, reporting.data), image_opts)
         calibration = calibration_data(console, calib, prep, cfg.calibration.limit, **(calib_opts or {}))
         tune_data = finetune_data(console, None, tune, prep) if tune.data is not None else None
@@ -319,7 +320,7 @@ def convert_onnx(model_path: Path, output: Path, cfg: ConvertConfig, input_shape
         run_finetune(console, tune, cfg.seed, *tune_data,
                      run=lambda b, **kw: onnx_pass.finetune_onnx(source, result, b, **kw))
         console.print("fine-tuned factors written back into the converted ONNX graph")
-    with console.status(f"writing {out}"):
+    with step(f"writing {out}", console=console):
         written = result.save(out)
     rep = reporting.run_onnx(model_path, out, shape, eval_data, cfg.seed, result=result)
     reporting.show(console, rep, title=f"separify: {model_path} → {out}")

@@ -120,7 +120,7 @@ class OnnxBackend(Backend):
                                       {c.name: c.kernel for c in cands}, self.batches, self.fixed_batch, self.threads,
                                       moments=moments, patches=patches, progress=progress)
 
-    def sensitivity(self, cands, cal: Calibration):
+    def sensitivity(self, cands, cal: Calibration, progress=None):
         """Through the model imported into PyTorch (onnx2torch, modules named after the nodes); without it, none."""
         from separify.backends.onnx.finetune import import_torch
 
@@ -134,7 +134,7 @@ class OnnxBackend(Backend):
         targets = {c.name: t for c in cands for t in [(c.record.bn_folded or c.name).lstrip("/")] if t in modules}
         try:
             weights = sensitivity(module, targets, first_samples(self.batches, SAMPLES), loss=cal.loss,
-                                  class_dim=cal.class_dim) if targets else {}
+                                  class_dim=cal.class_dim, progress=progress) if targets else {}
         except Exception as exc:  # noqa: BLE001 - the imported graph may not run at other batch sizes
             return {}, unweighted_note(names, {}, f"the imported model did not run ({first_line(exc)})")
         return weights, unweighted_note(names, weights)

@@ -125,10 +125,10 @@ class TorchBackend(Backend):
                            patches=patches, dtype=self.dtype, channels_last=self.channels_last, progress=progress)
         return self.obs.covariances, self.obs.patches
 
-    def sensitivity(self, cands, cal: Calibration):
+    def sensitivity(self, cands, cal: Calibration, progress=None):
         targets = {c.name: c.record.bn_folded or c.name for c in cands}
         weights = sensitivity(self.original, targets, first_samples(self.batches, SAMPLES), loss=cal.loss,
-                              class_dim=cal.class_dim, dtype=self.dtype)
+                              class_dim=cal.class_dim, dtype=self.dtype, progress=progress)
         return weights, unweighted_note(list(targets), weights)
 
     def output_pixels(self, cands) -> dict[str, int]:
