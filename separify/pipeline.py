@@ -21,7 +21,7 @@ from separify.config import ConvertConfig
 from separify.core import measure
 from separify.core.decompose import check_weight, whiten
 from separify.core.modules import FORMS, SeparableConv2d
-from separify.core.progress import progress_bar
+from separify.core.progress import counter, progress_bar
 from separify.errors import BadWeightsError, ConfigError, SeparifyError
 from separify.planning import latency
 from separify.planning.plan import Candidate, choose_ranks, from_conv_options, keep_faster, meet_latency, planned
@@ -101,8 +101,9 @@ def convert(
     from separify.backends.torch import TorchBackend
 
     def make(inplace: bool = inplace) -> TorchBackend:
-        with _step_bar(progress, "tracing the model (torch.fx) and counting its FLOPs", live=True):
-            return TorchBackend(model, cfg, example_inputs, inplace=inplace, timer=timer)
+        with _count_bar(progress, "tracing the model (torch.fx) and counting its FLOPs (module calls)", None,
+                        live=True) as on_calls:
+            return TorchBackend(model, cfg, example_inputs, inplace=inplace, timer=timer, progress=on_calls)
 
     return _run_or_search(make, cfg, calibration=calibration, progress=progress, timer=timer, **search)
 
@@ -362,14 +363,7 @@ def _count_bar(progress, what: str, total: int | None, *, live: bool = False):
     if progress is not True:
         yield None
         return
-    with progress_bar(total=True, auto_refresh=live) as bar:
-        task = bar.add_task(what, total=total)
-        bar.refresh()
-
-        def on_count(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-            bar.refresh()
-
+    with counter(what, total, live=live) as on_count:
         yield on_count
 
 

@@ -205,3 +205,23 @@ def test_the_cli_steps_show_their_elapsed_time():
     source = inspect.getsource(_convert)
     assert "console.status(" not in source
     assert len(re.findall(r"with step\(", source)) == 6
+
+
+@pytest.mark.parametrize("tracer", ["fx", "module"])
+def test_tracing_reports_module_calls_up_to_its_total(tracer):
+    from separify.backends.torch.backend import TorchBackend
+    from separify.config import ConvertConfig
+
+    calls: list[tuple[int, int]] = []
+    TorchBackend(_net(), ConvertConfig(tracer=tracer), torch.randn(1, 3, 16, 16),
+                 progress=lambda done, total: calls.append((done, total)))
+    done = [d for d, _ in calls]
+    assert calls[0][0] == 0 and len({t for _, t in calls}) == 1
+    assert done == sorted(done) and len(calls) > 4
+    assert done[-1] <= calls[0][1] and done[-1] >= calls[0][1] // 2  # the trace and the forward, or the forward
+
+
+def test_the_tracing_bar_counts_module_calls(terminal):
+    separify.convert(_net(), example_inputs=torch.randn(1, 3, 16, 16), objective="flops", flops=0.5, progress=True)
+    text = "\n".join("\n".join(f) for f in _frames(terminal))
+    assert re.search(r"tracing the model .*module calls.*\d+/\d+", text)

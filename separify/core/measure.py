@@ -54,10 +54,14 @@ def frozen_mode(*models: nn.Module):
             m.training = mode
 
 
-def count_flops(model: nn.Module, example_inputs) -> int:
-    """Total FLOPs of one forward pass of ``model`` on ``example_inputs`` (no gradients, eval mode)."""
+def count_flops(model: nn.Module, example_inputs, on_call: Callable[[], None] | None = None) -> int:
+    """Total FLOPs of one forward pass of ``model`` on ``example_inputs`` (no gradients, eval mode).
+    ``on_call()``: after each module call of that pass (for a progress bar)."""
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), frozen_mode(model), counter:
+    with ExitStack() as stack, torch.no_grad(), frozen_mode(model), counter:
+        if on_call is not None:
+            hook = nn.modules.module.register_module_forward_hook(lambda *_: on_call())
+            stack.callback(hook.remove)
         model(*_as_tuple(example_inputs))
     return int(counter.get_total_flops())
 

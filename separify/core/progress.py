@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Iterator
 
-__all__ = ["ETA_PERIOD", "columns", "overall_bar", "progress_bar", "step"]
+__all__ = ["ETA_PERIOD", "columns", "counter", "overall_bar", "progress_bar", "step"]
 
 ETA_PERIOD = 3600.0  # seconds of progress the time left is estimated from (rich's default, 30 s, loses slow steps)
 REFRESH_PER_SECOND = 10  # rich's default, for the displays redrawn by a thread
@@ -176,6 +176,23 @@ def step(what: str, *, console: Any = None) -> Iterator[None]:
         bar.add_task(what, total=None)
         bar.refresh()
         yield
+
+
+@contextmanager
+def counter(what: str, total: int | None = None, *, live: bool = False, console: Any = None):
+    """A bar with an ETA over ``total`` units (samples, passes, bytes, module calls); yields ``on_count(done,
+    total)``, which sets both and redraws. ``total=None``: the elapsed time only until the first call (a step that
+    may report nothing). ``live``: redrawn by a thread too (a step that times nothing), else only at each call.
+    ``console``: as :func:`progress_bar`."""
+    with progress_bar(total=True, auto_refresh=live, console=console) as bar:
+        task = bar.add_task(what, total=total)
+        bar.refresh()
+
+        def on_count(done: int, total: int) -> None:
+            bar.update(task, completed=min(done, total), total=total)
+            bar.refresh()
+
+        yield on_count
 
 
 class Overall:

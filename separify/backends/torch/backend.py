@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx, nn
@@ -26,11 +26,29 @@ from separify.records import ConvertResult, LayerRecord, LayerSpec, Reason, Skip
 __all__ = ["TorchBackend"]
 
 
+def _call_counter(progress: Callable[[int, int], None] | None, total: int) -> Callable[[], None] | None:
+    """``on_call()`` that reports ``progress(calls so far, total)``, clamped, at each hundredth of ``total`` (a
+    redraw per call would cost more than the trace); ``None`` without ``progress``."""
+    if progress is None:
+        return None
+    calls = [0]
+    progress(0, total)
+
+    def on_call() -> None:
+        calls[0] += 1
+        if calls[0] * 100 // total != (calls[0] - 1) * 100 // total:
+            progress(min(calls[0], total), total)
+
+    return on_call
+
+
 class TorchBackend(Backend):
-    """An ``nn.Module`` and example inputs. Works on a deep copy unless ``inplace``."""
+    """An ``nn.Module`` and example inputs. Works on a deep copy unless ``inplace``. ``progress(done, total)``: the
+    module calls of the trace and of the FLOP-counting forward, about one per module each (a shared module called
+    again counts again, so ``done`` is clamped to ``total``; a trace that fails part-way leaves the rest out)."""
 
     def __init__(self, model: nn.Module, cfg: ConvertConfig, example_inputs: Any, *, inplace: bool = False,
-                 timer: latency.Timer | None = None) -> None:
+                 timer: latency.Timer | None = None, progress: Callable[[int, int], None] | None = None) -> None:
         if example_inputs is None:
             raise SeparifyError("convert() needs example_inputs (e.g. torch.randn(1, 3, 224, 224)) to count FLOPs")
         self.inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -38,14 +56,15 @@ class TorchBackend(Backend):
         # the original as it was, for the final timing: with inplace the working model is the input itself
         self.reference = copy.deepcopy(model) if inplace and cfg.objective == "latency" else model
         self.work = model if inplace else copy.deepcopy(model)
-        self.gm = self._trace(cfg.tracer)
+        on_call = _call_counter(progress, (1 if cfg.tracer == "module" else 2) * sum(1 for _ in model.modules()))
+        self.gm = self._trace(cfg.tracer, on_call)
         self.root = self.gm if self.gm is not None else self.work
         self.path = "fx" if self.gm is not None else "module-tree"
         self.sites = fx_pass.match_fx(self.gm) if self.gm is not None else fx_pass.match_modules(self.work)
         self.memory_gb = cfg.calibration.memory_gb
         self.fold_bn = cfg.fold_bn
         self._original_fp: str | None = None
-        self.flops_before = measure.count_flops(self.root, self.inputs)
+        self.flops_before = measure.count_flops(self.root, self.inputs, on_call)
         self.params_before = measure.count_params(self.root)
         self.batches: list[torch.Tensor] | None = None
         self.dtype: torch.dtype | None = None  # autocast of the calibration passes (set_calibration)
@@ -54,11 +73,11 @@ class TorchBackend(Backend):
         self.folded: dict[str, str] = {}
         self.converted: nn.Module | None = None
 
-    def _trace(self, tracer: str) -> fx.GraphModule | None:
+    def _trace(self, tracer: str, on_call: Callable[[], None] | None = None) -> fx.GraphModule | None:
         if tracer == "module":
             return None
         try:
-            return fx_pass.trace(self.work)
+            return fx_pass.trace(self.work, on_call)
         except fx_pass.TraceFailed as exc:
             if tracer == "fx":
                 raise SeparifyError(f"torch.fx could not trace the model: {exc}") from exc

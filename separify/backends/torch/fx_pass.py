@@ -19,6 +19,7 @@ import functools
 import hashlib
 import inspect
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import fx, nn
@@ -60,17 +61,26 @@ class _ConvLeafTracer(fx.Tracer):
     ``ScaledStdConv2d``, ``Conv2dSame``) is then listed with the reason it is left alone, instead of vanishing into
     functional calls, and its forward (e.g. padding computed from the input's shape) cannot break the trace."""
 
+    def __init__(self, on_call: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.on_call = on_call
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return _is_conv(m) or super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if self.on_call is not None:
+            self.on_call()
+        return super().call_module(m, forward, args, kwargs)
 
-def trace(model: nn.Module) -> fx.GraphModule:
+
+def trace(model: nn.Module, on_call: Callable[[], None] | None = None) -> fx.GraphModule:
     """``torch.fx.symbolic_trace(model)`` with conv modules kept whole, or :class:`TraceFailed` with the first line of
-    the tracer's error."""
+    the tracer's error. ``on_call()``: at each module call the tracer meets (for a progress bar)."""
     if isinstance(model, fx.GraphModule):
         return model
     try:
-        tracer = _ConvLeafTracer()
+        tracer = _ConvLeafTracer(on_call)
         graph = tracer.trace(model)
         return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     except Exception as exc:  # symbolic tracing fails in many ways (TraceError, TypeError, RuntimeError, ...)
