@@ -101,8 +101,7 @@ def convert(
     from separify.backends.torch import TorchBackend
 
     def make(inplace: bool = inplace) -> TorchBackend:
-        with _count_bar(progress, "tracing the model (torch.fx) and counting its FLOPs (module calls)", None,
-                        live=True) as on_calls:
+        with _count_bar(progress, "tracing the model, counting FLOPs", None, live=True) as on_calls:
             return TorchBackend(model, cfg, example_inputs, inplace=inplace, timer=timer, progress=on_calls)
 
     return _run_or_search(make, cfg, calibration=calibration, progress=progress, timer=timer, **search)
@@ -281,8 +280,7 @@ def _weigh(backend: Backend, cfg: ConvertConfig, cands: list[Candidate], memo: M
     if not (cal.loss_aware and cal.ranks and cfg.selection in ("flops", "latency")):
         return
     if memo.weights is None:
-        with _count_bar(progress, "calibration: each layer's effect on the output (forward and backward passes)", None,
-                        live=True) as on_passes:
+        with _count_bar(progress, "calibration: each layer's effect on the output", None, live=True) as on_passes:
             memo.weights = backend.sensitivity(cands, cal, progress=on_passes)
     weights, note = memo.weights
     for c in cands:

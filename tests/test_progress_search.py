@@ -224,4 +224,4 @@ def test_tracing_reports_module_calls_up_to_its_total(tracer):
 def test_the_tracing_bar_counts_module_calls(terminal):
     separify.convert(_net(), example_inputs=torch.randn(1, 3, 16, 16), objective="flops", flops=0.5, progress=True)
     text = "\n".join("\n".join(f) for f in _frames(terminal))
-    assert re.search(r"tracing the model .*module calls.*\d+/\d+", text)
+    assert re.search(r"tracing the model, counting FLOPs .*\d+/\d+", text)
