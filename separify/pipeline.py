@@ -21,7 +21,7 @@ from separify.config import ConvertConfig
 from separify.core import measure
 from separify.core.decompose import check_weight, whiten
 from separify.core.modules import FORMS, SeparableConv2d
-from separify.core.progress import counter, progress_bar
+from separify.core.progress import progress_bar
 from separify.errors import BadWeightsError, ConfigError, SeparifyError
 from separify.planning import latency
 from separify.planning.plan import Candidate, choose_ranks, from_conv_options, keep_faster, meet_latency, planned
@@ -341,13 +341,13 @@ def _timing_bar(progress, layers: int, where: str):
 
 
 @contextmanager
-def _step_bar(progress, what: str, *, live: bool = False):
+def _step_bar(progress, what: str):
     """One step whose length is not known in advance (``progress is True``): its description, drawn once (no
-    redraw while it times), or with ``live`` redrawn with its elapsed time (a step that times nothing)."""
+    redraw while it times)."""
     if progress is not True:
         yield
         return
-    with progress_bar(total=False, auto_refresh=live) as bar:
+    with progress_bar(total=False) as bar:
         bar.add_task(what, total=None)
         bar.refresh()
         yield
@@ -355,13 +355,21 @@ def _step_bar(progress, what: str, *, live: bool = False):
 
 @contextmanager
 def _count_bar(progress, what: str, total: int | None, *, live: bool = False):
-    """A progress bar with an ETA over ``total`` steps (calibration samples, passes) (``progress is True``; else
-    yields ``None``); yields ``on_count(done, total)``, which sets both. ``total=None``: the elapsed time only until
-    the first call. ``live``: redrawn by a thread too (a step that times nothing), else only at each call."""
+    """A progress bar with an ETA over ``total`` steps (calibration samples, passes, module calls) (``progress is
+    True``; else yields ``None``); yields ``on_count(done, total)``, which sets both (``done`` clamped to
+    ``total``). ``total=None``: the elapsed time only until the first call. ``live``: redrawn by a thread too (a
+    step that times nothing), else only at each call."""
     if progress is not True:
         yield None
         return
-    with counter(what, total, live=live) as on_count:
+    with progress_bar(total=True, auto_refresh=live) as bar:
+        task = bar.add_task(what, total=total)
+        bar.refresh()
+
+        def on_count(done: int, total: int) -> None:
+            bar.update(task, completed=min(done, total), total=total)
+            bar.refresh()
+
         yield on_count
 
 

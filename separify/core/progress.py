@@ -2,8 +2,8 @@
 the report), and the overall bar of a step repeated several times (the tries of a ``max_drop`` search).
 
 One look for all: rich, on stderr, transient, the step's description, a bar, done/total, the elapsed time and, where
-the total is known, the time left (``ETA``); a step whose length is not known beforehand (loading, tracing) shows
-its elapsed time only. Drawn only on a terminal (or in Jupyter): redirected to a file, a transient bar leaves
+the total is known, the time left (``ETA``); a step whose length is not known beforehand (loading a model, reading
+data) shows its elapsed time only. Drawn only on a terminal (or in Jupyter): redirected to a file, a transient bar leaves
 nothing but a blank line. Lives in ``core`` so that the pipeline, the search, the calibration, the fine-tuning and
 the report can all use it without importing each other.
 
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Iterator
 
-__all__ = ["ETA_PERIOD", "columns", "counter", "overall_bar", "progress_bar", "step"]
+__all__ = ["ETA_PERIOD", "columns", "overall_bar", "progress_bar", "step"]
 
 ETA_PERIOD = 3600.0  # seconds of progress the time left is estimated from (rich's default, 30 s, loses slow steps)
 REFRESH_PER_SECOND = 10  # rich's default, for the displays redrawn by a thread
@@ -176,23 +176,6 @@ def step(what: str, *, console: Any = None) -> Iterator[None]:
         bar.add_task(what, total=None)
         bar.refresh()
         yield
-
-
-@contextmanager
-def counter(what: str, total: int | None = None, *, live: bool = False, console: Any = None):
-    """A bar with an ETA over ``total`` units (samples, passes, bytes, module calls); yields ``on_count(done,
-    total)``, which sets both and redraws. ``total=None``: the elapsed time only until the first call (a step that
-    may report nothing). ``live``: redrawn by a thread too (a step that times nothing), else only at each call.
-    ``console``: as :func:`progress_bar`."""
-    with progress_bar(total=True, auto_refresh=live, console=console) as bar:
-        task = bar.add_task(what, total=total)
-        bar.refresh()
-
-        def on_count(done: int, total: int) -> None:
-            bar.update(task, completed=min(done, total), total=total)
-            bar.refresh()
-
-        yield on_count
 
 
 class Overall:
