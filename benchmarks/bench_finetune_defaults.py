@@ -5,7 +5,7 @@ Run from the repository root (``pip install -e '.[bench]'``; Debian's ``dataset-
 ``fonts-dejavu-core``)::
 
     python benchmarks/bench_finetune_defaults.py [--models ocr,embedded] [--targets 0.5,0.25] [--method pw-dw-pw]
-        [--old-defaults] [--guard-metric] [--labels]
+        [--old-defaults] [--guard-metric] [--labels] [--alpha A]
 
 Per network and FLOPs target: ``separify.convert(..., calibration=256 samples)`` then
 ``separify.finetune(converted, original, data, epochs=1)`` with nothing else set (``lr`` and ``temperature`` chosen
@@ -18,7 +18,8 @@ set apart from both the fine-tuning data and the reported evaluation set (``eval
 * OCR network (ddddocr ``common.onnx``): calibration on 256 rendered words; fine-tuning on 9,600 other rendered words
   without labels (distillation only), batch 32 (300 steps); with ``--labels`` the batches are ``(images, CTC
   targets of their strings)`` and ``label_loss`` is the CTC loss (``second_model.ctc_loss``: a sequence model's
-  labels need the task's loss), every other setting still separify's; word accuracy on 500 eval strings;
+  labels need the task's loss), every other setting still separify's (``--alpha A`` sets the weight of the
+  distillation term against the labels, ``1 − A`` on the labels); word accuracy on 500 eval strings;
   validation: 300 more rendered words of the calibration stream.
 * embedded FashionResNet: calibration on 256 training images; fine-tuning on 10,000 labeled training images, batch
   128 (79 steps); top-1 on the 1,000 held-out test images; validation: the next 1,000 training images.
@@ -101,12 +102,14 @@ def main() -> None:
     ap.add_argument("--guard-metric", action="store_true",
                     help="keep the state with the best task metric on a validation set (evaluate=)")
     ap.add_argument("--labels", action="store_true", help="OCR: fine-tune on the strings too (CTC label loss)")
+    ap.add_argument("--alpha", type=float, default=None, help="weight of the distillation term (1 − label weight)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune_defaults_2026-12-06.md"))
     args = ap.parse_args()
     torch.set_num_threads(2)
     lines = [f"Command: `python benchmarks/bench_finetune_defaults.py --models {args.models} --targets "
              f"{args.targets} --method {args.method}{' --old-defaults' if args.old_defaults else ''}"
-             f"{' --guard-metric' if args.guard_metric else ''}{' --labels' if args.labels else ''}`; "
+             f"{' --guard-metric' if args.guard_metric else ''}{' --labels' if args.labels else ''}"
+             f"{f' --alpha {args.alpha:g}' if args.alpha is not None else ''}`; "
              f"{torch.get_num_threads()} threads, CPU "
              f"({platform.processor() or platform.machine()}), torch {torch.__version__}, separify "
              f"{separify.__version__}."]
@@ -120,6 +123,8 @@ def main() -> None:
             settings = dict(OLD_DEFAULTS if args.old_defaults else {})
             if args.guard_metric:
                 settings["evaluate"] = setup["validate"]
+            if args.alpha is not None:
+                settings["alpha"] = args.alpha
             lines.append(_row(setup, args.method, whole, label, settings))
             print(lines[-1], flush=True)
     write_result(args.out, lines)

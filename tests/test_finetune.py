@@ -4,6 +4,7 @@ matches 1 process, and bad situations give a clear result or error."""
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import socket
 
@@ -60,7 +61,8 @@ def test_loss_decreases_and_bn_statistics_stay_frozen():
     bn_before = {k: v.clone() for k, v in student.state_dict().items() if "running" in k}
     data = _data()
     before = _mean_kd(student, teacher, data)
-    res = finetune(student, teacher, data, epochs=8, lr=5e-3, seed=0)
+    inputs = [x for x, _ in data]  # distillation only: random labels would pull half of the loss away from it
+    res = finetune(student, teacher, inputs, epochs=8, lr=5e-3, seed=0)
     assert res.steps == 48 and res.stopped is None and len(res.losses) == 48
     assert _mean_kd(student, teacher, data) < 0.5 * before
     assert all(torch.equal(student.state_dict()[k], v) for k, v in bn_before.items())
@@ -73,7 +75,7 @@ def test_bfloat16_autocast_trains_and_keeps_float32_weights():
     student = _student(teacher)
     data = _data()
     before = _mean_kd(student, teacher, data)
-    res = finetune(student, teacher, data, epochs=8, lr=5e-3, seed=0, amp=True)
+    res = finetune(student, teacher, [x for x, _ in data], epochs=8, lr=5e-3, seed=0, amp=True)
     assert res.stopped is None and all(torch.isfinite(torch.tensor(res.losses)))
     assert _mean_kd(student, teacher, data) < 0.5 * before
     assert all(p.dtype == torch.float32 for p in student.parameters())
@@ -312,6 +314,14 @@ def test_a_callback_that_evaluates_does_not_change_the_run():
     assert out.steps == 12 and out.stopped is None
     for (k, a), b in zip(quiet.state_dict().items(), busy.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=k)
+
+
+def test_labels_weigh_half_of_the_loss_by_default():
+    s, t, y = torch.randn(6, 4), torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    ce = torch.nn.functional.cross_entropy(s, y)
+    assert float(distillation_loss(s, t, y)) == pytest.approx(0.5 * float(distillation_loss(s, t)) + 0.5 * float(ce),
+                                                              rel=1e-6)
+    assert inspect.signature(finetune).parameters["alpha"].default == 0.5
 
 
 def test_a_label_loss_replaces_the_cross_entropy():

@@ -10,7 +10,7 @@ import separify
 import separify.calibration.precision as precision
 from separify.calibration import observe
 from separify.calibration.observation import _channel_moments
-from separify.calibration.reconstruct import MINIBATCH_PIXELS, _minibatch
+from separify.calibration.reconstruct import MINIBATCH_PIXELS, _minibatch, _SquaredError
 from separify.errors import ConfigError
 
 
@@ -54,6 +54,28 @@ def test_channel_moments_are_the_same_in_either_memory_layout():
     px = x.double().transpose(0, 1).reshape(5, -1)
     torch.testing.assert_close(nchw, px @ px.T, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last, px @ px.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels-last"])
+def test_the_reconstruction_loss_is_the_mean_squared_error_with_its_gradient(layout):
+    out = torch.randn(3, 5, 6, 7, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    y = torch.randn(3, 5, 6, 7, dtype=torch.float64)
+    loss = _SquaredError.apply(out, y, 1.0 / (out.numel() * 2.5))
+    (grad,) = torch.autograd.grad(loss, out)
+    expected = nn.functional.mse_loss(out, y) / 2.5
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected, out)[0], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_kept_outputs_are_stored_in_the_layout_the_pass_runs_in(channels_last):
+    model, x = _net(), _images(10)
+    obs = observe(model, {"3": "3"}, [x[:6], x[6:]], channels_last=channels_last)
+    (y,) = obs.outputs["3"]
+    with torch.no_grad():
+        expected = model[:4](x)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last) is channels_last and y.is_contiguous() is not channels_last
 
 
 def test_fast_layout_is_channels_last_for_cpu_images_only():

@@ -183,7 +183,10 @@ class _Kept:
         key = (name, shape)
         if key not in self.buffers:
             dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
-            buf = torch.empty((self.counts[shape], *output.shape[1:]), dtype=dtype)
+            # in the output's own layout: the copy is then a plain one, and the fits read channels-last pixels
+            # without a transpose
+            buf = torch.empty((self.counts[shape], *output.shape[1:]), dtype=dtype,
+                              memory_format=_layout(output))
             self.used += buf.numel() * buf.element_size()
             _check_kept(self.used, self.memory_gb, self.samples)
             self.buffers[key], self.filled[key] = buf, 0
@@ -193,6 +196,13 @@ class _Kept:
 
     def outputs(self, name: str) -> list[torch.Tensor]:
         return [buf for (n, _), buf in self.buffers.items() if n == name]
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a 4-D tensor stored so (and not also contiguous), else ``torch.contiguous_format``."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _check_kept(used: int, memory_gb: float, samples: int) -> None:
