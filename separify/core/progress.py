@@ -107,14 +107,6 @@ class _Member:
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
 
-    @property
-    def tasks(self) -> list[Any]:
-        return [t for t in self._display.tasks if t.id in self._ids]
-
-    @property
-    def columns(self) -> tuple:
-        return self._display.columns
-
     def add_task(self, description: str, *args: Any, **kwargs: Any):
         task = self._display.add_task(description, *args, **kwargs)
         self._ids.append(task)
