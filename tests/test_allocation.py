@@ -99,6 +99,17 @@ def test_sensitivity_weighs_layers_by_their_effect_on_the_output():
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
 
 
+def test_sensitivity_is_the_same_in_the_channels_last_layout():
+    """The loss-aware weights do not depend on the layout the samples run in (float64: equal to rounding)."""
+    torch.manual_seed(0)
+    model = Scaled().double().eval()
+    x = [torch.randn(8, C, 12, 12, dtype=torch.float64)]
+    targets = {"loud": "loud", "quiet": "quiet"}
+    plain = sensitivity(model, targets, x, probes=2, loss="mse")
+    fast = sensitivity(model, targets, x, probes=2, loss="mse", channels_last=True)
+    assert fast == pytest.approx(plain, rel=1e-9)
+
+
 def test_loss_aware_allocation_lowers_the_output_error():
     """Same FLOPs: the loss-aware allocation gives the rank to ``loud`` and the model's output error drops."""
     torch.manual_seed(0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,8 @@ import separify
 import separify.calibration.precision as precision
 from separify.calibration import observe
 from separify.calibration.observation import _channel_moments
-from separify.calibration.reconstruct import MINIBATCH_PIXELS, _minibatch, _SquaredError
+from separify.calibration.reconstruct import MINIBATCH_PIXELS, _minibatch, reconstruct
+from separify.core.modules import PwDwPwConv2d
 from separify.errors import ConfigError
 
 
@@ -57,14 +60,30 @@ def test_channel_moments_are_the_same_in_either_memory_layout():
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels-last"])
-def test_the_reconstruction_loss_is_the_mean_squared_error_with_its_gradient(layout):
-    out = torch.randn(3, 5, 6, 7, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
-    y = torch.randn(3, 5, 6, 7, dtype=torch.float64)
-    loss = _SquaredError.apply(out, y, 1.0 / (out.numel() * 2.5))
-    (grad,) = torch.autograd.grad(loss, out)
-    expected = nn.functional.mse_loss(out, y) / 2.5
-    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
-    torch.testing.assert_close(grad, torch.autograd.grad(expected, out)[0], rtol=1e-12, atol=0)
+def test_the_reconstruction_steps_are_adam_on_the_normalised_squared_error(layout):
+    """``reconstruct`` hands the loss's gradient to the backward instead of a loss: its steps are those of plain
+    Adam on ``mean((module(x_B) − y_B)²) / mean(y²)`` over the same minibatches (float64)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    module = PwDwPwConv2d.from_conv(conv, rank=2)
+    x = torch.randn(12, 4, 7, 7, dtype=torch.float64).contiguous(memory_format=layout)
+    with torch.no_grad():
+        y = conv(x).contiguous(memory_format=layout)
+    ref, start = copy.deepcopy(module), copy.deepcopy(module)
+    reconstruct(module, [x], [y], steps=12, lr=1e-2, batch_size=4, seed=3)
+    params = list(ref.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    gen = torch.Generator().manual_seed(3)
+    scale = float(y.pow(2).mean())
+    for _ in range(12):  # the same draws as reconstruct: one group, so no group choice
+        idx = torch.randint(0, len(x), (4,), generator=gen)
+        loss = nn.functional.mse_loss(ref(x[idx]), y[idx]) / scale
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not all(torch.equal(a, b) for a, b in zip(module.parameters(), start.parameters()))  # kept, not undone
+    for got, want in zip(module.parameters(), params):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
@@ -84,17 +103,19 @@ def test_fast_layout_is_channels_last_for_cpu_images_only():
     assert precision.fast_layout(seq) is seq
 
 
-def test_observation_under_bfloat16_keeps_float32_statistics_close_to_float32_ones():
-    """The forward runs in bfloat16, the moments and kept outputs are float32 sums of its activations: equal to the
-    float32 pass up to bfloat16's rounding."""
+def test_observation_under_bfloat16_keeps_its_outputs_and_float64_moments_close_to_float32_ones():
+    """The forward runs in bfloat16: the kept outputs are its bfloat16 outputs as they are (half the memory of
+    float32, no digits lost), the moments float64 sums of its activations; both equal to the float32 pass's up to
+    bfloat16's rounding."""
     model, x = _net(), _images()
     layers = {"0": "1", "3": "3"}
     exact = observe(model, layers, [x])
     fast = observe(model, layers, [x], dtype=torch.bfloat16)
     for name in layers:
         y, y16 = torch.cat(exact.outputs[name]), torch.cat(fast.outputs[name])
-        assert y16.dtype == torch.float32 and exact.covariances[name].channel.dtype == torch.float64
-        assert 0 < float((y16 - y).norm() / y.norm()) < 0.02  # bfloat16 ran, and only rounded
+        assert y.dtype == torch.float32 and y16.dtype == torch.bfloat16
+        assert fast.covariances[name].channel.dtype == torch.float64
+        assert 0 < float((y16.float() - y).norm() / y.norm()) < 0.02  # bfloat16 ran, and only rounded
         for part in ("channel", "spatial"):
             a, b = getattr(fast.covariances[name], part), getattr(exact.covariances[name], part)
             assert float((a - b).norm() / b.norm()) < 0.02

@@ -24,11 +24,13 @@ Scarce data (:func:`scarce`): with fewer than :data:`PIXELS_PER_INPUT` calibrati
 layer's last 1×1 conv, the refit's ridge is chosen by 2-fold cross-validation, and the alternating least squares and
 the reconstruction are skipped; the layer's note says so.
 
-Memory: the kept outputs (every converted layer's output for every sample, float32, or float64 for float64 models;
-bounded by ``calib_memory_gb``), one forward pass of the converted model on all samples at once, and ``(C+1)²``
-float64 statistics for one layer at a time (with ALS also its ``(C·P)²`` patch Gram, at most 512 MiB: larger
-layers skip ALS with a note). A module called several times in one forward pass is calibrated on its first call.
-Both passes of the PyTorch path run inside :func:`reuse_freed_memory` (:mod:`~separify.calibration.memory`).
+Memory: the kept outputs (every converted layer's output for every sample, in the precision the pass gave it:
+float32, bfloat16 under bfloat16 autocast, float64 for float64 models; bounded by ``calib_memory_gb``), one forward
+pass of the converted model on all samples at once, and ``(C+1)²`` float64 statistics for one layer at a time (with
+ALS also its ``(C·P)²`` patch Gram, at most 512 MiB: larger layers skip ALS with a note). A module called several
+times in one forward pass is calibrated on its first call.
+The three passes of the PyTorch path (observation, loss-aware weights, refit) run inside :func:`reuse_freed_memory`
+(:mod:`~separify.calibration.memory`).
 """
 
 from separify.calibration.als import PatchStatistics, als_dw_pw, als_fit, als_runs, als_skip_reason

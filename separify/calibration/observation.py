@@ -37,7 +37,7 @@ _MOMENT_PATCHES = 1 << 16  # patches per layer (over the whole calibration set) 
 class Observation:
     """What :func:`observe` measured: per conv name, its input moments and its target's outputs over all
     ``samples`` calibration samples, one tensor ``(n_g, N, H_g, W_g)`` per sample shape ``g`` (the order of
-    :func:`~separify.calibration.data.shape_groups`)."""
+    :func:`~separify.calibration.data.shape_groups`), in the precision the pass gave them."""
 
     covariances: dict[str, InputCovariance]
     outputs: dict[str, list[torch.Tensor]]
@@ -182,7 +182,7 @@ class _Kept:
     def add(self, name: str, shape: tuple, output: torch.Tensor) -> None:
         key = (name, shape)
         if key not in self.buffers:
-            dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
+            dtype = _kept_dtype(output.dtype)
             # in the output's own layout: the copy is then a plain one, and the fits read channels-last pixels
             # without a transpose
             buf = torch.empty((self.counts[shape], *output.shape[1:]), dtype=dtype,
@@ -196,6 +196,13 @@ class _Kept:
 
     def outputs(self, name: str) -> list[torch.Tensor]:
         return [buf for (n, _), buf in self.buffers.items() if n == name]
+
+
+def _kept_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision an output of precision ``dtype`` is kept in: its own where it is a float (a 16-bit output of a
+    pass under autocast holds no more digits than 16 bits keep, and takes half the memory and copying of float32),
+    else float32."""
+    return dtype if dtype.is_floating_point else torch.float32
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
@@ -263,7 +270,9 @@ def observe(
         patches: layers whose patch statistics of input and output are gathered too (:func:`add_patches`, for
             ``method="auto"``).
         dtype: the forward runs under autocast to it (:mod:`~separify.calibration.precision`; ``None``: the
-            model's precision); the moments and the kept outputs are float32 (float64 for a float64 model) anyway.
+            model's precision); the moments are float32 (float64 for a float64 model) anyway, the kept outputs are
+            in the precision the layer gave them (bfloat16 under bfloat16 autocast: widening them would add no
+            digits). The fits widen what they read.
         channels_last: run the samples in the channels-last layout on a CPU (faster convolutions; only for models
             that take it, :func:`~separify.calibration.precision.runs_channels_last`).
         progress: called as ``progress(done, total)`` (samples) after each forward.

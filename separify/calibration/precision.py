@@ -3,10 +3,11 @@
 The passes over the original and the converted model (observation, loss-aware weights, refit) are mostly
 convolutions. Where the hardware has native bfloat16 arithmetic (x86 CPUs with AVX512-BF16 or AMX, CUDA GPUs that
 support it), running them under bfloat16 autocast halves their time. Everything the fits compute from them stays in
-float32 or float64, with autocast off (:func:`full_precision`): the input moments, the kept target outputs, the
-patch statistics, the least-squares and ALS solves, and the layer-wise reconstruction (its Adam steps are smaller
-than bfloat16's rounding of the weights). The activations the fits see then carry bfloat16's rounding (a relative
-``2⁻⁹``), well below the error a FLOPs-saving truncation leaves to fit.
+float32 or float64, with autocast off (:func:`full_precision`): the input moments, the patch statistics, the
+least-squares and ALS solves, and the layer-wise reconstruction (its Adam steps are smaller than bfloat16's rounding
+of the weights). The activations the fits see, and the kept target outputs (stored as the pass gives them, in
+bfloat16, and widened where they are read), then carry bfloat16's rounding (a relative ``2⁻⁹``), well below the
+error a FLOPs-saving truncation leaves to fit.
 
 ``precision="auto"`` (:func:`pass_dtype`) uses bfloat16 only where it pays: a float32 model, native bfloat16, and a
 calibration set whose forward pass costs at least :data:`AUTO_FLOPS`; smaller jobs are fast in float32 and keep its

@@ -30,7 +30,7 @@ from torch import nn
 
 from separify.calibration.linalg import sq_norm
 from separify.calibration.memory import reuse_freed_memory
-from separify.calibration.precision import forward_precision, widened
+from separify.calibration.precision import fast_layout, forward_precision, widened
 from separify.core.measure import frozen_mode
 
 __all__ = ["LOSSES", "SAMPLES", "sensitivity", "unweighted_note"]
@@ -66,13 +66,15 @@ def _probe(outs: list[torch.Tensor], loss: str, class_dim: int, gen: torch.Gener
 
 def sensitivity(model: nn.Module, targets: dict[str, str], xs: Sequence[torch.Tensor], *, loss: str = "fisher",
                 class_dim: int = -1, probes: int = 2, seed: int = 0, dtype: torch.dtype | None = None,
-                progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+                channels_last: bool = False, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """``w_i`` of the module docstring (``loss``: ``"fisher"``, softmax over ``class_dim``, or ``"mse"``) for every
     layer ``name`` of ``targets`` (name → the module whose output
     the replacement must reproduce), on the samples ``xs`` (batches, of any shapes the model takes; the sums run
     over all of them); mean 1 over the layers the output depends on, which are the keys returned. The model is run
     in eval mode and left unchanged (no gradient reaches its parameters). ``dtype``: the forward runs under autocast
-    to it (:mod:`~separify.calibration.precision`); the sums are taken in float32 or wider. ``progress(done,
+    to it (:mod:`~separify.calibration.precision`); the sums are taken in float32 or wider. ``channels_last``: the
+    samples run in the channels-last layout on a CPU (for models that take it,
+    :func:`~separify.calibration.precision.runs_channels_last`). ``progress(done,
     total)``: passes done of ``total = len(xs) * (1 + probes)`` (a forward or a backward over one batch), called
     before the first (``done`` 0) and after each."""
     sq = dict.fromkeys(targets, 0.0)  # Σ y² over the samples
@@ -111,6 +113,7 @@ def sensitivity(model: nn.Module, targets: dict[str, str], xs: Sequence[torch.Te
             for b, x in enumerate(xs):
                 seen.clear()
                 with forward_precision(dtype, x.device):
+                    x = fast_layout(x) if channels_last else x
                     outs = _tensors(model(x.detach().clone().requires_grad_(True)))
                 outs = [widened(o) for o in outs]
                 report(b * (1 + probes) + 1, passes)

@@ -147,7 +147,8 @@ class TorchBackend(Backend):
     def sensitivity(self, cands, cal: Calibration, progress=None):
         targets = {c.name: c.record.bn_folded or c.name for c in cands}
         weights = sensitivity(self.original, targets, first_samples(self.batches, SAMPLES), loss=cal.loss,
-                              class_dim=cal.class_dim, dtype=self.dtype, progress=progress)
+                              class_dim=cal.class_dim, dtype=self.dtype, channels_last=self.channels_last,
+                              progress=progress)
         return weights, unweighted_note(list(targets), weights)
 
     def output_pixels(self, cands) -> dict[str, int]:
