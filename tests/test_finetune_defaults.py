@@ -99,6 +99,54 @@ def test_range_test_bounds_and_non_finite_losses():
     assert defaults.range_steps(10) == 16 and defaults.range_steps(300) == 30 and defaults.range_steps(10_000) == 64
 
 
+def test_held_out_range_test_picks_a_tenth_of_the_first_rate_that_hurts():
+    """The held-out loss after each update of a range test: it falls (training helps), then stays above 1.05× its
+    start from the update at 1e-4 on: a tenth of that rate. One value above it alone is noise, not a trend."""
+    steps, start = 30, 2.0
+    lrs = [defaults.range_lr(i, steps) for i in range(steps)]
+    first_bad = next(i for i, lr in enumerate(lrs) if lr >= 1e-4)
+    held = [start * (0.8 if i < first_bad else 1.2 + i) for i in range(steps)]
+    held[3] = 1.1 * start  # one noisy value above the bar
+    assert defaults.hurts(held, start) == first_bad
+    assert defaults.lr_from_held_out(held, start, steps) == pytest.approx(lrs[first_bad] / 10)
+    assert defaults.hurts(held[: first_bad + 1], start) is None  # the rise must last two updates
+
+
+def test_held_out_range_test_bounds_and_non_finite_losses():
+    steps = 30
+    helps = [1.0 - 0.01 * i for i in range(steps)]  # never hurts: a tenth of the last rate
+    assert defaults.lr_from_held_out(helps, 1.0, steps) == pytest.approx(defaults.RANGE_HIGH / 10)
+    assert defaults.hurts([0.9, float("nan")], 1.0) == 1
+    assert defaults.lr_from_held_out([1e-9, 1e-9], 0.0, steps) == defaults.LR_BOUNDS[0]  # at the teacher: clipped
+
+
+def _recording_inputs(model: torch.nn.Module, seen: list[int]) -> None:
+    """Record the storage of every input ``model`` (and any deep copy of it) trains on."""
+    model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].data_ptr()) if torch.is_grad_enabled()
+                                    else None)
+
+
+@pytest.mark.parametrize("held_out", [True, False], ids=["batches-held-out", "none-held-out"])
+def test_the_range_test_scores_the_held_out_batches(monkeypatch, held_out):
+    """With batches held out (the default check on data of 20 batches or more), the range test scores the loss on
+    them after each of its steps, and neither it nor the run trains on them; without, it reads the training losses.
+    A student that is its teacher can only get worse: the lowest rate."""
+    import copy
+
+    teacher, data = _teacher(dropout=0.0), _data(n_batches=24, labels=False)
+    calls: list[str] = []
+    for name in ("lr_from_held_out", "lr_from_losses"):
+        monkeypatch.setattr(defaults, name, lambda *a, _f=getattr(defaults, name), _n=name: calls.append(_n) or _f(*a))
+    student, trained = copy.deepcopy(teacher), []
+    _recording_inputs(student, trained)
+    res = finetune(student, teacher, data, epochs=1, seed=0, temperature=1.0, hard=0.0, keep_best=held_out)
+    assert ("lr_from_held_out" in calls) == held_out and res.held_out == (4 if held_out else 0)
+    held = {x.data_ptr() for x in data[: res.held_out]}
+    assert trained and not held & set(trained)
+    if held_out:
+        assert res.lr == defaults.LR_BOUNDS[0]
+
+
 def test_schedule_warms_up_then_decays_to_zero():
     f = defaults.schedule(100, warmup=0.1)
     assert f(0) == pytest.approx(0.1) and f(4) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 0.04)))

@@ -11,18 +11,30 @@ of :data:`TEMPERATURES` at which the tempered teacher still gives its top class 
 probability on average, so the soft targets stay close to the teacher's decisions; both benchmark networks get 1.
 
 **Learning rate.** The range test of Smith (2017) (run by :func:`separify.finetune`): from a copy of the student,
-one step per batch with the learning rate rising geometrically from :data:`RANGE_LOW` to :data:`RANGE_HIGH`, stopped
-where the loss diverges (:func:`diverged`): a batch's loss exceeds :data:`DIVERGED` times the lowest smoothed loss
-so far, or the smoothed loss itself exceeds :data:`DIVERGED_SMOOTH` times its lowest two steps in a row (a
-sustained rise, which noisy single batches may not show in time). The chosen rate (:func:`lr_from_losses`) is a
-tenth of the one that made the loss diverge, within :data:`LR_BOUNDS`. A converted model starts close to its
-teacher, so its loss is flat and noisy until the rate is too high: the lowest point of that flat stretch (the usual
-"a tenth of the rate at the minimum") is noise, the divergence is not. On the OCR benchmark the loss is flat and
-noisy (3–8 per batch) up to about 3e-3 and rises above it (12 at 4e-3–9e-3); the single-batch rule alone stopped
-at 6e-3 in one run and at 2e-2 in another that differed only in the number of steps (30 against 29: 4.2e-4
-against 1.3e-3 chosen), the smoothed one at 6e-3 and 1.3e-2 (4.2e-4 and 8.5e-4). The rates that fine-tune it well
-are 1e-4 to 6e-4 (one epoch at 8.5e-4 and 1.3e-3 gave 0.964, at 4.2e-4 and 5.6e-4 0.970 and 0.968). The training
-run then warms up linearly over its first :data:`WARMUP` of the steps and decays on a cosine to 0.
+one step per batch with the learning rate rising geometrically from :data:`RANGE_LOW` to :data:`RANGE_HIGH`. Where
+the run holds batches out (its default check, or ``validation=``), the test scores the loss on a few of them after
+every step, the same batches each time, and stops where training starts to hurt (:func:`hurts`): that loss above
+:data:`HURT` times its value before the test, two steps in a row. The chosen rate (:func:`lr_from_held_out`) is a
+tenth of the first rate that hurt, within :data:`LR_BOUNDS`. The training losses of the test's batches cannot show
+this: each is a new batch, and on the OCR benchmark they vary 4× between batches at rates far too small to change
+anything, while the held-out loss moves smoothly (under 1% per step at those rates). How far a student is from its
+teacher sets the rate: at whole-model FLOPs 0.5 (0.936 word accuracy) the held-out loss fell to 0.70 of its start
+at 3e-4 and hurt from 2.5e-3 on (2.5e-4 chosen); at conv FLOPs 0.25 (0.976) it fell to 0.80 at 3e-5 and hurt from
+2.1e-4 (2.1e-5 chosen); the teacher itself only gets worse (1e-5, the lower bound). One epoch at conv FLOPs 0.25
+with the strings as labels gave 0.984 at a fixed 2e-5, 0.970 at 5e-5 and 0.962 at 8.5e-5 (the training-loss rule's
+choice in that run; benchmarks/RESULTS.md). By distillation alone at whole-model FLOPs 0.5, though, the chosen
+2.5e-4 gave 0.940 where the training-loss rule's 4.2e-4–1.3e-3 had given 0.964–0.970: without labels that student
+wants a larger rate than the held-out loss shows.
+
+Without held-out batches the test reads the training losses and stops where they diverge (:func:`diverged`): a
+batch's loss exceeds :data:`DIVERGED` times the lowest smoothed loss so far, or the smoothed loss itself exceeds
+:data:`DIVERGED_SMOOTH` times its lowest two steps in a row (a sustained rise, which noisy single batches may not
+show in time); the rate (:func:`lr_from_losses`) is a tenth of the one that made the loss diverge, within
+:data:`LR_BOUNDS`. The lowest point of a converted model's flat, noisy training loss (the usual "a tenth of the rate
+at the minimum") is noise, the divergence is not; but where it comes is chance too: on the OCR benchmark it chose
+1e-5 to 1.3e-3 for the two students above in runs that differed in their batches.
+
+The training run then warms up linearly over its first :data:`WARMUP` of the steps and decays on a cosine to 0.
 
 **Hard targets.** Where the teacher is confident (its largest class holds :data:`TOP_MASS` of ``softmax(t)`` on
 average), the distillation term mixes the soft KL with the cross-entropy against the teacher's decisions (its
@@ -40,9 +52,9 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["DIVERGED", "DIVERGED_SMOOTH", "HARD", "LR_BOUNDS", "RANGE_HIGH", "RANGE_LOW", "TEMPERATURES", "TOP_MASS",
-           "WARMUP", "choose_hard", "choose_temperature", "diverged", "lr_from_losses", "range_lr", "range_steps",
-           "schedule"]
+__all__ = ["DIVERGED", "DIVERGED_SMOOTH", "HARD", "HURT", "LR_BOUNDS", "RANGE_HIGH", "RANGE_LOW", "TEMPERATURES",
+           "TOP_MASS", "WARMUP", "choose_hard", "choose_temperature", "diverged", "hurts", "lr_from_held_out",
+           "lr_from_losses", "range_lr", "range_steps", "schedule"]
 
 TEMPERATURES = (4.0, 2.0, 1.0)  # candidates, highest first (Hinton et al. use 1–20; 4 is the common default)
 TOP_MASS = 0.9  # the tempered teacher's mean top-class probability must stay at least this
@@ -50,6 +62,7 @@ RANGE_LOW, RANGE_HIGH = 1e-6, 1e-1  # learning rates swept by the range test
 DIVERGED = 4.0  # the range test stops where a loss exceeds this times the lowest smoothed loss
 DIVERGED_SMOOTH = 2.0  # ... or where the smoothed loss exceeds this times its lowest (from step _SMOOTH_FROM on),
 # twice in a row
+HURT = 1.05  # the range test's held-out loss above this times its start, twice in a row: the rate hurts
 LR_BOUNDS = (1e-5, 1e-2)  # the chosen learning rate is clipped to these
 WARMUP = 0.05  # fraction of the steps of linear warm-up
 HARD = 0.5  # weight of the cross-entropy against the teacher's decisions in the distillation term
@@ -140,6 +153,28 @@ def lr_from_losses(losses: Sequence[float], steps: int) -> float | None:
     # loss i shows the updates before it: the rate that made the loss diverge is that of update i − 1 (the last
     # rate of the sweep where it never did)
     lr = range_lr((at if at is not None else len(losses)) - 1, steps) / 10
+    return min(max(lr, LR_BOUNDS[0]), LR_BOUNDS[1])
+
+
+def hurts(held: Sequence[float], start: float) -> int | None:
+    """The index of the first update after which the held-out loss ``held[i]`` (measured after update ``i`` of a
+    range test) is above :data:`HURT` times its ``start`` (before any update) two updates in a row, or not finite
+    (``None``: none is). A single value above it is noise of the few held-out batches, not a trend."""
+    for i, loss in enumerate(held):
+        if not math.isfinite(loss):
+            return i
+        if i > 0 and min(loss, held[i - 1]) > HURT * start:
+            return i - 1
+    return None
+
+
+def lr_from_held_out(held: Sequence[float], start: float, steps: int) -> float:
+    """The chosen learning rate (module docstring) from the held-out losses ``held`` of a range test of ``steps``
+    steps (``held[i]`` after its update at :func:`range_lr` ``(i)``) and the loss ``start`` before them: a tenth of
+    the rate of the first update that hurt (:func:`hurts`; the last update where none did), within
+    :data:`LR_BOUNDS`."""
+    at = hurts(held, start)
+    lr = range_lr((at if at is not None else len(held) - 1), steps) / 10
     return min(max(lr, LR_BOUNDS[0]), LR_BOUNDS[1])
 
 

@@ -4,9 +4,9 @@ Loss (Hinton et al. 2015): ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` between 
 ``s`` at temperature ``T``, mixed with cross-entropy on labels when the data carries them:
 ``α · KD + (1 − α) · CE`` (or another label loss, ``label_loss=``, e.g. CTC for a sequence model), by default
 ``α = 0.5``: half on the labels, as in DeiT's distillation (Touvron et al. 2021). On the OCR benchmark at
-whole-model FLOPs 0.5 one epoch with its strings as CTC labels gave 0.978–0.982 word accuracy at ``α = 0.5`` and
-0.946 at 0.9 (0.964–0.970 without labels; the original 0.990; benchmarks/RESULTS.md): labels keep the student from
-copying the teacher's mistakes. With
+whole-model FLOPs 0.5 one epoch with its strings as CTC labels gave 0.990 word accuracy at ``α = 0.5`` (0.940
+without labels; the original 0.990; benchmarks/RESULTS.md): labels keep the student from copying the teacher's
+mistakes. With
 ``features`` (pairs of converted layer → original layer, e.g. :meth:`separify.ConvertResult.feature_pairs`) and
 ``feature_weight > 0``, a feature term
 ``feature_weight · mean_l ‖s_l − t_l‖² / ‖t_l‖²`` pulls each converted layer's output ``s_l`` towards the original
@@ -575,11 +575,11 @@ def finetune(
     kw = dict(zip(("rank", "world"), _dist()), device=device, amp=(device.type == "cuda") if amp is None else amp,
               weight_decay=weight_decay, seed=seed, train_bn=train_bn)
     objective = _Objective(temperature, alpha, class_dim, label_loss, use_labels, feature_weight, hard)
-    first = _FirstBatches(teacher, data, device, seed=seed)  # read once, by the settings and the guard
-    guard = _guard(first, total, evaluate, validation, class_dim) if keep_best else None
+    first, held = _reference_batches(teacher, data, validation, hold, device, seed)
+    guard = _guard(held or first, total, evaluate, class_dim) if keep_best else None
     was_training = student.training
     with _trained_parameters(student, train):
-        lr, objective, chosen = _settings(student, first, total, lr, state or {}, progress, objective, kw)
+        lr, objective, chosen = _settings(student, first, total, lr, state or {}, progress, objective, kw, held, hold)
         torch.manual_seed(seed)
         run = _Trainer(student, teacher, objective, total=total, lr=lr, checkpoint_every=checkpoint_every,
                        callback=callback, schedule=defaults.schedule(total, warmup), hold=hold, **kw)
@@ -605,17 +605,25 @@ def _run(run: _Trainer, data: Iterable, checkpoint: str | os.PathLike | None, st
         run.student.train(was_training)
 
 
-def _guard(first: _FirstBatches, total: int, evaluate: Callable[[nn.Module], float] | None,
-           validation: Iterable | None, class_dim: int) -> _Guard:
+def _reference_batches(teacher: nn.Module, data: Iterable, validation: Iterable | None, hold: int,
+                       device: torch.device, seed: int) -> tuple[_FirstBatches, _FirstBatches | None]:
+    """The first batches of ``data`` (read once, by the settings and the guard), and the batches no step trains on
+    (for the range test and the check): ``validation``, else those first batches where the run holds ``hold`` of
+    them out, else none."""
+    first = _FirstBatches(teacher, data, device, seed=seed)
+    if validation is not None:
+        return first, _FirstBatches(teacher, validation, device, None, "validation")
+    return first, first if hold else None
+
+
+def _guard(batches: _FirstBatches, total: int, evaluate: Callable[[nn.Module], float] | None,
+           class_dim: int) -> _Guard:
     """The guard of a run of ``total`` steps: ``evaluate`` at the start and :data:`CHECKS` times, else the agreement
-    with the teacher (:func:`_agreement`) on the inputs of ``validation`` or on ``first``, at the start and the end
-    only (a noisy proxy picks badly among many states)."""
+    with the teacher (:func:`_agreement`) on ``batches`` (the validation data, or the first batches of the data), at
+    the start and the end only (a noisy proxy picks badly among many states)."""
     if evaluate is not None:
         return _Guard(evaluate, every=max(1, math.ceil(total / CHECKS)))
-    if validation is not None:
-        held_out = _FirstBatches(first.teacher, validation, first.device, None, "validation")
-        return _Guard(_agreement(held_out.inputs, held_out.logits, class_dim), every=total)
-    return _Guard(_agreement(first.inputs, first.logits, class_dim), every=total)
+    return _Guard(_agreement(batches.inputs, batches.logits, class_dim), every=total)
 
 
 @contextmanager
@@ -653,11 +661,13 @@ def _check_weights(feature_weight: Any, warmup: Any, hard: Any) -> None:
 
 
 def _settings(student: nn.Module, first: _FirstBatches, total: int, lr: float | None, saved: dict, progress: bool,
-              objective: _Objective, kw: dict[str, Any]) -> tuple[float, _Objective, tuple[str, ...]]:
+              objective: _Objective, kw: dict[str, Any], held: _FirstBatches | None = None,
+              hold: int = 0) -> tuple[float, _Objective, tuple[str, ...]]:
     """The learning rate, the objective with its temperature and hard weight, and which of the three were not given:
     as given, else as stored in the checkpoint state ``saved`` a run resumes from, else chosen (from the teacher's
     outputs on the ``first`` batches, :func:`defaults.choose_temperature` and :func:`defaults.choose_hard`;
-    :func:`_range_test` over ``first.data``)."""
+    :func:`_range_test` over ``first.data`` skipping its ``hold`` first batches, scored on the ``held`` batches
+    where there are any)."""
     chosen = tuple(k for k, v in (("lr", lr), ("temperature", objective.temperature), ("hard", objective.hard))
                    if v is None)
     if objective.temperature is None:
@@ -669,8 +679,8 @@ def _settings(student: nn.Module, first: _FirstBatches, total: int, lr: float | 
         objective = dataclasses.replace(objective, hard=saved["hard"] if saved.get("hard") is not None
                                         else defaults.choose_hard(first.logits, objective.class_dim))
     if lr is None:
-        lr = saved.get("lr") or _range_test(student, first.teacher, objective, first.data, total, progress=progress,
-                                            **kw)
+        lr = saved.get("lr") or _range_test(student, first.teacher, objective, first.data, total, held=held,
+                                            hold=hold, progress=progress, **kw)
     return lr, objective, chosen
 
 
@@ -701,18 +711,24 @@ class _FirstBatches:
         self.seed = seed
 
     @functools.cached_property
-    def inputs(self) -> list[torch.Tensor]:
+    def batches(self) -> list[tuple[torch.Tensor, Any]]:
+        """``(input, labels or None)`` of each batch, on ``device``."""
         out = []
         with torch.random.fork_rng(devices=[]):
             if self.seed is not None:
                 torch.default_generator.manual_seed(self.seed)  # the CPU generator, which fork_rng restores
             for batch in self.data:
-                out.append(_split(batch)[0].to(self.device))
+                x, y = _split(batch)
+                out.append((x.to(self.device), y.to(self.device) if isinstance(y, torch.Tensor) else y))
                 if len(out) == self.count:
                     break
         if not out:
             raise SeparifyError(f"the {self.what} data is empty")
         return out
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        return [x for x, _ in self.batches]
 
     @functools.cached_property
     def logits(self) -> list[torch.Tensor]:
@@ -725,17 +741,28 @@ class _Diverged(Exception):
 
 
 def _range_test(student: nn.Module, teacher: nn.Module, objective: _Objective, data: Iterable, total: int, *,
-                progress: bool, **kw: Any) -> float:
-    """The learning rate of :func:`defaults.lr_from_losses` from a range test (:mod:`~separify.tuning.defaults`) on
-    a copy of ``student`` (itself unchanged), over the first :func:`defaults.range_steps` ``(total)`` batches; under
-    ``torch.distributed``, rank 0's choice for every process."""
+                held: _FirstBatches | None, hold: int, progress: bool, **kw: Any) -> float:
+    """The learning rate from a range test (:mod:`~separify.tuning.defaults`) on a copy of ``student`` (itself
+    unchanged), over the first :func:`defaults.range_steps` ``(total)`` batches of ``data`` after its ``hold`` first:
+    with ``held`` batches (none of them trained on), :func:`defaults.lr_from_held_out` of the loss on them after
+    each step, else :func:`defaults.lr_from_losses` of the training losses; under ``torch.distributed``, rank 0's
+    choice for every process."""
     steps = defaults.range_steps(total)
     torch.manual_seed(kw["seed"])
     probe = _Trainer(copy.deepcopy(student), teacher, objective, total=steps, lr=1.0, checkpoint_every=steps + 1,
-                     callback=None, schedule=lambda s: defaults.range_lr(s, steps), **kw)
+                     callback=None, schedule=lambda s: defaults.range_lr(s, steps), hold=hold, **kw)
+    reference = held.batches[:VALIDATION_BATCHES] if held is not None else []
+    logits = held.logits[:VALIDATION_BATCHES] if held is not None else []
+    start = _held_loss(probe.student, objective, reference, logits) if reference else math.nan
+    losses: list[float] = []  # on the held batches, after each step
 
     def stop_if_diverged(_step: int, _loss: float) -> None:
-        if defaults.diverged(probe.result.losses):
+        if reference:
+            losses.append(_held_loss(probe.student, objective, reference, logits))
+            stop = defaults.hurts(losses, start) is not None
+        else:
+            stop = defaults.diverged(probe.result.losses)
+        if stop:
             raise _Diverged
 
     probe.callback = stop_if_diverged
@@ -751,11 +778,25 @@ def _range_test(student: nn.Module, teacher: nn.Module, objective: _Objective, d
     if lr is None:
         raise SeparifyError("the fine-tuning loss was not finite even at the lowest learning rate of the range test "
                             f"({defaults.RANGE_LOW:g}); give lr=")
+    if losses:
+        lr = defaults.lr_from_held_out(losses, start, steps)
     if kw["world"] > 1:
         value = torch.tensor([lr], dtype=torch.float64, device=kw["device"])
         torch.distributed.broadcast(value, src=0)
         lr = float(value)
     return lr
+
+
+def _held_loss(student: nn.Module, objective: _Objective, batches: Sequence[tuple[torch.Tensor, Any]],
+               logits: Sequence[torch.Tensor]) -> float:
+    """The mean loss of ``student`` (eval mode, no gradients) on ``batches`` against the teacher's ``logits``."""
+    total = 0.0
+    with torch.no_grad(), frozen_mode(student):
+        for (x, y), t in zip(batches, logits):
+            y = y if objective.use_labels else None
+            objective.check_labels(y, t)
+            total += float(objective.distillation(student(x), t, y))
+    return total / max(len(batches), 1)
 
 
 def _finish(result: FinetuneResult, step: int) -> FinetuneResult:
