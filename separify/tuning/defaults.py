@@ -32,7 +32,7 @@ batch's loss exceeds :data:`DIVERGED` times the lowest smoothed loss so far, or 
 show in time); the rate (:func:`lr_from_losses`) is a tenth of the one that made the loss diverge, within
 :data:`LR_BOUNDS`. The lowest point of a converted model's flat, noisy training loss (the usual "a tenth of the rate
 at the minimum") is noise, the divergence is not; but where it comes is chance too: on the OCR benchmark it chose
-1e-5 to 1.3e-3 for the two students above in runs that differed in their batches.
+1e-5 to 1.6e-4 and 3.7e-4 to 8.5e-4 for the two students above in runs that differed in their batches.
 
 The training run then warms up linearly over its first :data:`WARMUP` of the steps and decays on a cosine to 0.
 
