@@ -774,12 +774,13 @@ def _range_test(student: nn.Module, teacher: nn.Module, objective: _Objective, d
         pass
     finally:
         probe.close()
-    lr = defaults.lr_from_losses(probe.result.losses, steps)
+    if losses:  # there are held-out losses only after a finite first step
+        lr = defaults.lr_from_held_out(losses, start, steps)
+    else:  # no held batches, or not even the first step's loss was finite (then None)
+        lr = defaults.lr_from_losses(probe.result.losses, steps)
     if lr is None:
         raise SeparifyError("the fine-tuning loss was not finite even at the lowest learning rate of the range test "
                             f"({defaults.RANGE_LOW:g}); give lr=")
-    if losses:
-        lr = defaults.lr_from_held_out(losses, start, steps)
     if kw["world"] > 1:
         value = torch.tensor([lr], dtype=torch.float64, device=kw["device"])
         torch.distributed.broadcast(value, src=0)
