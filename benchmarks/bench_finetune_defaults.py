@@ -11,8 +11,9 @@ Per network and FLOPs target: ``separify.convert(..., calibration=256 samples)``
 ``separify.finetune(converted, original, data, epochs=1)`` with nothing else set (``lr`` and ``temperature`` chosen
 by separify), as ``separify convert --finetune DATA`` does; ``--old-defaults`` gives the settings that were the
 defaults before (``lr=1e-4, temperature=4.0, warmup=0.0, hard=0.0``: soft targets only, a cosine schedule without
-warm-up), as a control. The run keeps the state that scored best (``keep_best``): by default the student's agreement
-with the original on the first four fine-tuning batches; with ``--guard-metric`` the task's metric on a validation
+warm-up), as a control. The run keeps the state that scored best (``keep_best``): by default, on the first four
+fine-tuning batches, the loss on their labels where they carry labels, else the student's agreement with the
+original; with ``--guard-metric`` the task's metric on a validation
 set apart from both the fine-tuning data and the reported evaluation set (``evaluate=``). Data:
 
 * OCR network (ddddocr ``common.onnx``): calibration on 256 rendered words; fine-tuning on 9,600 other rendered words

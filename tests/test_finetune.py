@@ -136,6 +136,24 @@ def test_default_guard_keeps_the_end_unless_it_agrees_less_than_the_start():
     assert off.kept_step is None and off.scores == []
 
 
+def test_default_guard_scores_labelled_batches_by_the_loss_on_their_labels():
+    """Where the check's batches carry labels, the score is minus the mean loss on those labels: a run that learns
+    labels the teacher never gives ends agreeing far less with the teacher, and is kept, because the loss on the
+    labels fell (the agreement alone would keep the start)."""
+    teacher = _teacher(dropout=0.0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        data = [(x, (teacher(x).argmax(1) + 1) % 5) for x in (torch.randn(8, 3, 8, 8, generator=g) for _ in range(6))]
+    student = _student(teacher)
+    res = finetune(student, teacher, data, steps=30, lr=1e-2, alpha=0.0, warmup=0.0, seed=0)
+    assert [s for s, _ in res.scores] == [0, 30] and res.kept_step == 30
+    with torch.no_grad():
+        loss = sum(float(F.cross_entropy(student.eval()(x), y)) for x, y in data[:4]) / 4
+        agree = sum(int((student(x).argmax(1) == teacher(x).argmax(1)).sum()) for x, _ in data[:4]) / 32
+    assert res.scores[1][1] == pytest.approx(-loss) and res.scores[1][1] > res.scores[0][1]
+    assert agree < 0.5
+
+
 def test_default_guard_scores_batches_that_training_never_sees(tmp_path):
     """With enough data (20 batches or more) the default check's first four batches are held out of training at
     every epoch, also when the run resumes; with ``evaluate=``, ``validation=`` or less data nothing is held out."""

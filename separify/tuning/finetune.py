@@ -17,11 +17,12 @@ The distillation term puts weight ``hard`` on the teacher's decisions, ``CE(s, a
 confident. The run ends with the better-scoring of the states it checks (``keep_best``), so that it never leaves
 the student worse than it came in by that score: with ``evaluate(student)`` (a metric on held-out data, higher is
 better, called in eval mode without gradients) the best of the start and :data:`CHECKS` states during the run;
-without it, the start or the end, by the fraction of samples on which the student's largest class is the
-teacher's at every position (a noisy proxy of accuracy, so it is asked only that), on ``validation`` or else on the
-first :data:`VALIDATION_BATCHES` batches of the data, which training then skips where the data has enough
-(:func:`_held_out`), so that the check does not score the student on batches it was trained on (a reshuffling
-``DataLoader`` shows them to later epochs).
+without it, the start or the end, on ``validation`` or else on the first :data:`VALIDATION_BATCHES` batches of the
+data, which training then skips where the data has enough (:func:`_held_out`), so that the check does not score
+the student on batches it was trained on (a reshuffling ``DataLoader`` shows them to later epochs). Where those
+batches carry labels the run uses, the score is the loss on the labels (lower is better); else it is the fraction
+of samples on which the student's largest class is the teacher's at every position (a noisy proxy of accuracy,
+so it is asked only that, and one that counts every sample on which the student corrects the teacher against it).
 
 :func:`finetune` runs AdamW with a linear warm-up and a cosine decay of the learning rate. Left unset, the learning
 rate comes from a short range test on a copy of the student, and the temperature from the teacher's outputs on the
@@ -61,9 +62,9 @@ __all__ = ["distillation_loss", "feature_loss", "finetune", "FinetuneResult"]
 
 CHECKPOINT_FORMAT = "separify-finetune-1"
 VALIDATION_BATCHES = 4  # first batches of the data: the teacher's outputs on them choose the temperature and the
-# hard weight, and by default the student's agreement with the teacher is scored on them (held out of training)
+# hard weight, and by default the student is checked on them (held out of training)
 HOLD_MIN_BATCHES = 5 * VALIDATION_BATCHES  # data with fewer batches is too small to hold any out
-CHECKS = 10  # checks of evaluate= in a run, besides the one at the start (the agreement: at the start and the end)
+CHECKS = 10  # checks of evaluate= in a run, besides the one at the start (the default check: the start and the end)
 
 LabelLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student logits, labels) → scalar loss
 
@@ -91,8 +92,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         kd = (1.0 - hard) * kd + hard * ce
     if labels is None:
         return kd
-    task = label_loss(student_logits, labels) if label_loss is not None else F.cross_entropy(student_logits, labels)
-    return alpha * kd + (1.0 - alpha) * task
+    return alpha * kd + (1.0 - alpha) * _task_loss(student_logits, labels, label_loss)
+
+
+def _task_loss(student_logits: torch.Tensor, labels: Any, label_loss: LabelLoss | None) -> torch.Tensor:
+    """The loss on the labels: ``label_loss(student_logits, labels)``, else the cross-entropy."""
+    return label_loss(student_logits, labels) if label_loss is not None else F.cross_entropy(student_logits, labels)
 
 
 def feature_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -215,8 +220,9 @@ class FinetuneResult:
     """What :func:`finetune` did: steps run in all, the loss of each step run in this call, where it resumed from, why
     it stopped early (``None`` if it ran to the end), and the learning rate, temperature and hard weight it used
     (``chosen``: those of them it chose itself, ``"lr"``, ``"temperature"``, ``"hard"``). ``scores``: ``(step,
-    score)`` at each check of ``keep_best`` (``evaluate``'s value, or the fraction of validation samples on
-    which the student agrees with the teacher); ``kept_step``: the step whose state the student holds at the end
+    score)`` at each check of ``keep_best`` (``evaluate``'s value; else minus the loss on the validation
+    batches' labels, or without labels the fraction of validation samples on which the student agrees with the
+    teacher); ``kept_step``: the step whose state the student holds at the end
     (``steps`` unless an earlier state scored better); ``held_out``: the batches at the start of each epoch that
     training skipped, the default check's validation batches (0: none held out; see :func:`_held_out` for when
     the student may still have seen their samples)."""
@@ -560,10 +566,10 @@ def finetune(
         checkpoint: file to save to every ``checkpoint_every`` steps and at the end, and to resume from.
         device: where to train (default: the student's). ``amp`` (default: on for CUDA): bfloat16 autocast.
         progress: show a progress bar. ``callback(step, loss)`` is called after every step.
-        keep_best, validation, evaluate: end with the better-scoring state (module docstring): by
-            ``evaluate(student)`` (higher is better) the best of :data:`CHECKS` + 1 states, else the start or the end
-            by the agreement with the teacher on ``validation`` (batches; default: the first batches of ``data``,
-            held out of training where it has enough, :func:`_held_out`; ``epochs=1`` then trains ``len(data) − 4``).
+        keep_best, validation, evaluate: end with the better-scoring state (module docstring): by ``evaluate(student)``
+            (higher is better) the best of :data:`CHECKS` + 1 states, else the start or the end by the loss on the
+            labels of ``validation`` (batches; default: the first batches of ``data``, held out of training where it
+            has enough, :func:`_held_out`; ``epochs=1`` then trains ``len(data) − 4``), or by the agreement.
     """
     device = torch.device(device) if device is not None else next(student.parameters()).device
     state = _load_checkpoint(checkpoint, device)
@@ -576,7 +582,7 @@ def finetune(
               weight_decay=weight_decay, seed=seed, train_bn=train_bn)
     objective = _Objective(temperature, alpha, class_dim, label_loss, use_labels, feature_weight, hard)
     first, held = _reference_batches(teacher, data, validation, hold, device, seed)
-    guard = _guard(held or first, total, evaluate, class_dim) if keep_best else None
+    guard = _guard(held or first, total, evaluate, objective) if keep_best else None
     was_training = student.training
     with _trained_parameters(student, train):
         lr, objective, chosen = _settings(student, first, total, lr, state or {}, progress, objective, kw, held, hold)
@@ -617,13 +623,34 @@ def _reference_batches(teacher: nn.Module, data: Iterable, validation: Iterable 
 
 
 def _guard(batches: _FirstBatches, total: int, evaluate: Callable[[nn.Module], float] | None,
-           class_dim: int) -> _Guard:
-    """The guard of a run of ``total`` steps: ``evaluate`` at the start and :data:`CHECKS` times, else the agreement
-    with the teacher (:func:`_agreement`) on ``batches`` (the validation data, or the first batches of the data), at
-    the start and the end only (a noisy proxy picks badly among many states)."""
+           objective: _Objective) -> _Guard:
+    """The guard of a run of ``total`` steps: ``evaluate`` at the start and :data:`CHECKS` times; else, at the start
+    and the end only (a noisy proxy picks badly among many states), on ``batches`` (the validation data, or the first
+    batches of the data): where they carry labels the run uses, the loss on those labels (:func:`_label_fit`), else
+    the agreement with the teacher (:func:`_agreement`)."""
     if evaluate is not None:
         return _Guard(evaluate, every=max(1, math.ceil(total / CHECKS)))
-    return _Guard(_agreement(batches.inputs, batches.logits, class_dim), every=total)
+    # scored where the teacher's output is finite (a batch it cannot score, such as a corrupt one, scores nothing)
+    scored = [(x, y, t) for (x, y), t in zip(batches.batches, batches.logits) if bool(torch.isfinite(t).all())]
+    if objective.use_labels and scored and all(y is not None for _, y, _ in scored):
+        return _Guard(_label_fit(scored, objective), every=total)
+    return _Guard(_agreement(batches.inputs, batches.logits, objective.class_dim), every=total)
+
+
+def _label_fit(batches: Sequence[tuple[torch.Tensor, Any, torch.Tensor]],
+               objective: _Objective) -> Callable[[nn.Module], float]:
+    """``score(student)``: minus the student's mean loss on the labels of ``batches`` (``(input, labels, teacher
+    logits)``; the cross-entropy, or ``objective.label_loss``). The labels are the task itself; the agreement with
+    the teacher would also count against the student every sample on which it corrects the teacher."""
+
+    def score(student: nn.Module) -> float:
+        total = 0.0
+        for x, y, t in batches:
+            objective.check_labels(y, t)
+            total += float(_task_loss(student(x), y, objective.label_loss))
+        return -total / len(batches)
+
+    return score
 
 
 @contextmanager
