@@ -5,7 +5,7 @@ Run from the repository root (``pip install -e '.[bench]'``; Debian's ``dataset-
 ``fonts-dejavu-core``)::
 
     python benchmarks/bench_finetune_defaults.py [--models ocr,embedded] [--targets 0.5,0.25] [--method pw-dw-pw]
-        [--old-defaults] [--guard-metric] [--labels] [--alpha A]
+        [--old-defaults] [--guard-metric] [--labels | --pseudo-labels] [--alpha A]
 
 Per network and FLOPs target: ``separify.convert(..., calibration=256 samples)`` then
 ``separify.finetune(converted, original, data, epochs=1)`` with nothing else set (``lr`` and ``temperature`` chosen
@@ -20,7 +20,9 @@ set apart from both the fine-tuning data and the reported evaluation set (``eval
   without labels (distillation only), batch 32 (300 steps); with ``--labels`` the batches are ``(images, CTC
   targets of their strings)`` and ``label_loss`` is the CTC loss (``second_model.ctc_loss``: a sequence model's
   labels need the task's loss), every other setting still separify's (``--alpha A`` sets the weight of the
-  distillation term against the labels, ``1 − A`` on the labels); word accuracy on 500 eval strings;
+  distillation term against the labels, ``1 − A`` on the labels); with ``--pseudo-labels`` the batches carry no
+  labels and each gets the original's greedy CTC decodings as labels (``pseudo_labels=separify.ctc_greedy_targets``,
+  ``label_loss=separify.ctc_loss``: sequence-level distillation); word accuracy on 500 eval strings;
   validation: 300 more rendered words of the calibration stream.
 * embedded FashionResNet: calibration on 256 training images; fine-tuning on 10,000 labeled training images, batch
   128 (79 steps); top-1 on the 1,000 held-out test images; validation: the next 1,000 training images.
@@ -52,7 +54,7 @@ warnings.filterwarnings("ignore")
 CALIB = 256
 
 
-def _setup(name: str, labels: bool = False) -> dict:
+def _setup(name: str, labels: bool = False, pseudo: bool = False) -> dict:
     if name == "embedded":
         setup = embedded_setup()
         setup["calib"] = _fashion_train(CALIB)[0]
@@ -69,6 +71,8 @@ def _setup(name: str, labels: bool = False) -> dict:
         tune_x, tune_words = x[256:256 + 9600], words[256:256 + 9600]
         setup["tune"] = [(tune_x[i:i + 32], sm.ctc_targets(tune_words[i:i + 32])) for i in range(0, 9600, 32)]
         setup["label_loss"] = sm.ctc_loss
+    if pseudo:  # label-free batches, labelled by the original's decodings
+        setup["label_loss"], setup["pseudo_labels"] = separify.ctc_loss, separify.ctc_greedy_targets
     return setup
 
 
@@ -82,8 +86,9 @@ def _row(setup: dict, method: str, target: float, label: str, settings: dict) ->
                            calibration=setup["calib"])
     convert_s, before = time.perf_counter() - t0, evaluate(res.model)
     t0 = time.perf_counter()
-    if "label_loss" in setup:
-        settings = dict(settings, label_loss=setup["label_loss"])
+    for key in ("label_loss", "pseudo_labels"):
+        if key in setup:
+            settings = dict(settings, **{key: setup[key]})
     out = separify.finetune(res.model, model, setup["tune"], epochs=1, class_dim=setup["class_dim"], seed=0,
                             **settings)
     tune_s = time.perf_counter() - t0
@@ -103,6 +108,8 @@ def main() -> None:
     ap.add_argument("--guard-metric", action="store_true",
                     help="keep the state with the best task metric on a validation set (evaluate=)")
     ap.add_argument("--labels", action="store_true", help="OCR: fine-tune on the strings too (CTC label loss)")
+    ap.add_argument("--pseudo-labels", action="store_true",
+                    help="OCR: the original's greedy CTC decodings as labels of the label-free batches")
     ap.add_argument("--alpha", type=float, default=None, help="weight of the distillation term (1 − label weight)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune_defaults_2026-12-06.md"))
     args = ap.parse_args()
@@ -110,12 +117,13 @@ def main() -> None:
     lines = [f"Command: `python benchmarks/bench_finetune_defaults.py --models {args.models} --targets "
              f"{args.targets} --method {args.method}{' --old-defaults' if args.old_defaults else ''}"
              f"{' --guard-metric' if args.guard_metric else ''}{' --labels' if args.labels else ''}"
+             f"{' --pseudo-labels' if args.pseudo_labels else ''}"
              f"{f' --alpha {args.alpha:g}' if args.alpha is not None else ''}`; "
              f"{torch.get_num_threads()} threads, CPU "
              f"({platform.processor() or platform.machine()}), torch {torch.__version__}, separify "
              f"{separify.__version__}."]
     for name in args.models.split(","):
-        setup = _setup(name, args.labels)
+        setup = _setup(name, args.labels, args.pseudo_labels)
         lines += ["", f"### {setup['name']}", "", f"Original: **{setup['evaluate'](setup['model']):.3f}**.", "",
                   "| target | form | FLOPs after / before | calibrated (convert s) | lr | temperature | "
                   "kept step of 1 epoch | + fine-tune, 1 epoch (s) |", "|---|---|---|---|---|---|---|---|"]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+import separify
 from separify.cli import app
 from separify.io.embedded import FashionResNet, load_default_model
 
@@ -358,6 +359,19 @@ def test_calibration_image_folder_embedded(tmp_path, monkeypatch):
     assert "6 images in 2 classes" in line and "centre crop 28×28" in line and "grayscale" in line
     assert "mean (0.286)" in line and "std (0.353)" in line  # the embedded model's statistics
     assert (tmp_path / "o.pt").is_file()
+
+
+@pytest.mark.parametrize("check, want", [("label loss", "its loss on the labels of the 4 batches held out of "
+                                                       "fine-tuning was 1.25, the fine-tuned one's 1.5"),
+                                         ("agreement", "it agreed with the original on 90.0% of the samples of the 4 "
+                                                       "batches held out of fine-tuning, the fine-tuned one on 80.0%")])
+def test_the_kept_state_is_explained_by_the_score_the_check_used(check, want):
+    from separify.cli._convert import kept_note
+
+    scores = [(0, -1.25), (10, -1.5)] if check == "label loss" else [(0, 0.9), (10, 0.8)]
+    res = separify.FinetuneResult(10, scores=scores, kept_step=0, held_out=4, check=check)
+    assert kept_note(res) == want
+    assert kept_note(separify.FinetuneResult(10, scores=scores, kept_step=10, held_out=4, check=check)) is None
 
 
 def test_finetune_image_folder_and_options(files, tmp_path):

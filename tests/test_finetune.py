@@ -113,6 +113,7 @@ def test_keep_best_ends_with_the_state_that_scored_best():
                    evaluate=lambda m: -float((_params(m) - start).abs().sum()))
     assert res.steps == 10 and [s for s, _ in res.scores] == list(range(11))
     assert res.kept_step == 0 and res.scores[0][1] == 0.0 and all(v < 0 for _, v in res.scores[1:])
+    assert res.check == "metric"
     torch.testing.assert_close(_params(student), start, rtol=0, atol=0)
 
 
@@ -127,6 +128,7 @@ def test_default_guard_keeps_the_end_unless_it_agrees_less_than_the_start():
         start = _params(student).clone()
         res = finetune(student, teacher, data, steps=12, lr=lr, warmup=0.0, seed=0)
         assert [s for s, _ in res.scores] == [0, 12] and res.stopped is None and res.kept_step == kept, lr
+        assert res.check == "agreement"
         assert (res.scores[1][1] < res.scores[0][1]) == (kept == 0), lr
         with torch.no_grad():
             hits = sum(int((student.eval()(x).argmax(1) == teacher(x).argmax(1)).sum()) for x in data[:4])
@@ -151,7 +153,40 @@ def test_default_guard_scores_labelled_batches_by_the_loss_on_their_labels():
         loss = sum(float(F.cross_entropy(student.eval()(x), y)) for x, y in data[:4]) / 4
         agree = sum(int((student(x).argmax(1) == teacher(x).argmax(1)).sum()) for x, _ in data[:4]) / 32
     assert res.scores[1][1] == pytest.approx(-loss) and res.scores[1][1] > res.scores[0][1]
-    assert agree < 0.5
+    assert agree < 0.5 and res.check == "label loss"
+
+
+def test_pseudo_labels_label_the_batches_that_carry_none():
+    """``pseudo_labels(teacher_logits)`` gives label-free batches their labels: the run equals one on the same
+    batches labelled so beforehand, its check scores the loss on them, and real labels take precedence."""
+    teacher = _teacher(dropout=0.0)
+    plain = _data(labels=False)
+    with torch.no_grad():
+        labelled = [(x, teacher(x).argmax(1)) for x in plain]
+    runs = {}
+    for name, data, kw in (("pseudo", plain, {"pseudo_labels": lambda t: t.argmax(1)}), ("given", labelled, {}),
+                           ("real labels first", labelled, {"pseudo_labels": lambda t: torch.zeros_like(t[:, 0])})):
+        student = _student(teacher)
+        res = finetune(student, teacher, data, steps=6, lr=1e-2, alpha=0.0, warmup=0.0, seed=0, **kw)
+        runs[name] = (_params(student), res)
+    for name in ("given", "real labels first"):
+        torch.testing.assert_close(runs["pseudo"][0], runs[name][0], rtol=0, atol=0)
+        assert runs[name][1].check == "label loss" and runs[name][1].scores == runs["pseudo"][1].scores
+    assert runs["pseudo"][1].check == "label loss"
+
+
+def test_ctc_greedy_targets_and_loss():
+    """Greedy CTC decoding merges repeats and drops blanks (a blank between two equal classes keeps both), pads
+    with the blank; the CTC loss of logits against their own decoding is near zero, against another sequence large."""
+    steps = [[1, 1, 0, 2, 2, 0, 2], [0, 0, 0, 0, 0, 0, 0], [3, 0, 0, 0, 0, 0, 0]]
+    logits = torch.full((3, 7, 5), -6.0)
+    for b, row in enumerate(steps):
+        logits[b, torch.arange(7), torch.tensor(row)] = 6.0
+    targets = separify.ctc_greedy_targets(logits)
+    assert targets.tolist() == [[1, 2, 2], [0, 0, 0], [3, 0, 0]]
+    assert float(separify.ctc_loss(logits, targets)) < 0.01
+    assert float(separify.ctc_loss(logits, torch.tensor([[4, 4, 1], [1, 0, 0], [2, 0, 0]]))) > 10
+    assert separify.ctc_greedy_targets(torch.zeros(2, 4, 3)).tolist() == [[0], [0]]  # all blank: one padded column
 
 
 def test_default_guard_scores_batches_that_training_never_sees(tmp_path):

@@ -417,6 +417,20 @@ def _few(names) -> str:
     return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
 
 
+def kept_note(res) -> str | None:
+    """Why fine-tuning ``res`` (a :class:`~separify.FinetuneResult`) ended with the model it started from, by the
+    score its check used (``None`` where it kept a later state)."""
+    if not (res.kept_step == 0 and res.steps > 0 and len(res.scores) > 1):
+        return None
+    first, last = res.scores[0][1], res.scores[-1][1]
+    where = f"the {res.held_out} batches held out of fine-tuning" if res.held_out else "the first fine-tuning batches"
+    if res.check == "label loss":
+        return f"its loss on the labels of {where} was {-first:.4g}, the fine-tuned one's {-last:.4g}"
+    if res.check == "agreement":
+        return f"it agreed with the original on {first:.1%} of the samples of {where}, the fine-tuned one on {last:.1%}"
+    return f"it scored {first:.4g}, the fine-tuned one {last:.4g}"
+
+
 def run_finetune(console, tune: FinetuneSettings, seed: int, x, y, *, run) -> None:
     """Batch the fine-tuning data and call ``run(batches, **finetune options)`` (separify.finetune or finetune_onnx)."""
     epochs = tune.epochs if tune.epochs is not None or tune.steps is not None else opt.FINETUNE_EPOCHS
@@ -430,11 +444,8 @@ def run_finetune(console, tune: FinetuneSettings, seed: int, x, y, *, run) -> No
                       if res.resumed_from is not None else "") + f", {_settings(res)}: loss {res.losses[0]:.4f} → "
                       f"{res.losses[-1]:.4f}" + (f"; {res.held_out} batches held out for the check"
                                                  if res.held_out else ""))
-    if res.kept_step == 0 and res.steps > 0 and len(res.scores) > 1:
-        first, last = res.scores[0][1], res.scores[-1][1]
-        where = (f"the {res.held_out} batches held out of fine-tuning" if res.held_out
-                 else "the first fine-tuning batches")
-        console.print(f"[yellow]kept the model as it was before fine-tuning:[/yellow] it agreed with the original on "
-                      f"{first:.1%} of the samples of {where}, the fine-tuned one on {last:.1%}")
+    note = kept_note(res)
+    if note:
+        console.print(f"[yellow]kept the model as it was before fine-tuning:[/yellow] {note}")
     if res.stopped:
         console.print(f"[yellow]warning:[/yellow] {escape(res.stopped)}")

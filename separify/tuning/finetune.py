@@ -6,7 +6,9 @@ Loss (Hinton et al. 2015): ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` between 
 ``α = 0.5``: half on the labels, as in DeiT's distillation (Touvron et al. 2021). On the OCR benchmark at
 whole-model FLOPs 0.5 one epoch with its strings as CTC labels gave 0.990 word accuracy at ``α = 0.5`` (0.940
 without labels; the original 0.990; benchmarks/RESULTS.md): labels keep the student from copying the teacher's
-mistakes. With
+mistakes. Batches without labels can take labels from the teacher's outputs, ``pseudo_labels(teacher_logits)``
+(sequence-level distillation; for CTC models :mod:`~separify.tuning.ctc`: 0.972 on the same network and target,
+against 0.940). With
 ``features`` (pairs of converted layer → original layer, e.g. :meth:`separify.ConvertResult.feature_pairs`) and
 ``feature_weight > 0``, a feature term
 ``feature_weight · mean_l ‖s_l − t_l‖² / ‖t_l‖²`` pulls each converted layer's output ``s_l`` towards the original
@@ -185,10 +187,11 @@ def _agreement(inputs: Sequence[torch.Tensor], teacher_logits: Sequence[torch.Te
 class _Guard:
     """Keeps the student's state that scores best: ``score(student)``, a number or a tuple compared in order (higher
     is better; run without gradients, in eval mode), at the start and every ``every`` steps. Ties go to the later
-    state. The trace holds the first number of each score."""
+    state. The trace holds the first number of each score; ``kind`` says what it is (:attr:`FinetuneResult.check`)."""
 
-    def __init__(self, score: Callable[[nn.Module], float | tuple[float, ...]], every: int) -> None:
-        self.score, self.every = score, every
+    def __init__(self, score: Callable[[nn.Module], float | tuple[float, ...]], every: int,
+                 kind: str = "metric") -> None:
+        self.score, self.every, self.kind = score, every, kind
         self.best_step: int | None = None
         self.best_score: tuple[float, ...] = (-math.inf,)
         self.best_state: dict | None = None
@@ -225,7 +228,8 @@ class FinetuneResult:
     teacher); ``kept_step``: the step whose state the student holds at the end
     (``steps`` unless an earlier state scored better); ``held_out``: the batches at the start of each epoch that
     training skipped, the default check's validation batches (0: none held out; see :func:`_held_out` for when
-    the student may still have seen their samples)."""
+    the student may still have seen their samples); ``check``: what ``scores`` holds, ``"metric"``, ``"label
+    loss"`` (minus the loss) or ``"agreement"`` (``None``: no check)."""
 
     steps: int
     losses: list[float] = field(default_factory=list)
@@ -238,6 +242,7 @@ class FinetuneResult:
     scores: list[tuple[int, float]] = field(default_factory=list)
     kept_step: int | None = None
     held_out: int = 0
+    check: str | None = None
 
 
 def check_temperature(value: Any, name: str = "temperature") -> None:
@@ -322,6 +327,14 @@ class _Objective:
     use_labels: bool
     feature_weight: float
     hard: float | None = 0.0
+    pseudo_labels: Callable[[torch.Tensor], Any] | None = None
+
+    def labels(self, y: Any, t_logits: torch.Tensor) -> Any:
+        """The labels a batch is trained and scored on: its own ``y`` (unless ``use_labels`` is off), else
+        ``pseudo_labels`` of the teacher's logits ``t_logits`` on it, else ``None`` (distillation only)."""
+        if y is not None and self.use_labels:
+            return y
+        return self.pseudo_labels(t_logits.detach()) if self.pseudo_labels is not None else None
 
     def check_labels(self, y: torch.Tensor | None, t_logits: torch.Tensor) -> None:
         """Class labels ``y (B,)`` must index the teacher's classes (unchecked with a custom ``label_loss``)."""
@@ -434,6 +447,7 @@ class _Trainer:
         if self.guard.best_step != at and self.guard.best_state is not None:
             self.student.load_state_dict(self.guard.best_state)
         self.result.kept_step, self.result.scores = self.guard.best_step, list(self.guard.trace)
+        self.result.check = self.guard.kind
 
     def close(self) -> None:
         """Remove the taps and stop the progress bar."""
@@ -498,10 +512,11 @@ class _Trainer:
             x = x[self.rank :: self.world]
             y = y[self.rank :: self.world] if y is not None else None
         x = x.to(self.device)
-        y = y.to(self.device) if (y is not None and self.objective.use_labels) else None
+        y = y.to(self.device) if y is not None else None
         self.set_modes()  # again at every step: a callback may have switched modes (e.g. to evaluate)
         with torch.no_grad(), frozen_mode(self.teacher), _recording(self.t_taps):
             t_logits = self.teacher(x)  # (B, ..., classes along class_dim)
+        y = self.objective.labels(y, t_logits)
         self.objective.check_labels(y, t_logits)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             with _recording(self.s_taps):
@@ -527,6 +542,7 @@ def finetune(
     alpha: float = 0.5,
     use_labels: bool = True,
     label_loss: LabelLoss | None = None,
+    pseudo_labels: Callable[[torch.Tensor], Any] | None = None,
     class_dim: int = 1,
     features: Mapping[str, str] | None = None,
     feature_weight: float = 0.0,
@@ -555,8 +571,9 @@ def finetune(
         temperature, alpha, hard: distillation loss settings (:func:`distillation_loss`); ``use_labels=False``
             ignores labels in the data. ``None``: chosen from the teacher's outputs on the first batches
             (:func:`~separify.tuning.defaults.choose_temperature`, :func:`~separify.tuning.defaults.choose_hard`).
-        label_loss: ``label_loss(student_logits, labels)`` instead of the cross-entropy (e.g. CTC targets; see
-            :func:`distillation_loss`); under ``amp`` it gets bfloat16 logits (cast them up if the loss needs it).
+        label_loss, pseudo_labels: ``label_loss(student_logits, labels)`` instead of the cross-entropy (under ``amp``
+            on bfloat16 logits); ``pseudo_labels(teacher_logits)``: the labels of batches that carry none (sequence-
+            level distillation); for CTC models :mod:`~separify.tuning.ctc`'s ``ctc_loss``, ``ctc_greedy_targets``.
         class_dim: the class dimension of the model's output (``-1`` for ``(B, T, C)`` sequence logits).
         features, feature_weight: student → teacher module names whose outputs should match (e.g.
             ``result.feature_pairs()``), and the weight of that term (0: off).
@@ -564,8 +581,8 @@ def finetune(
             does; all where there are none), never those not requiring gradients; update BatchNorm statistics.
         seed: seeds torch at the start and at every epoch (for a ``DataLoader`` that shuffles with it).
         checkpoint: file to save to every ``checkpoint_every`` steps and at the end, and to resume from.
-        device: where to train (default: the student's). ``amp`` (default: on for CUDA): bfloat16 autocast.
-        progress: show a progress bar. ``callback(step, loss)`` is called after every step.
+        device, amp, progress: where to train (default: the student's); bfloat16 autocast (default: on for CUDA); a
+            progress bar. ``callback(step, loss)`` is called after every step.
         keep_best, validation, evaluate: end with the better-scoring state (module docstring): by ``evaluate(student)``
             (higher is better) the best of :data:`CHECKS` + 1 states, else the start or the end by the loss on the
             labels of ``validation`` (batches; default: the first batches of ``data``, held out of training where it
@@ -575,22 +592,20 @@ def finetune(
     state = _load_checkpoint(checkpoint, device)
     hold = _held_out(data, keep_best, evaluate, validation, state)
     total = _total_steps(steps, epochs, data, hold)
-    student.to(device)
-    teacher.to(device)
+    student.to(device), teacher.to(device)
     _check_weights(feature_weight, warmup, hard)
     kw = dict(zip(("rank", "world"), _dist()), device=device, amp=(device.type == "cuda") if amp is None else amp,
               weight_decay=weight_decay, seed=seed, train_bn=train_bn)
-    objective = _Objective(temperature, alpha, class_dim, label_loss, use_labels, feature_weight, hard)
+    objective = _Objective(temperature, alpha, class_dim, label_loss, use_labels, feature_weight, hard, pseudo_labels)
     first, held = _reference_batches(teacher, data, validation, hold, device, seed)
     guard = _guard(held or first, total, evaluate, objective) if keep_best else None
-    was_training = student.training
     with _trained_parameters(student, train):
         lr, objective, chosen = _settings(student, first, total, lr, state or {}, progress, objective, kw, held, hold)
         torch.manual_seed(seed)
         run = _Trainer(student, teacher, objective, total=total, lr=lr, checkpoint_every=checkpoint_every,
                        callback=callback, schedule=defaults.schedule(total, warmup), hold=hold, **kw)
         run.result.chosen, run.guard = chosen, guard
-        _run(run, data, checkpoint, state, progress, features, was_training)
+        _run(run, data, checkpoint, state, progress, features, was_training=student.training)  # mode unchanged so far
     return _finish(run.result, run.step)
 
 
@@ -631,10 +646,11 @@ def _guard(batches: _FirstBatches, total: int, evaluate: Callable[[nn.Module], f
     if evaluate is not None:
         return _Guard(evaluate, every=max(1, math.ceil(total / CHECKS)))
     # scored where the teacher's output is finite (a batch it cannot score, such as a corrupt one, scores nothing)
-    scored = [(x, y, t) for (x, y), t in zip(batches.batches, batches.logits) if bool(torch.isfinite(t).all())]
-    if objective.use_labels and scored and all(y is not None for _, y, _ in scored):
-        return _Guard(_label_fit(scored, objective), every=total)
-    return _Guard(_agreement(batches.inputs, batches.logits, objective.class_dim), every=total)
+    scored = [(x, objective.labels(y, t), t) for (x, y), t in zip(batches.batches, batches.logits)
+              if bool(torch.isfinite(t).all())]
+    if scored and all(y is not None for _, y, _ in scored):
+        return _Guard(_label_fit(scored, objective), every=total, kind="label loss")
+    return _Guard(_agreement(batches.inputs, batches.logits, objective.class_dim), every=total, kind="agreement")
 
 
 def _label_fit(batches: Sequence[tuple[torch.Tensor, Any, torch.Tensor]],
@@ -821,7 +837,7 @@ def _held_loss(student: nn.Module, objective: _Objective, batches: Sequence[tupl
     total = 0.0
     with torch.no_grad(), frozen_mode(student):
         for (x, y), t in zip(batches, logits):
-            y = y if objective.use_labels else None
+            y = objective.labels(y, t)
             objective.check_labels(y, t)
             total += float(objective.distillation(student(x), t, y))
     return total / max(len(batches), 1)
