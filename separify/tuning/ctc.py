@@ -6,7 +6,7 @@ blank, so its length is its count of other entries. :func:`ctc_greedy_targets` t
 targets, for sequence-level distillation (Kim and Rush 2016): the student learns the teacher's decoded sequences,
 free to align them its own way, where the per-step distillation term asks for the teacher's alignment too::
 
-    separify.finetune(student, teacher, images, class_dim=-1, label_loss=separify.ctc_loss,
+    separify.finetune(student, teacher, images, epochs=1, class_dim=-1, label_loss=separify.ctc_loss,
                       pseudo_labels=separify.ctc_greedy_targets)
 """
 
