@@ -48,8 +48,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+import separify
 
 NAME = "ddddocr common.onnx (beta OCR: Fused-MBConv backbone + BiLSTM + CTC), backbone via onnx2torch"
 METRIC = ("case-insensitive word accuracy (greedy CTC) on 500 captcha-like 4-6 character strings rendered "
@@ -298,13 +299,9 @@ def ctc_targets(strings: list[str]) -> torch.Tensor:
 
 
 def ctc_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """CTC loss of ``(B, T, classes)`` logits against :func:`ctc_targets`, summed over each string and averaged over
-    the batch (the scale of the per-sample distillation term)."""
-    log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, classes)
-    b, t = logits.shape[:2]
-    lengths = (targets > 0).sum(1)
-    return F.ctc_loss(log_probs, targets, torch.full((b,), t, dtype=torch.long), lengths, blank=0,
-                      reduction="sum", zero_infinity=True) / b
+    """CTC loss of ``(B, T, classes)`` logits against :func:`ctc_targets` (blank 0), summed over each string and
+    averaged over the batch: :func:`separify.ctc_loss`."""
+    return separify.ctc_loss(logits, targets, blank=0)
 
 
 # ----------------------------------------------------------------------------------------------- metric

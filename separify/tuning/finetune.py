@@ -646,8 +646,7 @@ def _guard(batches: _FirstBatches, total: int, evaluate: Callable[[nn.Module], f
     if evaluate is not None:
         return _Guard(evaluate, every=max(1, math.ceil(total / CHECKS)))
     # scored where the teacher's output is finite (a batch it cannot score, such as a corrupt one, scores nothing)
-    scored = [(x, objective.labels(y, t), t) for (x, y), t in zip(batches.batches, batches.logits)
-              if bool(torch.isfinite(t).all())]
+    scored = [(x, y, t) for x, y, t in _labelled(batches, objective) if bool(torch.isfinite(t).all())]
     if scored and all(y is not None for _, y, _ in scored):
         return _Guard(_label_fit(scored, objective), every=total, kind="label loss")
     return _Guard(_agreement(batches.inputs, batches.logits, objective.class_dim), every=total, kind="agreement")
@@ -655,18 +654,28 @@ def _guard(batches: _FirstBatches, total: int, evaluate: Callable[[nn.Module], f
 
 def _label_fit(batches: Sequence[tuple[torch.Tensor, Any, torch.Tensor]],
                objective: _Objective) -> Callable[[nn.Module], float]:
-    """``score(student)``: minus the student's mean loss on the labels of ``batches`` (``(input, labels, teacher
-    logits)``; the cross-entropy, or ``objective.label_loss``). The labels are the task itself; the agreement with
-    the teacher would also count against the student every sample on which it corrects the teacher."""
+    """``score(student)``: minus the student's mean loss on the labels of ``batches`` (:func:`_labelled`; the
+    cross-entropy, or ``objective.label_loss``). The labels are the task itself; the agreement with the teacher
+    would also count against the student every sample on which it corrects the teacher."""
+    return lambda student: -_mean_loss(student, batches, lambda s, _t, y: _task_loss(s, y, objective.label_loss))
 
-    def score(student: nn.Module) -> float:
-        total = 0.0
-        for x, y, t in batches:
-            objective.check_labels(y, t)
-            total += float(_task_loss(student(x), y, objective.label_loss))
-        return -total / len(batches)
 
-    return score
+def _labelled(batches: _FirstBatches, objective: _Objective,
+              count: int | None = None) -> list[tuple[torch.Tensor, Any, torch.Tensor]]:
+    """``(input, labels, teacher logits)`` of the first ``count`` of ``batches`` (``None``: all), with the labels the
+    run uses (:meth:`_Objective.labels`; ``None`` for none), checked once."""
+    out = []
+    for (x, y), t in zip(batches.batches[:count], batches.logits[:count]):
+        y = objective.labels(y, t)
+        objective.check_labels(y, t)
+        out.append((x, y, t))
+    return out
+
+
+def _mean_loss(student: nn.Module, batches: Sequence[tuple[torch.Tensor, Any, torch.Tensor]],
+               loss: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]) -> float:
+    """The mean of ``loss(student(x), t, y)`` over the ``(x, y, t)`` of ``batches`` (:func:`_labelled`)."""
+    return sum(float(loss(student(x), t, y)) for x, y, t in batches) / max(len(batches), 1)
 
 
 @contextmanager
@@ -794,14 +803,13 @@ def _range_test(student: nn.Module, teacher: nn.Module, objective: _Objective, d
     torch.manual_seed(kw["seed"])
     probe = _Trainer(copy.deepcopy(student), teacher, objective, total=steps, lr=1.0, checkpoint_every=steps + 1,
                      callback=None, schedule=lambda s: defaults.range_lr(s, steps), hold=hold, **kw)
-    reference = held.batches[:VALIDATION_BATCHES] if held is not None else []
-    logits = held.logits[:VALIDATION_BATCHES] if held is not None else []
-    start = _held_loss(probe.student, objective, reference, logits) if reference else math.nan
+    reference = _labelled(held, objective, VALIDATION_BATCHES) if held is not None else []
+    start = _held_loss(probe.student, objective, reference) if reference else math.nan
     losses: list[float] = []  # on the held batches, after each step
 
     def stop_if_diverged(_step: int, _loss: float) -> None:
         if reference:
-            losses.append(_held_loss(probe.student, objective, reference, logits))
+            losses.append(_held_loss(probe.student, objective, reference))
             stop = defaults.hurts(losses, start) is not None
         else:
             stop = defaults.diverged(probe.result.losses)
@@ -831,16 +839,11 @@ def _range_test(student: nn.Module, teacher: nn.Module, objective: _Objective, d
     return lr
 
 
-def _held_loss(student: nn.Module, objective: _Objective, batches: Sequence[tuple[torch.Tensor, Any]],
-               logits: Sequence[torch.Tensor]) -> float:
-    """The mean loss of ``student`` (eval mode, no gradients) on ``batches`` against the teacher's ``logits``."""
-    total = 0.0
+def _held_loss(student: nn.Module, objective: _Objective,
+               batches: Sequence[tuple[torch.Tensor, Any, torch.Tensor]]) -> float:
+    """The mean distillation loss of ``student`` (eval mode, no gradients) on ``batches`` (:func:`_labelled`)."""
     with torch.no_grad(), frozen_mode(student):
-        for (x, y), t in zip(batches, logits):
-            y = objective.labels(y, t)
-            objective.check_labels(y, t)
-            total += float(objective.distillation(student(x), t, y))
-    return total / max(len(batches), 1)
+        return _mean_loss(student, batches, objective.distillation)
 
 
 def _finish(result: FinetuneResult, step: int) -> FinetuneResult:
