@@ -5,7 +5,7 @@ Run from the repository root (``pip install -e '.[bench]'``; Debian's ``dataset-
 ``fonts-dejavu-core``)::
 
     python benchmarks/bench_finetune_defaults.py [--models ocr,embedded] [--targets 0.5,0.25] [--method pw-dw-pw]
-        [--old-defaults] [--guard-metric] [--labels | --pseudo-labels] [--alpha A]
+        [--old-defaults] [--guard-metric] [--labels | --pseudo-labels] [--alpha A] [--batch B]
 
 Per network and FLOPs target: ``separify.convert(..., calibration=256 samples)`` then
 ``separify.finetune(converted, original, data, epochs=1)`` with nothing else set (``lr`` and ``temperature`` chosen
@@ -76,6 +76,14 @@ def _setup(name: str, labels: bool = False, pseudo: bool = False) -> dict:
     return setup
 
 
+def _rebatch(batches: list, size: int) -> list:
+    """The same samples (and labels) in the same order, in batches of ``size``."""
+    parts = [b if isinstance(b, tuple) else (b,) for b in batches]
+    cols = [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
+    out = [tuple(c[k:k + size] for c in cols) for k in range(0, len(cols[0]), size)]
+    return [b if len(b) > 1 else b[0] for b in out]
+
+
 OLD_DEFAULTS = dict(lr=1e-4, temperature=4.0, warmup=0.0, hard=0.0)
 
 
@@ -111,6 +119,8 @@ def main() -> None:
     ap.add_argument("--pseudo-labels", action="store_true",
                     help="OCR: the original's greedy CTC decodings as labels of the label-free batches")
     ap.add_argument("--alpha", type=float, default=None, help="weight of the distillation term (1 − label weight)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="re-batch the fine-tuning data to this size (default: 128 embedded, 32 OCR)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune_defaults_2026-12-06.md"))
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -118,12 +128,15 @@ def main() -> None:
              f"{args.targets} --method {args.method}{' --old-defaults' if args.old_defaults else ''}"
              f"{' --guard-metric' if args.guard_metric else ''}{' --labels' if args.labels else ''}"
              f"{' --pseudo-labels' if args.pseudo_labels else ''}"
-             f"{f' --alpha {args.alpha:g}' if args.alpha is not None else ''}`; "
+             f"{f' --alpha {args.alpha:g}' if args.alpha is not None else ''}"
+             f"{f' --batch {args.batch}' if args.batch else ''}`; "
              f"{torch.get_num_threads()} threads, CPU "
              f"({platform.processor() or platform.machine()}), torch {torch.__version__}, separify "
              f"{separify.__version__}."]
     for name in args.models.split(","):
         setup = _setup(name, args.labels, args.pseudo_labels)
+        if args.batch:
+            setup["tune"] = _rebatch(setup["tune"], args.batch)
         lines += ["", f"### {setup['name']}", "", f"Original: **{setup['evaluate'](setup['model']):.3f}**.", "",
                   "| target | form | FLOPs after / before | calibrated (convert s) | lr | temperature | "
                   "kept step of 1 epoch | + fine-tune, 1 epoch (s) |", "|---|---|---|---|---|---|---|---|"]

@@ -17,7 +17,7 @@ from separify.errors import BadWeightsError, ConfigError, ModelLoadError, Separi
 from separify.pipeline import convert, convert_onnx
 from separify.records import ConvertResult, LayerRecord, Reason
 from separify.reporting import Comparison, Report, compare, report
-from separify.tuning.ctc import ctc_greedy_targets, ctc_loss
+from separify.tuning.ctc import ctc_greedy_targets, ctc_loss, sequence_accuracy
 from separify.tuning.finetune import FinetuneResult, distillation_loss, feature_loss, finetune
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "feature_loss",
     "ctc_loss",
     "ctc_greedy_targets",
+    "sequence_accuracy",
     "FinetuneResult",
     "ConvertConfig",
     "RankSelection",

@@ -112,6 +112,21 @@ class LatencyTarget:
 
 
 
+def class_axis(class_dim: int | None, ndim: int) -> int:
+    """The class axis of a model output with ``ndim`` dimensions: ``class_dim`` where it is given, else the last
+    for outputs of up to 3 dimensions (``(N, C)`` logits, ``(B, T, C)`` or ``(T, B, C)`` sequence logits) and 1 for
+    more (``(N, C, H, W)`` dense predictions)."""
+    if class_dim is not None:
+        return class_dim
+    return -1 if ndim <= 3 else 1
+
+
+def check_class_dim(class_dim: Any, what: str) -> None:
+    """``class_dim`` must be ``None`` (:func:`class_axis` decides) or an integer axis."""
+    if class_dim is not None and (isinstance(class_dim, bool) or not isinstance(class_dim, int)):
+        raise ConfigError(f"{what} must be an integer (the class axis of the output) or None, got {class_dim!r}")
+
+
 def _check_rank(value: Any, what: str) -> None:
     if value is None:
         return
@@ -252,8 +267,8 @@ class Calibration:
         loss: what the loss-aware weights measure: ``"fisher"``, the KL divergence of the softmax over
             ``class_dim`` of the output (classifier or sequence logits), or ``"mse"``, the squared change of every
             output (models whose outputs are not logits).
-        class_dim: the class axis of the output logits for ``loss="fisher"`` (-1: last, as ``(N, C)`` and
-            ``(N, T, C)``; 1 for segmentation ``(N, C, H, W)``).
+        class_dim: the class axis of the output logits for ``loss="fisher"``; ``None``: :func:`class_axis` (the
+            last for ``(N, C)`` and ``(N, T, C)``, 1 for segmentation ``(N, C, H, W)``).
         memory_gb: bound on the memory kept for the original layers' outputs; beyond it calibration stops with a
             clear error (use fewer samples).
         steps: after the ALS, this many Adam steps (learning rate ``lr``, minibatches of ``batch_size`` samples) on
@@ -287,7 +302,7 @@ class Calibration:
     ranks: bool = True
     loss_aware: bool = True
     loss: str = "fisher"
-    class_dim: int = -1
+    class_dim: int | None = None
     memory_gb: float = 4.0
     steps: int | None = None
     als: int = 10
@@ -312,9 +327,7 @@ class Calibration:
         _check_number(self.lr, "calib_lr", positive=True)
         if self.loss not in ("fisher", "mse"):
             raise ConfigError(f"calib_loss must be 'fisher' or 'mse', got {self.loss!r}")
-        if isinstance(self.class_dim, bool) or not isinstance(self.class_dim, int):
-            raise ConfigError(f"calib_class_dim must be an integer (the class axis of the output), got "
-                              f"{self.class_dim!r}")
+        check_class_dim(self.class_dim, "calib_class_dim")
         if self.input_key is not None and not isinstance(self.input_key, str):
             raise ConfigError(f"input_key must be a string, got {self.input_key!r}")
         if self.precision not in PRECISIONS:

@@ -337,6 +337,59 @@ def test_finetune_from_the_command_line(files, tmp_path):
          "--steps", "1", "--temperature", "0", match="--temperature must be a positive number")
 
 
+class _Recogniser(nn.Module):
+    """A tiny CTC text recogniser: (N, 1, 16, W) images → (N, W/2, 6) logits, class 0 the blank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                                  nn.ReLU())
+        self.head = nn.Linear(16, 6)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean(2).transpose(1, 2))  # (N, 16, W/2) → (N, W/2, 6)
+
+
+def test_ctc_recogniser_from_the_command_line(tmp_path, monkeypatch):
+    """``--ctc-blank``: fine-tuning data without labels is labelled by the original's greedy decodings and trained
+    on their CTC loss over the last axis; the report scores the sequence accuracy on --data's padded targets."""
+    import json
+
+    import numpy as np
+
+    import separify.tuning.finetune as tuning
+    from separify.io.models import save_model
+
+    torch.manual_seed(0)
+    model, x = _Recogniser().eval(), torch.rand(48, 1, 16, 24)
+    save_model(model, tmp_path / "ocr.pt2", (x[:2],))
+    with torch.no_grad():
+        logits = model(x)
+    np.save(tmp_path / "tune.npy", x.numpy())
+    np.savez(tmp_path / "eval.npz", images=x.numpy(), labels=separify.ctc_greedy_targets(logits).numpy())
+    seen, real = {}, tuning.finetune
+    monkeypatch.setattr(tuning, "finetune", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    common = (tmp_path / "ocr.pt2", "-o", tmp_path / "o.pt2", "--flops", "0.6", "--data", tmp_path / "eval.npz")
+    res = _run(*common, "--ctc-blank", "0", "--finetune", tmp_path / "tune.npy", "--steps", "2",
+               "--finetune-batch-size", "16", "--json", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    assert "labelled by the original's greedy CTC decodings" in " ".join(res.stdout.split())
+    assert seen["class_dim"] == -1 and seen["label_loss"].keywords == {"blank": 0}
+    torch.testing.assert_close(seen["pseudo_labels"](logits), separify.ctc_greedy_targets(logits))
+    rows = {q["metric"]: q for q in json.loads((tmp_path / "r.json").read_text())["quality"]}
+    assert rows["sequence accuracy (greedy CTC)"]["original"]["value"] == 1.0
+    res = runner.invoke(app, ["report", str(tmp_path / "ocr.pt2"), str(tmp_path / "o.pt2"), "--ctc-blank", "0",
+                              "--data", str(tmp_path / "eval.npz"), "--no-timing", "--no-layers"])
+    assert res.exit_code == 0 and "sequence accuracy (greedy CTC)" in res.stdout, res.output
+    _bad(None, *common, "--ctc-blank", "0", "--class-dim", "1", match="--ctc-blank reads (B, T, C) logits")
+    _bad(None, *common, "--ctc-blank", "-1", match="--ctc-blank must be a class index")
+    _bad(None, *common, "--ctc-blank", "6", "--finetune", tmp_path / "tune.npy", "--steps", "1", "--force",
+         match="the blank among the C classes")
+    np.savez(tmp_path / "classes.npz", images=x.numpy(), labels=np.zeros(48, dtype=np.int64))
+    _bad(None, *common[:-2], "--data", tmp_path / "classes.npz", "--ctc-blank", "0", "--force",
+         match="labels must be integers of shape (48, S)")
+
+
 def _image_folder(root: Path, classes=("bags", "shoes"), per_class: int = 4, size=(28, 28)) -> Path:
     import numpy as np
     from PIL import Image
@@ -476,9 +529,11 @@ def test_config_file_settings_and_overrides(tmp_path, monkeypatch):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32))
     cfg = _config_used(monkeypatch, tmp_path, "--calib", tmp_path / "x.npy", "--calib-loss", "off")
     assert not cfg.calibration.loss_aware
-    cfg = _config_used(monkeypatch, tmp_path, "--calib", tmp_path / "x.npy", "--calib-loss", "mse",
-                       "--calib-class-dim", "1")
+    cfg = _config_used(monkeypatch, tmp_path, "--calib", tmp_path / "x.npy", "--calib-loss", "mse", "--class-dim", "1")
     assert (cfg.calibration.loss_aware, cfg.calibration.loss, cfg.calibration.class_dim) == (True, "mse", 1)
+    assert _config_used(monkeypatch, tmp_path, "--calib-class-dim", "2").calibration.class_dim == 2  # the old name
+    _bad(None, "-o", tmp_path / "o.pt2", "--class-dim", "1", "--calib-class-dim", "1",
+         match="give --class-dim or --calib-class-dim, not both")
     # without --config: the library's defaults
     from separify.config import ConvertConfig
 

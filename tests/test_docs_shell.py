@@ -189,6 +189,41 @@ def _small_net():
                                      flatten=nn.Flatten(), fc=nn.Linear(64, 10))).eval()
 
 
+def _recogniser():
+    """A small random CTC text recogniser: input (N, 1, 16, 48), logits (N, 24, 12), class 0 the blank."""
+    from torch import nn
+
+    class Recogniser(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
+            self.head = nn.Linear(32, 12)
+
+        def forward(self, x):
+            return self.head(self.body(x).mean(2).transpose(1, 2))  # (N, 32, 24) → (N, 24, 12)
+
+    return Recogniser().eval()
+
+
+def _ocr_stand_ins(d: Path) -> None:
+    """``ocr.pt2`` (:func:`_recogniser`), ``ocr_calib.npy``, ``ocr_tune.npy`` (no labels) and ``ocr_eval.npz``
+    (labels: the recogniser's own greedy decodings, padded with the blank)."""
+    import numpy as np
+    import torch
+
+    import separify
+
+    net, x = _recogniser(), torch.rand(96, 1, 16, 48)
+    program = torch.export.export(net, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, d / "ocr.pt2")
+    with torch.no_grad():
+        targets = separify.ctc_greedy_targets(net(x[64:]))
+    np.save(d / "ocr_calib.npy", x[:16].numpy())
+    np.save(d / "ocr_tune.npy", x[:64].numpy())
+    np.savez(d / "ocr_eval.npz", images=x[64:].numpy(), labels=targets.numpy())
+
+
 def make_stand_ins(d: Path) -> Path:
     """Write into ``d`` stand-ins for the input files the examples name:
 
@@ -202,6 +237,7 @@ def make_stand_ins(d: Path) -> Path:
     * ``calib/`` (flat) and ``tune/`` (one subfolder per class, named as examples/cli_embedded.sh names them): PNG
       files of the embedded model's shipped held-out Fashion-MNIST images, 16 and 64 of them.
     * ``separify.toml``: the example config file of docs/cli.md, as written there.
+    * ``ocr.pt2`` and its data files: :func:`_ocr_stand_ins`.
     """
     import numpy as np
     import torch
@@ -240,6 +276,7 @@ def make_stand_ins(d: Path) -> Path:
                  [f"{c}_{CLASSES[c].replace('/', '-')}/{i:05d}.png" for i, c in enumerate(labels[100:164])])
 
     (d / "separify.toml").write_text(_config_toml(), encoding="utf-8")
+    _ocr_stand_ins(d)
     return d
 
 

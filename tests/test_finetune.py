@@ -187,6 +187,25 @@ def test_ctc_greedy_targets_and_loss():
     assert float(separify.ctc_loss(logits, targets)) < 0.01
     assert float(separify.ctc_loss(logits, torch.tensor([[4, 4, 1], [1, 0, 0], [2, 0, 0]]))) > 10
     assert separify.ctc_greedy_targets(torch.zeros(2, 4, 3)).tolist() == [[0], [0]]  # all blank: one padded column
+    with pytest.raises(SeparifyError, match="blank among the C classes"):
+        separify.ctc_greedy_targets(logits, blank=5)
+    with pytest.raises(SeparifyError, match=r"logits \(B, T, C\)"):
+        separify.ctc_loss(logits[:, 0], targets)
+
+
+def test_sequence_accuracy_compares_greedy_decodings_with_padded_targets():
+    """A sample counts where its greedy decoding equals its target; padding of either width does not matter."""
+    from separify.tuning.ctc import sequence_accuracy
+
+    logits = torch.full((3, 5, 4), -5.0)
+    for b, row in enumerate([[1, 1, 0, 2, 0], [3, 0, 0, 0, 0], [0, 0, 0, 0, 0]]):
+        logits[b, torch.arange(5), torch.tensor(row)] = 5.0
+    model = _Plus(torch.zeros(3, 5, 4))
+    targets = torch.tensor([[1, 2, 0, 0], [3, 0, 0, 0], [2, 0, 0, 0]])  # wider than the decodings; the last wrong
+    assert sequence_accuracy(model, logits, targets, batch_size=2) == pytest.approx(2 / 3)
+    assert sequence_accuracy(model, logits, torch.tensor([[1, 2], [3, 0], [0, 0]])) == 1.0
+    with pytest.raises(ValueError, match="targets must be of shape"):
+        sequence_accuracy(model, logits, targets[:, 0])
 
 
 def test_default_guard_scores_batches_that_training_never_sees(tmp_path):
@@ -406,6 +425,51 @@ def test_sequence_logits_use_class_dim():
     s, t = torch.randn(4, 7, 11), torch.randn(4, 7, 11)
     per_step = sum(float(distillation_loss(s[:, i], t[:, i])) for i in range(7))
     assert float(distillation_loss(s, t, class_dim=-1)) == pytest.approx(per_step, rel=1e-5)
+    assert float(distillation_loss(s, t)) == pytest.approx(per_step, rel=1e-5)  # the default: the last axis
+
+
+@pytest.mark.parametrize("shape, axis", [((4, 6), 1), ((4, 7, 6), 2), ((4, 6, 3, 5), 1)],
+                         ids=["(N, C)", "(B, T, C)", "(N, C, H, W)"])
+def test_the_default_class_axis_follows_the_output_rank(shape, axis):
+    """``class_dim=None`` reads classes along the last axis of (N, C) and (B, T, C) outputs and axis 1 of
+    (N, C, H, W) ones, in the distillation loss and the report's agreement alike; a given axis is kept."""
+    from separify.config import class_axis
+    from separify.core.measure import agreement
+
+    assert class_axis(None, len(shape)) % len(shape) == axis and class_axis(0, len(shape)) == 0
+    s, t = torch.randn(shape), torch.randn(shape)
+    assert float(distillation_loss(s, t)) == pytest.approx(float(distillation_loss(s, t, class_dim=axis)), rel=1e-6)
+    other = 1 if axis != 1 else len(shape) - 1
+    if other != axis:  # a wrong axis gives another loss: the test can tell them apart
+        assert float(distillation_loss(s, t, class_dim=other)) != pytest.approx(float(distillation_loss(s, t)))
+    ref, cand = nn.Identity(), _Plus(torch.randn(shape) * 0.5)
+    x = torch.randn(shape)
+    assert agreement(ref, cand, x) == agreement(ref, cand, x, class_dim=axis)
+
+
+class _Plus(nn.Module):
+    def __init__(self, noise: torch.Tensor) -> None:
+        super().__init__()
+        self.noise = noise
+
+    def forward(self, x):
+        return x + self.noise[: len(x)]
+
+
+def test_finetune_on_sequence_logits_defaults_to_the_class_axis():
+    """A (B, T, C) model fine-tuned without ``class_dim`` takes the same steps as with ``class_dim=-1``, not those
+    of the time axis (``class_dim=1``)."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4))  # (B, T, 5) -> (B, T, 4)
+    data = [torch.randn(8, 7, 5) for _ in range(3)]
+    noise = 0.3 * torch.randn_like(teacher[0].weight)
+    runs = []
+    for kw in ({}, {"class_dim": -1}, {"class_dim": 1}):
+        student = copy.deepcopy(teacher)
+        with torch.no_grad():
+            student[0].weight.add_(noise)
+        runs.append(finetune(student, teacher, data, steps=3, lr=1e-2, seed=0, keep_best=False, **kw).losses)
+    assert runs[0] == runs[1] != runs[2]
 
 
 def _free_port() -> int:

@@ -788,3 +788,31 @@ def test_cli_onnx_latency_objective_times_in_onnxruntime(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "latency objective on onnxruntime" in res.stdout and out.is_file()
     assert (tmp_path / "cache" / "latency.json").is_file()
+
+
+def test_cli_fine_tunes_an_onnx_ctc_recogniser(tmp_path):
+    """``--ctc-blank`` on an ONNX file: the same options as for a PyTorch model (the original's greedy decodings as
+    labels, the sequence accuracy in the report), through onnx2torch and back. torch.onnx names nodes after module
+    paths (``/body/body.2/Conv``), which onnx2torch turns into ``body/body/2/Conv``: fine-tuning and the loss-aware
+    weights of calibration find the modules all the same."""
+    import json
+
+    from test_cli import _Recogniser
+
+    torch.manual_seed(0)
+    net, x = _Recogniser().eval(), torch.rand(48, 1, 16, 24)
+    src = tmp_path / "ocr.onnx"
+    torch.onnx.export(net, (x[:1],), str(src), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    with torch.no_grad():
+        targets = separify.ctc_greedy_targets(net(x))
+    np.save(tmp_path / "tune.npy", x.numpy())
+    np.savez(tmp_path / "eval.npz", images=x.numpy(), labels=targets.numpy())
+    res = _cli("convert", src, "-o", tmp_path / "o.onnx", "--flops", "0.6", "--calib", tmp_path / "tune.npy",
+               "--ctc-blank", "0", "--finetune",
+               tmp_path / "tune.npy", "--steps", "2", "--finetune-batch-size", "16", "--data", tmp_path / "eval.npz",
+               "--no-timing", "--json", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    assert "greedy CTC decodings" in res.output and "written back" in res.output
+    assert "no sensitivity" not in res.output
+    rows = {q["metric"]: q for q in json.loads((tmp_path / "r.json").read_text())["quality"]}
+    assert rows["sequence accuracy (greedy CTC)"]["original"]["value"] == 1.0

@@ -31,6 +31,7 @@ from torch import nn
 from separify.calibration.linalg import sq_norm
 from separify.calibration.memory import reuse_freed_memory
 from separify.calibration.precision import fast_layout, forward_precision, widened
+from separify.config import class_axis
 from separify.core.measure import frozen_mode
 
 __all__ = ["LOSSES", "SAMPLES", "sensitivity", "unweighted_note"]
@@ -50,14 +51,15 @@ def _tensors(out) -> list[torch.Tensor]:
     return []
 
 
-def _probe(outs: list[torch.Tensor], loss: str, class_dim: int, gen: torch.Generator) -> torch.Tensor:
+def _probe(outs: list[torch.Tensor], loss: str, class_dim: int | None, gen: torch.Generator) -> torch.Tensor:
     """``vᵀf`` summed over the outputs, with ``v`` drawn for ``loss`` (module docstring)."""
     total = 0.0
     for o in outs:
         if loss == "mse" or o.dim() == 0:
             total = total + (o * torch.randn(o.shape, generator=gen).to(o)).sum()
             continue
-        logp = torch.log_softmax(o.double(), dim=class_dim).movedim(class_dim, -1)  # (..., classes)
+        axis = class_axis(class_dim, o.dim())
+        logp = torch.log_softmax(o.double(), dim=axis).movedim(axis, -1)  # (..., classes)
         flat = logp.detach().exp().reshape(-1, logp.shape[-1])
         y = torch.multinomial(flat, 1, generator=gen).reshape(logp.shape[:-1] + (1,))
         total = total + logp.gather(-1, y).sum()  # its gradient is g = onehot(y) − p at every position
@@ -65,9 +67,10 @@ def _probe(outs: list[torch.Tensor], loss: str, class_dim: int, gen: torch.Gener
 
 
 def sensitivity(model: nn.Module, targets: dict[str, str], xs: Sequence[torch.Tensor], *, loss: str = "fisher",
-                class_dim: int = -1, probes: int = 2, seed: int = 0, dtype: torch.dtype | None = None,
+                class_dim: int | None = None, probes: int = 2, seed: int = 0, dtype: torch.dtype | None = None,
                 channels_last: bool = False, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """``w_i`` of the module docstring (``loss``: ``"fisher"``, softmax over ``class_dim``, or ``"mse"``) for every
+    """``w_i`` of the module docstring (``loss``: ``"fisher"``, softmax over ``class_dim``, by default
+    :func:`~separify.config.class_axis`, or ``"mse"``) for every
     layer ``name`` of ``targets`` (name → the module whose output
     the replacement must reproduce), on the samples ``xs`` (batches, of any shapes the model takes; the sums run
     over all of them); mean 1 over the layers the output depends on, which are the keys returned. The model is run

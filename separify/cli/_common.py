@@ -169,6 +169,16 @@ def calibration_data(console, calib: Path | None, prep, limit: int, *, key: str 
     return x
 
 
+def check_ctc(blank: int | None, class_dim: int | None) -> int | None:
+    """``--ctc-blank``: a class index; CTC logits are ``(B, T, C)``, so ``--class-dim``, if given, is -1."""
+    if blank is not None and blank < 0:
+        raise SeparifyError(f"--ctc-blank must be a class index (0 or more), got {blank}")
+    if blank is not None and class_dim not in (None, -1):
+        raise SeparifyError(f"--ctc-blank reads (B, T, C) logits, whose classes are the last axis; --class-dim "
+                            f"{class_dim} names another (give -1 or leave it out)")
+    return blank
+
+
 @dataclass(frozen=True, kw_only=True)
 class ReportSettings:
     """The report options of a command (named as the commands' parameters), and what to do with the report."""
@@ -185,6 +195,8 @@ class ReportSettings:
     min_time: float
     force: bool
     batch_size: int | None
+    class_dim: int | None = None
+    ctc_blank: int | None = None
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], **settings: Any) -> "ReportSettings":
@@ -212,8 +224,11 @@ class ReportSettings:
         if self.data.is_dir():
             x, y, classes = load_image_folder(self.data, **asdict(prep), limit=self.data_limit)
             what = f"{self.data}: {describe_images(x, classes)}"
+            if classes is not None and self.ctc_blank is not None:
+                raise SeparifyError(f"{self.data} has class folders, but with --ctc-blank the labels are CTC "
+                                    "targets: give them as the 'labels' (N, S) of a tensor file")
         else:
-            x, y = load_labeled_file(self.data)
+            x, y = load_labeled_file(self.data, sequences=self.ctc_blank is not None)
             x, y = x[: self.data_limit], (y[: self.data_limit] if y is not None else None)
             what = f"{self.data}: {len(x)} samples" + (" with labels" if y is not None else "")
         console.print(f"Evaluation data: {what}", markup=False, highlight=False)
@@ -223,7 +238,8 @@ class ReportSettings:
         from separify.reporting import report
 
         x, y, what = data
-        return report(original, converted, example_inputs=inputs, data=x, labels=y, data_name=what, device=device,
+        return report(original, converted, example_inputs=inputs, data=x, labels=y, data_name=what,
+                      class_dim=self.class_dim, ctc_blank=self.ctc_blank, device=device,
                       fallback_to_cpu=fallback, batch_size=self.batch_size, threads=self.threads, latency=self.timing,
                       onnx=self.onnx, per_layer=self.layers, min_run_time=self.min_time,
                       layer_min_run_time=self.min_time / 10, files=files, progress=True)
@@ -233,6 +249,7 @@ class ReportSettings:
 
         x, y, what = data
         return report_onnx(original, converted, result=result, input_shapes=shape, data=x, labels=y, data_name=what,
+                           class_dim=self.class_dim, ctc_blank=self.ctc_blank,
                            threads=self.threads, latency=self.timing, min_run_time=self.min_time, progress=True,
                            seed=seed)
 

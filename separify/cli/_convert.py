@@ -4,6 +4,7 @@ report."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,8 +17,8 @@ from rich.markup import escape
 
 from separify.cli import _options as opt
 from separify.cli._app import app
-from separify.cli._common import (ReportSettings, calibration_data, describe_images, given, guard, image_options,
-                                  load_onnx_original, load_original, make_console, preprocessing)
+from separify.cli._common import (ReportSettings, calibration_data, check_ctc, describe_images, given, guard,
+                                  image_options, load_onnx_original, load_original, make_console, preprocessing)
 from separify.config import OBJECTIVES, ConvertConfig, LatencyTarget
 from separify.core.progress import step
 from separify.errors import SeparifyError, first_line
@@ -38,6 +39,9 @@ def convert(
     arch: Optional[str] = opt.arch(),
     allow_pickle: bool = opt.allow_pickle(),
     input_shape: Optional[str] = opt.input_shape(),
+    class_dim: Optional[int] = opt.class_dim(),
+    calib_class_dim: Optional[int] = opt.CLASS_DIM_ALIAS,
+    ctc_blank: Optional[int] = opt.ctc_blank(),
     exclude: Optional[List[str]] = opt.EXCLUDE,
     fold_bn: bool = opt.FOLD_BN,
     config: Optional[Path] = opt.CONFIG,
@@ -52,7 +56,6 @@ def convert(
     calib_steps: Optional[int] = opt.CALIB_STEPS,
     calib_als: int = opt.CALIB_ALS,
     calib_loss: str = opt.CALIB_LOSS,
-    calib_class_dim: int = opt.CALIB_CLASS_DIM,
     calib_key: Optional[str] = opt.CALIB_KEY,
     calib_native_size: bool = opt.CALIB_NATIVE_SIZE,
     image_size: Optional[str] = opt.image_size(),
@@ -100,12 +103,12 @@ def run_convert(params: Mapping[str, Any], explicit: frozenset[str]) -> None:
     """The body of ``separify convert``: every option is checked before any model is loaded."""
     o = SimpleNamespace(**params)
     image_opts = image_options(o.image_size, o.resize, o.mean, o.std)
-    reporting = ReportSettings.from_params(params, batch_size=o.report_batch_size)
-    tune = FinetuneSettings(data=o.finetune, epochs=o.epochs, steps=o.steps, lr=o.lr, temperature=o.temperature,
-                            batch_size=o.finetune_batch_size, checkpoint=o.checkpoint)
     cfg = build_config(params, explicit)
-    for name, flag in (("calib_steps", "--calib-steps"), ("calib_als", "--calib-als"),
-                       ("calib_loss", "--calib-loss"), ("calib_class_dim", "--calib-class-dim")):
+    outputs = dict(class_dim=cfg.calibration.class_dim, ctc_blank=check_ctc(o.ctc_blank, cfg.calibration.class_dim))
+    reporting = ReportSettings.from_params(params, batch_size=o.report_batch_size, **outputs)
+    tune = FinetuneSettings(data=o.finetune, epochs=o.epochs, steps=o.steps, lr=o.lr, temperature=o.temperature,
+                            batch_size=o.finetune_batch_size, checkpoint=o.checkpoint, **outputs)
+    for name, flag in (("calib_steps", "--calib-steps"), ("calib_als", "--calib-als"), ("calib_loss", "--calib-loss")):
         if name in explicit and params[name] and o.calib is None:
             raise SeparifyError(f"{flag} needs --calib DATA")
     tune.check()
@@ -133,16 +136,19 @@ def run_convert(params: Mapping[str, Any], explicit: frozenset[str]) -> None:
 # --- options → ConvertConfig
 
 def _unalias(params: Mapping[str, Any], explicit: frozenset[str]) -> tuple[dict, frozenset[str]]:
-    """``--target-batch-size N`` is ``--batch-size N``; ``--contiguous`` is ``channels_last=False``."""
+    """``--target-batch-size N`` is ``--batch-size N``; ``--calib-class-dim D`` is ``--class-dim D``;
+    ``--contiguous`` is ``channels_last=False``."""
     params = dict(params)
     if "contiguous" in explicit and params["contiguous"]:
         if "channels_last" in explicit:
             raise SeparifyError("give --channels-last or --contiguous, not both")
         params["channels_last"], explicit = False, explicit | {"channels_last"}
-    if "target_batch_size" in explicit:
-        if "target_batch" in explicit:
-            raise SeparifyError("give --batch-size or --target-batch-size, not both")
-        params["target_batch"], explicit = params["target_batch_size"], explicit | {"target_batch"}
+    for alias, name, flags in (("target_batch_size", "target_batch", "--batch-size or --target-batch-size"),
+                               ("calib_class_dim", "class_dim", "--class-dim or --calib-class-dim")):
+        if alias in explicit:
+            if name in explicit:
+                raise SeparifyError(f"give {flags}, not both")
+            params[name], explicit = params[alias], explicit | {name}
     return params, explicit
 
 
@@ -150,7 +156,7 @@ def _unalias(params: Mapping[str, Any], explicit: frozenset[str]) -> tuple[dict,
 CONFIG_KEYS = {"method": "method", "rank": "rank", "energy": "energy", "flops": "flops", "cp_iters": "cp_max_iter",
                "seed": "seed", "exclude": "exclude", "fold_bn": "fold_bn", "calib_limit": "calib_limit",
                "calib_steps": "calib_steps", "calib_als": "calib_als",
-               "calib_class_dim": "calib_class_dim"}
+               "class_dim": "calib_class_dim"}
 #: parameters that only apply under the latency objective → their option names
 LATENCY_ONLY = {"target_batch": "--batch-size", "dtype": "--dtype",
                 "channels_last": "--channels-last/--contiguous",
@@ -267,7 +273,7 @@ def convert_torch(model_path, output, cfg: ConvertConfig, input_shape, arch, all
         calibration = calibration_data(console, calib, prep, cfg.calibration.limit, **(calib_opts or {}))
         tune_data = finetune_data(console, model, tune, prep) if tune.data is not None else None
         eval_data = reporting.eval_data(console, original, prep)
-    search, eval_data = search_options(max_drop, model, eval_data)
+    search, eval_data = search_options(max_drop, model, eval_data, reporting)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same messages are in result.warnings, printed by the report
         result = convert_model(model, cfg, example_inputs=inputs, progress=True, calibration=calibration, **search)
@@ -306,7 +312,7 @@ def convert_onnx(model_path: Path, output: Path, cfg: ConvertConfig, input_shape
         eval_data = reporting.eval_data(console, stand_in, prep)
     search, eval_data = search_options(max_drop, onnx_pass.OrtModule(onnx_pass.load_onnx(source),
                                                                     threads=reporting.threads),
-                                       eval_data) if max_drop is not None else ({}, eval_data)
+                                       eval_data, reporting) if max_drop is not None else ({}, eval_data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = convert_onnx_model(source, cfg, input_shapes=shape, calibration=calibration,
@@ -329,12 +335,14 @@ def convert_onnx(model_path: Path, output: Path, cfg: ConvertConfig, input_shape
 
 # --- the max-drop search
 
-def search_options(max_drop: float | None, original, eval_data: tuple) -> tuple[dict, tuple]:
+def search_options(max_drop: float | None, original, eval_data: tuple,
+                   outputs: ReportSettings) -> tuple[dict, tuple]:
     """``convert``'s ``max_drop``/``evaluate``/``metric_name`` for ``--max-drop``, and the report's evaluation data.
 
-    The evaluation data is split in two halves: the plan is selected on the first (top-1 accuracy with labels,
-    else top-1 agreement with the original, which ``original`` runs) and the report measures the second, so the
-    reported accuracy is not the one the plan was selected on."""
+    The evaluation data is split in two halves: the plan is selected on the first (top-1 accuracy with labels, or
+    the sequence accuracy with ``outputs.ctc_blank``; else top-1 agreement with the original, which ``original``
+    runs, over ``outputs.class_dim``) and the report measures the second, so the reported accuracy is not the one
+    the plan was selected on."""
     if max_drop is None:
         return {}, eval_data
     x, y, what = eval_data
@@ -344,17 +352,21 @@ def search_options(max_drop: float | None, original, eval_data: tuple) -> tuple[
     if len(x) < 2:
         raise SeparifyError(f"--max-drop needs at least 2 evaluation samples (half select, half report); got {len(x)}")
     from separify.core.measure import accuracy, agreement
+    from separify.tuning.ctc import sequence_accuracy
 
     half = len(x) // 2
     xs, ys = x[:half], (y[:half] if y is not None else None)
     report = (x[half:], y[half:] if y is not None else None, f"{what}, samples {half + 1}-{len(x)}")
     picked = f"{what}, samples 1-{half}"
+    if ys is not None and outputs.ctc_blank is not None:
+        return dict(max_drop=max_drop, evaluate=lambda m: sequence_accuracy(m, xs, ys, blank=outputs.ctc_blank),
+                    metric_name=f"sequence accuracy ({picked})"), report
     if ys is not None:
         return dict(max_drop=max_drop, evaluate=lambda m: accuracy(m, xs, ys),
                     metric_name=f"top-1 accuracy ({picked})"), report
 
     def agree(m) -> float:
-        top1, rel = agreement(original, m, xs)
+        top1, rel = agreement(original, m, xs, class_dim=outputs.class_dim)
         return top1 if top1 is not None else 1.0 - rel
 
     return dict(max_drop=max_drop, evaluate=agree, metric_name=f"agreement with the original ({picked})"), report
@@ -373,6 +385,18 @@ class FinetuneSettings:
     temperature: float | None
     batch_size: int
     checkpoint: Path | None
+    class_dim: int | None = None
+    ctc_blank: int | None = None
+
+    def outputs(self) -> dict:
+        """``finetune``'s keywords for the model's outputs: the class axis; with ``ctc_blank``, the CTC loss on the
+        labels, and the original's greedy decodings as the labels of batches that have none."""
+        if self.ctc_blank is None:
+            return dict(class_dim=self.class_dim)
+        from separify.tuning.ctc import ctc_greedy_targets, ctc_loss
+
+        return dict(class_dim=-1, label_loss=functools.partial(ctc_loss, blank=self.ctc_blank),
+                    pseudo_labels=functools.partial(ctc_greedy_targets, blank=self.ctc_blank))
 
     def check(self) -> None:
         """Refuse bad fine-tuning options before the conversion, not after it."""
@@ -389,8 +413,11 @@ class FinetuneSettings:
 def finetune_data(console, teacher, tune: FinetuneSettings, prep):
     """Fine-tuning inputs and labels, loaded before the conversion so that bad data fails fast."""
     if prep is None or not tune.data.is_dir():
-        return load_labeled_file(tune.data)
+        return load_labeled_file(tune.data, sequences=tune.ctc_blank is not None)
     x, y, classes = load_image_folder(tune.data, **asdict(prep))
+    if classes is not None and tune.ctc_blank is not None:
+        raise SeparifyError(f"{tune.data} has class folders, but with --ctc-blank the labels are CTC targets: give "
+                            "them as the 'labels' (N, S) of a tensor file, or a folder of images without labels")
     if classes is not None and teacher is not None:
         with torch.no_grad():
             logits = teacher(x[:1])
@@ -436,9 +463,12 @@ def run_finetune(console, tune: FinetuneSettings, seed: int, x, y, *, run) -> No
     epochs = tune.epochs if tune.epochs is not None or tune.steps is not None else opt.FINETUNE_EPOCHS
     b = tune.batch_size
     batches = [(x[i : i + b],) + ((y[i : i + b],) if y is not None else ()) for i in range(0, len(x), b)]
-    console.print(f"Fine-tuning on {tune.data}: {len(x)} samples, {'with' if y is not None else 'without'} labels")
+    labelled = "with labels" if y is not None else "without labels"
+    if tune.ctc_blank is not None:
+        labelled = "with CTC targets" if y is not None else "labelled by the original's greedy CTC decodings"
+    console.print(f"Fine-tuning on {tune.data}: {len(x)} samples, {labelled}")
     res = run(batches, epochs=epochs, steps=tune.steps, lr=tune.lr, seed=seed, checkpoint=tune.checkpoint,
-              temperature=tune.temperature, progress=True)
+              temperature=tune.temperature, progress=True, **tune.outputs())
     if res.losses:
         console.print(f"fine-tuned {res.steps} steps" + (f" (resumed at step {res.resumed_from})"
                       if res.resumed_from is not None else "") + f", {_settings(res)}: loss {res.losses[0]:.4f} → "

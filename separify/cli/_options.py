@@ -32,7 +32,7 @@ RANK_DEFAULTS, CALIB_DEFAULTS, LATENCY_DEFAULTS, TARGET_DEFAULTS = (RankSelectio
 _TUNE = inspect.signature(_finetune).parameters
 FINETUNE_LR, FINETUNE_TEMPERATURE = _TUNE["lr"].default, _TUNE["temperature"].default
 FINETUNE_EPOCHS = 1  # with --finetune and neither --epochs nor --steps
-FINETUNE_BATCH = 64
+FINETUNE_BATCH = 32  # one epoch at 32 did better than at 64 on both benchmark networks (benchmarks/RESULTS.md)
 DATA_LIMIT = 1000
 MIN_TIME = 0.5
 COMPARE_FLOPS = "0.75,0.5,0.25"
@@ -156,11 +156,8 @@ CALIB_ALS = typer.Option(CALIB_DEFAULTS.als, "--calib-als", rich_help_panel=CALI
 
 CALIB_LOSS = typer.Option(CALIB_DEFAULTS.loss, "--calib-loss", rich_help_panel=CALIBRATION, help="With --calib and "
                           "a --flops or latency target, ranks go where errors move this loss of the model's output "
-                          "most: fisher (the KL divergence of the softmax of the output logits over "
-                          "--calib-class-dim), mse (the squared change of every output) or off (every layer alike).")
-CALIB_CLASS_DIM = typer.Option(CALIB_DEFAULTS.class_dim, "--calib-class-dim", rich_help_panel=CALIBRATION,
-                               help="The class axis of the output logits for --calib-loss fisher (-1: last; 1 for "
-                               "(N, C, H, W) segmentation).")
+                          "most: fisher (the KL divergence of the softmax of the output logits over --class-dim), "
+                          "mse (the squared change of every output) or off (every layer alike).")
 
 
 CALIB_KEY = typer.Option(None, "--calib-key", rich_help_panel=CALIBRATION, help="The array of the --calib tensor "
@@ -241,6 +238,29 @@ def threads(panel: str = LATENCY):
 
 def batch_size(panel: str = LATENCY, help: str = "Batch size for timing and FLOPs (default: the example input's)."):
     return typer.Option(None, "--batch-size", rich_help_panel=panel, help=help)
+
+
+# --- The model's outputs: calibration, fine-tuning and the report read them alike
+
+CLASS_AXIS_DEFAULT = ("default: the last axis of outputs of up to 3 dims, (N, C) or (B, T, C) sequence logits; 1 for "
+                      "(N, C, H, W)")
+CLASS_DIM_HELP = ("The class axis of the model's output logits, for every step that reads them: --calib-loss fisher, "
+                  f"--finetune's distillation and the report's agreement ({CLASS_AXIS_DEFAULT}).")
+
+
+def class_dim(panel: str = WHAT, help: str = CLASS_DIM_HELP):
+    return typer.Option(None, "--class-dim", rich_help_panel=panel, help=help, show_default=False)
+
+
+CLASS_DIM_ALIAS = typer.Option(None, "--calib-class-dim", hidden=True)  # its name before it served every step
+CTC_HELP = ("The model outputs CTC logits (B, T, C) with this blank class (a text or speech recogniser). --finetune "
+            "trains on the CTC loss of the labels (targets (N, S) padded with the blank, the file's 'labels' entry) "
+            "or, for data without labels, of the original's greedy decodings; the report and --max-drop score the "
+            "sequence accuracy on --data's labels.")
+
+
+def ctc_blank(panel: str = WHAT, help: str = CTC_HELP):
+    return typer.Option(None, "--ctc-blank", rich_help_panel=panel, help=help, show_default=False)
 
 
 # --- Fine-tuning

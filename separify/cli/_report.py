@@ -11,8 +11,8 @@ import typer
 
 from separify.cli import _options as opt
 from separify.cli._app import app
-from separify.cli._common import (ReportSettings, calibration_data, guard, image_options, load_onnx_original,
-                                  load_original, make_console, numbers, preprocessing)
+from separify.cli._common import (ReportSettings, calibration_data, check_ctc, guard, image_options,
+                                  load_onnx_original, load_original, make_console, numbers, preprocessing)
 from separify.config import METHODS
 from separify.errors import SeparifyError
 from separify.io.files import is_onnx
@@ -33,6 +33,11 @@ def report(
     arch: Optional[str] = opt.arch(_M),
     allow_pickle: bool = opt.allow_pickle(_M),
     input_shape: Optional[str] = opt.input_shape(_M),
+    class_dim: Optional[int] = opt.class_dim(_M, help="The class axis of the models' output logits, for the "
+                                             f"agreement ({opt.CLASS_AXIS_DEFAULT})."),
+    ctc_blank: Optional[int] = opt.ctc_blank(_M, help="The models output CTC logits (B, T, C) with this blank "
+                                             "class: the report scores the sequence accuracy on --data's labels "
+                                             "(targets (N, S) padded with the blank)."),
     seed: int = opt.seed(_M, help="Seed for random inputs."),
     device: str = typer.Option("cpu", "--device", rich_help_panel=opt.LATENCY, help="Where PyTorch timings run: cpu "
                                "or cuda (ONNX Runtime always runs on the CPU)."),
@@ -64,7 +69,7 @@ def run_report(params: Mapping[str, Any]) -> None:
     o = SimpleNamespace(**params)
     console = make_console()
     image_opts = image_options(o.image_size, o.resize, o.mean, o.std)
-    reporting = ReportSettings.from_params(params)
+    reporting = ReportSettings.from_params(params, ctc_blank=check_ctc(o.ctc_blank, o.class_dim))
     reporting.check((o.original_path, o.converted_path))
     title = f"separify report: {o.original_path} → {o.converted_path}"
     onnx_files = [is_onnx(p) for p in (o.original_path, o.converted_path)]

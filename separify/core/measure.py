@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from separify.config import class_axis
+
 __all__ = ["count_flops", "count_params", "conv_input_shapes", "module_flops", "affine_flops", "accuracy",
            "topk_accuracy", "agreement", "first_output", "frozen_mode", "Timing", "time_torch", "time_onnxruntime",
            "export_onnx", "state_dict_bytes", "cpu_name", "param_dtype", "implausible", "NOISY_SPREAD"]
@@ -155,13 +157,14 @@ def topk_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return {k: v / max(len(images), 1) for k, v in hits.items()}
 
 
-def agreement(reference: nn.Module, candidate: nn.Module, inputs: torch.Tensor, *, class_dim: int = 1,
+def agreement(reference: nn.Module, candidate: nn.Module, inputs: torch.Tensor, *, class_dim: int | None = None,
               batch_size: int = 256) -> tuple[float | None, float]:
     """How closely ``candidate`` follows ``reference`` on ``inputs`` (N, ...).
 
-    Returns ``(top1, rel_error)``: the fraction of predictions (argmax over ``class_dim``, at every remaining
-    position) on which the two agree (``None`` when the output has no class dimension of size > 1), and
-    ``‖f'(x) − f(x)‖ / ‖f(x)‖`` over all samples. Raises ``ValueError`` if the outputs differ in shape.
+    Returns ``(top1, rel_error)``: the fraction of predictions (argmax over ``class_dim``, by default
+    :func:`~separify.config.class_axis`, at every remaining position) on which the two agree (``None`` when the
+    output has no class dimension of size > 1), and ``‖f'(x) − f(x)‖ / ‖f(x)‖`` over all samples.
+    Raises ``ValueError`` if the outputs differ in shape.
     """
     same = positions = 0
     err2 = ref2 = 0.0
@@ -172,9 +175,10 @@ def agreement(reference: nn.Module, candidate: nn.Module, inputs: torch.Tensor, 
             ref, out = first_output(reference(x)), first_output(candidate(x))
             if ref.shape != out.shape:
                 raise ValueError(f"the models' outputs differ in shape: {tuple(ref.shape)} vs {tuple(out.shape)}")
-            top1 = top1 and ref.dim() >= 2 and ref.shape[class_dim] > 1
+            axis = class_axis(class_dim, ref.dim())
+            top1 = top1 and ref.dim() >= 2 and ref.shape[axis] > 1
             if top1:
-                match = ref.argmax(class_dim) == out.argmax(class_dim)
+                match = ref.argmax(axis) == out.argmax(axis)
                 same, positions = same + int(match.sum()), positions + match.numel()
             err2 += float((out.double() - ref.double()).pow(2).sum())
             ref2 += float(ref.double().pow(2).sum())

@@ -24,9 +24,11 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImagePreprocessing", "load_calibrat
            "load_labeled_file", "load_tensor_file"]
 
 
-def load_labeled_file(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Inputs as :func:`load_tensor_file` plus integer labels ``(N,)`` when the file has them (``.npz`` array or
-    ``.pt`` dict key ``labels``), else ``None``."""
+def load_labeled_file(path: str | os.PathLike, *,
+                      sequences: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inputs as :func:`load_tensor_file` plus integer labels when the file has them (``.npz`` array or ``.pt`` dict
+    key ``labels``), else ``None``: classes ``(N,)``, or with ``sequences`` targets ``(N, S)`` (e.g. CTC targets
+    padded with the blank)."""
     x = load_tensor_file(path)
     path = Path(path)
     labels = None
@@ -44,8 +46,9 @@ def load_labeled_file(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tens
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot read labels ({type(exc).__name__}: {first_line(exc)})") from None
     if labels is not None:
-        if labels.dim() != 1 or len(labels) != len(x) or labels.is_floating_point():
-            raise ModelLoadError(f"{path}: labels must be integers of shape ({len(x)},), got {labels.dtype} "
+        if labels.dim() != 1 + sequences or len(labels) != len(x) or labels.is_floating_point():
+            shape = f"({len(x)}, S): padded target sequences" if sequences else f"({len(x)},)"
+            raise ModelLoadError(f"{path}: labels must be integers of shape {shape}, got {labels.dtype} "
                                  f"{tuple(labels.shape)}")
         labels = labels.long()
     return x, labels

@@ -48,7 +48,8 @@ def report(
     min_run_time: float = 0.5,
     layer_min_run_time: float = 0.05,
     random_samples: int = 64,
-    class_dim: int = 1,
+    class_dim: int | None = None,
+    ctc_blank: int | None = None,
     files: tuple[str | os.PathLike | None, str | os.PathLike | None] = (None, None),
     progress: bool = False,
     seed: int = 0,
@@ -63,14 +64,15 @@ def report(
             repeated (first sample) to ``batch_size`` when that is given.
         files: the two models' files, for their sizes.
         data, labels, data_name, metrics, device, fallback_to_cpu, batch_size, threads, latency, onnx, per_layer,
-        min_run_time, layer_min_run_time, random_samples, class_dim, progress, seed: the fields of
+        min_run_time, layer_min_run_time, random_samples, class_dim, ctc_blank, progress, seed: the fields of
             :class:`~separify.reporting.ReportSettings`.
 
     Raises:
         SeparifyError: the models' outputs differ in shape, the data does not fit, the device is missing.
     """
     settings = ReportSettings(data=data, labels=labels, data_name=data_name, metrics=metrics,
-                              random_samples=random_samples, class_dim=class_dim, seed=seed, device=device,
+                              random_samples=random_samples, class_dim=class_dim, ctc_blank=ctc_blank, seed=seed,
+                              device=device,
                               fallback_to_cpu=fallback_to_cpu, batch_size=batch_size, threads=threads,
                               latency=latency, onnx=onnx, per_layer=per_layer, min_run_time=min_run_time,
                               layer_min_run_time=layer_min_run_time, progress=progress)
@@ -112,7 +114,8 @@ def report_onnx(
     latency: bool = True,
     min_run_time: float = 0.5,
     random_samples: int = 64,
-    class_dim: int = 1,
+    class_dim: int | None = None,
+    ctc_blank: int | None = None,
     progress: bool = False,
     seed: int = 0,
 ) -> Report:
@@ -130,7 +133,7 @@ def report_onnx(
     :class:`~separify.reporting.ReportSettings`.
     """
     settings = ReportSettings(data=data, labels=labels, data_name=data_name, random_samples=random_samples,
-                              class_dim=class_dim, seed=seed, threads=threads, latency=latency,
+                              class_dim=class_dim, ctc_blank=ctc_blank, seed=seed, threads=threads, latency=latency,
                               per_layer=False, min_run_time=min_run_time, layer_min_run_time=0, progress=progress)
     return _report_onnx((original, converted), result, input_shapes, settings)
 

@@ -10,6 +10,7 @@ from separify.core.measure import agreement, first_output, frozen_mode, topk_acc
 from separify.errors import SeparifyError, first_line
 from separify.reporting.data import Quality
 from separify.reporting.settings import ReportSettings
+from separify.tuning.ctc import sequence_accuracy
 
 __all__ = ["check_outputs", "measure_quality"]
 
@@ -54,9 +55,7 @@ def measure_quality(original: nn.Module, converted: nn.Module, inputs: tuple,
         if labels is not None:
             if len(labels) != len(data):
                 raise SeparifyError(f"{len(labels)} labels for {len(data)} inputs")
-            accs = [topk_accuracy(m, data, labels, batch_size=batch) for m in (original, converted)]
-            for k in sorted(accs[0]):
-                rows.append(Quality(f"top-{k} accuracy", what, accs[0][k], accs[1][k]))
+            rows += _accuracy_rows(original, converted, data, labels, what, settings.ctc_blank, batch)
         top1, rel = agreement(original, converted, data, class_dim=settings.class_dim, batch_size=batch)
     except SeparifyError:
         raise
@@ -69,6 +68,16 @@ def measure_quality(original: nn.Module, converted: nn.Module, inputs: tuple,
     for name, fn in (settings.metrics or {}).items():
         rows.append(Quality(name, "user metric", float(fn(original)), float(fn(converted)), "user"))
     return rows
+
+
+def _accuracy_rows(original, converted, data, labels, what: str, ctc_blank: int | None, batch: int) -> list[Quality]:
+    """Top-k accuracy of both models on class labels ``(N,)``; with ``ctc_blank``, sequence accuracy on targets
+    ``(N, S)``."""
+    if ctc_blank is not None:
+        accs = [sequence_accuracy(m, data, labels, blank=ctc_blank, batch_size=batch) for m in (original, converted)]
+        return [Quality("sequence accuracy (greedy CTC)", what, *accs)]
+    accs = [topk_accuracy(m, data, labels, batch_size=batch) for m in (original, converted)]
+    return [Quality(f"top-{k} accuracy", what, accs[0][k], accs[1][k]) for k in sorted(accs[0])]
 
 
 def _eval_data(settings: ReportSettings, example: torch.Tensor) -> tuple[torch.Tensor, str]:

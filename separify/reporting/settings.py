@@ -25,13 +25,17 @@ class ReportSettings:
 
     Attributes:
         data, labels: evaluation inputs ``(N, ...)`` and optional integer labels ``(N,)``: with labels, top-1 (and
-            top-5 when there are more than 5 classes) accuracy of both models; always the agreement of the
-            converted model with the original (top-1 agreement, relative output error). Without ``data`` the
+            top-5 when there are more than 5 classes) accuracy of both models; with ``ctc_blank``, the labels are
+            targets ``(N, S)`` padded with the blank, and the rows are the sequence accuracy; always the agreement
+            of the converted model with the original (top-1 agreement, relative output error). Without ``data`` the
             agreement is measured on ``random_samples`` standard-normal inputs (seeded by ``seed``), and the
             report says so.
         data_name: how the quality rows name the data (default: ``"<N> given inputs"``).
         metrics: ``{name: fn}``; ``fn(model) -> float`` is called on both models.
-        class_dim: the dimension of the outputs that holds the classes.
+        class_dim: the dimension of the outputs that holds the classes (``None``:
+            :func:`~separify.config.class_axis`, the last for ``(N, C)`` and ``(B, T, C)``, 1 for ``(N, C, H, W)``).
+        ctc_blank: the models output CTC logits ``(B, T, C)`` with this blank class: accuracy is the fraction of
+            samples whose greedy decoding equals its target (:func:`separify.tuning.ctc.sequence_accuracy`).
         device: ``"cpu"`` or ``"cuda"`` for the PyTorch timings (ONNX Runtime always runs on the CPU); a missing
             GPU is an error unless ``fallback_to_cpu``.
         batch_size: repeat the example input's first sample to this batch size (PyTorch models).
@@ -50,7 +54,8 @@ class ReportSettings:
     data_name: str | None = None
     metrics: Mapping[str, Callable[[nn.Module], float]] | None = None
     random_samples: int = 64
-    class_dim: int = 1
+    class_dim: int | None = None
+    ctc_blank: int | None = None
     seed: int = 0
     device: str = "cpu"
     fallback_to_cpu: bool = False

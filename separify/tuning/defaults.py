@@ -52,6 +52,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from separify.config import class_axis
+
 __all__ = ["DIVERGED", "DIVERGED_SMOOTH", "HARD", "HURT", "LR_BOUNDS", "RANGE_HIGH", "RANGE_LOW", "TEMPERATURES",
            "TOP_MASS", "WARMUP", "choose_hard", "choose_temperature", "diverged", "hurts", "lr_from_held_out",
            "lr_from_losses", "range_lr", "range_steps", "schedule"]
@@ -70,8 +72,9 @@ _SMOOTH = 0.7  # weight of the past in the range test's exponential moving avera
 _SMOOTH_FROM = 3  # the first smoothed losses average fewer than 1 / (1 − _SMOOTH) batches: too noisy for a minimum
 
 
-def choose_temperature(teacher_logits: Sequence[torch.Tensor], class_dim: int) -> float:
-    """The highest of :data:`TEMPERATURES` at which ``softmax(t / T)`` over ``class_dim`` gives the largest class at
+def choose_temperature(teacher_logits: Sequence[torch.Tensor], class_dim: int | None) -> float:
+    """The highest of :data:`TEMPERATURES` at which ``softmax(t / T)`` over ``class_dim`` (``None``:
+    :func:`~separify.config.class_axis`) gives the largest class at
     least :data:`TOP_MASS` on average over every position of ``teacher_logits`` (module docstring); the lowest
     where none does."""
     flat = _positions(teacher_logits, class_dim)
@@ -81,17 +84,17 @@ def choose_temperature(teacher_logits: Sequence[torch.Tensor], class_dim: int) -
     return TEMPERATURES[-1]
 
 
-def choose_hard(teacher_logits: Sequence[torch.Tensor], class_dim: int) -> float:
+def choose_hard(teacher_logits: Sequence[torch.Tensor], class_dim: int | None) -> float:
     """:data:`HARD` where the teacher is confident, its largest class holding at least :data:`TOP_MASS` of
     ``softmax(t)`` on average over every position of ``teacher_logits`` (module docstring), else 0: the decisions of
     an unsure teacher are no targets."""
     return HARD if _top_mass(_positions(teacher_logits, class_dim), 1.0) >= TOP_MASS else 0.0
 
 
-def _positions(teacher_logits: Sequence[torch.Tensor], class_dim: int) -> torch.Tensor:
+def _positions(teacher_logits: Sequence[torch.Tensor], class_dim: int | None) -> torch.Tensor:
     """The logits as ``(positions, classes)``, float64."""
-    return torch.cat([t.detach().movedim(class_dim, -1).reshape(-1, t.shape[class_dim]).double()
-                      for t in teacher_logits])
+    axes = [class_axis(class_dim, t.dim()) for t in teacher_logits]
+    return torch.cat([t.detach().movedim(a, -1).reshape(-1, t.shape[a]).double() for t, a in zip(teacher_logits, axes)])
 
 
 def _top_mass(flat: torch.Tensor, temperature: float) -> float:

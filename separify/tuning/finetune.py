@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from separify.config import class_axis
 from separify.errors import SeparifyError
 from separify.core.measure import frozen_mode
 from separify.core.progress import progress_bar
@@ -72,19 +73,20 @@ LabelLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student log
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
-                      *, temperature: float = 4.0, alpha: float = 0.5, class_dim: int = 1,
+                      *, temperature: float = 4.0, alpha: float = 0.5, class_dim: int | None = None,
                       label_loss: LabelLoss | None = None, hard: float = 0.0) -> torch.Tensor:
     """``α·KD + (1 − α)·CE(student, labels)`` (just ``KD`` without labels), with the distillation term
     ``KD = (1 − hard)·T²·KL(teacher ‖ student) + hard·CE(student, argmax teacher)``: soft targets at temperature
     ``T`` mixed with the teacher's decisions as hard labels (Touvron et al. 2021).
 
-    Logits are ``(B, C)``, or any shape with the classes along ``class_dim`` (e.g. ``(B, T, C)`` per time step of a
-    sequence model with ``class_dim=-1``; the KL is then summed over the other positions and averaged over ``B``);
+    Logits are ``(B, C)``, or any shape with the classes along ``class_dim`` (``None``:
+    :func:`~separify.config.class_axis`, which takes the last axis of ``(B, T, C)`` sequence logits and axis 1 of
+    ``(B, C, H, W)`` maps; the KL is then summed over the other positions and averaged over ``B``);
     labels ``(B,)`` integer classes, for ``(B, C)`` logits only. ``label_loss(student_logits, labels)`` replaces the
     cross-entropy for other kinds of labels (e.g. CTC targets of a sequence model); the labels are then whatever it
     takes.
     """
-    t = temperature
+    t, class_dim = temperature, class_axis(class_dim, student_logits.dim())
     kd = F.kl_div(F.log_softmax(student_logits / t, dim=class_dim), F.log_softmax(teacher_logits / t, dim=class_dim),
                   reduction="batchmean", log_target=True) * (t * t)
     if hard > 0:
@@ -165,12 +167,13 @@ class _Taps:
 
 
 def _agreement(inputs: Sequence[torch.Tensor], teacher_logits: Sequence[torch.Tensor],
-               class_dim: int) -> Callable[[nn.Module], tuple[float, float]]:
+               class_dim: int | None) -> Callable[[nn.Module], tuple[float, float]]:
     """``score(student)``: the student's agreement with the teacher (whose logits on ``inputs`` are
     ``teacher_logits``), ``(fraction of samples, fraction of positions)`` at which its largest class along
     ``class_dim`` is the teacher's. A sample agrees where every position does: each sample of ``(B, C)`` logits, the
     whole sequence of ``(B, T, C)`` ones (one wrong step can change a decoded word). The positions break ties
     (``(B, C, H, W)`` maps rarely agree everywhere)."""
+    class_dim = class_axis(class_dim, teacher_logits[0].dim())
     decisions = [t.argmax(class_dim) for t in teacher_logits]
     samples = sum(len(d) for d in decisions)
 
@@ -322,7 +325,7 @@ class _Objective:
 
     temperature: float
     alpha: float
-    class_dim: int
+    class_dim: int | None
     label_loss: LabelLoss | None
     use_labels: bool
     feature_weight: float
@@ -338,9 +341,9 @@ class _Objective:
 
     def check_labels(self, y: torch.Tensor | None, t_logits: torch.Tensor) -> None:
         """Class labels ``y (B,)`` must index the teacher's classes (unchecked with a custom ``label_loss``)."""
-        if y is not None and self.label_loss is None and (int(y.min()) < 0
-                                                          or int(y.max()) >= t_logits.shape[self.class_dim]):
-            raise SeparifyError(f"labels must be in [0, {t_logits.shape[self.class_dim] - 1}], got values from "
+        classes = t_logits.shape[class_axis(self.class_dim, t_logits.dim())]
+        if y is not None and self.label_loss is None and (int(y.min()) < 0 or int(y.max()) >= classes):
+            raise SeparifyError(f"labels must be in [0, {classes - 1}], got values from "
                                 f"{int(y.min())} to {int(y.max())}")
 
     def distillation(self, s_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -543,7 +546,7 @@ def finetune(
     use_labels: bool = True,
     label_loss: LabelLoss | None = None,
     pseudo_labels: Callable[[torch.Tensor], Any] | None = None,
-    class_dim: int = 1,
+    class_dim: int | None = None,
     features: Mapping[str, str] | None = None,
     feature_weight: float = 0.0,
     train_bn: bool = False,
@@ -574,7 +577,7 @@ def finetune(
         label_loss, pseudo_labels: ``label_loss(student_logits, labels)`` instead of the cross-entropy (under ``amp``
             on bfloat16 logits); ``pseudo_labels(teacher_logits)``: the labels of batches that carry none (sequence-
             level distillation); for CTC models :mod:`~separify.tuning.ctc`'s ``ctc_loss``, ``ctc_greedy_targets``.
-        class_dim: the class dimension of the model's output (``-1`` for ``(B, T, C)`` sequence logits).
+        class_dim: the class axis of the output; ``None``: :func:`~separify.config.class_axis` (last or 1 by rank).
         features, feature_weight: student → teacher module names whose outputs should match (e.g.
             ``result.feature_pairs()``), and the weight of that term (0: off).
         train, train_bn: ``"all"`` parameters, or the separable replacements' (``"converted"``, as the ONNX path

@@ -122,7 +122,7 @@ class OnnxBackend(Backend):
 
     def sensitivity(self, cands, cal: Calibration, progress=None):
         """Through the model imported into PyTorch (onnx2torch, modules named after the nodes); without it, none."""
-        from separify.backends.onnx.finetune import import_torch
+        from separify.backends.onnx.finetune import import_torch, module_name
 
         names = [c.name for c in cands]
         try:
@@ -130,8 +130,7 @@ class OnnxBackend(Backend):
         except SeparifyError as exc:
             return {}, unweighted_note(names, {}, first_line(exc))
         modules = {n for n, _ in module.named_modules()}
-        # onnx2torch names a module after its node, without a leading "/" (torch.onnx's names start with one)
-        targets = {c.name: t for c in cands for t in [(c.record.bn_folded or c.name).lstrip("/")] if t in modules}
+        targets = {c.name: t for c in cands for t in [module_name(c.record.bn_folded or c.name)] if t in modules}
         try:
             weights = sensitivity(module, targets, first_samples(self.batches, SAMPLES), loss=cal.loss,
                                   class_dim=cal.class_dim, progress=progress) if targets else {}

@@ -44,6 +44,17 @@ def import_torch(model: ir.Model) -> nn.Module:
     return module.eval()
 
 
+def module_name(node: str) -> str:
+    """The name of the module onnx2torch makes of the ONNX node named ``node`` (its ``generate_node_name``: dots
+    become slashes, a leading slash is dropped, as in ``/body/body.2/Conv`` → ``body/body/2/Conv``)."""
+    try:
+        from onnx2torch.onnx_graph import OnnxGraph
+
+        return OnnxGraph.generate_node_name(onnx.helper.make_node("Conv", [], [], name=node))
+    except (ImportError, AttributeError):  # an onnx2torch without it keeps the node's name
+        return node
+
+
 def finetune_onnx(original: ir.Model, result: "OnnxConvertResult", data: Any, **options: Any):
     """Fine-tune the separable factors of an ONNX conversion by distillation from the original, then write them
     back into ``result.model``'s initializers (every other node and initializer stays as it was).
@@ -61,9 +72,10 @@ def finetune_onnx(original: ir.Model, result: "OnnxConvertResult", data: Any, **
             raise SeparifyError(f"the ONNX model fixes its batch size to {fixed}; fine-tune with batches of that size "
                                 f"(--batch-size {fixed})")
     teacher, student = import_torch(original), import_torch(result.model)
-    modules = dict(student.named_modules())
+    named = dict(student.named_modules())
     names = [n for nodes in result.factor_nodes.values() for n in nodes]
-    missing = [n for n in names if not isinstance(modules.get(n), nn.Conv2d)]
+    modules = {n: named.get(module_name(n)) for n in names}  # ONNX node name → its onnx2torch module
+    missing = [n for n in names if not isinstance(modules[n], nn.Conv2d)]
     if missing:
         raise SeparifyError(f"onnx2torch did not keep the separable convs as modules ({', '.join(missing[:3])}); "
                             "cannot fine-tune this model")
