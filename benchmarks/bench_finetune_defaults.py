@@ -5,7 +5,7 @@ Run from the repository root (``pip install -e '.[bench]'``; Debian's ``dataset-
 ``fonts-dejavu-core``)::
 
     python benchmarks/bench_finetune_defaults.py [--models ocr,embedded] [--targets 0.5,0.25] [--method pw-dw-pw]
-        [--old-defaults] [--guard-metric] [--labels | --pseudo-labels] [--alpha A] [--batch B]
+        [--old-defaults] [--guard-metric] [--labels | --pseudo-labels] [--alpha A] [--lr LR] [--batch B]
 
 Per network and FLOPs target: ``separify.convert(..., calibration=256 samples)`` then
 ``separify.finetune(converted, original, data, epochs=1)`` with nothing else set (``lr`` and ``temperature`` chosen
@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--pseudo-labels", action="store_true",
                     help="OCR: the original's greedy CTC decodings as labels of the label-free batches")
     ap.add_argument("--alpha", type=float, default=None, help="weight of the distillation term (1 − label weight)")
+    ap.add_argument("--lr", type=float, default=None, help="a fixed learning rate instead of the range test's")
     ap.add_argument("--batch", type=int, default=None,
                     help="re-batch the fine-tuning data to this size (default: 128 embedded, 32 OCR)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune_defaults_2026-12-06.md"))
@@ -129,7 +130,7 @@ def main() -> None:
              f"{' --guard-metric' if args.guard_metric else ''}{' --labels' if args.labels else ''}"
              f"{' --pseudo-labels' if args.pseudo_labels else ''}"
              f"{f' --alpha {args.alpha:g}' if args.alpha is not None else ''}"
-             f"{f' --batch {args.batch}' if args.batch else ''}`; "
+             f"{f' --batch {args.batch}' if args.batch else ''}{f' --lr {args.lr:g}' if args.lr else ''}`; "
              f"{torch.get_num_threads()} threads, CPU "
              f"({platform.processor() or platform.machine()}), torch {torch.__version__}, separify "
              f"{separify.__version__}."]
@@ -147,6 +148,8 @@ def main() -> None:
                 settings["evaluate"] = setup["validate"]
             if args.alpha is not None:
                 settings["alpha"] = args.alpha
+            if args.lr is not None:
+                settings["lr"] = args.lr
             lines.append(_row(setup, args.method, whole, label, settings))
             print(lines[-1], flush=True)
     write_result(args.out, lines)
