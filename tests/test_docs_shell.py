@@ -189,32 +189,17 @@ def _small_net():
                                      flatten=nn.Flatten(), fc=nn.Linear(64, 10))).eval()
 
 
-def _recogniser():
-    """A small random CTC text recogniser: input (N, 1, 16, 48), logits (N, 24, 12), class 0 the blank."""
-    from torch import nn
-
-    class Recogniser(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-                                      nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
-            self.head = nn.Linear(32, 12)
-
-        def forward(self, x):
-            return self.head(self.body(x).mean(2).transpose(1, 2))  # (N, 32, 24) → (N, 24, 12)
-
-    return Recogniser().eval()
-
-
 def _ocr_stand_ins(d: Path) -> None:
-    """``ocr.pt2`` (:func:`_recogniser`), ``ocr_calib.npy``, ``ocr_tune.npy`` (no labels) and ``ocr_eval.npz``
-    (labels: the recogniser's own greedy decodings, padded with the blank)."""
+    """``ocr.pt2`` (test_cli's small random CTC recogniser, class 0 the blank: input (N, 1, 16, 48), logits
+    (N, 24, 6)), ``ocr_calib.npy``, ``ocr_tune.npy`` (no labels) and ``ocr_eval.npz`` (labels: the recogniser's own
+    greedy decodings, padded with the blank)."""
     import numpy as np
     import torch
+    from test_cli import _Recogniser
 
     import separify
 
-    net, x = _recogniser(), torch.rand(96, 1, 16, 48)
+    net, x = _Recogniser().eval(), torch.rand(96, 1, 16, 48)
     program = torch.export.export(net, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, d / "ocr.pt2")
     with torch.no_grad():
