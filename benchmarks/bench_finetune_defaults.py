@@ -6,6 +6,7 @@ Run from the repository root (``pip install -e '.[bench]'``; Debian's ``dataset-
 
     python benchmarks/bench_finetune_defaults.py [--models ocr,embedded] [--targets 0.5,0.25] [--method pw-dw-pw]
         [--old-defaults] [--guard-metric] [--labels | --pseudo-labels] [--alpha A] [--lr LR] [--batch B]
+        [--order-seed S]
 
 Per network and FLOPs target: ``separify.convert(..., calibration=256 samples)`` then
 ``separify.finetune(converted, original, data, epochs=1)`` with nothing else set (``lr`` and ``temperature`` chosen
@@ -26,6 +27,9 @@ set apart from both the fine-tuning data and the reported evaluation set (``eval
   validation: 300 more rendered words of the calibration stream.
 * embedded FashionResNet: calibration on 256 training images; fine-tuning on 10,000 labeled training images, batch
   128 (79 steps); top-1 on the 1,000 held-out test images; validation: the next 1,000 training images.
+
+``--batch 16`` re-batches either network's fine-tuning data to the command line's default batch size
+(``--finetune-batch-size``).
 
 A target the whole OCR model cannot reach is replaced by the same fraction of its convertible convs' FLOPs (as in
 ``bench_calibration.py``). Times are wall-clock on this machine with nothing else running.
@@ -76,12 +80,21 @@ def _setup(name: str, labels: bool = False, pseudo: bool = False) -> dict:
     return setup
 
 
-def _rebatch(batches: list, size: int) -> list:
-    """The same samples (and labels) in the same order, in batches of ``size``."""
+def _rebatch(batches: list, size: int, order_seed: int | None = None) -> list:
+    """The same samples (and labels) in batches of ``size``: in the same order, or shuffled by a generator seeded
+    with ``order_seed``."""
     parts = [b if isinstance(b, tuple) else (b,) for b in batches]
     cols = [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
+    if order_seed is not None:
+        order = torch.randperm(len(cols[0]), generator=torch.Generator().manual_seed(order_seed))
+        cols = [c[order] for c in cols]
     out = [tuple(c[k:k + size] for c in cols) for k in range(0, len(cols[0]), size)]
     return [b if len(b) > 1 else b[0] for b in out]
+
+
+def _batch_size(batches: list) -> int:
+    first = batches[0]
+    return len(first[0] if isinstance(first, tuple) else first)
 
 
 OLD_DEFAULTS = dict(lr=1e-4, temperature=4.0, warmup=0.0, hard=0.0)
@@ -122,6 +135,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="a fixed learning rate instead of the range test's")
     ap.add_argument("--batch", type=int, default=None,
                     help="re-batch the fine-tuning data to this size (default: 128 embedded, 32 OCR)")
+    ap.add_argument("--order-seed", type=int, default=None,
+                    help="shuffle the fine-tuning samples with this seed before batching (another draw of the data's "
+                         "order, to see the spread of one epoch)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune_defaults_2026-12-06.md"))
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -130,14 +146,15 @@ def main() -> None:
              f"{' --guard-metric' if args.guard_metric else ''}{' --labels' if args.labels else ''}"
              f"{' --pseudo-labels' if args.pseudo_labels else ''}"
              f"{f' --alpha {args.alpha:g}' if args.alpha is not None else ''}"
-             f"{f' --batch {args.batch}' if args.batch else ''}{f' --lr {args.lr:g}' if args.lr else ''}`; "
+             f"{f' --batch {args.batch}' if args.batch else ''}{f' --lr {args.lr:g}' if args.lr else ''}"
+             f"{f' --order-seed {args.order_seed}' if args.order_seed is not None else ''}`; "
              f"{torch.get_num_threads()} threads, CPU "
              f"({platform.processor() or platform.machine()}), torch {torch.__version__}, separify "
              f"{separify.__version__}."]
     for name in args.models.split(","):
         setup = _setup(name, args.labels, args.pseudo_labels)
-        if args.batch:
-            setup["tune"] = _rebatch(setup["tune"], args.batch)
+        if args.batch or args.order_seed is not None:
+            setup["tune"] = _rebatch(setup["tune"], args.batch or _batch_size(setup["tune"]), args.order_seed)
         lines += ["", f"### {setup['name']}", "", f"Original: **{setup['evaluate'](setup['model']):.3f}**.", "",
                   "| target | form | FLOPs after / before | calibrated (convert s) | lr | temperature | "
                   "kept step of 1 epoch | + fine-tune, 1 epoch (s) |", "|---|---|---|---|---|---|---|---|"]

@@ -10,7 +10,7 @@ evaluation images with their strings as CTC targets, then runs, as a user would:
 and reads the written model back to measure its word accuracy (``second_model.evaluate``: greedy CTC, lower-cased,
 the benchmark's metric). The report's "sequence accuracy (greedy CTC)" is the exact match of class indices, so
 it counts a word decoded in the other case as wrong. Every fine-tuning setting is the CLI's default (one epoch,
-batch 64, learning rate from the range test, temperature from the original's outputs) unless
+batch ``separify.cli._options.FINETUNE_BATCH``, learning rate from the range test, temperature from the original's outputs) unless
 ``--finetune-batch-size`` is given. A target the whole model cannot reach is the same fraction of its convertible
 convs' FLOPs (``bench_calibration._whole_target``).
 
