@@ -93,6 +93,7 @@ def _rebatch(batches: list, size: int, order_seed: int | None = None) -> list:
 
 
 def _batch_size(batches: list) -> int:
+    """The size of the first of ``batches`` (tensors, or tuples whose first item is the inputs)."""
     first = batches[0]
     return len(first[0] if isinstance(first, tuple) else first)
 

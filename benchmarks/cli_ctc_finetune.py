@@ -10,9 +10,9 @@ evaluation images with their strings as CTC targets, then runs, as a user would:
 and reads the written model back to measure its word accuracy (``second_model.evaluate``: greedy CTC, lower-cased,
 the benchmark's metric). The report's "sequence accuracy (greedy CTC)" is the exact match of class indices, so
 it counts a word decoded in the other case as wrong. Every fine-tuning setting is the CLI's default (one epoch,
-batch ``separify.cli._options.FINETUNE_BATCH``, learning rate from the range test, temperature from the original's outputs) unless
-``--finetune-batch-size`` is given. A target the whole model cannot reach is the same fraction of its convertible
-convs' FLOPs (``bench_calibration._whole_target``).
+batch ``separify.cli._options.FINETUNE_BATCH``, learning rate from the range test, temperature from the original's
+outputs) unless ``--finetune-batch-size`` is given. A target the whole model cannot reach is the same fraction of
+its convertible convs' FLOPs (``bench_calibration._whole_target``).
 
 Usage: ``python benchmarks/cli_ctc_finetune.py [--targets 0.5,0.25] [--finetune-batch-size B] [--out FILE]``
 """
