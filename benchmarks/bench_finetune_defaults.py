@@ -28,8 +28,8 @@ set apart from both the fine-tuning data and the reported evaluation set (``eval
 * embedded FashionResNet: calibration on 256 training images; fine-tuning on 10,000 labeled training images, batch
   128 (79 steps); top-1 on the 1,000 held-out test images; validation: the next 1,000 training images.
 
-``--batch 16`` re-batches either network's fine-tuning data to the command line's default batch size
-(``--finetune-batch-size``).
+``--batch 32`` re-batches the embedded model's fine-tuning data to the command line's default batch size
+(``--finetune-batch-size``; the OCR data is in batches of 32 already).
 
 A target the whole OCR model cannot reach is replaced by the same fraction of its convertible convs' FLOPs (as in
 ``bench_calibration.py``). Times are wall-clock on this machine with nothing else running.
