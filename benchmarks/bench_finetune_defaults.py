@@ -80,22 +80,17 @@ def _setup(name: str, labels: bool = False, pseudo: bool = False) -> dict:
     return setup
 
 
-def _rebatch(batches: list, size: int, order_seed: int | None = None) -> list:
-    """The same samples (and labels) in batches of ``size``: in the same order, or shuffled by a generator seeded
-    with ``order_seed``."""
+def _rebatch(batches: list, size: int | None, order_seed: int | None = None) -> list:
+    """The same samples (and labels) in batches of ``size`` (``None``: the size of the first batch): in the same
+    order, or shuffled by a generator seeded with ``order_seed``."""
     parts = [b if isinstance(b, tuple) else (b,) for b in batches]
+    size = size or len(parts[0][0])
     cols = [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
     if order_seed is not None:
         order = torch.randperm(len(cols[0]), generator=torch.Generator().manual_seed(order_seed))
         cols = [c[order] for c in cols]
     out = [tuple(c[k:k + size] for c in cols) for k in range(0, len(cols[0]), size)]
     return [b if len(b) > 1 else b[0] for b in out]
-
-
-def _batch_size(batches: list) -> int:
-    """The size of the first of ``batches`` (tensors, or tuples whose first item is the inputs)."""
-    first = batches[0]
-    return len(first[0] if isinstance(first, tuple) else first)
 
 
 OLD_DEFAULTS = dict(lr=1e-4, temperature=4.0, warmup=0.0, hard=0.0)
@@ -155,7 +150,7 @@ def main() -> None:
     for name in args.models.split(","):
         setup = _setup(name, args.labels, args.pseudo_labels)
         if args.batch or args.order_seed is not None:
-            setup["tune"] = _rebatch(setup["tune"], args.batch or _batch_size(setup["tune"]), args.order_seed)
+            setup["tune"] = _rebatch(setup["tune"], args.batch, args.order_seed)
         lines += ["", f"### {setup['name']}", "", f"Original: **{setup['evaluate'](setup['model']):.3f}**.", "",
                   "| target | form | FLOPs after / before | calibrated (convert s) | lr | temperature | "
                   "kept step of 1 epoch | + fine-tune, 1 epoch (s) |", "|---|---|---|---|---|---|---|---|"]
