@@ -134,9 +134,10 @@ def main() -> None:
     ap.add_argument("--order-seed", type=int, default=None,
                     help="shuffle the fine-tuning samples with this seed before batching (another draw of the data's "
                          "order, to see the spread of one epoch)")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune_defaults_2026-12-06.md"))
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     lines = [f"Command: `python benchmarks/bench_finetune_defaults.py --models {args.models} --targets "
              f"{args.targets} --method {args.method}{' --old-defaults' if args.old_defaults else ''}"
              f"{' --guard-metric' if args.guard_metric else ''}{' --labels' if args.labels else ''}"

@@ -21,6 +21,15 @@ def cp_sweeps(monkeypatch) -> list:
     return seen
 
 
+@pytest.fixture
+def few_held_samples(monkeypatch) -> None:
+    """Fine-tuning's first batches hold 8 samples instead of 256 (but still at least 4 batches): the tests of what
+    the held-out batches do run on small data."""
+    import separify.tuning.finetune as ft
+
+    monkeypatch.setattr(ft, "HELD_SAMPLES", 8)
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "default_objective: run with the library's default objective (latency, "
                                        "timing on the target) instead of the FLOPs objective the other tests use")

@@ -308,7 +308,7 @@ def test_bad_calibration_files(files, tmp_path):
     assert not out.exists()
 
 
-def test_finetune_from_the_command_line(files, tmp_path):
+def test_finetune_from_the_command_line(files, tmp_path, few_held_samples):
     import numpy as np
 
     from separify.io.embedded import load_eval_data

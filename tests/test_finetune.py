@@ -138,6 +138,7 @@ def test_default_guard_keeps_the_end_unless_it_agrees_less_than_the_start():
     assert off.kept_step is None and off.scores == []
 
 
+@pytest.mark.usefixtures("few_held_samples")
 def test_default_guard_scores_labelled_batches_by_the_loss_on_their_labels():
     """Where the check's batches carry labels, the score is minus the mean loss on those labels: a run that learns
     labels the teacher never gives ends agreeing far less with the teacher, and is kept, because the loss on the
@@ -208,9 +209,11 @@ def test_sequence_accuracy_compares_greedy_decodings_with_padded_targets():
         sequence_accuracy(model, logits, targets[:, 0])
 
 
+@pytest.mark.usefixtures("few_held_samples")
 def test_default_guard_scores_batches_that_training_never_sees(tmp_path):
-    """With enough data (20 batches or more) the default check's first four batches are held out of training at
-    every epoch, also when the run resumes; with ``evaluate=``, ``validation=`` or less data nothing is held out."""
+    """With enough data (five times the first batches or more) the default check's first batches (here four of 2
+    samples) are held out of training at every epoch, also when the run resumes; with ``evaluate=``,
+    ``validation=`` or less data nothing is held out."""
     teacher = _teacher(dropout=0.0)
     data = _data(20, batch=2, labels=False)
     index = {x.data_ptr(): i for i, x in enumerate(data)}  # training runs on these very tensors (same device)
@@ -246,6 +249,7 @@ def test_default_guard_scores_batches_that_training_never_sees(tmp_path):
     assert few.held_out == 0 and few.steps == 19
 
 
+@pytest.mark.usefixtures("few_held_samples")
 def test_held_out_batches_are_those_a_shuffling_loader_yields_first():
     """A shuffling DataLoader: the check scores the first four batches of training's first epoch (torch seeded as
     training seeds it), so no sample it scores is trained on in that epoch."""
@@ -269,6 +273,18 @@ def test_held_out_batches_are_those_a_shuffling_loader_yields_first():
     assert checked == scored and trained == set(range(40)) - scored
 
 
+@pytest.mark.parametrize("batch, held", [(16, 16), (32, 8), (128, 4)], ids=["batch-16", "batch-32", "batch-128"])
+def test_the_check_holds_out_a_fixed_number_of_samples(batch, held):
+    """The default check's first batches hold at least 256 samples and 4 batches, whatever the batch size, so that a
+    smaller batch does not make its scores noisier; training skips them."""
+    teacher = _teacher(dropout=0.0)
+    data = [x for x in (torch.randn(batch, 3, 4, 4) for _ in range(5 * held))]
+    res = finetune(_student(teacher), teacher, data, epochs=1, lr=1e-3, temperature=1.0, hard=0.0)
+    assert res.held_out == held and res.steps == 4 * held
+    assert finetune(_student(teacher), teacher, data[:-1], steps=1, lr=1e-3).held_out == 0  # too few to hold out
+
+
+@pytest.mark.usefixtures("few_held_samples")
 def test_a_checkpoint_keeps_the_held_out_count_it_was_saved_with(tmp_path):
     """Resuming adopts the checkpoint's count (0 for a checkpoint without one), so the run's length and the
     batches it skips do not change under it."""

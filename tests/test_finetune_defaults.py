@@ -120,16 +120,58 @@ def test_held_out_range_test_bounds_and_non_finite_losses():
     assert defaults.lr_from_held_out([1e-9, 1e-9], 0.0, steps) == defaults.LR_BOUNDS[0]  # at the teacher: clipped
 
 
+def test_held_out_range_test_picks_the_rate_of_the_best_agreement_before_harm():
+    """With the held-out agreement with the teacher: the rate of the first update at which it was highest, among
+    the updates before training hurt; harm is the loss rising or the agreement falling 0.02 below its start, two
+    updates in a row, whichever comes first. A student that never agrees more than at the start gets the lowest
+    rate."""
+    steps, start, agree0 = 30, 2.0, 0.80
+    lrs = [defaults.range_lr(i, steps) for i in range(steps)]
+    loss = [start * (0.9 if i < 20 else 2.0) for i in range(steps)]  # hurts from update 20
+    agreement = [agree0 + 0.004 * min(i, 12) for i in range(steps)]  # rises to update 12, then flat
+    agreement[16] = agree0 + 0.1  # the best, before any harm
+    assert defaults.harmed(loss, start, agreement, agree0) == 20
+    assert defaults.lr_from_held_out(loss, start, steps, agreement, agree0) == pytest.approx(lrs[16])
+    falling = agreement[:15] + [agree0 - 0.05] * (steps - 15)  # falls from update 15, before the loss hurts
+    assert defaults.falls(falling, agree0) == 15 and defaults.harmed(loss, start, falling, agree0) == 15
+    assert defaults.lr_from_held_out(loss, start, steps, falling, agree0) == pytest.approx(lrs[12])
+    one_dip = list(agreement)
+    one_dip[5] = agree0 - 0.05  # one value below the bar alone is noise
+    assert defaults.falls(one_dip, agree0) is None
+    flat = [agree0] * steps  # no update ever agrees more than the start: the lowest rate
+    assert defaults.lr_from_held_out(loss, start, steps, flat, agree0) == defaults.LR_BOUNDS[0]
+
+
+def test_range_test_agreement_compares_whole_decodings():
+    """The range test's agreement counts a sample where the student's pseudo labels (a CTC decoding) equal the
+    teacher's, made of both at once so that decodings of different lengths are padded alike; without pseudo labels,
+    where its largest class is the teacher's at every position."""
+    from separify.tuning.ctc import ctc_greedy_targets
+    from separify.tuning.finetune import _Objective, _same_decisions
+
+    def logits(*paths):  # (B, T, 4): one-hot paths of classes, 0 the blank
+        return torch.nn.functional.one_hot(torch.tensor(paths), 4).float()
+
+    teacher = logits([1, 1, 0, 2], [3, 0, 0, 0], [1, 2, 3, 1])
+    student = logits([1, 0, 2, 2], [3, 3, 0, 0], [1, 2, 3, 0])  # the same words, but the third; other alignments
+    objective = _Objective(1.0, 0.5, None, None, True, 0.0, pseudo_labels=ctc_greedy_targets)
+    assert _same_decisions(student, teacher, objective).tolist() == [True, True, False]
+    per_step = _Objective(1.0, 0.5, None, None, True, 0.0)
+    assert _same_decisions(student, teacher, per_step).tolist() == [False, False, False]
+    assert _same_decisions(teacher, teacher, per_step).tolist() == [True, True, True]
+
+
 def _recording_inputs(model: torch.nn.Module, seen: list[int]) -> None:
     """Record the storage of every input ``model`` (and any deep copy of it) trains on."""
     model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].data_ptr()) if torch.is_grad_enabled()
                                     else None)
 
 
+@pytest.mark.usefixtures("few_held_samples")
 @pytest.mark.parametrize("held_out", [True, False], ids=["batches-held-out", "none-held-out"])
 def test_the_range_test_scores_the_held_out_batches(monkeypatch, held_out):
-    """With batches held out (the default check on data of 20 batches or more), the range test scores the loss on
-    them after each of its steps, and neither it nor the run trains on them; without, it reads the training losses.
+    """With batches held out (the default check on data of five times its first batches or more), the range test
+    scores the loss on them after each of its steps, and neither it nor the run trains on them; without, it reads the training losses.
     A student that is its teacher can only get worse: the lowest rate."""
     import copy
 

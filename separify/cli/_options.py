@@ -33,8 +33,7 @@ _TUNE = inspect.signature(_finetune).parameters
 FINETUNE_LR, FINETUNE_TEMPERATURE = _TUNE["lr"].default, _TUNE["temperature"].default
 FINETUNE_EPOCHS = 1  # with --finetune and neither --epochs nor --steps
 FINETUNE_BATCH = 32  # one epoch at 32 did better than at 64 on both benchmark networks; 16 was no better on average
-# (its 4 held-out batches are half the words, and the range test then chose a 6× lower rate in one draw;
-# benchmarks/RESULTS.md)
+# (benchmarks/RESULTS.md)
 DATA_LIMIT = 1000
 MIN_TIME = 0.5
 COMPARE_FLOPS = "0.75,0.5,0.25"

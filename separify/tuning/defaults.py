@@ -12,19 +12,22 @@ probability on average, so the soft targets stay close to the teacher's decision
 
 **Learning rate.** The range test of Smith (2017) (run by :func:`separify.finetune`): from a copy of the student,
 one step per batch with the learning rate rising geometrically from :data:`RANGE_LOW` to :data:`RANGE_HIGH`. Where
-the run holds batches out (its default check, or ``validation=``), the test scores the loss on a few of them after
-every step, the same batches each time, and stops where training starts to hurt (:func:`hurts`): that loss above
-:data:`HURT` times its value before the test, two steps in a row. The chosen rate (:func:`lr_from_held_out`) is a
-tenth of the first rate that hurt, within :data:`LR_BOUNDS`. The training losses of the test's batches cannot show
-this: each is a new batch, and on the OCR benchmark they vary 4× between batches at rates far too small to change
-anything, while the held-out loss moves smoothly (under 1% per step at those rates). How far a student is from its
-teacher sets the rate: at whole-model FLOPs 0.5 (0.936 word accuracy) the held-out loss fell to 0.70 of its start
-at 3e-4 and hurt from 2.5e-3 on (2.5e-4 chosen); at conv FLOPs 0.25 (0.976) it fell to 0.80 at 3e-5 and hurt from
-2.1e-4 (2.1e-5 chosen); the teacher itself only gets worse (1e-5, the lower bound). One epoch at conv FLOPs 0.25
-with the strings as labels gave 0.984 at a fixed 2e-5, 0.970 at 5e-5 and 0.962 at 8.5e-5 (the training-loss rule's
-choice in that run; benchmarks/RESULTS.md). By distillation alone at whole-model FLOPs 0.5, though, the chosen
-2.5e-4 gave 0.940 where the training-loss rule's 4.2e-4–1.3e-3 had given 0.964–0.970: without labels that student
-wants a larger rate than the held-out loss shows.
+the run holds batches out (its default check, or ``validation=``), the test scores the student on at least 256 of
+their samples after every step, the same ones each time: the distillation loss, and the agreement with the teacher
+(the fraction of samples it decides as the teacher does: the same pseudo labels where the run makes them, such as a
+whole decoded CTC sequence, else the same largest class at every position). Training hurts (:func:`harmed`) where
+the loss stays above :data:`HURT` times its value before the test (:func:`hurts`) or the agreement more than
+:data:`FALL` below its own (:func:`falls`), two steps in a row; the test stops there. The chosen rate
+(:func:`lr_from_held_out`) is that of the step before any harm at which the agreement was highest, the lowest rate
+where it never rose above its start (a student that decides as its teacher has nothing to gain from a large one),
+within :data:`LR_BOUNDS`. The agreement is what the loss does not show: on the OCR benchmark network the held-out
+distillation loss fell to 0.80–0.90 of its start at similar rates (3e-5 to 2.3e-4) for a student 5.4 points from
+its teacher (whole-model FLOPs 0.5) and one 1.4 points from it (0.25 of the conv FLOPs), whose best rates for one
+epoch differ tenfold (about 1.5e-4–4e-4 against 1e-5–2e-5), and a tenth of the rate where it first hurt swung 7×
+with the order of the data (2.1e-5 to 1.6e-4 for the same student); the rate of the best agreement was 6.1e-5 to
+1.4e-4 for the first and 1e-5 to 1.8e-5 for the second, in three orders each (benchmarks/RESULTS.md). The training
+losses of the test's batches cannot show either: each is a new batch's, and on the OCR benchmark they vary 4× between
+batches at rates far too small to change anything.
 
 Without held-out batches the test reads the training losses and stops where they diverge (:func:`diverged`): a
 batch's loss exceeds :data:`DIVERGED` times the lowest smoothed loss so far, or the smoothed loss itself exceeds
@@ -54,9 +57,9 @@ import torch
 
 from separify.config import class_axis
 
-__all__ = ["DIVERGED", "DIVERGED_SMOOTH", "HARD", "HURT", "LR_BOUNDS", "RANGE_HIGH", "RANGE_LOW", "TEMPERATURES",
-           "TOP_MASS", "WARMUP", "choose_hard", "choose_temperature", "diverged", "hurts", "lr_from_held_out",
-           "lr_from_losses", "range_lr", "range_steps", "schedule"]
+__all__ = ["DIVERGED", "DIVERGED_SMOOTH", "FALL", "HARD", "HURT", "LR_BOUNDS", "RANGE_HIGH", "RANGE_LOW",
+           "TEMPERATURES", "TOP_MASS", "WARMUP", "choose_hard", "choose_temperature", "diverged", "falls", "harmed",
+           "hurts", "lr_from_held_out", "lr_from_losses", "range_lr", "range_steps", "schedule"]
 
 TEMPERATURES = (4.0, 2.0, 1.0)  # candidates, highest first (Hinton et al. use 1–20; 4 is the common default)
 TOP_MASS = 0.9  # the tempered teacher's mean top-class probability must stay at least this
@@ -65,6 +68,7 @@ DIVERGED = 4.0  # the range test stops where a loss exceeds this times the lowes
 DIVERGED_SMOOTH = 2.0  # ... or where the smoothed loss exceeds this times its lowest (from step _SMOOTH_FROM on),
 # twice in a row
 HURT = 1.05  # the range test's held-out loss above this times its start, twice in a row: the rate hurts
+FALL = 0.02  # ... or its held-out agreement with the teacher this far below its start, twice in a row
 LR_BOUNDS = (1e-5, 1e-2)  # the chosen learning rate is clipped to these
 WARMUP = 0.05  # fraction of the steps of linear warm-up
 HARD = 0.5  # weight of the cross-entropy against the teacher's decisions in the distillation term
@@ -171,13 +175,38 @@ def hurts(held: Sequence[float], start: float) -> int | None:
     return None
 
 
-def lr_from_held_out(held: Sequence[float], start: float, steps: int) -> float:
+def falls(agreement: Sequence[float], start: float) -> int | None:
+    """The index of the first update after which the held-out agreement with the teacher ``agreement[i]`` (measured
+    after update ``i``) is more than :data:`FALL` below its ``start`` two updates in a row (``None``: none is)."""
+    for i in range(1, len(agreement)):
+        if max(agreement[i], agreement[i - 1]) < start - FALL:
+            return i - 1
+    return None
+
+
+def harmed(held: Sequence[float], start: float, agreement: Sequence[float], start_agreement: float) -> int | None:
+    """The first update after which training hurt: the held-out loss rose (:func:`hurts`) or the agreement fell
+    (:func:`falls`), whichever came first (``None``: neither)."""
+    found = [i for i in (hurts(held, start), falls(agreement, start_agreement)) if i is not None]
+    return min(found) if found else None
+
+
+def lr_from_held_out(held: Sequence[float], start: float, steps: int, agreement: Sequence[float] = (),
+                     start_agreement: float = math.nan) -> float:
     """The chosen learning rate (module docstring) from the held-out losses ``held`` of a range test of ``steps``
-    steps (``held[i]`` after its update at :func:`range_lr` ``(i)``) and the loss ``start`` before them: a tenth of
-    the rate of the first update that hurt (:func:`hurts`; the last update where none did), within
+    steps (``held[i]`` after its update at :func:`range_lr` ``(i)``), the loss ``start`` before them, and the
+    held-out agreement with the teacher after each update and before them: the rate of the first update before any
+    harm (:func:`harmed`) at which the agreement was highest, or the lowest rate where it never rose above its start;
+    without agreements, a tenth of the rate of the first update that hurt (the last update where none did). Within
     :data:`LR_BOUNDS`."""
-    at = hurts(held, start)
-    lr = range_lr((at if at is not None else len(held) - 1), steps) / 10
+    if agreement:
+        at = harmed(held, start, agreement, start_agreement)
+        before = list(agreement[: at if at is not None else len(agreement)])
+        best = max(before, default=-math.inf)
+        lr = range_lr(before.index(best), steps) if best > start_agreement else 0.0
+    else:
+        at = hurts(held, start)
+        lr = range_lr((at if at is not None else len(held) - 1), steps) / 10
     return min(max(lr, LR_BOUNDS[0]), LR_BOUNDS[1])
 
 

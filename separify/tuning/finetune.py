@@ -19,12 +19,13 @@ The distillation term puts weight ``hard`` on the teacher's decisions, ``CE(s, a
 confident. The run ends with the better-scoring of the states it checks (``keep_best``), so that it never leaves
 the student worse than it came in by that score: with ``evaluate(student)`` (a metric on held-out data, higher is
 better, called in eval mode without gradients) the best of the start and :data:`CHECKS` states during the run;
-without it, the start or the end, on ``validation`` or else on the first :data:`VALIDATION_BATCHES` batches of the
-data, which training then skips where the data has enough (:func:`_held_out`), so that the check does not score
-the student on batches it was trained on (a reshuffling ``DataLoader`` shows them to later epochs). Where those
-batches carry labels the run uses, the score is the loss on the labels (lower is better); else it is the fraction
-of samples on which the student's largest class is the teacher's at every position (a noisy proxy of accuracy,
-so it is asked only that, and one that counts every sample on which the student corrects the teacher against it).
+without it, the start or the end, on ``validation`` or else on the first batches of the data (at least
+:data:`HELD_SAMPLES` samples and :data:`VALIDATION_BATCHES` batches), which training then skips where the data has
+enough (:func:`_held_out`), so that the check does not score the student on batches it was trained on (a
+reshuffling ``DataLoader`` shows them to later epochs). Where those batches carry labels the run uses, the score
+is the loss on the labels (lower is better); else it is the fraction of samples on which the student's largest
+class is the teacher's at every position (a noisy proxy of accuracy, so it is asked only that, and one that counts
+every sample on which the student corrects the teacher against it).
 
 :func:`finetune` runs AdamW with a linear warm-up and a cosine decay of the learning rate. Left unset, the learning
 rate comes from a short range test on a copy of the student, and the temperature from the teacher's outputs on the
@@ -64,9 +65,11 @@ from separify.tuning import defaults
 __all__ = ["distillation_loss", "feature_loss", "finetune", "FinetuneResult"]
 
 CHECKPOINT_FORMAT = "separify-finetune-1"
-VALIDATION_BATCHES = 4  # first batches of the data: the teacher's outputs on them choose the temperature and the
-# hard weight, and by default the student is checked on them (held out of training)
-HOLD_MIN_BATCHES = 5 * VALIDATION_BATCHES  # data with fewer batches is too small to hold any out
+VALIDATION_BATCHES = 4  # the first batches of the data hold at least this many batches and HELD_SAMPLES samples:
+HELD_SAMPLES = 256  # the teacher's outputs on them choose the temperature and the hard weight, and by default the
+# range test and the check score the student on them (held out of training): a fixed number of samples, so that
+# the scores are not noisier at a smaller batch size
+HOLD_MIN_FACTOR = 5  # data of fewer than this many times the first batches is too small to hold them out
 CHECKS = 10  # checks of evaluate= in a run, besides the one at the start (the default check: the start and the end)
 
 LabelLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student logits, labels) → scalar loss
@@ -302,20 +305,22 @@ def _length(data: Iterable) -> int | None:
         return None
 
 
-def _held_out(data: Iterable, keep_best: bool, evaluate: Any, validation: Any, saved: dict | None = None) -> int:
-    """How many batches at the start of each epoch training skips: the default check's :data:`VALIDATION_BATCHES`
-    (keep_best without ``evaluate`` or ``validation``), where the data has at least :data:`HOLD_MIN_BATCHES`
-    batches or no length (a stream; one of fewer than 5 batches is then refused when training reaches its end);
-    else 0, and the check scores batches the student also trains on. A run resuming from the checkpoint state
-    ``saved`` keeps the count it was saved with (0 for checkpoints that predate it). A ``DataLoader`` that reshuffles
-    at every epoch shows the held-out samples to the later epochs (and ``steps`` that cycle the data, to the later
-    passes): give ``validation=`` for a set held out of all of them."""
+def _held_out(data: Iterable, first: _FirstBatches, keep_best: bool, evaluate: Any, validation: Any,
+              saved: dict | None = None) -> int:
+    """How many batches at the start of each epoch training skips: the default check's ``first`` batches (at least
+    :data:`VALIDATION_BATCHES` batches and :data:`HELD_SAMPLES` samples; keep_best without ``evaluate`` or
+    ``validation``), where the data has at least :data:`HOLD_MIN_FACTOR` times as many batches or no length (a
+    stream; one with no more batches than these is then refused when training reaches its end); else 0, and the
+    check scores batches the student also trains on. A run resuming from the checkpoint state ``saved`` keeps the
+    count it was saved with (0 for checkpoints that predate it). A ``DataLoader`` that reshuffles at every epoch
+    shows the held-out samples to the later epochs (and ``steps`` that cycle the data, to the later passes): give
+    ``validation=`` for a set held out of all of them."""
     if saved is not None:
         return int(saved.get("hold", 0))
     if not keep_best or evaluate is not None or validation is not None:
         return 0
-    size = _length(data)
-    return VALIDATION_BATCHES if size is None or size >= HOLD_MIN_BATCHES else 0
+    size, hold = _length(data), len(first.batches)
+    return hold if size is None or size >= HOLD_MIN_FACTOR * hold else 0
 
 
 @dataclass(frozen=True)
@@ -589,18 +594,18 @@ def finetune(
         keep_best, validation, evaluate: end with the better-scoring state (module docstring): by ``evaluate(student)``
             (higher is better) the best of :data:`CHECKS` + 1 states, else the start or the end by the loss on the
             labels of ``validation`` (batches; default: the first batches of ``data``, held out of training where it
-            has enough, :func:`_held_out`; ``epochs=1`` then trains ``len(data) − 4``), or by the agreement.
+            has enough, :func:`_held_out`; ``epochs=1`` then trains on the rest), or by the agreement.
     """
     device = torch.device(device) if device is not None else next(student.parameters()).device
     state = _load_checkpoint(checkpoint, device)
-    hold = _held_out(data, keep_best, evaluate, validation, state)
-    total = _total_steps(steps, epochs, data, hold)
+    _total_steps(steps, epochs, data)  # refuses bad lengths before any data is read
     student.to(device), teacher.to(device)
+    first, held, hold = _reference_batches(teacher, data, validation, device, seed, keep_best, evaluate, state)
+    total = _total_steps(steps, epochs, data, hold)
     _check_weights(feature_weight, warmup, hard)
     kw = dict(zip(("rank", "world"), _dist()), device=device, amp=(device.type == "cuda") if amp is None else amp,
               weight_decay=weight_decay, seed=seed, train_bn=train_bn)
     objective = _Objective(temperature, alpha, class_dim, label_loss, use_labels, feature_weight, hard, pseudo_labels)
-    first, held = _reference_batches(teacher, data, validation, hold, device, seed)
     guard = _guard(held or first, total, evaluate, objective) if keep_best else None
     with _trained_parameters(student, train):
         lr, objective, chosen = _settings(student, first, total, lr, state or {}, progress, objective, kw, held, hold)
@@ -629,15 +634,17 @@ def _run(run: _Trainer, data: Iterable, checkpoint: str | os.PathLike | None, st
         run.student.train(was_training)
 
 
-def _reference_batches(teacher: nn.Module, data: Iterable, validation: Iterable | None, hold: int,
-                       device: torch.device, seed: int) -> tuple[_FirstBatches, _FirstBatches | None]:
-    """The first batches of ``data`` (read once, by the settings and the guard), and the batches no step trains on
-    (for the range test and the check): ``validation``, else those first batches where the run holds ``hold`` of
-    them out, else none."""
+def _reference_batches(teacher: nn.Module, data: Iterable, validation: Iterable | None, device: torch.device,
+                       seed: int, keep_best: bool, evaluate: Any,
+                       saved: dict | None) -> tuple[_FirstBatches, _FirstBatches | None, int]:
+    """The first batches of ``data`` (read once, when first asked for, by the settings and the guard), the batches
+    no step trains on (for the range test and the check: ``validation``, else those first batches where the run
+    holds them out, else ``None``), and how many batches of each epoch it holds out (:func:`_held_out`)."""
     first = _FirstBatches(teacher, data, device, seed=seed)
+    hold = _held_out(data, first, keep_best, evaluate, validation, saved)
     if validation is not None:
-        return first, _FirstBatches(teacher, validation, device, None, "validation")
-    return first, first if hold else None
+        return first, _FirstBatches(teacher, validation, device, True, "validation"), hold
+    return first, first if hold else None, hold
 
 
 def _guard(batches: _FirstBatches, total: int, evaluate: Callable[[nn.Module], float] | None,
@@ -755,14 +762,15 @@ def _load_checkpoint(checkpoint: str | os.PathLike | None, device: torch.device)
 
 
 class _FirstBatches:
-    """The inputs of the first ``count`` batches of ``data`` (``None``: all of them) on ``device``, and the teacher's
-    logits for them (the same on every process), each read once and only when first asked for. With ``seed``, read
-    with torch seeded by it, as training's first epoch reads them (a ``DataLoader`` that shuffles with torch's random
-    state then yields the same first batches), without changing torch's random state."""
+    """The inputs of the first batches of ``data`` on ``device`` (``every``: all of them; else as many as hold at
+    least :data:`VALIDATION_BATCHES` batches and :data:`HELD_SAMPLES` samples), and the teacher's logits for them
+    (the same on every process), each read once and only when first asked for. With ``seed``, read with torch seeded
+    by it, as training's first epoch reads them (a ``DataLoader`` that shuffles with torch's random state then
+    yields the same first batches), without changing torch's random state."""
 
-    def __init__(self, teacher: nn.Module, data: Iterable, device: torch.device,
-                 count: int | None = VALIDATION_BATCHES, what: str = "fine-tuning", seed: int | None = None) -> None:
-        self.teacher, self.data, self.device, self.count, self.what = teacher, data, device, count, what
+    def __init__(self, teacher: nn.Module, data: Iterable, device: torch.device, every: bool = False,
+                 what: str = "fine-tuning", seed: int | None = None) -> None:
+        self.teacher, self.data, self.device, self.every, self.what = teacher, data, device, every, what
         self.seed = seed
 
     @functools.cached_property
@@ -775,7 +783,7 @@ class _FirstBatches:
             for batch in self.data:
                 x, y = _split(batch)
                 out.append((x.to(self.device), y.to(self.device) if isinstance(y, torch.Tensor) else y))
-                if len(out) == self.count:
+                if not self.every and _enough([len(b) for b, _ in out]):
                     break
         if not out:
             raise SeparifyError(f"the {self.what} data is empty")
@@ -789,6 +797,17 @@ class _FirstBatches:
     def logits(self) -> list[torch.Tensor]:
         with torch.no_grad(), frozen_mode(self.teacher):
             return [self.teacher(x) for x in self.inputs]
+
+
+def _enough(sizes: Sequence[int]) -> bool:
+    """Whether batches of sizes ``sizes`` are at least :data:`VALIDATION_BATCHES` batches and :data:`HELD_SAMPLES`
+    samples."""
+    return len(sizes) >= VALIDATION_BATCHES and sum(sizes) >= HELD_SAMPLES
+
+
+def _leading(sizes: Sequence[int]) -> int:
+    """How many of the leading batches of sizes ``sizes`` are :func:`_enough` (all where none are)."""
+    return next((n for n in range(1, len(sizes) + 1) if _enough(sizes[:n])), len(sizes))
 
 
 class _Diverged(Exception):
@@ -806,14 +825,16 @@ def _range_test(student: nn.Module, teacher: nn.Module, objective: _Objective, d
     torch.manual_seed(kw["seed"])
     probe = _Trainer(copy.deepcopy(student), teacher, objective, total=steps, lr=1.0, checkpoint_every=steps + 1,
                      callback=None, schedule=lambda s: defaults.range_lr(s, steps), hold=hold, **kw)
-    reference = _labelled(held, objective, VALIDATION_BATCHES) if held is not None else []
-    start = _held_loss(probe.student, objective, reference) if reference else math.nan
+    reference = _labelled(held, objective, _leading([len(x) for x in held.inputs])) if held is not None else []
+    start, start_agreement = _held_scores(probe.student, objective, reference) if reference else (math.nan, math.nan)
     losses: list[float] = []  # on the held batches, after each step
+    agreement: list[float] = []  # ... and the fraction of their samples the student decides as the teacher does
 
     def stop_if_diverged(_step: int, _loss: float) -> None:
         if reference:
-            losses.append(_held_loss(probe.student, objective, reference))
-            stop = defaults.hurts(losses, start) is not None
+            loss, agree = _held_scores(probe.student, objective, reference)
+            losses.append(loss), agreement.append(agree)
+            stop = defaults.harmed(losses, start, agreement, start_agreement) is not None
         else:
             stop = defaults.diverged(probe.result.losses)
         if stop:
@@ -829,7 +850,7 @@ def _range_test(student: nn.Module, teacher: nn.Module, objective: _Objective, d
     finally:
         probe.close()
     if losses:  # there are held-out losses only after a finite first step
-        lr = defaults.lr_from_held_out(losses, start, steps)
+        lr = defaults.lr_from_held_out(losses, start, steps, agreement, start_agreement)
     else:  # no held batches, or not even the first step's loss was finite (then None)
         lr = defaults.lr_from_losses(probe.result.losses, steps)
     if lr is None:
@@ -842,11 +863,30 @@ def _range_test(student: nn.Module, teacher: nn.Module, objective: _Objective, d
     return lr
 
 
-def _held_loss(student: nn.Module, objective: _Objective,
-               batches: Sequence[tuple[torch.Tensor, Any, torch.Tensor]]) -> float:
-    """The mean distillation loss of ``student`` (eval mode, no gradients) on ``batches`` (:func:`_labelled`)."""
+def _held_scores(student: nn.Module, objective: _Objective,
+                 batches: Sequence[tuple[torch.Tensor, Any, torch.Tensor]]) -> tuple[float, float]:
+    """The mean distillation loss of ``student`` (eval mode, no gradients) on ``batches`` (:func:`_labelled`), and
+    the fraction of their samples on which it decides as the teacher does (:func:`_same_decisions`)."""
+    loss = agree = samples = 0
     with torch.no_grad(), frozen_mode(student):
-        return _mean_loss(student, batches, objective.distillation)
+        for x, y, t in batches:
+            s = student(x)
+            loss += float(objective.distillation(s, t, y))
+            agree, samples = agree + int(_same_decisions(s, t, objective).sum()), samples + len(t)
+    return loss / max(len(batches), 1), agree / max(samples, 1)
+
+
+def _same_decisions(s_logits: torch.Tensor, t_logits: torch.Tensor, objective: _Objective) -> torch.Tensor:
+    """``(B,)``: whether the student decides each sample as the teacher does: the same pseudo labels where the run
+    makes them (a whole decoded sequence, for :func:`~separify.tuning.ctc.ctc_greedy_targets`; made of both at once,
+    so that they are padded alike), else the same largest class along the class axis at every position."""
+    b = len(t_logits)
+    if objective.pseudo_labels is not None:
+        labels = objective.pseudo_labels(torch.cat([s_logits.detach(), t_logits]))
+        if isinstance(labels, torch.Tensor) and len(labels) == 2 * b:
+            return (labels[:b] == labels[b:]).reshape(b, -1).all(1)
+    axis = class_axis(objective.class_dim, t_logits.dim())
+    return (s_logits.argmax(axis) == t_logits.argmax(axis)).reshape(b, -1).all(1)
 
 
 def _finish(result: FinetuneResult, step: int) -> FinetuneResult:
