@@ -21,13 +21,13 @@ the loss stays above :data:`HURT` times its value before the test (:func:`hurts`
 (:func:`lr_from_held_out`) is that of the step before any harm at which the agreement was highest, the lowest rate
 where it never rose above its start (a student that decides as its teacher has nothing to gain from a large one),
 within :data:`LR_BOUNDS`. The agreement is what the loss does not show: on the OCR benchmark network the held-out
-distillation loss fell to 0.80–0.90 of its start at similar rates (3e-5 to 2.3e-4) for a student 5.4 points from
-its teacher (whole-model FLOPs 0.5) and one 1.4 points from it (0.25 of the conv FLOPs), whose best rates for one
-epoch differ tenfold (about 1.5e-4–4e-4 against 1e-5–2e-5), and a tenth of the rate where it first hurt swung 7×
-with the order of the data (2.1e-5 to 1.6e-4 for the same student); the rate of the best agreement was 6.1e-5 to
-1.4e-4 for the first and 1e-5 to 1.8e-5 for the second, in three orders each (benchmarks/RESULTS.md). The training
-losses of the test's batches cannot show either: each is a new batch's, and on the OCR benchmark they vary 4× between
-batches at rates far too small to change anything.
+distillation loss was lowest at similar rates (3.1e-5 to 2.3e-4, batch 16) for a student 5.4 points from its
+teacher (whole-model FLOPs 0.5) and one 1.4 points from it (0.25 of the conv FLOPs), whose best rates for one epoch
+differ tenfold (about 1.5e-4–4e-4 against 1e-5–2e-5), and a tenth of the rate where it first hurt swung 7× with the
+order of the data (2.1e-5 to 1.6e-4 for the same student); the rate of the best agreement was 6.1e-5 to 1.4e-4 for
+the first and 1e-5 to 1.8e-5 for the second, in three orders each (benchmarks/RESULTS.md). The training losses of
+the test's batches cannot show either: each is a new batch's, and on the OCR benchmark they vary 4× between batches
+at rates far too small to change anything.
 
 Without held-out batches the test reads the training losses and stops where they diverge (:func:`diverged`): a
 batch's loss exceeds :data:`DIVERGED` times the lowest smoothed loss so far, or the smoothed loss itself exceeds
