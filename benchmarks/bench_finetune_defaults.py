@@ -6,7 +6,7 @@ Run from the repository root (``pip install -e '.[bench]'``; Debian's ``dataset-
 
     python benchmarks/bench_finetune_defaults.py [--models ocr,embedded] [--targets 0.5,0.25] [--method pw-dw-pw]
         [--old-defaults] [--guard-metric] [--labels | --pseudo-labels] [--alpha A] [--lr LR] [--batch B]
-        [--order-seed S]
+        [--order-seed S] [--threads 2]
 
 Per network and FLOPs target: ``separify.convert(..., calibration=256 samples)`` then
 ``separify.finetune(converted, original, data, epochs=1)`` with nothing else set (``lr`` and ``temperature`` chosen

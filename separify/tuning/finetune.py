@@ -183,11 +183,17 @@ def _agreement(inputs: Sequence[torch.Tensor], teacher_logits: Sequence[torch.Te
     def score(student: nn.Module) -> float:
         whole = hits = total = 0
         for x, decision in zip(inputs, decisions):
-            same = (student(x).argmax(class_dim) == decision).reshape(len(decision), -1)  # (B, positions)
+            same = _same_classes(student(x), decision, class_dim)  # (B, positions)
             whole, hits, total = whole + int(same.all(1).sum()), hits + int(same.sum()), total + same.numel()
         return whole / samples, hits / max(total, 1)
 
     return score
+
+
+def _same_classes(s_logits: torch.Tensor, decision: torch.Tensor, class_dim: int) -> torch.Tensor:
+    """``(B, positions)``: where the student's largest class along ``class_dim`` is the teacher's ``decision``
+    (the teacher's logits' argmax along that axis)."""
+    return (s_logits.argmax(class_dim) == decision).reshape(len(decision), -1)
 
 
 class _Guard:
@@ -886,7 +892,7 @@ def _same_decisions(s_logits: torch.Tensor, t_logits: torch.Tensor, objective: _
         if isinstance(labels, torch.Tensor) and len(labels) == 2 * b:
             return (labels[:b] == labels[b:]).reshape(b, -1).all(1)
     axis = class_axis(objective.class_dim, t_logits.dim())
-    return (s_logits.argmax(axis) == t_logits.argmax(axis)).reshape(b, -1).all(1)
+    return _same_classes(s_logits, t_logits.argmax(axis), axis).all(1)
 
 
 def _finish(result: FinetuneResult, step: int) -> FinetuneResult:
