@@ -29,8 +29,8 @@ order of the data (2.1e-5 to 1.6e-4 for the same student). Over 256 held-out wor
 the data each, the best agreement beat the start by 0.043 to 0.070 for the first and by 0.008 to 0.020 for the
 second (hence :data:`CLEAR`). For the first it rose steadily with the rate up to 1.4e-4, the last rate before
 the loss hurt, but in one order it peaked early (6.1e-5, 0.875) and stayed within two words of that up to 1.4e-4: the
-first rate of the best agreement would be 6.1e-5 there, too low for one epoch (0.940 word accuracy, against
-0.968 and 0.974 at 1.4e-4); the plateau's end is 1.4e-4 in all three (benchmarks/RESULTS.md). The training losses of
+first rate of the best agreement is 6.1e-5 there, and one epoch at it gave 0.940 word accuracy, against 0.968
+at 1.4e-4, the plateau's end (1.4e-4 in all three orders; benchmarks/RESULTS.md). The training losses of
 the test's batches cannot show either: each is a new batch's, and on the OCR benchmark they vary 4× between batches
 at rates far too small to change anything.
 
@@ -64,7 +64,8 @@ from separify.config import class_axis
 
 __all__ = ["CLEAR", "DIVERGED", "DIVERGED_SMOOTH", "FALL", "HARD", "HURT", "LR_BOUNDS", "NEAR", "RANGE_HIGH",
            "RANGE_LOW", "TEMPERATURES", "TOP_MASS", "WARMUP", "choose_hard", "choose_temperature", "diverged", "falls",
-           "harmed", "hurts", "lr_from_held_out", "lr_from_losses", "plateau_end", "range_lr", "range_steps", "schedule"]
+           "harmed", "hurts", "lr_from_held_out", "lr_from_losses", "plateau_end", "range_lr", "range_steps",
+           "schedule"]
 
 TEMPERATURES = (4.0, 2.0, 1.0)  # candidates, highest first (Hinton et al. use 1–20; 4 is the common default)
 TOP_MASS = 0.9  # the tempered teacher's mean top-class probability must stay at least this
