@@ -99,11 +99,11 @@ def main() -> None:
     write_result(args.out, [f"Command: `python benchmarks/range_test_spread.py {' '.join(sys.argv[1:])}`; "
                             f"{args.threads} threads, CPU ({platform.processor() or platform.machine()}), torch "
                             f"{torch.__version__}.", "",
-                            "| target | batch | data order | held out | lr chosen (agreement) | lr by the loss alone | s |",
-                            "|---|---|---|---|---|---|---|", *rows, "",
-                            "The held-out loss after each step of the range test over its value before the test (the "
-                            "rate of step i: 1e-6 · 1e5^(i / (steps − 1))), and the fraction of held-out words decoded "
-                            "as the original decodes them, before the test and after each step:", "",
+                            "| target | batch | data order | held out | lr chosen (agreement) | lr by the loss alone "
+                            "| s |", "|---|---|---|---|---|---|---|", *rows, "",
+                            "The held-out loss after each step of the range test over its value before the test "
+                            "(the rate of step i: 1e-6 · 1e5^(i / (steps − 1))), and the fraction of held-out words "
+                            "decoded as the original decodes them, before the test and after each step:", "",
                             *[f"- {c}" for c in curves]])
 
 

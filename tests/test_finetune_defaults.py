@@ -184,8 +184,8 @@ def _recording_inputs(model: torch.nn.Module, seen: list[int]) -> None:
 @pytest.mark.parametrize("held_out", [True, False], ids=["batches-held-out", "none-held-out"])
 def test_the_range_test_scores_the_held_out_batches(monkeypatch, held_out):
     """With batches held out (the default check on data of five times its first batches or more), the range test
-    scores the loss on them after each of its steps, and neither it nor the run trains on them; without, it reads the training losses.
-    A student that is its teacher can only get worse: the lowest rate."""
+    scores the loss on them after each of its steps, and neither it nor the run trains on them; without, it reads
+    the training losses. A student that is its teacher can only get worse: the lowest rate."""
     import copy
 
     teacher, data = _teacher(dropout=0.0), _data(n_batches=24, labels=False)
