@@ -6,15 +6,18 @@ model's calibration images, ``fonts-dejavu-core`` for the OCR network's rendered
 
     python benchmarks/bench_calibration.py [--models embedded,ocr] [--targets 0.5,0.25]
 
-For each model, FLOPs target and form (``dw-pw``, ``pw-dw-pw``, ``auto``), four conversions under the FLOPs
+For each model, FLOPs target and form (``dw-pw``, ``pw-dw-pw``, ``auto``), five conversions under the FLOPs
 objective (nothing timed on the target, so the accuracy does not depend on this machine's speed):
 
 * weight-space: ``convert`` without data;
-* calibrated: 256 calibration samples, ``calib_loss_aware=False, calib_steps=0`` (the defaults before issue 21: the
-  allocation by each layer's own predicted output error, ALS and the least-squares refit);
-* loss-aware: the same with the Fisher loss-aware weights (``calib_steps=0``);
-* defaults: loss-aware plus the default layer-wise reconstruction (200 Adam steps on each pw-dw-pw replacement, none
-  on dw-pw, whose ALS fits every factor).
+* calibrated: 256 calibration samples, ``calib_loss_aware=False, calib_steps=0, calib_output_steps=0`` (the
+  defaults before issue 21: the allocation by each layer's own predicted output error, ALS and the least-squares
+  refit);
+* loss-aware: the same with the Fisher loss-aware weights (``calib_steps=0, calib_output_steps=0``);
+* layer reconstruction: loss-aware plus the default layer-wise reconstruction (200 Adam steps on each pw-dw-pw
+  replacement, none on dw-pw, whose ALS fits every factor), ``calib_output_steps=0``;
+* defaults: all of that plus the output reconstruction (100 Adam steps on all replacements together against the
+  original model's outputs).
 
 A target the whole model cannot reach (the OCR network's BiLSTM and linear head carry FLOPs no conv conversion
 removes) is replaced by the same fraction of the convertible convs' FLOPs, and the table says so. Conversion
@@ -69,8 +72,9 @@ def _whole_target(setup: dict, target: float) -> tuple[float, str]:
 def _row(setup: dict, method: str, target: float) -> list[str]:
     model, example, evaluate, data = setup["model"], setup["example"], setup["evaluate"], setup["calib"]
     cells = []
-    for extra in ({}, dict(calibration=data, calib_loss_aware=False, calib_steps=0),
-                  dict(calibration=data, calib_steps=0), dict(calibration=data)):
+    for extra in ({}, dict(calibration=data, calib_loss_aware=False, calib_steps=0, calib_output_steps=0),
+                  dict(calibration=data, calib_steps=0, calib_output_steps=0),
+                  dict(calibration=data, calib_output_steps=0), dict(calibration=data)):
         t0 = time.perf_counter()
         res = separify.convert(model, example_inputs=example, objective="flops", method=method, flops=target,
                                **extra)
@@ -81,7 +85,7 @@ def _row(setup: dict, method: str, target: float) -> list[str]:
     return [reached] + cells
 
 
-def resnet50_times(lines: list[str], samples: int = CALIB) -> None:
+def resnet50_times(lines: list[str], forms: list[str], samples: int = CALIB) -> None:
     """Calibrated conversion time of torchvision ResNet-50 (random weights, 224²) on ``samples`` random images (the
     time does not depend on what they show), each form and ``auto`` at whole-model FLOPs 0.5 with the calibration
     defaults, FLOPs objective (the latency objective adds the timing of candidates, cached after the first run)."""
@@ -91,16 +95,18 @@ def resnet50_times(lines: list[str], samples: int = CALIB) -> None:
     model = torchvision.models.resnet50().eval()
     data = torch.randn(samples, 3, 224, 224)
     lines += ["", f"### torchvision ResNet-50 (random weights), 224², {samples} calibration images", "",
-              "| form | FLOPs after / before | convert s, calibrated (defaults) | of which without data |",
-              "|---|---|---|---|"]
-    for method in FORMS:
+              "| form | FLOPs after / before | convert s, calibrated (defaults) | of which the output reconstruction | "
+              "convert s without data |", "|---|---|---|---|---|"]
+    for method in forms:
         kw = dict(example_inputs=data[:1], objective="flops", method=method, flops=0.5)
         t0 = time.perf_counter()
         separify.convert(model, **kw)
         plain = time.perf_counter() - t0
         t0 = time.perf_counter()
         res = separify.convert(model, calibration=data, **kw)
-        lines.append(f"| {method} | {res.flops_ratio:.3f} | {time.perf_counter() - t0:.1f} | {plain:.1f} |")
+        fit = res.output_fit
+        lines.append(f"| {method} | {res.flops_ratio:.3f} | {time.perf_counter() - t0:.1f} | "
+                     f"{fit.seconds:.1f} ({fit.steps} steps) | {plain:.1f} |")
         print(lines[-1], flush=True)
 
 
@@ -109,7 +115,7 @@ def main() -> None:
     ap.add_argument("--models", default="embedded,ocr", help="embedded, ocr and/or resnet50 (conversion time only)")
     ap.add_argument("--targets", default="0.5,0.25")
     ap.add_argument("--forms", default=",".join(FORMS))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration_2026-12-03.md"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration_2026-12-07.md"))
     args = ap.parse_args()
     torch.set_num_threads(2)
     lines = [f"Command: `python benchmarks/bench_calibration.py --models {args.models} --targets {args.targets} "
@@ -118,13 +124,13 @@ def main() -> None:
              f"{separify.__version__}. Accuracy (conversion seconds), no fine-tuning."]
     for name in args.models.split(","):
         if name == "resnet50":
-            resnet50_times(lines)
+            resnet50_times(lines, args.forms.split(","))
             continue
         setup = _setup(name)
         lines += ["", f"### {setup['name']}", "", f"Original: **{setup['evaluate'](setup['model']):.3f}**. "
                   f"Calibration: {setup['calib_note']}.", "",
                   "| target | form | FLOPs after / before | weight-space | calibrated (before) | + loss-aware | "
-                  "+ reconstruction (defaults) |", "|---|---|---|---|---|---|---|"]
+                  "+ layer reconstruction | + output reconstruction (defaults) |", "|---|---|---|---|---|---|---|---|"]
         for t in (float(t) for t in args.targets.split(",")):
             whole, label = _whole_target(setup, t)
             for method in args.forms.split(","):

@@ -246,6 +246,9 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 #: layer-wise reconstruction steps per replacement by default (``Calibration.steps=None``), where it pays
 RECONSTRUCTION_STEPS = 200
 
+#: default Adam steps of the output reconstruction (:mod:`separify.calibration.output`)
+OUTPUT_STEPS = 100
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -275,14 +278,19 @@ class Calibration:
             all factors of each replacement against the original layer's outputs (layer-wise reconstruction), then
             the least-squares refit. ``None`` (the default): :data:`RECONSTRUCTION_STEPS` for the replacements with a
             factor the ALS does not fit (pw-dw-pw's first 1×1 conv), none for dw-pw (its ALS fits every factor);
-            0 turns it off. Costs ``steps`` forward/backward passes of the layer on a minibatch. PyTorch only (an
-            ONNX conversion refuses an explicit number and skips the default).
+            0 turns it off. Costs ``steps`` forward/backward passes of the layer on a minibatch.
         als: before the refit, up to this many iterations of alternating least squares fitting each replacement's
             depthwise conv and last 1×1 conv jointly to the original layer's outputs (closed-form steps from patch
             statistics on at most 4,096 sampled pixels per layer; 0 turns it off).
         lr: learning rate of the layer-wise reconstruction.
         batch_size: samples per minibatch of the layer-wise reconstruction (fewer where they would hold more than
             :data:`~separify.calibration.reconstruct.MINIBATCH_PIXELS` output pixels).
+        output_steps: after the layer pass, this many Adam steps (learning rate ``output_lr``, minibatches of
+            ``batch_size`` samples, a cosine to 0) on the factors of all replacements together against the original
+            model's outputs (output reconstruction, :mod:`separify.calibration.output`; an eighth of the samples
+            held out to check that it lowered the output error, else undone). Costs ``output_steps`` forward and
+            backward passes of the converted model and forwards of the original on a minibatch; 0 turns it off.
+        output_lr: learning rate of the output reconstruction.
         input_key: which entry of the calibration data's items is the model input, where they are dicts (as a
             ``DataLoader`` over a dict dataset yields); the CLI's ``--calib-key`` names the array of a ``.npz``/``.pt``
             file. ``None``: the only floating-point tensor, or the first of
@@ -308,6 +316,8 @@ class Calibration:
     als: int = 10
     lr: float = 3e-3
     batch_size: int = 8
+    output_steps: int = OUTPUT_STEPS
+    output_lr: float = 6e-4
     input_key: str | None = None
     precision: str = "auto"
 
@@ -325,6 +335,8 @@ class Calibration:
             raise ConfigError(f"calib_batch_size must be a positive integer, got {self.batch_size!r}")
         _check_int(self.als, "calib_als")
         _check_number(self.lr, "calib_lr", positive=True)
+        _check_int(self.output_steps, "calib_output_steps")
+        _check_number(self.output_lr, "calib_output_lr", positive=True)
         if self.loss not in ("fisher", "mse"):
             raise ConfigError(f"calib_loss must be 'fisher' or 'mse', got {self.loss!r}")
         check_class_dim(self.class_dim, "calib_class_dim")
@@ -412,7 +424,7 @@ FLAT: dict[str, tuple[str, str]] = {
     **{n: ("ranks", n) for n in ("method", "rank", "energy", "flops", "latency", "require_saving")},
     **{f"calib_{n}": ("calibration", n) for n in ("limit", "ridge", "whiten", "damp", "ranks", "loss_aware",
                                                     "loss", "class_dim", "memory_gb", "steps", "als", "lr",
-                                                    "batch_size", "precision")},
+                                                    "batch_size", "output_steps", "output_lr", "precision")},
     "objective": ("latency", "objective"), "target": ("latency", "target"), "margin": ("latency", "margin"),
     "latency_cache": ("latency", "cache"), "input_key": ("calibration", "input_key"),
     "cp_max_iter": ("cp", "max_iter"), "cp_tol": ("cp", "tol"),

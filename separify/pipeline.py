@@ -7,6 +7,7 @@ model and an ONNX graph are a :class:`~separify.backends.base.Backend`'s; everyt
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -27,6 +28,7 @@ from separify.planning import latency
 from separify.planning.plan import Candidate, choose_ranks, from_conv_options, keep_faster, meet_latency, planned
 from separify.records import ConvertResult, LayerRecord, NoteCode, Plan, Reason, Skip, new_record
 from separify.calibration import PIXELS_PER_INPUT, LayerFit
+from separify.calibration.output import OutputFit, fit_output
 from separify.search import Memo, check_search, fastest_within
 
 __all__ = ["convert", "convert_onnx", "run", "ConvertResult", "LayerRecord"]
@@ -139,7 +141,8 @@ def convert_onnx(
     convert at for inputs with dynamic dimensions (one shape, or a dict by name). ``calibration`` runs through
     onnxruntime (single-input models). ``check_samples`` random inputs compare both graphs in onnxruntime at the end
     (0: skip). ``threads``: onnxruntime threads. The latency target is ONNX Runtime on the CPU (``"cpu"`` is read as
-    that). Layer-wise reconstruction (``calibration.steps``) needs PyTorch and is refused.
+    that). The output reconstruction (``calibration.output_steps``) imports both graphs into PyTorch with
+    onnx2torch; where that fails it is skipped with a note (``result.output_fit``).
     """
     from separify.backends.onnx import OnnxBackend
 
@@ -178,13 +181,16 @@ def run(backend: Backend, cfg: ConvertConfig, *, calibration: Any = None,
         if c.name not in replacements:
             c.record.bn_folded = None
     backend.apply(replacements, by_name)
+    output_fit = None
     if samples and replacements:
         with _layer_bar(progress, "calibrating", len(replacements), counted=False) as on_layer:
             fits = backend.refit(replacements, by_name, cfg, pixels, on_layer)
         _record_fits(by_name, fits)
         _scarce_warning(records, samples, msgs)
+        output_fit = _fit_output(backend, cfg, replacements, progress)
     _layouts(backend, cands, replacements)
     result = backend.result(records, cfg, budget)
+    result.output_fit = output_fit
     if clock is not None:
         with _step_bar(progress, f"checking: timing both whole models on {clock.where}"):
             _check_latency(clock, result, msgs)
@@ -477,6 +483,27 @@ def _record_fits(records: dict[str, LayerRecord], fits: list[LayerFit]) -> None:
         rec.calib_error_before, rec.calib_error_after = fit.error_before, fit.error_after
         if fit.note:
             rec.add_note(NoteCode.SCARCE if fit.scarce else NoteCode.CALIBRATION, fit.note)
+
+
+def _fit_output(backend: Backend, cfg: ConvertConfig, replacements: dict[str, SeparableConv2d],
+                progress) -> OutputFit | None:
+    """The output reconstruction (:mod:`separify.calibration.output`) after the layer pass; ``None`` when off."""
+    cal = cfg.calibration
+    if cal.output_steps == 0:
+        return None
+    models = backend.output_models(replacements)
+    if isinstance(models, str):
+        return OutputFit(0, 0, note=f"no output reconstruction: {models}")
+    frozen = [m for m in (models.student, models.teacher) if isinstance(m, nn.Module)]
+    start = time.perf_counter()
+    with _count_bar(progress, "calibrating: the model's output", cal.output_steps) as on_step, \
+            measure.frozen_mode(*frozen):
+        fit = fit_output(models.student, models.params, models.teacher, models.groups, steps=cal.output_steps,
+                         lr=cal.output_lr, batch_size=cal.batch_size, seed=cfg.seed,
+                         fixed_batch=models.fixed_batch, on_step=on_step)
+    if fit.kept:
+        models.write_back()
+    return dataclasses.replace(fit, seconds=time.perf_counter() - start)
 
 
 def _layouts(backend: Backend, cands: list[Candidate], replacements: dict[str, SeparableConv2d]) -> None:

@@ -240,6 +240,8 @@ class ConvertResult:
             same run (:class:`~separify.core.measure.Timing`); ``latency_predicted`` is the ratio the sum of the
             measured layer times predicted; ``latency_target`` describes the target, ``latency_spec`` is it (a
             :class:`~separify.config.LatencyTarget`).
+        output_fit: with calibration data, what the output reconstruction did
+            (:class:`~separify.calibration.output.OutputFit`; ``None`` when it was off).
     """
 
     model: Any
@@ -260,6 +262,7 @@ class ConvertResult:
     latency_spec: Any = None  # the LatencyTarget timed on (latency objective)
     search: Search | None = None
     seconds: float | None = None
+    output_fit: Any = None
 
     @property
     def converted(self) -> list[LayerRecord]:

@@ -69,6 +69,9 @@ def test_torch_and_onnx_backends_give_the_same_plan_notes_and_factors(pair, case
     net, path, x, calib, held = pair
     kw = dict(CASES[case])
     calibration = calib if kw.pop("calibrate", False) else None
+    # the output reconstruction trains on minibatches of 8 here and of 1 on the ONNX file (exported with batch 1),
+    # so its result differs; it is compared on a file of any batch in test_calib_data.py
+    kw["calib_output_steps"] = 0
     if "latency" in kw or kw.get("objective") == "latency":
         kw.update(target="onnxruntime", timer=onnx_timer())
     with_torch = separify.convert(net, example_inputs=x, calibration=calibration, **kw)
@@ -86,6 +89,19 @@ def test_torch_and_onnx_backends_give_the_same_plan_notes_and_factors(pair, case
     y_torch = with_torch.model(held).detach()
     y_onnx = OrtModule(with_onnx.model)(held)
     torch.testing.assert_close(y_onnx, y_torch, rtol=1e-3, atol=1e-4 * float(y_torch.abs().max()))
+
+
+def test_output_reconstruction_on_an_onnx_file_of_fixed_batch(pair):
+    """The file fixes its batch to 1: the steps run on minibatches of one sample, and the held-out check one by one;
+    the trained factors are written into the graph."""
+    net, path, x, calib, held = pair
+    kw = dict(input_shapes=tuple(x.shape), calibration=calib, flops=0.5)
+    off = convert_onnx(path, **kw, calib_output_steps=0)
+    on = convert_onnx(path, **kw)
+    fit = on.output_fit
+    assert (fit.steps, fit.held, fit.note) == (100, len(calib) // 8, None)
+    assert fit.kept and fit.error_after < fit.error_before
+    assert not torch.equal(OrtModule(on.model)(held), OrtModule(off.model)(held))
 
 
 def test_calibration_data_shapes_a_latency_plan_on_both_backends(pair):

@@ -12,6 +12,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import nn
 
 from separify.calibration import LayerFit, PatchStatistics
@@ -22,7 +23,7 @@ from separify.core.modules import SeparableConv2d
 from separify.planning.plan import Candidate
 from separify.records import ConvertResult, LayerRecord, LayerSpec, Skip
 
-__all__ = ["Backend", "Found", "Kernel"]
+__all__ = ["Backend", "Found", "Kernel", "OutputModels"]
 
 
 @dataclass
@@ -45,6 +46,22 @@ class Kernel:
     conv: nn.Conv2d
     bn_folded: str | None = None
     bn_note: str | None = None
+
+
+@dataclass
+class OutputModels:
+    """What the output reconstruction (:mod:`separify.calibration.output`) trains: the converted model as a PyTorch
+    ``student`` whose ``params`` (the replacements' factors) move, the original as ``teacher`` (a callable on
+    tensors), the calibration samples in ``groups`` (one tensor per sample shape), ``write_back()``, which puts the
+    trained factors into the backend's model (nothing where ``student`` is that model), and the batch size both
+    models are fixed to (``None``: any)."""
+
+    student: nn.Module
+    params: list[nn.Parameter]
+    teacher: Callable[[torch.Tensor], Any]
+    groups: list[torch.Tensor]
+    write_back: Callable[[], None] = lambda: None
+    fixed_batch: int | None = None
 
 
 class Backend(abc.ABC):
@@ -99,6 +116,10 @@ class Backend(abc.ABC):
               pixels: dict[str, int], progress=None) -> list[LayerFit]:
         """Fit each applied replacement to the original layer's outputs on the calibration data, in graph order,
         on the converted model's own inputs; the factors are updated in the backend's model."""
+
+    @abc.abstractmethod
+    def output_models(self, replacements: dict[str, SeparableConv2d]) -> OutputModels | str:
+        """The models of the output reconstruction after :meth:`refit`, or why it cannot run on this model."""
 
     # --- latency
 

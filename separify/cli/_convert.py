@@ -54,6 +54,7 @@ def convert(
     calib: Optional[Path] = opt.calib(),
     calib_limit: int = opt.CALIB_LIMIT,
     calib_steps: Optional[int] = opt.CALIB_STEPS,
+    calib_output_steps: int = opt.CALIB_OUTPUT_STEPS,
     calib_als: int = opt.CALIB_ALS,
     calib_loss: str = opt.CALIB_LOSS,
     calib_key: Optional[str] = opt.CALIB_KEY,
@@ -108,7 +109,8 @@ def run_convert(params: Mapping[str, Any], explicit: frozenset[str]) -> None:
     reporting = ReportSettings.from_params(params, batch_size=o.report_batch_size, **outputs)
     tune = FinetuneSettings(data=o.finetune, epochs=o.epochs, steps=o.steps, lr=o.lr, temperature=o.temperature,
                             batch_size=o.finetune_batch_size, checkpoint=o.checkpoint, **outputs)
-    for name, flag in (("calib_steps", "--calib-steps"), ("calib_als", "--calib-als"), ("calib_loss", "--calib-loss")):
+    for name, flag in (("calib_steps", "--calib-steps"), ("calib_als", "--calib-als"), ("calib_loss", "--calib-loss"),
+                       ("calib_output_steps", "--calib-output-steps")):
         if name in explicit and params[name] and o.calib is None:
             raise SeparifyError(f"{flag} needs --calib DATA")
     tune.check()
@@ -155,7 +157,7 @@ def _unalias(params: Mapping[str, Any], explicit: frozenset[str]) -> tuple[dict,
 #: convert's parameters that set a ConvertConfig keyword (given on the command line, they override --config)
 CONFIG_KEYS = {"method": "method", "rank": "rank", "energy": "energy", "flops": "flops", "cp_iters": "cp_max_iter",
                "seed": "seed", "exclude": "exclude", "fold_bn": "fold_bn", "calib_limit": "calib_limit",
-               "calib_steps": "calib_steps", "calib_als": "calib_als",
+               "calib_steps": "calib_steps", "calib_als": "calib_als", "calib_output_steps": "calib_output_steps",
                "class_dim": "calib_class_dim"}
 #: parameters that only apply under the latency objective → their option names
 LATENCY_ONLY = {"target_batch": "--batch-size", "dtype": "--dtype",

@@ -150,7 +150,12 @@ CALIB_STEPS = typer.Option(CALIB_DEFAULTS.steps, "--calib-steps", rich_help_pane
                            "this many Adam steps on all factors of each replacement against the original layer's "
                            "outputs (layer-wise reconstruction) before the least-squares refit; default: "
                            f"{RECONSTRUCTION_STEPS} on pw-dw-pw layers (whose first 1×1 conv the ALS does not fit), "
-                           "none on dw-pw; 0 turns it off. PyTorch models only.", show_default=False)
+                           "none on dw-pw; 0 turns it off.", show_default=False)
+CALIB_OUTPUT_STEPS = typer.Option(CALIB_DEFAULTS.output_steps, "--calib-output-steps", rich_help_panel=CALIBRATION,
+                                  help="With --calib: after the layer-wise fits, this many Adam steps on all "
+                                  "replacements together against the original model's outputs (output "
+                                  "reconstruction; one sample in 8 held out to check it, undone where it did not "
+                                  "lower their error; ONNX models through onnx2torch); 0 turns it off.")
 CALIB_ALS = typer.Option(CALIB_DEFAULTS.als, "--calib-als", rich_help_panel=CALIBRATION, help="With --calib: "
                          "iterations of alternating least squares fitting each replacement's depthwise and last 1×1 "
                          "conv to the original layer's outputs (0 skips it).")

@@ -265,8 +265,10 @@ def _layer_dict(r: LayerFigures) -> dict[str, Any]:
 def conversion_doc(result: ConvertResult | None) -> dict[str, Any] | None:
     """The ``conversion`` entry of a report: form, rank selection and its value (``target``), path, layer counts,
     FLOPs ratio, whether calibrated, objective, warnings, and under ``objective="latency"`` the whole-model times
-    the selection measured on its target (``latency_selection``), and after a ``max_drop`` search every plan it
-    tried (``search``, :func:`search_doc`). ``None`` without a result."""
+    the selection measured on its target (``latency_selection``), after a ``max_drop`` search every plan it
+    tried (``search``, :func:`search_doc`), and with calibration data what the output reconstruction did
+    (``output_reconstruction``: relative output errors on the held-out calibration samples). ``None`` without a
+    result."""
     if result is None:
         return None
     cfg = result.config
@@ -287,6 +289,11 @@ def conversion_doc(result: ConvertResult | None) -> dict[str, Any] | None:
         }
     if getattr(result, "search", None) is not None:
         doc["search"] = search_doc(result.search)
+    fit = getattr(result, "output_fit", None)
+    if fit is not None:
+        doc["output_reconstruction"] = {"steps": fit.steps, "held_out_samples": fit.held, "kept": fit.kept,
+                                        "error_before": fit.error_before, "error_after": fit.error_after,
+                                        "note": fit.note, "seconds": fit.seconds}
     return doc
 
 

@@ -139,7 +139,8 @@ def environment_line(rep: Report) -> str:
 
 def conversion_lines(conv: Mapping[str, Any] | None) -> list[str]:
     """The ``conversion`` entry in words: layers converted, the FLOPs target reached, the latency selection's
-    whole-model times, then one ``warning:`` line per warning. The ``max_drop`` search has its own table."""
+    whole-model times, the output reconstruction's held-out errors, then one ``warning:`` line per warning. The
+    ``max_drop`` search has its own table."""
     if conv is None:
         return []
     line = f"{conv['converted_layers']} of {conv['conv_layers']} conv layers converted via {conv['path']}"
@@ -157,7 +158,22 @@ def conversion_lines(conv: Mapping[str, Any] | None) -> list[str]:
         if conv["selection"] == "latency":
             line += f"; target {conv['target']:g}"
         lines.append(line)
+    lines += _output_reconstruction_line(conv.get("output_reconstruction"))
     return lines + [f"warning: {w}" for w in conv["warnings"]]
+
+
+def _output_reconstruction_line(fit: Mapping[str, Any] | None) -> list[str]:
+    """What the output reconstruction did, in words (nothing where it was off)."""
+    if not fit:
+        return []
+    if fit["note"]:
+        return [fit["note"]]
+    errors = f"relative output error on {fit['held_out_samples']} held-out calibration samples"
+    took = f", {fit['seconds']:.1f} s" if fit.get("seconds") is not None else ""
+    what = f"output reconstruction ({fit['steps']} steps{took})"
+    if fit["kept"]:
+        return [f"{what}: {errors} {fit['error_before']:.4f} → {fit['error_after']:.4f}"]
+    return [f"{what} undone: it did not lower the {errors} ({fit['error_before']:.4f})"]
 
 
 def note_lines(rep: Report) -> list[str]:

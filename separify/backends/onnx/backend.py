@@ -18,17 +18,18 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
+from torch import nn
 
-from separify.backends.base import Backend, Found, Kernel
+from separify.backends.base import Backend, Found, Kernel, OutputModels
 from separify.backends.onnx import calibrate as onnx_calibrate
 from separify.backends.onnx.graph import (_EXTERNAL_KEY, OrtModule, _chunks, _fixed_batch, _node_flops,
                                           _pads, _padded, _probe, _taken_names, example_feeds, graph_inputs,
                                           load_onnx, onnx_flops, onnx_params, save_onnx, session,
                                           too_large_in_memory)
 from separify.backends.onnx.pairing import source_names
-from separify.backends.onnx.rewrite import (_output_name, _rewrite, _write_layout, check, kernel_conv, layer_spec,
-                                            match)
-from separify.calibration import as_batches, sensitivity
+from separify.backends.onnx.rewrite import (_factors, _output_name, _rewrite, _update, _write_layout, check,
+                                            kernel_conv, layer_spec, match)
+from separify.calibration import as_batches, sensitivity, shape_groups
 from separify.calibration.data import first_samples
 from separify.calibration.sensitivity import SAMPLES, unweighted_note
 from separify.config import Calibration, ConvertConfig, LatencyTarget
@@ -146,6 +147,33 @@ class OnnxBackend(Backend):
         return onnx_calibrate.refit(self.original, self.work, self.replaced, self.batches, self.fixed_batch,
                                     cfg.calibration, self.threads, pixels=pixels, seed=cfg.seed,
                                     pads={n: self.sites[n].input_pads for n in self.replaced})
+
+    def output_models(self, replacements: dict[str, SeparableConv2d]) -> OutputModels | str:
+        """Both graphs imported into PyTorch (onnx2torch); the factors are the imported modules of the Conv nodes the
+        pass wrote, and go back into each replacement and its initializers (:func:`_update`)."""
+        from separify.backends.onnx.finetune import import_torch, module_name
+
+        try:
+            teacher, student = import_torch(self.original), import_torch(self.work)
+        except SeparifyError as exc:
+            return first_line(exc)
+        named = dict(student.named_modules())
+        pairs = [(conv, named.get(module_name(inits[f"{role}.weight"].uses()[0].node.name)))
+                 for mod, inits, _ in self.replaced.values() for role, conv in _factors(mod)]
+        if not all(isinstance(t, nn.Conv2d) for _, t in pairs):
+            return "onnx2torch did not keep the separable convs as modules"
+
+        def write_back() -> None:
+            with torch.no_grad():
+                for conv, t in pairs:
+                    conv.weight.copy_(t.weight)
+                    if conv.bias is not None and t.bias is not None:
+                        conv.bias.copy_(t.bias)
+            for mod, inits, dtype in self.replaced.values():
+                _update(inits, mod, dtype)
+
+        params = [p for _, t in pairs for p in t.parameters()]
+        return OutputModels(student, params, teacher, shape_groups(self.batches), write_back, self.fixed_batch)
 
     # --- latency
 

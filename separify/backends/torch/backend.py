@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from separify.backends.base import Backend, Found, Kernel
+from separify.backends.base import Backend, Found, Kernel, OutputModels
 from separify.backends.torch import fx_pass
 from separify.calibration import (LayerFit, Observation, as_batches, observe, refit_pointwise, sensitivity,
                                   shape_groups)
@@ -127,6 +127,8 @@ class TorchBackend(Backend):
         self.dtype = pass_dtype(cal.precision, self.original, device, self._pass_flops())
         with measure.frozen_mode(self.original):
             self.channels_last = bool(self.batches) and runs_channels_last(self.original, self.batches[0][:2])
+        if self.work is self.original and self.reference is self.original and cal.output_steps > 0:
+            self.reference = copy.deepcopy(self.original)  # inplace: the output reconstruction's teacher
         return sum(len(b) for b in self.batches)
 
     def _pass_flops(self) -> float:
@@ -161,6 +163,10 @@ class TorchBackend(Backend):
                                ridge=cal.ridge, steps=cal.steps, lr=cal.lr, batch_size=cal.batch_size, als=cal.als,
                                seed=cfg.seed, progress=progress, dtype=self.dtype,
                                channels_last=self.channels_last)
+
+    def output_models(self, replacements: dict[str, SeparableConv2d]) -> OutputModels:
+        params = [p for mod in replacements.values() for p in mod.parameters()]
+        return OutputModels(self.converted, params, self.reference, shape_groups(self.batches))
 
     # --- latency
 

@@ -1,0 +1,168 @@
+"""Output reconstruction: Adam steps on every replacement's factors against the original model's outputs.
+
+The layer pass (:mod:`~separify.calibration.refit_pass`) fits each replacement to its own original layer's output;
+what it leaves adds up through the network, and a layer's error counts the same in directions the rest of the
+network ignores as in those it amplifies. This stage fits what matters, the model's output: on the calibration
+samples (no labels) it takes ``steps`` Adam steps on the replacements' parameters only (everything else stays as
+it is), minimising the relative squared output error
+
+    E(B) = Σ_leaves ‖f(x_B) − g(x_B)‖² / Σ_leaves ‖g(x_B)‖²
+
+over random minibatches ``B``, where ``f`` is the converted model, ``g`` the original and the sums run over every
+floating-point tensor of the output (a tensor, or tuples, lists and dicts of them): logits, features, boxes. The
+learning rate follows a cosine from ``lr`` to 0. The original's outputs of a minibatch are computed as it is drawn,
+so nothing but the held-out samples' outputs is kept.
+
+Never worse on unseen samples: one sample in :data:`HOLD_EVERY` is never trained on; ``E`` on them is measured
+before and after, and the parameters are restored where the steps did not lower it (or gave a
+non-finite value). With fewer than :data:`MIN_HELD` held-out samples the stage is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from separify.calibration.reconstruct import _rows
+
+__all__ = ["HOLD_EVERY", "MINIBATCH_VALUES", "MIN_HELD", "OutputFit", "fit_output", "output_error"]
+
+#: one sample in this many is held out of the steps, to check them on
+HOLD_EVERY = 8
+
+#: fewer held-out samples than this: the stage is skipped (too few to tell a better state from a worse one)
+MIN_HELD = 4
+
+#: input values per minibatch above which it takes fewer than ``batch_size`` samples: 8 OCR words of 64×192, one
+#: 224² RGB image (large inputs: their pixels already average the gradient, and each step costs a whole model)
+MINIBATCH_VALUES = 131_072
+
+
+@dataclass(frozen=True)
+class OutputFit:
+    """What :func:`fit_output` did: ``steps`` taken, the relative output error ``E`` on the ``held`` held-out
+    samples before and after (``after == before`` where the steps were undone), whether the new state was ``kept``,
+    why nothing was done (``note``), and the wall-clock ``seconds`` of the stage (set by the pipeline)."""
+
+    steps: int
+    held: int
+    error_before: float | None = None
+    error_after: float | None = None
+    kept: bool = False
+    note: str | None = None
+    seconds: float | None = None
+
+
+def fit_output(student: nn.Module, params: Sequence[nn.Parameter], teacher: Callable[[torch.Tensor], Any],
+               groups: Sequence[torch.Tensor], *, steps: int, lr: float, batch_size: int, seed: int,
+               fixed_batch: int | None = None, on_step: Callable[[int, int], None] | None = None) -> OutputFit:
+    """Fit ``student``'s output to ``teacher``'s on ``groups`` (one tensor ``(n_g, ...)`` per sample shape) by
+    ``steps`` Adam steps on ``params`` (module docstring); minibatches of ``batch_size`` samples from one group
+    (fewer where they would hold more than :data:`MINIBATCH_VALUES` input values, at least one), chosen with
+    probability proportional to its training samples (a generator seeded by ``seed``). Models that only
+    run at a ``fixed_batch`` size get minibatches of that size and see the held-out samples in batches of it (a
+    remainder is left out of the check). Both models run as they are (the caller sets eval mode); ``requires_grad``
+    flags are restored and gradients cleared on exit. ``on_step(done, steps)`` after every step."""
+    train, held = _split(groups)
+    if fixed_batch is not None:
+        batch_size = fixed_batch
+        held = [h[i:i + fixed_batch] for h in held for i in range(0, len(h) - fixed_batch + 1, fixed_batch)]
+    n_held = sum(len(h) for h in held)
+    if n_held < MIN_HELD or not train:
+        return OutputFit(0, n_held, note=f"no output reconstruction: {sum(len(g) for g in groups)} calibration "
+                                         f"samples hold out fewer than {MIN_HELD} to check it on")
+    with torch.no_grad():
+        targets = [teacher(h) for h in held]
+    before = output_error(student, held, targets)
+    saved = [p.detach().clone() for p in params]
+    flags = [(p, p.requires_grad) for p in student.parameters()]
+    chosen = {id(p) for p in params}
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in chosen)
+        _steps(student, params, teacher, train, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+               fixed=fixed_batch is not None, on_step=on_step)
+        after = output_error(student, held, targets)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+            p.grad = None
+    kept = after < before  # False for NaN
+    if not kept:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    return OutputFit(steps, n_held, before, after if kept else before, kept)
+
+
+def _split(groups: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every :data:`HOLD_EVERY`-th sample (counted through the groups in order) held out, the rest to train on;
+    per group, empty parts dropped. Samples of a shape too rare to be held out still train."""
+    train, held, seen = [], [], 0
+    for g in groups:
+        mask = (torch.arange(seen, seen + len(g)) % HOLD_EVERY) == HOLD_EVERY - 1
+        seen += len(g)
+        for part, keep in ((train, ~mask), (held, mask)):
+            if keep.any():
+                part.append(g[keep.to(g.device)] if not keep.all() else g)
+    return train, held
+
+
+def _steps(student: nn.Module, params: Sequence[nn.Parameter], teacher: Callable[[torch.Tensor], Any],
+           train: Sequence[torch.Tensor], *, steps: int, lr: float, batch_size: int, seed: int, fixed: bool,
+           on_step: Callable[[int, int], None] | None) -> None:
+    """The Adam steps of :func:`fit_output`, with the cosine schedule (``fixed``: ``batch_size`` is the model's)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    sizes = torch.tensor([float(len(x)) for x in train])
+    with torch.enable_grad():
+        for step in range(steps):
+            g = int(torch.multinomial(sizes, 1, generator=gen)) if len(train) > 1 else 0
+            # drawn with replacement: a group smaller than the minibatch still fills it
+            n = batch_size if fixed else max(1, min(batch_size, MINIBATCH_VALUES // train[g][0].numel()))
+            idx = torch.randint(0, len(train[g]), (n,), generator=gen).tolist()
+            x = _rows(train[g], idx)
+            with torch.no_grad():
+                target = teacher(x)
+            loss = _relative_error(student(x), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            if on_step is not None:
+                on_step(step + 1, steps)
+
+
+def output_error(student: nn.Module, xs: Sequence[torch.Tensor], targets: Sequence[Any]) -> float:
+    """``E`` (module docstring) of ``student`` over the batches ``xs`` against the outputs ``targets``."""
+    err = ref = 0.0
+    with torch.no_grad():
+        for x, t in zip(xs, targets):
+            for a, b in zip(_leaves(student(x)), _leaves(t), strict=True):
+                b = b.to(a.device, a.dtype)
+                err += float((a - b).double().square().sum())
+                ref += float(b.double().square().sum())
+    return err / ref if ref > 0 else err
+
+
+def _relative_error(out: Any, target: Any) -> torch.Tensor:
+    pairs = list(zip(_leaves(out), _leaves(target), strict=True))
+    err = sum((a - b.to(a.device, a.dtype)).float().square().sum() for a, b in pairs)
+    ref = sum(b.float().square().sum() for _, b in pairs)
+    return err / ref.clamp_min(1e-30)
+
+
+def _leaves(out: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output (a tensor, or tuples, lists and dicts of them), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        return [t for k in out for t in _leaves(out[k])]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _leaves(o)]
+    return []

@@ -1,0 +1,156 @@
+"""The output reconstruction: Adam steps on all replacements against the original model's outputs, checked on
+held-out calibration samples and undone where it did not help; both backends."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import separify
+from separify.calibration.output import HOLD_EVERY, MIN_HELD, _split, fit_output, output_error
+from separify.errors import SeparifyError
+
+
+class SmallNet(nn.Module):
+    """Three 3×3 convs with ReLUs, global pooling and a linear head: errors of the convs add up at the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 32, 3, padding=1),
+                                  nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return SmallNet().eval()
+
+
+def _images(n: int, seed: int, size: int = 12) -> torch.Tensor:
+    """Smooth images (correlated pixels, as real ones)."""
+    x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return nn.functional.avg_pool2d(x, 3, stride=1, padding=1)
+
+
+def _convert(model, data, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return separify.convert(model, example_inputs=_images(1, 99), objective="flops", method="dw-pw", rank=1,
+                                calibration=data, **kw)
+
+
+def _error(model, reference, x):
+    with torch.no_grad():
+        return float((model(x) - reference(x)).norm() / reference(x).norm())
+
+
+def test_output_reconstruction_lowers_the_error_on_unseen_inputs_and_is_deterministic(net):
+    calib, test = _images(128, 1), _images(64, 2)
+    off = _convert(net, calib, calib_output_steps=0)
+    on = _convert(net, calib, calib_output_steps=100)
+    again = _convert(net, calib, calib_output_steps=100)
+    fit = on.output_fit
+    assert off.output_fit is None
+    assert fit.kept and fit.steps == 100 and fit.held == 128 // HOLD_EVERY
+    assert fit.error_after < fit.error_before
+    assert _error(on.model, net, test) < 0.9 * _error(off.model, net, test)  # inputs it never saw
+    torch.testing.assert_close(on.model(test), again.model(test), rtol=0, atol=0)
+    assert all(p.grad is None for p in on.model.parameters())
+    assert all(p.requires_grad for p in on.model.parameters())  # flags as they were
+
+
+def test_only_the_replacements_move(net):
+    res = _convert(net, _images(64, 1), calib_output_steps=50)
+    assert res.output_fit.kept
+    torch.testing.assert_close(res.model.head.weight, net.head.weight, rtol=0, atol=0)
+
+
+def test_steps_that_do_not_help_are_undone(net):
+    """A learning rate far too large ruins the factors: the held-out error says so and the refitted state stays."""
+    calib, test = _images(64, 1), _images(16, 2)
+    off = _convert(net, calib, calib_output_steps=0)
+    wild = _convert(net, calib, calib_output_steps=20, calib_output_lr=10.0)
+    assert not wild.output_fit.kept
+    assert wild.output_fit.error_after == wild.output_fit.error_before
+    with torch.no_grad():
+        torch.testing.assert_close(wild.model(test), off.model(test), rtol=0, atol=0)
+
+
+def test_too_few_samples_to_hold_out_skip_it_with_a_note(net):
+    few = HOLD_EVERY * MIN_HELD - 1
+    off = _convert(net, _images(few, 1), calib_output_steps=0)
+    res = _convert(net, _images(few, 1))
+    assert res.output_fit.steps == 0 and not res.output_fit.kept
+    assert "fewer than" in res.output_fit.note
+    x = _images(4, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x), off.model(x), rtol=0, atol=0)
+
+
+def test_inplace_conversion_reconstructs_against_the_original_as_it_was():
+    torch.manual_seed(0)
+    model, copy = SmallNet().eval(), SmallNet().eval()
+    copy.load_state_dict(model.state_dict())
+    calib, test = _images(64, 1), _images(8, 2)
+    apart = _convert(copy, calib)
+    inplace = _convert(model, calib, inplace=True)
+    assert inplace.output_fit.kept
+    with torch.no_grad():
+        torch.testing.assert_close(inplace.model(test), apart.model(test), rtol=1e-5, atol=1e-6)
+
+
+def test_held_out_samples_are_spread_over_shape_groups():
+    groups = [torch.zeros(5, 1, 2, 3), torch.ones(2, 1, 2, 4), torch.full((10, 1, 2, 5), 2.0)]
+    train, held = _split(groups)
+    assert sum(len(h) for h in held) == 17 // HOLD_EVERY
+    assert sum(len(t) for t in train) + sum(len(h) for h in held) == 17
+    assert [tuple(t.shape[1:]) for t in train] == [(1, 2, 3), (1, 2, 4), (1, 2, 5)]
+
+
+def test_every_floating_point_output_counts():
+    """Models whose output is a dict or tuple: the error sums over every floating-point tensor in it."""
+
+    class Two(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, x):
+            return {"a": x * self.scale, "b": (x, torch.ones(1, dtype=torch.long))}
+
+    x = [torch.ones(2, 3)]
+    target = [Two(1.0)(x[0])]
+    # ‖2x − x‖² + ‖x − x‖² over ‖x‖² + ‖x‖²: one half
+    assert output_error(Two(2.0), x, target) == pytest.approx(0.5)
+    student = nn.Linear(3, 3)
+    teacher = nn.Linear(3, 3)
+    fit = fit_output(student, list(student.parameters()), teacher, [torch.randn(64, 3)], steps=200, lr=1e-2,
+                     batch_size=8, seed=0)
+    assert fit.kept and fit.error_after < 0.1 * fit.error_before
+
+
+def test_output_settings_are_checked():
+    with pytest.raises(SeparifyError, match="calib_output_steps"):
+        separify.ConvertConfig(calib_output_steps=-1)
+    with pytest.raises(SeparifyError, match="calib_output_lr"):
+        separify.ConvertConfig(calib_output_lr=0)
+
+
+def test_the_report_says_what_it_did(net):
+    from separify.reporting.data import conversion_doc
+    from separify.reporting.story import conversion_lines
+
+    doc = conversion_doc(_convert(net, _images(64, 1)))
+    fit = doc["output_reconstruction"]
+    assert (fit["steps"], fit["held_out_samples"]) == (100, 8) and fit["seconds"] > 0
+    assert any(line.startswith("output reconstruction (100 steps, ") for line in conversion_lines(doc))
+    few = conversion_doc(_convert(net, _images(16, 1)))
+    assert any(line.startswith("no output reconstruction: 16 calibration samples") for line in conversion_lines(few))
+    assert "output_reconstruction" not in conversion_doc(_convert(net, _images(64, 1), calib_output_steps=0))
