@@ -21,8 +21,8 @@ def import_torch(model: ir.Model) -> nn.Module:
     try:
         from onnx2torch import convert
     except ImportError:
-        raise SeparifyError("fine-tuning an ONNX model imports it into PyTorch with onnx2torch, which is not "
-                            "installed: pip install onnx2torch") from None
+        raise SeparifyError("fine-tuning an ONNX model, and its output reconstruction, import it into PyTorch with "
+                            "onnx2torch, which is not installed: pip install onnx2torch") from None
     if _external(model):
         raise SeparifyError("fine-tuning is not supported for ONNX models with external data (over 1 GiB)")
     proto = ir.serde.serialize_model(model)
