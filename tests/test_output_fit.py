@@ -154,3 +154,21 @@ def test_the_report_says_what_it_did(net):
     few = conversion_doc(_convert(net, _images(16, 1)))
     assert any(line.startswith("no output reconstruction: 16 calibration samples") for line in conversion_lines(few))
     assert "output_reconstruction" not in conversion_doc(_convert(net, _images(64, 1), calib_output_steps=0))
+
+
+def test_a_model_the_steps_cannot_train_is_left_as_refitted_with_a_note():
+    """An output detached from the factors: the backward raises; the stage is skipped with the error in its note."""
+
+    class Detached(SmallNet):
+        def forward(self, x):
+            return super().forward(x).detach()
+
+    torch.manual_seed(0)
+    model = Detached().eval()
+    calib, x = _images(64, 1), _images(4, 2)
+    off = _convert(model, calib, calib_output_steps=0)
+    res = _convert(model, calib)
+    assert res.output_fit.steps == 0 and not res.output_fit.kept
+    assert res.output_fit.note.startswith("no output reconstruction: the steps failed (RuntimeError: ")
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x), off.model(x), rtol=0, atol=0)

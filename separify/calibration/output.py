@@ -13,9 +13,10 @@ floating-point tensor of the output (a tensor, or tuples, lists and dicts of the
 learning rate follows a cosine from ``lr`` to 0. The original's outputs of a minibatch are computed as it is drawn,
 so nothing but the held-out samples' outputs is kept.
 
-Never worse on unseen samples: one sample in :data:`HOLD_EVERY` is never trained on; ``E`` on them is measured
-before and after, and the parameters are restored where the steps did not lower it (or gave a
-non-finite value). With fewer than :data:`MIN_HELD` held-out samples the stage is skipped with a note.
+Undone where it did not help on samples it did not train on: one sample in :data:`HOLD_EVERY` is held out; ``E``
+on them is measured before and after, and the parameters are restored where the steps did not lower it (or gave a
+non-finite value). With fewer than :data:`MIN_HELD` held-out samples the stage is skipped with a note; so is a model
+the steps cannot train (its backward raises: e.g. an output detached from the factors), with the error in the note.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from separify.calibration.reconstruct import _rows
+from separify.errors import first_line
 
 __all__ = ["HOLD_EVERY", "MINIBATCH_VALUES", "MIN_HELD", "OutputFit", "fit_output", "output_error"]
 
@@ -87,16 +89,24 @@ def fit_output(student: nn.Module, params: Sequence[nn.Parameter], teacher: Call
         _steps(student, params, teacher, train, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                fixed=fixed_batch is not None, on_step=on_step)
         after = output_error(student, held, targets)
+    except RuntimeError as exc:  # autograd's errors: nothing to train through
+        _restore(params, saved)
+        return OutputFit(0, n_held, before, before,
+                         note=f"no output reconstruction: the steps failed ({type(exc).__name__}: {first_line(exc)})")
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
             p.grad = None
     kept = after < before  # False for NaN
     if not kept:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
+        _restore(params, saved)
     return OutputFit(steps, n_held, before, after if kept else before, kept)
+
+
+def _restore(params: Sequence[nn.Parameter], saved: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
 
 
 def _split(groups: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
