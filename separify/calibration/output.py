@@ -71,7 +71,6 @@ def fit_output(student: nn.Module, params: Sequence[nn.Parameter], teacher: Call
     flags are restored and gradients cleared on exit. ``on_step(done, steps)`` after every step."""
     train, held = _split(groups)
     if fixed_batch is not None:
-        batch_size = fixed_batch
         held = [h[i:i + fixed_batch] for h in held for i in range(0, len(h) - fixed_batch + 1, fixed_batch)]
     n_held = sum(len(h) for h in held)
     if n_held < MIN_HELD or not train:
@@ -87,7 +86,7 @@ def fit_output(student: nn.Module, params: Sequence[nn.Parameter], teacher: Call
         for p, _ in flags:
             p.requires_grad_(id(p) in chosen)
         _steps(student, params, teacher, train, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-               fixed=fixed_batch is not None, on_step=on_step)
+               fixed_batch=fixed_batch, on_step=on_step)
         after = output_error(student, held, targets)
     except RuntimeError as exc:  # autograd's errors: nothing to train through
         _restore(params, saved)
@@ -123,9 +122,9 @@ def _split(groups: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[tor
 
 
 def _steps(student: nn.Module, params: Sequence[nn.Parameter], teacher: Callable[[torch.Tensor], Any],
-           train: Sequence[torch.Tensor], *, steps: int, lr: float, batch_size: int, seed: int, fixed: bool,
-           on_step: Callable[[int, int], None] | None) -> None:
-    """The Adam steps of :func:`fit_output`, with the cosine schedule (``fixed``: ``batch_size`` is the model's)."""
+           train: Sequence[torch.Tensor], *, steps: int, lr: float, batch_size: int, seed: int,
+           fixed_batch: int | None, on_step: Callable[[int, int], None] | None) -> None:
+    """The Adam steps of :func:`fit_output`, with the cosine schedule."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
@@ -134,7 +133,7 @@ def _steps(student: nn.Module, params: Sequence[nn.Parameter], teacher: Callable
         for step in range(steps):
             g = int(torch.multinomial(sizes, 1, generator=gen)) if len(train) > 1 else 0
             # drawn with replacement: a group smaller than the minibatch still fills it
-            n = batch_size if fixed else max(1, min(batch_size, MINIBATCH_VALUES // train[g][0].numel()))
+            n = fixed_batch or max(1, min(batch_size, MINIBATCH_VALUES // train[g][0].numel()))
             idx = torch.randint(0, len(train[g]), (n,), generator=gen).tolist()
             x = _rows(train[g], idx)
             with torch.no_grad():
@@ -153,18 +152,21 @@ def output_error(student: nn.Module, xs: Sequence[torch.Tensor], targets: Sequen
     err = ref = 0.0
     with torch.no_grad():
         for x, t in zip(xs, targets):
-            for a, b in zip(_leaves(student(x)), _leaves(t), strict=True):
-                b = b.to(a.device, a.dtype)
-                err += float((a - b).double().square().sum())
-                ref += float(b.double().square().sum())
+            e, r = _squares(student(x), t, torch.float64)
+            err, ref = err + float(e), ref + float(r)
     return err / ref if ref > 0 else err
 
 
 def _relative_error(out: Any, target: Any) -> torch.Tensor:
-    pairs = list(zip(_leaves(out), _leaves(target), strict=True))
-    err = sum((a - b.to(a.device, a.dtype)).float().square().sum() for a, b in pairs)
-    ref = sum(b.float().square().sum() for _, b in pairs)
+    err, ref = _squares(out, target, torch.float32)
     return err / ref.clamp_min(1e-30)
+
+
+def _squares(out: Any, target: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ ‖out − target‖², Σ ‖target‖²)`` over the output's floating-point tensors, summed in ``dtype``."""
+    pairs = [(a, b.to(a.device, a.dtype)) for a, b in zip(_leaves(out), _leaves(target), strict=True)]
+    return (sum((a - b).to(dtype).square().sum() for a, b in pairs),
+            sum(b.to(dtype).square().sum() for _, b in pairs))
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:

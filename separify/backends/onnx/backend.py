@@ -72,6 +72,7 @@ class OnnxBackend(Backend):
         self.batches: list[torch.Tensor] | None = None
         self.samples = 0
         self.replaced: dict[str, tuple[SeparableConv2d, dict[str, ir.Value], np.dtype]] = {}
+        self._imported: nn.Module | None = None  # the original in PyTorch (_torch_original)
 
     # --- discover and check
 
@@ -121,13 +122,22 @@ class OnnxBackend(Backend):
                                       {c.name: c.kernel for c in cands}, self.batches, self.fixed_batch, self.threads,
                                       moments=moments, patches=patches, progress=progress)
 
+    def _torch_original(self) -> nn.Module:
+        """The original imported into PyTorch (:func:`~separify.backends.onnx.finetune.import_torch`), once per
+        conversion: the loss-aware weights and the output reconstruction both run it."""
+        from separify.backends.onnx.finetune import import_torch
+
+        if self._imported is None:
+            self._imported = import_torch(self.original)
+        return self._imported
+
     def sensitivity(self, cands, cal: Calibration, progress=None):
         """Through the model imported into PyTorch (onnx2torch, modules named after the nodes); without it, none."""
-        from separify.backends.onnx.finetune import import_torch, module_name
+        from separify.backends.onnx.finetune import module_name
 
         names = [c.name for c in cands]
         try:
-            module = import_torch(self.original)
+            module = self._torch_original()
         except SeparifyError as exc:
             return {}, unweighted_note(names, {}, first_line(exc))
         modules = {n for n, _ in module.named_modules()}
@@ -151,17 +161,18 @@ class OnnxBackend(Backend):
     def output_models(self, replacements: dict[str, SeparableConv2d]) -> OutputModels | str:
         """Both graphs imported into PyTorch (onnx2torch); the factors are the imported modules of the Conv nodes the
         pass wrote, and go back into each replacement and its initializers (:func:`_update`)."""
-        from separify.backends.onnx.finetune import import_torch, module_name
+        from separify.backends.onnx.finetune import import_torch, imported_convs
 
         try:
-            teacher, student = import_torch(self.original), import_torch(self.work)
+            teacher, student = self._torch_original(), import_torch(self.work)
         except SeparifyError as exc:
             return first_line(exc)
-        named = dict(student.named_modules())
-        pairs = [(conv, named.get(module_name(inits[f"{role}.weight"].uses()[0].node.name)))
-                 for mod, inits, _ in self.replaced.values() for role, conv in _factors(mod)]
-        if not all(isinstance(t, nn.Conv2d) for _, t in pairs):
+        factors = [(conv, inits[f"{role}.weight"].uses()[0].node.name)  # (replacement's conv, its Conv node)
+                   for mod, inits, _ in self.replaced.values() for role, conv in _factors(mod)]
+        modules, missing = imported_convs(student, [node for _, node in factors])
+        if missing:
             return "onnx2torch did not keep the separable convs as modules"
+        pairs = [(conv, modules[node]) for conv, node in factors]
 
         def write_back() -> None:
             with torch.no_grad():

@@ -55,6 +55,14 @@ def module_name(node: str) -> str:
         return node
 
 
+def imported_convs(module: nn.Module, nodes: list[str]) -> tuple[dict[str, nn.Module | None], list[str]]:
+    """The onnx2torch modules of the Conv nodes named ``nodes`` in ``module`` (:func:`import_torch`), by node name,
+    and the names of those that did not come through as an ``nn.Conv2d``."""
+    named = dict(module.named_modules())
+    modules = {n: named.get(module_name(n)) for n in nodes}
+    return modules, [n for n in nodes if not isinstance(modules[n], nn.Conv2d)]
+
+
 def finetune_onnx(original: ir.Model, result: "OnnxConvertResult", data: Any, **options: Any):
     """Fine-tune the separable factors of an ONNX conversion by distillation from the original, then write them
     back into ``result.model``'s initializers (every other node and initializer stays as it was).
@@ -72,10 +80,8 @@ def finetune_onnx(original: ir.Model, result: "OnnxConvertResult", data: Any, **
             raise SeparifyError(f"the ONNX model fixes its batch size to {fixed}; fine-tune with batches of that size "
                                 f"(--batch-size {fixed})")
     teacher, student = import_torch(original), import_torch(result.model)
-    named = dict(student.named_modules())
     names = [n for nodes in result.factor_nodes.values() for n in nodes]
-    modules = {n: named.get(module_name(n)) for n in names}  # ONNX node name → its onnx2torch module
-    missing = [n for n in names if not isinstance(modules[n], nn.Conv2d)]
+    modules, missing = imported_convs(student, names)  # ONNX node name → its onnx2torch module
     if missing:
         raise SeparifyError(f"onnx2torch did not keep the separable convs as modules ({', '.join(missing[:3])}); "
                             "cannot fine-tune this model")
