@@ -8,9 +8,10 @@ torchvision ResNet-50 with random weights (the time does not depend on them), ``
 (default 256), ``separify.convert(..., objective="flops", method=METHOD, flops=0.5, calibration=images)`` with the
 calibration defaults, 2 threads. Also printed: the mean relative output error of the layers after the refit and
 the memory the observation's kept outputs take. The backend's steps (observation, loss-aware weights, refit pass)
-and the pipeline's (plan, decompose) are wrapped with timers, and inside the refit pass the layer-wise
-reconstruction and the least-squares refits of the last 1×1 convs; what the refit pass spends outside those is
-mostly the converted model's forward over the calibration images. A step's time includes the steps it calls.
+and the pipeline's (plan, decompose, output reconstruction) are wrapped with timers, and inside the refit pass the
+layer-wise reconstruction and the least-squares refits of the last 1×1 convs; what the refit pass spends outside
+those is mostly the converted model's forward over the calibration images. A step's time includes the steps it
+calls.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def main() -> None:
         _timed(TorchBackend, name, name)
     for name in ("reconstruct", "als_fit", "solve"):
         _timed(refit_pass, name, f"refit/{name}")
-    for name in ("_check", "_plan", "_decompose", "_layouts"):
+    for name in ("_check", "_plan", "_decompose", "_layouts", "_fit_output"):
         _timed(pipeline, name, name)
     torch.manual_seed(0)
     model = torchvision.models.resnet50().eval()

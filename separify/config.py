@@ -300,7 +300,8 @@ class Calibration:
             float64), or ``"auto"``: bfloat16 for a float32 model on hardware with native bfloat16 (x86 CPUs with
             AVX512-BF16 or AMX, CUDA GPUs that support it) when one forward pass over the calibration data costs at
             least :data:`~separify.calibration.precision.AUTO_FLOPS`, else float32
-            (:mod:`separify.calibration.precision`).
+            (:mod:`separify.calibration.precision`). The same rule, on the stage's own FLOPs, sets the number
+            format of the output reconstruction's steps (:func:`separify.calibration.output.step_dtype`).
     """
 
     limit: int = 1000

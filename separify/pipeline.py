@@ -28,7 +28,7 @@ from separify.planning import latency
 from separify.planning.plan import Candidate, choose_ranks, from_conv_options, keep_faster, meet_latency, planned
 from separify.records import ConvertResult, LayerRecord, NoteCode, Plan, Reason, Skip, new_record
 from separify.calibration import PIXELS_PER_INPUT, LayerFit
-from separify.calibration.output import OutputFit, fit_output
+from separify.calibration.output import OutputFit, fit_output, step_dtype
 from separify.search import Memo, check_search, fastest_within
 
 __all__ = ["convert", "convert_onnx", "run", "ConvertResult", "LayerRecord"]
@@ -498,9 +498,12 @@ def _fit_output(backend: Backend, cfg: ConvertConfig, replacements: dict[str, Se
     start = time.perf_counter()
     with _count_bar(progress, "calibrating: the model's output", cal.output_steps) as on_step, \
             measure.frozen_mode(*frozen):
+        dtype = step_dtype(cal.precision, models.student, models.groups, steps=cal.output_steps,
+                           batch_size=cal.batch_size, fixed_batch=models.fixed_batch,
+                           flops_per_value=models.flops_per_value)
         fit = fit_output(models.student, models.params, models.teacher, models.groups, steps=cal.output_steps,
-                         lr=cal.output_lr, batch_size=cal.batch_size, seed=cfg.seed,
-                         fixed_batch=models.fixed_batch, on_step=on_step)
+                         lr=cal.output_lr, batch_size=cal.batch_size, seed=cfg.seed, fixed_batch=models.fixed_batch,
+                         dtype=dtype, channels_last=models.channels_last, on_step=on_step)
     if fit.kept:
         models.write_back()
     return dataclasses.replace(fit, seconds=time.perf_counter() - start)

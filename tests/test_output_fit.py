@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import separify
-from separify.calibration.output import HOLD_EVERY, MIN_HELD, _split, fit_output, output_error
+from separify.calibration.output import HOLD_EVERY, MIN_HELD, _split, fit_output, output_error, step_dtype
 from separify.errors import SeparifyError
 
 
@@ -149,7 +149,7 @@ def test_the_report_says_what_it_did(net):
 
     doc = conversion_doc(_convert(net, _images(64, 1)))
     fit = doc["output_reconstruction"]
-    assert (fit["steps"], fit["held_out_samples"]) == (100, 8) and fit["seconds"] > 0
+    assert (fit["steps"], fit["held_out_samples"], fit["precision"]) == (100, 8, "float32") and fit["seconds"] > 0
     assert any(line.startswith("output reconstruction (100 steps, ") for line in conversion_lines(doc))
     few = conversion_doc(_convert(net, _images(16, 1)))
     assert any(line.startswith("no output reconstruction: 16 calibration samples") for line in conversion_lines(few))
@@ -172,3 +172,36 @@ def test_a_model_the_steps_cannot_train_is_left_as_refitted_with_a_note():
     assert res.output_fit.note.startswith("no output reconstruction: the steps failed (RuntimeError: ")
     with torch.no_grad():
         torch.testing.assert_close(res.model(x), off.model(x), rtol=0, atol=0)
+
+
+def test_bfloat16_steps_still_lower_the_held_out_error_and_say_so(net):
+    """Under bfloat16 autocast (emulated where the CPU has no native bfloat16) and on channels-last inputs, the
+    steps still fit; the held-out check runs in float32 and the result names the number format."""
+    res = _convert(net, _images(64, 1), calib_output_steps=0)
+    student = res.model
+    params = [p for m in student.modules() if isinstance(m, separify.SeparableConv2d) for p in m.parameters()]
+    fit = fit_output(student, params, net, [_images(64, 1)], steps=60, lr=6e-4, batch_size=8, seed=0,
+                     dtype=torch.bfloat16, channels_last=True)
+    assert fit.kept and fit.error_after < fit.error_before and fit.precision == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in params)  # the factors stay float32
+
+
+@pytest.mark.parametrize("precision, native, flops_per_value, expected", [
+    ("float32", True, 1e9, None),
+    ("bfloat16", False, 1.0, torch.bfloat16),
+    ("auto", True, 1e9, torch.bfloat16),
+    ("auto", True, 1.0, None),  # too small a stage to pay
+    ("auto", False, 1e9, None),  # no native bfloat16
+], ids=["float32", "bfloat16-forced", "auto-large", "auto-small", "auto-emulated"])
+def test_the_steps_number_format_follows_the_calibration_precision(monkeypatch, precision, native, flops_per_value,
+                                                                  expected):
+    import separify.calibration.precision as prec
+
+    monkeypatch.setattr(prec, "native_bfloat16", lambda device: native)
+    # 100 steps of 8 samples of 3×64×64: 9.8e6 input values; at 1e9 FLOPs per value, 3.9e16 FLOPs
+    dtype = step_dtype(precision, nn.Linear(2, 2), [torch.zeros(64, 3, 64, 64)], steps=100, batch_size=8,
+                       fixed_batch=None, flops_per_value=flops_per_value)
+    assert dtype == expected
+    double = step_dtype(precision, nn.Linear(2, 2).double(), [torch.zeros(64, 3, 64, 64)], steps=100, batch_size=8,
+                        fixed_batch=None, flops_per_value=flops_per_value)
+    assert double is None  # only a float32 model is cast

@@ -53,8 +53,9 @@ class OutputModels:
     """What the output reconstruction (:mod:`separify.calibration.output`) trains: the converted model as a PyTorch
     ``student`` whose ``params`` (the replacements' factors) move, the original as ``teacher`` (a callable on
     tensors), the calibration samples in ``groups`` (one tensor per sample shape), ``write_back()``, which puts the
-    trained factors into the backend's model (nothing where ``student`` is that model), and the batch size both
-    models are fixed to (``None``: any)."""
+    trained factors into the backend's model (nothing where ``student`` is that model), the batch size both
+    models are fixed to (``None``: any), the original's forward FLOPs per input value (for the stage's precision
+    rule; 0: unknown) and whether image inputs go channels-last (the model runs in that layout)."""
 
     student: nn.Module
     params: list[nn.Parameter]
@@ -62,6 +63,8 @@ class OutputModels:
     groups: list[torch.Tensor]
     write_back: Callable[[], None] = lambda: None
     fixed_batch: int | None = None
+    flops_per_value: float = 0.0
+    channels_last: bool = False
 
 
 class Backend(abc.ABC):

@@ -13,6 +13,13 @@ floating-point tensor of the output (a tensor, or tuples, lists and dicts of the
 learning rate follows a cosine from ``lr`` to 0. The original's outputs of a minibatch are computed as it is drawn,
 so nothing but the held-out samples' outputs is kept.
 
+The steps run under bfloat16 autocast where the calibration precision allows it (:func:`step_dtype`: the rule of
+:mod:`~separify.calibration.precision` applied to the stage's own FLOPs), and on images in the channels-last layout
+where the model runs in it: the factors, Adam's state and the loss stay float32; the convolutions, recurrent and
+linear layers of both models compute in bfloat16. Its rounding (a relative ``2⁻⁹`` per value) is far below the
+output error the stage fits (a relative squared error of a few percent). The held-out check runs in the models' own
+precision.
+
 Undone where it did not help on samples it did not train on: one sample in :data:`HOLD_EVERY` is held out; ``E``
 on them is measured before and after, and the parameters are restored where the steps did not lower it (or gave a
 non-finite value). With fewer than :data:`MIN_HELD` held-out samples the stage is skipped with a note; so is a model
@@ -28,10 +35,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from separify.calibration.precision import fast_layout, forward_precision, pass_dtype
 from separify.calibration.reconstruct import _rows
 from separify.errors import first_line
 
-__all__ = ["HOLD_EVERY", "MINIBATCH_VALUES", "MIN_HELD", "OutputFit", "fit_output", "output_error"]
+__all__ = ["HOLD_EVERY", "MINIBATCH_VALUES", "MIN_HELD", "OutputFit", "fit_output", "output_error", "step_dtype"]
 
 #: one sample in this many is held out of the steps, to check them on
 HOLD_EVERY = 8
@@ -48,7 +56,8 @@ MINIBATCH_VALUES = 131_072
 class OutputFit:
     """What :func:`fit_output` did: ``steps`` taken, the relative output error ``E`` on the ``held`` held-out
     samples before and after (``after == before`` where the steps were undone), whether the new state was ``kept``,
-    why nothing was done (``note``), and the wall-clock ``seconds`` of the stage (set by the pipeline)."""
+    why nothing was done (``note``), the number format the steps computed in (``precision``: ``"float32"`` or
+    ``"bfloat16"``), and the wall-clock ``seconds`` of the stage (set by the pipeline)."""
 
     steps: int
     held: int
@@ -57,18 +66,22 @@ class OutputFit:
     kept: bool = False
     note: str | None = None
     seconds: float | None = None
+    precision: str = "float32"
 
 
 def fit_output(student: nn.Module, params: Sequence[nn.Parameter], teacher: Callable[[torch.Tensor], Any],
                groups: Sequence[torch.Tensor], *, steps: int, lr: float, batch_size: int, seed: int,
-               fixed_batch: int | None = None, on_step: Callable[[int, int], None] | None = None) -> OutputFit:
+               fixed_batch: int | None = None, dtype: torch.dtype | None = None, channels_last: bool = False,
+               on_step: Callable[[int, int], None] | None = None) -> OutputFit:
     """Fit ``student``'s output to ``teacher``'s on ``groups`` (one tensor ``(n_g, ...)`` per sample shape) by
     ``steps`` Adam steps on ``params`` (module docstring); minibatches of ``batch_size`` samples from one group
     (fewer where they would hold more than :data:`MINIBATCH_VALUES` input values, at least one), chosen with
     probability proportional to its training samples (a generator seeded by ``seed``). Models that only
     run at a ``fixed_batch`` size get minibatches of that size and see the held-out samples in batches of it (a
-    remainder is left out of the check). Both models run as they are (the caller sets eval mode); ``requires_grad``
-    flags are restored and gradients cleared on exit. ``on_step(done, steps)`` after every step."""
+    remainder is left out of the check). The steps' forward passes run under autocast to ``dtype`` (``None``: the
+    models' own precision; :func:`step_dtype` chooses it) and get their inputs channels-last where
+    ``channels_last``. Both models run as they are (the caller sets eval mode); ``requires_grad`` flags are
+    restored and gradients cleared on exit. ``on_step(done, steps)`` after every step."""
     train, held = _split(groups)
     if fixed_batch is not None:
         held = [h[i:i + fixed_batch] for h in held for i in range(0, len(h) - fixed_batch + 1, fixed_batch)]
@@ -86,7 +99,7 @@ def fit_output(student: nn.Module, params: Sequence[nn.Parameter], teacher: Call
         for p, _ in flags:
             p.requires_grad_(id(p) in chosen)
         _steps(student, params, teacher, train, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-               fixed_batch=fixed_batch, on_step=on_step)
+               fixed_batch=fixed_batch, dtype=dtype, channels_last=channels_last, on_step=on_step)
         after = output_error(student, held, targets)
     except RuntimeError as exc:  # autograd's errors: nothing to train through
         _restore(params, saved)
@@ -99,7 +112,22 @@ def fit_output(student: nn.Module, params: Sequence[nn.Parameter], teacher: Call
     kept = after < before  # False for NaN
     if not kept:
         _restore(params, saved)
-    return OutputFit(steps, n_held, before, after if kept else before, kept)
+    precision = "float32" if dtype is None else str(dtype).removeprefix("torch.")
+    return OutputFit(steps, n_held, before, after if kept else before, kept, precision=precision)
+
+
+def step_dtype(precision: str, student: nn.Module, groups: Sequence[torch.Tensor], *, steps: int, batch_size: int,
+               fixed_batch: int | None, flops_per_value: float) -> torch.dtype | None:
+    """The autocast dtype of :func:`fit_output`'s steps: :func:`~separify.calibration.precision.pass_dtype` of
+    the calibration ``precision`` for the stage's FLOPs, ``4 · steps · v · flops_per_value`` (a step: the forward
+    and the backward of the converted model, about three forwards, and a forward of the original, on a minibatch
+    of ``v`` input values, the largest group's; ``flops_per_value``: the original's forward FLOPs per input
+    value, 0 where unknown)."""
+    if not groups:
+        return None
+    sample = max(g[0].numel() for g in groups)
+    values = sample * (fixed_batch or max(1, min(batch_size, MINIBATCH_VALUES // sample)))
+    return pass_dtype(precision, student, groups[0].device, 4 * steps * values * flops_per_value)
 
 
 def _restore(params: Sequence[nn.Parameter], saved: Sequence[torch.Tensor]) -> None:
@@ -123,10 +151,12 @@ def _split(groups: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[tor
 
 def _steps(student: nn.Module, params: Sequence[nn.Parameter], teacher: Callable[[torch.Tensor], Any],
            train: Sequence[torch.Tensor], *, steps: int, lr: float, batch_size: int, seed: int,
-           fixed_batch: int | None, on_step: Callable[[int, int], None] | None) -> None:
+           fixed_batch: int | None, dtype: torch.dtype | None, channels_last: bool,
+           on_step: Callable[[int, int], None] | None) -> None:
     """The Adam steps of :func:`fit_output`, with the cosine schedule."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(params, lr=lr)
+    # the fused kernel: one pass over all the factors per step instead of several (CPU and CUDA have it)
+    opt = torch.optim.Adam(params, lr=lr, fused=all(p.device.type in ("cpu", "cuda") for p in params))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
     sizes = torch.tensor([float(len(x)) for x in train])
     with torch.enable_grad():
@@ -136,9 +166,12 @@ def _steps(student: nn.Module, params: Sequence[nn.Parameter], teacher: Callable
             n = fixed_batch or max(1, min(batch_size, MINIBATCH_VALUES // train[g][0].numel()))
             idx = torch.randint(0, len(train[g]), (n,), generator=gen).tolist()
             x = _rows(train[g], idx)
-            with torch.no_grad():
-                target = teacher(x)
-            loss = _relative_error(student(x), target)
+            x = fast_layout(x) if channels_last else x
+            with forward_precision(dtype, x.device):
+                with torch.no_grad():
+                    target = teacher(x)
+                out = student(x)
+            loss = _relative_error(out, target)  # in float32 (_squares)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -164,9 +197,8 @@ def _relative_error(out: Any, target: Any) -> torch.Tensor:
 
 def _squares(out: Any, target: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ ‖out − target‖², Σ ‖target‖²)`` over the output's floating-point tensors, summed in ``dtype``."""
-    pairs = [(a, b.to(a.device, a.dtype)) for a, b in zip(_leaves(out), _leaves(target), strict=True)]
-    return (sum((a - b).to(dtype).square().sum() for a, b in pairs),
-            sum(b.to(dtype).square().sum() for _, b in pairs))
+    pairs = [(a.to(dtype), b.to(a.device, dtype)) for a, b in zip(_leaves(out), _leaves(target), strict=True)]
+    return (sum((a - b).square().sum() for a, b in pairs), sum(b.square().sum() for _, b in pairs))
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:

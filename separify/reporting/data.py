@@ -293,7 +293,7 @@ def conversion_doc(result: ConvertResult | None) -> dict[str, Any] | None:
     if fit is not None:
         doc["output_reconstruction"] = {"steps": fit.steps, "held_out_samples": fit.held, "kept": fit.kept,
                                         "error_before": fit.error_before, "error_after": fit.error_after,
-                                        "note": fit.note, "seconds": fit.seconds}
+                                        "note": fit.note, "seconds": fit.seconds, "precision": fit.precision}
     return doc
 
 

@@ -170,6 +170,7 @@ def _output_reconstruction_line(fit: Mapping[str, Any] | None) -> list[str]:
         return [fit["note"]]
     errors = f"relative output error on {fit['held_out_samples']} held-out calibration samples"
     took = f", {fit['seconds']:.1f} s" if fit.get("seconds") is not None else ""
+    took += ", bfloat16" if fit.get("precision") == "bfloat16" else ""
     what = f"output reconstruction ({fit['steps']} steps{took})"
     if fit["kept"]:
         return [f"{what}: {errors} {fit['error_before']:.4f} → {fit['error_after']:.4f}"]

@@ -184,7 +184,9 @@ class OnnxBackend(Backend):
                 _update(inits, mod, dtype)
 
         params = [p for _, t in pairs for p in t.parameters()]
-        return OutputModels(student, params, teacher, shape_groups(self.batches), write_back, self.fixed_batch)
+        values = sum(math.prod(v.shape) for v in self.feeds.values())
+        return OutputModels(student, params, teacher, shape_groups(self.batches), write_back, self.fixed_batch,
+                            flops_per_value=self.flops_before / max(1, values))
 
     # --- latency
 

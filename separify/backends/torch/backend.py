@@ -134,10 +134,14 @@ class TorchBackend(Backend):
     def _pass_flops(self) -> float:
         """The FLOPs of one forward of the original over the calibration data: the example's count per input value
         times the calibration data's input values (exact for a fully convolutional model)."""
+        return self._flops_per_value() * sum(b.numel() for b in self.batches)
+
+    def _flops_per_value(self) -> float:
+        """The original's forward FLOPs on the example per input value (0 for an example that is not a tensor)."""
         example = self.inputs[0]
         if not (isinstance(example, torch.Tensor) and example.numel()):
             return 0.0
-        return self.flops_before / example.numel() * sum(b.numel() for b in self.batches)
+        return self.flops_before / example.numel()
 
     def observe(self, cands, moments: bool, patches=frozenset(), progress=None):
         targets = {c.name: c.record.bn_folded or c.name for c in cands}
@@ -166,7 +170,8 @@ class TorchBackend(Backend):
 
     def output_models(self, replacements: dict[str, SeparableConv2d]) -> OutputModels:
         params = [p for mod in replacements.values() for p in mod.parameters()]
-        return OutputModels(self.converted, params, self.reference, shape_groups(self.batches))
+        return OutputModels(self.converted, params, self.reference, shape_groups(self.batches),
+                            flops_per_value=self._flops_per_value(), channels_last=self.channels_last)
 
     # --- latency
 
