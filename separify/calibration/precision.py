@@ -45,7 +45,8 @@ def pass_dtype(precision: str, model: nn.Module, device: torch.device, flops: fl
     """The autocast dtype of the calibration passes (``None``: none, the model's own precision).
 
     ``precision``: ``"float32"`` (none), ``"bfloat16"`` (always, for a float32 model) or ``"auto"`` (module
-    docstring); ``flops``: the estimated FLOPs of one forward pass of ``model`` over the whole calibration set."""
+    docstring); ``flops``: the estimated FLOPs of the work it decides for (one forward pass of ``model`` over the
+    whole calibration set; the output reconstruction's steps, :func:`separify.calibration.output.step_dtype`)."""
     floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if precision == "float32" or floats - {torch.float32}:
         return None
