@@ -200,12 +200,15 @@ def test_arch_takes_literal_keyword_arguments(tmp_path):
     (["--calib-als", "-1", "--calib", "x.npy"], "calib_als must be a non-negative integer", 1),
     (["--calib-loss", "mse"], "--calib-loss needs --calib DATA", 1),
     (["--calib-loss", "kl", "--calib", "x.npy"], "--calib-loss must be fisher, mse or off", 1),
+    (["--calib-precision", "float32"], "--calib-precision needs --calib DATA", 1),
+    (["--calib-precision", "float16", "--calib", "x.npy"], "--calib-precision must be auto, float32 or bfloat16", 1),
     (["--json", "report.txt"], "must end in .json", 1),
     (["--threads", "0"], "--threads must be a positive integer", 1),
     (["--report-batch-size", "0"], "batch size must be a positive integer", 1),
 ], ids=["rank0", "rank-neg", "rank-float", "energy0", "energy>1", "flops0", "flops>1", "two", "method", "shape-bad", "shape-zero",
         "shape-mismatch", "calib-steps-no-data", "calib-steps-neg", "calib-als-no-data", "calib-als-neg",
-        "calib-loss-no-data", "calib-loss-bad", "json-suffix", "threads0", "report-batch0"])
+        "calib-loss-no-data", "calib-loss-bad", "calib-precision-no-data", "calib-precision-bad", "json-suffix",
+        "threads0", "report-batch0"])
 def test_bad_options(files, tmp_path, args, match, code):
     digest = _digest(files["pt2"])
     _bad(None, files["pt2"], "-o", tmp_path / "o.pt2", *args, match=match, code=code)
@@ -531,6 +534,8 @@ def test_config_file_settings_and_overrides(tmp_path, monkeypatch):
     assert not cfg.calibration.loss_aware
     cfg = _config_used(monkeypatch, tmp_path, "--calib", tmp_path / "x.npy", "--calib-loss", "mse", "--class-dim", "1")
     assert (cfg.calibration.loss_aware, cfg.calibration.loss, cfg.calibration.class_dim) == (True, "mse", 1)
+    cfg = _config_used(monkeypatch, tmp_path, "--calib", tmp_path / "x.npy", "--calib-precision", "float32")
+    assert cfg.calibration.precision == "float32"
     assert _config_used(monkeypatch, tmp_path, "--calib-class-dim", "2").calibration.class_dim == 2  # the old name
     _bad(None, "-o", tmp_path / "o.pt2", "--class-dim", "1", "--calib-class-dim", "1",
          match="give --class-dim or --calib-class-dim, not both")
@@ -644,7 +649,8 @@ def test_convert_help_panels_hold_their_options():
     expect = {
         "What to convert": "--output -o --to --arch --allow-pickle --input-shape --exclude --fold-bn --config",
         "Rank selection": "--method --rank --energy --flops --cp-iters --seed",
-        "Calibration": "--calib --calib-limit --calib-steps --calib-als --image-size --resize --mean --std",
+        "Calibration": "--calib --calib-limit --calib-steps --calib-als --calib-precision --image-size --resize --mean "
+                       "--std",
         "Latency": "--objective --target --latency --batch-size --dtype --channels-last --contiguous --margin "
                    "--latency-cache "
                    "--no-latency-cache --threads",

@@ -19,7 +19,7 @@ from separify.cli import _options as opt
 from separify.cli._app import app
 from separify.cli._common import (ReportSettings, calibration_data, check_ctc, describe_images, given, guard,
                                   image_options, load_onnx_original, load_original, make_console, preprocessing)
-from separify.config import OBJECTIVES, ConvertConfig, LatencyTarget
+from separify.config import OBJECTIVES, PRECISIONS, ConvertConfig, LatencyTarget
 from separify.core.progress import step
 from separify.errors import SeparifyError, first_line
 from separify.io.data import load_image_folder, load_labeled_file
@@ -55,6 +55,7 @@ def convert(
     calib_limit: int = opt.CALIB_LIMIT,
     calib_steps: Optional[int] = opt.CALIB_STEPS,
     calib_output_steps: int = opt.CALIB_OUTPUT_STEPS,
+    calib_precision: str = opt.CALIB_PRECISION,
     calib_als: int = opt.CALIB_ALS,
     calib_loss: str = opt.CALIB_LOSS,
     calib_key: Optional[str] = opt.CALIB_KEY,
@@ -110,7 +111,7 @@ def run_convert(params: Mapping[str, Any], explicit: frozenset[str]) -> None:
     tune = FinetuneSettings(data=o.finetune, epochs=o.epochs, steps=o.steps, lr=o.lr, temperature=o.temperature,
                             batch_size=o.finetune_batch_size, checkpoint=o.checkpoint, **outputs)
     for name, flag in (("calib_steps", "--calib-steps"), ("calib_als", "--calib-als"), ("calib_loss", "--calib-loss"),
-                       ("calib_output_steps", "--calib-output-steps")):
+                       ("calib_output_steps", "--calib-output-steps"), ("calib_precision", "--calib-precision")):
         if name in explicit and params[name] and o.calib is None:
             raise SeparifyError(f"{flag} needs --calib DATA")
     tune.check()
@@ -158,7 +159,7 @@ def _unalias(params: Mapping[str, Any], explicit: frozenset[str]) -> tuple[dict,
 CONFIG_KEYS = {"method": "method", "rank": "rank", "energy": "energy", "flops": "flops", "cp_iters": "cp_max_iter",
                "seed": "seed", "exclude": "exclude", "fold_bn": "fold_bn", "calib_limit": "calib_limit",
                "calib_steps": "calib_steps", "calib_als": "calib_als", "calib_output_steps": "calib_output_steps",
-               "class_dim": "calib_class_dim"}
+               "calib_precision": "calib_precision", "class_dim": "calib_class_dim"}
 #: parameters that only apply under the latency objective → their option names
 LATENCY_ONLY = {"target_batch": "--batch-size", "dtype": "--dtype",
                 "channels_last": "--channels-last/--contiguous",
@@ -179,6 +180,9 @@ def build_config(params: Mapping[str, Any], explicit: frozenset[str]) -> Convert
         if loss not in ("fisher", "mse", "off"):
             raise SeparifyError(f"--calib-loss must be fisher, mse or off, got {loss!r}")
         changes.update(calib_loss_aware=loss != "off", **({"calib_loss": loss} if loss != "off" else {}))
+    if "calib_precision" in explicit and params["calib_precision"] not in PRECISIONS:
+        raise SeparifyError(f"--calib-precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
+                            f"got {params['calib_precision']!r}")
     changes.update(latency_changes(base, params, explicit))
     return base.replace(**changes) if changes else base
 

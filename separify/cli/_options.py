@@ -156,6 +156,11 @@ CALIB_OUTPUT_STEPS = typer.Option(CALIB_DEFAULTS.output_steps, "--calib-output-s
                                   "replacements together against the original model's outputs (output "
                                   "reconstruction; one sample in 8 held out to check it, undone where it did not "
                                   "lower their error; ONNX models through onnx2torch); 0 turns it off.")
+CALIB_PRECISION = typer.Option(CALIB_DEFAULTS.precision, "--calib-precision", rich_help_panel=CALIBRATION,
+                               help="With --calib: the number format of the calibration passes and the output "
+                               "reconstruction's steps on PyTorch models (the output reconstruction's on ONNX models): "
+                               "auto (bfloat16 where the CPU or GPU computes it natively and the work is large "
+                               "enough), float32 or bfloat16.")
 CALIB_ALS = typer.Option(CALIB_DEFAULTS.als, "--calib-als", rich_help_panel=CALIBRATION, help="With --calib: "
                          "iterations of alternating least squares fitting each replacement's depthwise and last 1×1 "
                          "conv to the original layer's outputs (0 skips it).")
