@@ -126,8 +126,14 @@ def step_dtype(precision: str, student: nn.Module, groups: Sequence[torch.Tensor
     if not groups:
         return None
     sample = max(g[0].numel() for g in groups)
-    values = sample * (fixed_batch or max(1, min(batch_size, MINIBATCH_VALUES // sample)))
+    values = sample * _minibatch(sample, batch_size, fixed_batch)
     return pass_dtype(precision, student, groups[0].device, 4 * steps * values * flops_per_value)
+
+
+def _minibatch(sample_values: int, batch_size: int, fixed_batch: int | None) -> int:
+    """Samples per step for samples of ``sample_values`` input values: ``fixed_batch`` where the models fix it, else
+    ``batch_size``, fewer where that many would hold more than :data:`MINIBATCH_VALUES`, at least one."""
+    return fixed_batch or max(1, min(batch_size, MINIBATCH_VALUES // sample_values))
 
 
 def _restore(params: Sequence[nn.Parameter], saved: Sequence[torch.Tensor]) -> None:
@@ -163,7 +169,7 @@ def _steps(student: nn.Module, params: Sequence[nn.Parameter], teacher: Callable
         for step in range(steps):
             g = int(torch.multinomial(sizes, 1, generator=gen)) if len(train) > 1 else 0
             # drawn with replacement: a group smaller than the minibatch still fills it
-            n = fixed_batch or max(1, min(batch_size, MINIBATCH_VALUES // train[g][0].numel()))
+            n = _minibatch(train[g][0].numel(), batch_size, fixed_batch)
             idx = torch.randint(0, len(train[g]), (n,), generator=gen).tolist()
             x = _rows(train[g], idx)
             x = fast_layout(x) if channels_last else x
