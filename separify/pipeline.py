@@ -28,7 +28,7 @@ from separify.planning import latency
 from separify.planning.plan import Candidate, choose_ranks, from_conv_options, keep_faster, meet_latency, planned
 from separify.records import ConvertResult, LayerRecord, NoteCode, Plan, Reason, Skip, new_record
 from separify.calibration import PIXELS_PER_INPUT, LayerFit
-from separify.calibration.output import OutputFit, fit_output, step_dtype
+from separify.calibration.output import HOLD_EVERY, OutputFit, fit_output, step_dtype, too_few
 from separify.search import Memo, check_search, fastest_within
 
 __all__ = ["convert", "convert_onnx", "run", "ConvertResult", "LayerRecord"]
@@ -187,7 +187,7 @@ def run(backend: Backend, cfg: ConvertConfig, *, calibration: Any = None,
             fits = backend.refit(replacements, by_name, cfg, pixels, on_layer)
         _record_fits(by_name, fits)
         _scarce_warning(records, samples, msgs)
-        output_fit = _fit_output(backend, cfg, replacements, progress)
+        output_fit = _fit_output(backend, cfg, replacements, samples, progress)
     _layouts(backend, cands, replacements)
     result = backend.result(records, cfg, budget)
     result.output_fit = output_fit
@@ -485,12 +485,16 @@ def _record_fits(records: dict[str, LayerRecord], fits: list[LayerFit]) -> None:
             rec.add_note(NoteCode.SCARCE if fit.scarce else NoteCode.CALIBRATION, fit.note)
 
 
-def _fit_output(backend: Backend, cfg: ConvertConfig, replacements: dict[str, SeparableConv2d],
+def _fit_output(backend: Backend, cfg: ConvertConfig, replacements: dict[str, SeparableConv2d], samples: int,
                 progress) -> OutputFit | None:
-    """The output reconstruction (:mod:`separify.calibration.output`) after the layer pass; ``None`` when off."""
+    """The output reconstruction (:mod:`separify.calibration.output`) after the layer pass, on ``samples``
+    calibration samples; ``None`` when off."""
     cal = cfg.calibration
     if cal.output_steps == 0:
         return None
+    note = too_few(samples)  # decided before any model is built (an ONNX graph's import takes seconds)
+    if note:
+        return OutputFit(0, samples // HOLD_EVERY, note=note)
     models = backend.output_models(replacements)
     if isinstance(models, str):
         return OutputFit(0, 0, note=f"no output reconstruction: {models}")

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import separify
-from separify.calibration.output import HOLD_EVERY, MIN_HELD, _split, fit_output, output_error, step_dtype
+from separify.calibration.output import (HOLD_EVERY, MIN_HELD, _partition, _split, fit_output, output_error,
+                                        step_dtype)
 from separify.errors import SeparifyError
 
 
@@ -114,6 +115,33 @@ def test_held_out_samples_are_spread_over_shape_groups():
     assert [tuple(t.shape[1:]) for t in train] == [(1, 2, 3), (1, 2, 4), (1, 2, 5)]
 
 
+@pytest.mark.parametrize("cache, calls", [(2**28, 7), (0, 20)], ids=["outputs-kept", "outputs-too-large"])
+def test_the_original_runs_once_per_fixed_minibatch_while_its_outputs_fit(monkeypatch, cache, calls):
+    """56 training samples cut into 7 minibatches of 8: over 20 steps the original runs once on each of them (its
+    outputs kept), or at every step where they would take more than ``CACHE_BYTES``; plus once on the held out."""
+    import separify.calibration.output as output
+
+    monkeypatch.setattr(output, "CACHE_BYTES", cache)
+    teacher, seen = nn.Linear(3, 3), []
+
+    def counted(x):
+        seen.append(x.shape[0])
+        return teacher(x)
+
+    student = nn.Linear(3, 3)
+    fit = fit_output(student, list(student.parameters()), counted, [torch.randn(64, 3)], steps=20, lr=1e-2,
+                     batch_size=8, seed=0)
+    assert fit.steps == 20 and seen == [8] + [8] * calls
+
+
+def test_fixed_minibatches_cover_every_sample_and_fill_up_within_their_group():
+    groups = [torch.zeros(10, 2), torch.zeros(3, 4)]
+    batches = _partition(groups, 4, None, torch.Generator().manual_seed(0))
+    assert [(g, len(idx)) for g, idx in batches] == [(0, 4)] * 3 + [(1, 4)]
+    assert sorted({i for g, idx in batches if g == 0 for i in idx}) == list(range(10))
+    assert sorted(set(batches[3][1])) == [0, 1, 2]
+
+
 def test_every_floating_point_output_counts():
     """Models whose output is a dict or tuple: the error sums over every floating-point tensor in it."""
 
@@ -154,6 +182,20 @@ def test_the_report_says_what_it_did(net):
     few = conversion_doc(_convert(net, _images(16, 1)))
     assert any(line.startswith("no output reconstruction: 16 calibration samples") for line in conversion_lines(few))
     assert "output_reconstruction" not in conversion_doc(_convert(net, _images(64, 1), calib_output_steps=0))
+
+
+def test_too_few_samples_skip_the_stage_before_any_model_is_built(net, monkeypatch):
+    """16 samples hold out 2: the stage is skipped with its note before the backend builds the models (for an ONNX
+    graph, an import into PyTorch that takes seconds)."""
+    from separify.backends.torch.backend import TorchBackend
+
+    def unexpected(self, replacements):
+        raise AssertionError("output_models called")
+
+    monkeypatch.setattr(TorchBackend, "output_models", unexpected)
+    fit = _convert(net, _images(16, 1)).output_fit
+    assert (fit.steps, fit.held, fit.kept) == (0, 2, False)
+    assert fit.note == "no output reconstruction: 16 calibration samples hold out fewer than 4 to check it on"
 
 
 def test_a_model_the_steps_cannot_train_is_left_as_refitted_with_a_note():

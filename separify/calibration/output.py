@@ -8,10 +8,13 @@ it is), minimising the relative squared output error
 
     E(B) = Σ_leaves ‖f(x_B) − g(x_B)‖² / Σ_leaves ‖g(x_B)‖²
 
-over random minibatches ``B``, where ``f`` is the converted model, ``g`` the original and the sums run over every
+over minibatches ``B``, where ``f`` is the converted model, ``g`` the original and the sums run over every
 floating-point tensor of the output (a tensor, or tuples, lists and dicts of them): logits, features, boxes. The
-learning rate follows a cosine from ``lr`` to 0. The original's outputs of a minibatch are computed as it is drawn,
-so nothing but the held-out samples' outputs is kept.
+learning rate follows a cosine from ``lr`` to 0. The training samples are split once into fixed minibatches (a
+seeded shuffle per shape group; a group's last minibatch filled up with other samples of it), visited in a fresh
+random order each round, so the original's outputs of a minibatch are computed once, when it is first drawn, and
+kept while they take at most :data:`CACHE_BYTES` (a classifier's logits, a recogniser's sequence scores); larger
+outputs (dense maps) are computed again at every visit.
 
 The steps run under bfloat16 autocast where the calibration precision allows it (:func:`step_dtype`: the rule of
 :mod:`~separify.calibration.precision` applied to the stage's own FLOPs), and on images in the channels-last layout
@@ -39,7 +42,8 @@ from separify.calibration.precision import fast_layout, forward_precision, pass_
 from separify.calibration.reconstruct import _rows
 from separify.errors import first_line
 
-__all__ = ["HOLD_EVERY", "MINIBATCH_VALUES", "MIN_HELD", "OutputFit", "fit_output", "output_error", "step_dtype"]
+__all__ = ["CACHE_BYTES", "HOLD_EVERY", "MINIBATCH_VALUES", "MIN_HELD", "OutputFit", "fit_output", "output_error",
+           "step_dtype", "too_few"]
 
 #: one sample in this many is held out of the steps, to check them on
 HOLD_EVERY = 8
@@ -50,6 +54,9 @@ MIN_HELD = 4
 #: input values per minibatch above which it takes fewer than ``batch_size`` samples: 8 OCR words of 64×192, one
 #: 224² RGB image (large inputs: their pixels already average the gradient, and each step costs a whole model)
 MINIBATCH_VALUES = 131_072
+
+#: bytes of the original's outputs on the training minibatches kept between visits (beyond it: computed again)
+CACHE_BYTES = 2**28
 
 
 @dataclass(frozen=True)
@@ -74,21 +81,22 @@ def fit_output(student: nn.Module, params: Sequence[nn.Parameter], teacher: Call
                fixed_batch: int | None = None, dtype: torch.dtype | None = None, channels_last: bool = False,
                on_step: Callable[[int, int], None] | None = None) -> OutputFit:
     """Fit ``student``'s output to ``teacher``'s on ``groups`` (one tensor ``(n_g, ...)`` per sample shape) by
-    ``steps`` Adam steps on ``params`` (module docstring); minibatches of ``batch_size`` samples from one group
-    (fewer where they would hold more than :data:`MINIBATCH_VALUES` input values, at least one), chosen with
-    probability proportional to its training samples (a generator seeded by ``seed``). Models that only
-    run at a ``fixed_batch`` size get minibatches of that size and see the held-out samples in batches of it (a
-    remainder is left out of the check). The steps' forward passes run under autocast to ``dtype`` (``None``: the
-    models' own precision; :func:`step_dtype` chooses it) and get their inputs channels-last where
+    ``steps`` Adam steps on ``params`` (module docstring); fixed minibatches of ``batch_size`` samples from one
+    group (fewer where they would hold more than :data:`MINIBATCH_VALUES` input values, at least one), cut and
+    visited in an order drawn by a generator seeded by ``seed``. Models that only run at a ``fixed_batch`` size get
+    minibatches of that size and see the held-out samples in batches of it (a remainder is left out of the check).
+    The steps' forward passes run under autocast to ``dtype`` (``None``: the models' own precision;
+    :func:`step_dtype` chooses it); they and the held-out check get their inputs channels-last where
     ``channels_last``. Both models run as they are (the caller sets eval mode); ``requires_grad`` flags are
     restored and gradients cleared on exit. ``on_step(done, steps)`` after every step."""
     train, held = _split(groups)
     if fixed_batch is not None:
         held = [h[i:i + fixed_batch] for h in held for i in range(0, len(h) - fixed_batch + 1, fixed_batch)]
     n_held = sum(len(h) for h in held)
-    if n_held < MIN_HELD or not train:
-        return OutputFit(0, n_held, note=f"no output reconstruction: {sum(len(g) for g in groups)} calibration "
-                                         f"samples hold out fewer than {MIN_HELD} to check it on")
+    held = [fast_layout(h) for h in held] if channels_last else held
+    note = too_few(sum(len(g) for g in groups), n_held)
+    if note or not train:
+        return OutputFit(0, n_held, note=note)
     with torch.no_grad():
         targets = [teacher(h) for h in held]
     before = output_error(student, held, targets)
@@ -114,6 +122,16 @@ def fit_output(student: nn.Module, params: Sequence[nn.Parameter], teacher: Call
         _restore(params, saved)
     precision = "float32" if dtype is None else str(dtype).removeprefix("torch.")
     return OutputFit(steps, n_held, before, after if kept else before, kept, precision=precision)
+
+
+def too_few(samples: int, held: int | None = None) -> str | None:
+    """Why the stage is skipped for ``samples`` calibration samples of which ``held`` are held out (``None``: the
+    ``samples // HOLD_EVERY`` that :func:`fit_output` holds out of any samples, before a fixed batch drops some):
+    fewer than :data:`MIN_HELD` held out; ``None`` where enough are."""
+    held = samples // HOLD_EVERY if held is None else held
+    if held >= MIN_HELD:
+        return None
+    return f"no output reconstruction: {samples} calibration samples hold out fewer than {MIN_HELD} to check it on"
 
 
 def step_dtype(precision: str, student: nn.Module, groups: Sequence[torch.Tensor], *, steps: int, batch_size: int,
@@ -159,23 +177,31 @@ def _steps(student: nn.Module, params: Sequence[nn.Parameter], teacher: Callable
            train: Sequence[torch.Tensor], *, steps: int, lr: float, batch_size: int, seed: int,
            fixed_batch: int | None, dtype: torch.dtype | None, channels_last: bool,
            on_step: Callable[[int, int], None] | None) -> None:
-    """The Adam steps of :func:`fit_output`, with the cosine schedule."""
+    """The Adam steps of :func:`fit_output`, with the cosine schedule, over the fixed minibatches of
+    :func:`_partition` in a fresh random order each round."""
     gen = torch.Generator().manual_seed(seed)
     # the fused kernel: one pass over all the factors per step instead of several (CPU and CUDA have it)
     opt = torch.optim.Adam(params, lr=lr, fused=all(p.device.type in ("cpu", "cuda") for p in params))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
-    sizes = torch.tensor([float(len(x)) for x in train])
+    batches = _partition(train, batch_size, fixed_batch, gen)
+    targets: dict[int, Any] = {}  # minibatch index -> the original's output on it, while within CACHE_BYTES
+    kept = 0
+    order: list[int] = []
     with torch.enable_grad():
         for step in range(steps):
-            g = int(torch.multinomial(sizes, 1, generator=gen)) if len(train) > 1 else 0
-            # drawn with replacement: a group smaller than the minibatch still fills it
-            n = _minibatch(train[g][0].numel(), batch_size, fixed_batch)
-            idx = torch.randint(0, len(train[g]), (n,), generator=gen).tolist()
+            order = order or torch.randperm(len(batches), generator=gen).tolist()
+            b = order.pop()
+            g, idx = batches[b]
             x = _rows(train[g], idx)
             x = fast_layout(x) if channels_last else x
             with forward_precision(dtype, x.device):
-                with torch.no_grad():
-                    target = teacher(x)
+                target = targets.get(b)
+                if target is None:
+                    with torch.no_grad():
+                        target = teacher(x)
+                    size = sum(t.numel() * t.element_size() for t in _leaves(target))
+                    if kept + size <= CACHE_BYTES:
+                        targets[b], kept = target, kept + size
                 out = student(x)
             loss = _relative_error(out, target)  # in float32 (_squares)
             opt.zero_grad(set_to_none=True)
@@ -184,6 +210,22 @@ def _steps(student: nn.Module, params: Sequence[nn.Parameter], teacher: Callable
             schedule.step()
             if on_step is not None:
                 on_step(step + 1, steps)
+
+
+def _partition(train: Sequence[torch.Tensor], batch_size: int, fixed_batch: int | None,
+               gen: torch.Generator) -> list[tuple[int, list[int]]]:
+    """The fixed minibatches ``(group, sample indices)`` of the steps: per group, its samples shuffled by ``gen``
+    and cut into minibatches of :func:`_minibatch` samples, the last one filled up with samples drawn from the rest
+    of the group (a group smaller than a minibatch repeats samples), so that every minibatch has the same size."""
+    batches = []
+    for g, x in enumerate(train):
+        n = _minibatch(x[0].numel(), batch_size, fixed_batch)
+        perm = torch.randperm(len(x), generator=gen).tolist()
+        for i in range(0, len(perm), n):
+            idx = perm[i:i + n]
+            fill = torch.randint(0, len(x), (n - len(idx),), generator=gen).tolist()
+            batches.append((g, idx + fill))
+    return batches
 
 
 def output_error(student: nn.Module, xs: Sequence[torch.Tensor], targets: Sequence[Any]) -> float:
