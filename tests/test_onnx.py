@@ -52,12 +52,16 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """resnet18 and vgg11_bn (random weights, BatchNorm statistics randomised) exported to ONNX at 64×64."""
+    """resnet18 and vgg11_bn (random weights, BatchNorm statistics randomised) exported to ONNX at 64×64. vgg11_bn
+    keeps torchvision's convs and pooling but gets one 10-class linear layer for its 4096-wide classifier: those
+    120 M weights (480 MB) hold no conv and made every serialisation of the graph take a third of a second."""
     folder = tmp_path_factory.mktemp("onnx")
     paths = {}
     for name, ctor in (("resnet18", torchvision.models.resnet18), ("vgg11_bn", torchvision.models.vgg11_bn)):
         torch.manual_seed(0)
         model = ctor(num_classes=10).eval()
+        if name == "vgg11_bn":
+            model.classifier = torch.nn.Linear(512 * 7 * 7, 10)
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1)
