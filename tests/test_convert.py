@@ -217,7 +217,9 @@ def test_exclusions_that_leave_nothing_warn():
                                             ("pw-dw-pw", 0.5)])
 def test_flops_target_is_met(method, target):
     model = torchvision.models.resnet18().eval()
-    res = separify.convert(model, example_inputs=torch.randn(1, 3, 32, 32), method=method, flops=target)
+    # the ranks are allocated before any CP-ALS runs: 3 sweeps instead of 25 leave them as they are
+    res = separify.convert(model, example_inputs=torch.randn(1, 3, 32, 32), method=method, flops=target,
+                           cp_max_iter=3)
     assert res.flops_ratio <= target + 1e-9
     assert res.flops_ratio > target - 0.05  # the budget is used, not wasted
     assert not res.warnings

@@ -94,7 +94,7 @@ def test_exported_networks_are_exact_at_full_rank(exported, arch, method):
 
 def test_flops_target_is_kept(exported):
     """The global FLOPs target: reached from below, every converted layer below its exact rank."""
-    res = convert_onnx(exported["resnet18"], flops=0.5)
+    res = convert_onnx(exported["resnet18"], flops=0.5, cp_max_iter=3)  # the ranks come before the CP-ALS
     assert 0.45 < res.flops_ratio <= 0.5
     assert res.flops_before == onnx_flops(load_onnx(exported["resnet18"]), example_feeds(res.model))
     assert res.converted and all(0 < r.rank < r.exact_rank for r in res.converted)
