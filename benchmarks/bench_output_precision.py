@@ -28,6 +28,7 @@ import torch
 import separify
 from _common import write_result
 from separify.calibration.precision import native_bfloat16
+from separify.core.measure import cpu_name
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_calibration import _setup, _whole_target  # noqa: E402
@@ -87,8 +88,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/output_precision_2026-12-07.md"))
     args = ap.parse_args()
     torch.set_num_threads(2)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    cpu = cpu_name()
     native = "native bfloat16" if native_bfloat16(torch.device("cpu")) else "no native bfloat16"
     lines = [f"Command: `python benchmarks/bench_output_precision.py --targets {args.targets} --forms {args.forms}"
              f"{' --resnet50' if args.resnet50 else ''}`; {torch.get_num_threads()} threads, {cpu} ({native}), "
