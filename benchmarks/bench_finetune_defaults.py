@@ -6,7 +6,7 @@ Run from the repository root (``pip install -e '.[bench]'``; Debian's ``dataset-
 
     python benchmarks/bench_finetune_defaults.py [--models ocr,embedded] [--targets 0.5,0.25] [--method pw-dw-pw]
         [--old-defaults] [--guard-metric] [--labels | --pseudo-labels] [--alpha A] [--lr LR] [--batch B]
-        [--order-seed S] [--threads 2]
+        [--order-seed S] [--eval N] [--threads 2]
 
 Per network and FLOPs target: ``separify.convert(..., calibration=256 samples)`` then
 ``separify.finetune(converted, original, data, epochs=1)`` with nothing else set (``lr`` and ``temperature`` chosen
@@ -23,7 +23,8 @@ set apart from both the fine-tuning data and the reported evaluation set (``eval
   labels need the task's loss), every other setting still separify's (``--alpha A`` sets the weight of the
   distillation term against the labels, ``1 − A`` on the labels); with ``--pseudo-labels`` the batches carry no
   labels and each gets the original's greedy CTC decodings as labels (``pseudo_labels=separify.ctc_greedy_targets``,
-  ``label_loss=separify.ctc_loss``: sequence-level distillation); word accuracy on 500 eval strings;
+  ``label_loss=separify.ctc_loss``: sequence-level distillation); word accuracy on 500 eval strings (``--eval N``:
+  the first N);
   validation: 300 more rendered words of the calibration stream.
 * embedded FashionResNet: calibration on 256 training images; fine-tuning on 10,000 labeled training images, batch
   128 (79 steps); top-1 on the 1,000 held-out test images; validation: the next 1,000 training images.
@@ -58,7 +59,7 @@ warnings.filterwarnings("ignore")
 CALIB = 256
 
 
-def _setup(name: str, labels: bool = False, pseudo: bool = False) -> dict:
+def _setup(name: str, labels: bool = False, pseudo: bool = False, n_eval: int = 500) -> dict:
     if name == "embedded":
         setup = embedded_setup()
         setup["calib"] = _fashion_train(CALIB)[0]
@@ -69,6 +70,7 @@ def _setup(name: str, labels: bool = False, pseudo: bool = False) -> dict:
 
     setup = ocr_setup(9600)
     setup["calib"] = setup["calib"][:CALIB]
+    setup["evaluate"] = lambda m: sm.evaluate(m, n_eval)
     x, words = sm.calibration_set(256 + 9600 + 300)  # the 300 strings after the fine-tuning ones
     setup["validate"] = lambda m: sm.word_accuracy(m, x[-300:], words[-300:])
     if labels:  # the same 9,600 fine-tuning images (ocr_setup's slice of the stream), with their strings
@@ -134,6 +136,7 @@ def main() -> None:
     ap.add_argument("--order-seed", type=int, default=None,
                     help="shuffle the fine-tuning samples with this seed before batching (another draw of the data's "
                          "order, to see the spread of one epoch)")
+    ap.add_argument("--eval", type=int, default=500, help="OCR: word accuracy on the first N eval strings")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune_defaults_2026-12-06.md"))
     args = ap.parse_args()
@@ -144,12 +147,13 @@ def main() -> None:
              f"{' --pseudo-labels' if args.pseudo_labels else ''}"
              f"{f' --alpha {args.alpha:g}' if args.alpha is not None else ''}"
              f"{f' --batch {args.batch}' if args.batch else ''}{f' --lr {args.lr:g}' if args.lr else ''}"
-             f"{f' --order-seed {args.order_seed}' if args.order_seed is not None else ''}`; "
+             f"{f' --order-seed {args.order_seed}' if args.order_seed is not None else ''}"
+             f"{f' --eval {args.eval}' if args.eval != 500 else ''}`; "
              f"{torch.get_num_threads()} threads, CPU "
              f"({platform.processor() or platform.machine()}), torch {torch.__version__}, separify "
              f"{separify.__version__}."]
     for name in args.models.split(","):
-        setup = _setup(name, args.labels, args.pseudo_labels)
+        setup = _setup(name, args.labels, args.pseudo_labels, args.eval)
         if args.batch or args.order_seed is not None:
             setup["tune"] = _rebatch(setup["tune"], args.batch, args.order_seed)
         lines += ["", f"### {setup['name']}", "", f"Original: **{setup['evaluate'](setup['model']):.3f}**.", "",

@@ -228,6 +228,39 @@ def test_bfloat16_steps_still_lower_the_held_out_error_and_say_so(net):
     assert all(p.dtype == torch.float32 for p in params)  # the factors stay float32
 
 
+class _Flattening(nn.Module):
+    """Cannot run channels-last (``.view`` across channels and pixels); a linear head after the flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                                  nn.ReLU())
+        self.head = nn.Linear(16 * 12 * 12, 10)
+
+    def forward(self, x):
+        y = self.body(x)
+        return self.head(y.view(len(y), -1))
+
+
+def test_bfloat16_steps_leave_the_frozen_weights_as_they_were_and_no_hooks():
+    """The stage casts the frozen layers' weights once for its bfloat16 steps, and runs the replacements of a model
+    that cannot run channels-last in that layout: both undone after it, the teacher's weights included."""
+    teacher = _Flattening().eval()
+    res = _convert(teacher, _images(64, 1), calib_output_steps=0)
+    student = res.model
+    params = [p for m in student.modules() if isinstance(m, separify.SeparableConv2d) for p in m.parameters()]
+    chosen = {id(p) for p in params}
+    everything = [*student.parameters(), *teacher.parameters()]
+    frozen = {id(p): p.detach().clone() for p in everything if id(p) not in chosen}
+    fit = fit_output(student, params, teacher, [_images(64, 1)], steps=30, lr=6e-4, batch_size=8, seed=0,
+                     dtype=torch.bfloat16, channels_last=False)
+    assert fit.kept and fit.error_after < fit.error_before
+    assert all(p.dtype == torch.float32 for p in everything)
+    assert all(torch.equal(p, frozen[id(p)]) for p in everything if id(p) not in chosen)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in student.modules())
+
+
 @pytest.mark.parametrize("precision, native, flops_per_value, expected", [
     ("float32", True, 1e9, None),
     ("bfloat16", False, 1.0, torch.bfloat16),

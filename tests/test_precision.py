@@ -208,3 +208,62 @@ def test_the_observation_pass_reports_its_progress_in_samples(monkeypatch):
     seen = []
     cal.observe(_net(), {"0": "1", "3": "3"}, [_images(12)], progress=lambda done, total: seen.append((done, total)))
     assert seen == [(5, 12), (10, 12), (12, 12)]
+
+
+class _Mixed(nn.Module):
+    """Every kind of layer :func:`precision.frozen_lowered` knows (and a GRU, which it leaves alone), one trained
+    replacement, and a flatten by ``.view`` that fails on a channels-last activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.sep = PwDwPwConv2d(8, 8, 3, rank=4, padding=1)
+        self.lstm = nn.LSTM(8 * 6, 16, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(32, 8, batch_first=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.sep(self.stem(x))  # (B, 8, 6, W)
+        b, c, h, w = y.shape
+        seq = y.view(b, c * h, w).transpose(1, 2)  # (B, W, 48): .view needs the contiguous layout
+        return self.head(self.gru(self.lstm(seq)[0])[0])
+
+
+def test_frozen_lowered_layers_hold_the_weights_autocast_would_give_them_and_get_them_back():
+    model = _Mixed().eval()
+    trained = {id(p) for p in model.sep.parameters()}
+    frozen_conv, lstm_weight, gru_weight = model.stem[0].weight, model.lstm.weight_ih_l0, model.gru.weight_ih_l0
+    before = frozen_conv.detach().clone()
+    x = torch.randn(2, 3, 6, 10)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)
+        with precision.frozen_lowered(torch.bfloat16, [model], trained):
+            assert frozen_conv.dtype == lstm_weight.dtype == model.head.weight.dtype == torch.bfloat16
+            assert model.sep.conv_dw.weight.dtype == torch.float32  # trained: never cast
+            assert gru_weight.dtype == model.stem[1].weight.dtype == torch.float32  # not lowered by CPU autocast
+            got = model(x)
+    assert torch.equal(got, expected)  # the same rounding, done once
+    assert model.stem[0].weight is frozen_conv and frozen_conv.dtype == torch.float32
+    assert torch.equal(frozen_conv, before)
+    with precision.frozen_lowered(None, [model], trained):  # no autocast: nothing to cast
+        assert frozen_conv.dtype == torch.float32
+
+
+def test_trained_parts_run_channels_last_in_a_model_that_cannot():
+    model = _Mixed().eval()
+    x = torch.randn(2, 3, 6, 10)
+    assert not precision.runs_channels_last(model, x)
+    trained = {id(p) for p in model.sep.parameters()}
+    seen = []
+    probe = model.sep.conv_dw.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        expected = model(x)
+        with precision.trained_channels_last(model, trained):
+            got = model(x)  # the .view after the replacement still works
+        model(x)
+    probe.remove()
+    assert seen == [False, True, False]  # channels-last inside the block only
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert precision._trained_parts(model, trained) == [model.sep]  # the largest trained part, not its convs

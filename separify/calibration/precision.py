@@ -14,21 +14,36 @@ calibration set whose forward pass costs at least :data:`AUTO_FLOPS`; smaller jo
 exactness (a full-rank conversion refits to float32 rounding). Images (4-D inputs) run in the channels-last layout
 on a CPU, where oneDNN's convolutions, depthwise ones above all, are faster in it, for models that take it
 (:func:`runs_channels_last`: one that flattens an activation with ``.view`` does not).
+
+Gradient steps through a whole model (the output reconstruction) run faster with two more changes that leave every
+computed value as it was. Under CPU autocast, every call of a convolution, linear or LSTM layer casts its weights to
+bfloat16; layers none of whose weights train are cast once instead, for the duration of the steps
+(:func:`frozen_lowered`), which is the same rounding. In a model that cannot run channels-last as a whole, the
+trained parts alone can: their input goes channels-last and their output back to the layout it had
+(:func:`trained_channels_last`), so the rest of the model sees what it saw before.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Sequence
+
 import torch
 from torch import nn
 
-__all__ = ["AUTO_FLOPS", "fast_layout", "forward_precision", "full_precision", "native_bfloat16",
-           "pass_dtype", "runs_channels_last", "widened"]
+__all__ = ["AUTO_FLOPS", "LOWERED", "fast_layout", "forward_precision", "frozen_lowered", "full_precision",
+           "native_bfloat16", "pass_dtype", "runs_channels_last", "trained_channels_last", "widened"]
 
 #: ``precision="auto"``: bfloat16 where the original model's forward over the calibration set costs at least this
 #: many FLOPs (as :class:`torch.utils.flop_counter.FlopCounterMode` counts them: 2 per multiply-add; about 7 s of
 #: float32 on two AVX-512 cores; ResNet-50 on 256 images at 224² is 2.1e12)
 AUTO_FLOPS = 1e12
+
+#: layers that CPU autocast runs in the lower precision with every floating-point argument cast to it (weights
+#: included); not the GRU, which CPU autocast leaves in float32
+LOWERED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
+           nn.LSTM)
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def native_bfloat16(device: torch.device) -> bool:
@@ -94,3 +109,64 @@ def runs_channels_last(model: nn.Module, sample: torch.Tensor) -> bool:
     except Exception:  # noqa: BLE001 - any failure means: keep the layout the model was given
         return False
     return True
+
+
+@contextlib.contextmanager
+def frozen_lowered(dtype: torch.dtype | None, models: Sequence[nn.Module], trained: set[int]):
+    """Within the block, the weights of every :data:`LOWERED` layer of ``models`` none of whose own parameters is
+    in ``trained`` (ids) stored in ``dtype``, where that is what CPU autocast would cast them to at every call
+    (``dtype`` a 16-bit float, the weights float32 on a CPU; otherwise nothing changes): the same values, cast once.
+    Restored on exit (the same tensors: the parameters keep their identity)."""
+    saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    try:
+        for mod in (m for model in models for m in model.modules()) if dtype in _HALF else ():
+            own = list(mod.parameters(recurse=False))
+            if not isinstance(mod, LOWERED) or any(id(p) in trained for p in own):
+                continue
+            for p in own:
+                if p.dtype == torch.float32 and p.device.type == "cpu":
+                    saved.append((p, p.data))
+                    p.data = p.data.to(dtype)
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
+@contextlib.contextmanager
+def trained_channels_last(model: nn.Module, params: set[int]):
+    """Within the block, every largest submodule of ``model`` all of whose parameters are in ``params`` (ids; a
+    replacement, or one conv of an imported graph) and that holds a 2-D convolution gets its 4-D CPU input
+    channels-last (:func:`fast_layout`) and returns its output contiguous again: oneDNN's depthwise and 1×1 convs
+    run faster in that layout, and the rest of the model (one that cannot run channels-last) sees its own layout."""
+    handles = []
+
+    def pre(_mod, args):
+        return (fast_layout(args[0]), *args[1:]) if args and isinstance(args[0], torch.Tensor) else None
+
+    def post(_mod, _args, out):
+        return out.contiguous() if isinstance(out, torch.Tensor) and out.dim() == 4 else None
+
+    try:
+        for mod in _trained_parts(model, params):
+            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _trained_parts(model: nn.Module, params: set[int]) -> list[nn.Module]:
+    """The largest submodules of ``model`` with parameters, all in ``params``, that hold a :class:`nn.Conv2d`."""
+    found: list[nn.Module] = []
+
+    def visit(mod: nn.Module) -> None:
+        own = list(mod.parameters())
+        if own and all(id(p) in params for p in own) and any(isinstance(m, nn.Conv2d) for m in mod.modules()):
+            found.append(mod)
+            return
+        for child in mod.children():
+            visit(child)
+
+    visit(model)
+    return found
