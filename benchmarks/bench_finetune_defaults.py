@@ -71,6 +71,7 @@ def _setup(name: str, labels: bool = False, pseudo: bool = False, n_eval: int = 
     setup = ocr_setup(9600)
     setup["calib"] = setup["calib"][:CALIB]
     setup["evaluate"] = lambda m: sm.evaluate(m, n_eval)
+    setup["name"] = setup["name"].replace("500 rendered strings", f"{n_eval} rendered strings")
     x, words = sm.calibration_set(256 + 9600 + 300)  # the 300 strings after the fine-tuning ones
     setup["validate"] = lambda m: sm.word_accuracy(m, x[-300:], words[-300:])
     if labels:  # the same 9,600 fine-tuning images (ocr_setup's slice of the stream), with their strings
