@@ -211,8 +211,8 @@ def test_the_observation_pass_reports_its_progress_in_samples(monkeypatch):
 
 
 class _Mixed(nn.Module):
-    """Every kind of layer :func:`precision.frozen_lowered` knows (and a GRU, which it leaves alone), one trained
-    replacement, and a flatten by ``.view`` that fails on a channels-last activation."""
+    """A conv, an LSTM and a linear layer (kinds :func:`precision.frozen_lowered` casts), a GRU (which it leaves
+    alone), one trained replacement, and a flatten by ``.view`` that fails on a channels-last activation."""
 
     def __init__(self) -> None:
         super().__init__()
