@@ -16,8 +16,6 @@ each (256 images in batches of 8). With ``--base PATH`` (a checkout of another c
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
@@ -25,18 +23,12 @@ import torch
 from torch import nn
 
 import separify.calibration.observation as current
+from _common import load_base
 
 # (input channels, input size, kernel, stride, how many of ResNet-50's layers have this shape)
 SHAPES = [(3, 224, 7, 2, 1), (64, 56, 3, 1, 3), (128, 56, 3, 2, 1), (128, 28, 3, 1, 3), (256, 28, 3, 2, 1),
           (256, 14, 3, 1, 5), (512, 14, 3, 2, 1), (512, 7, 3, 1, 2)]
 
-
-def _load(path: Path):
-    spec = importlib.util.spec_from_file_location("base_observation", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _time(module, conv: nn.Conv2d, x: torch.Tensor, calls: int) -> float:
@@ -59,7 +51,7 @@ def main() -> None:
     torch.manual_seed(0)
     versions = [("this checkout", current)]
     if args.base is not None:
-        versions.insert(0, ("base", _load(args.base / "separify/calibration/observation.py")))
+        versions.insert(0, ("base", load_base(args.base, "separify/calibration/observation.py")))
     totals = {name: 0.0 for name, _ in versions}
     for m, size, k, stride, count in SHAPES:
         conv = nn.Conv2d(m, 64, k, stride=stride, padding=k // 2, bias=False)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import sys
 import time
 import warnings
@@ -33,14 +32,8 @@ import separify
 import separify.calibration.output as current
 from separify.calibration.precision import runs_channels_last
 from separify.core.measure import count_flops, cpu_name
+from _common import load_base
 
-
-def _load(path: Path):
-    spec = importlib.util.spec_from_file_location("base_output", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def _setup(name: str):
@@ -84,7 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(f"CPU: {cpu_name()}, 2 threads")
-    versions = [("base", _load(args.base / "separify/calibration/output.py")), ("this checkout", current)]
+    versions = [("base", load_base(args.base, "separify/calibration/output.py")), ("this checkout", current)]
     for name in args.models:
         _compare(name, versions, args.pairs, args.steps)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import time
 from pathlib import Path
 
@@ -28,15 +27,10 @@ import torch
 import separify.calibration.reconstruct as current
 from separify.calibration import reuse_freed_memory
 from separify.core.modules import PwDwPwConv2d
+from _common import load_base
 
 SHAPES = [(64, 56, 1), (128, 56, 2), (128, 28, 1), (256, 14, 1), (512, 7, 1)]  # (channels, input size, stride)
 
-
-def _load(path: Path):
-    spec = importlib.util.spec_from_file_location("base_reconstruct", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -53,7 +47,7 @@ def main() -> None:
     versions = [("this checkout", current, cl)]
     if args.base is not None:
         base_layout = cl if args.base_layout == "channels-last" else torch.contiguous_format
-        versions.insert(0, ("base", _load(args.base / "separify/calibration/reconstruct.py"), base_layout))
+        versions.insert(0, ("base", load_base(args.base, "separify/calibration/reconstruct.py"), base_layout))
     for m, size, stride in SHAPES:
         conv = torch.nn.Conv2d(m, m, 3, padding=1, stride=stride)
         start = PwDwPwConv2d.from_conv(conv, rank=1)

@@ -95,7 +95,8 @@ def fit_output(student: nn.Module, params: Sequence[nn.Parameter], teacher: Call
     The steps' forward passes run under autocast to ``dtype`` (``None``: the models' own precision;
     :func:`step_dtype` chooses it); they and the held-out check get their inputs channels-last where
     ``channels_last`` (else the trained parts alone run in that layout, module docstring). Both models run as they
-    are (the caller sets eval mode); ``requires_grad`` flags are restored and gradients cleared on exit. ``on_step(done, steps)`` after every step."""
+    are (the caller sets eval mode); ``requires_grad`` flags are restored and gradients cleared on exit.
+    ``on_step(done, steps)`` after every step."""
     train, held = _split(groups)
     if fixed_batch is not None:
         held = [h[i:i + fixed_batch] for h in held for i in range(0, len(h) - fixed_batch + 1, fixed_batch)]
