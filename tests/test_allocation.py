@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -70,6 +71,29 @@ def test_auto_gives_each_layer_the_form_that_is_exact_for_it(calibrated):
         single = _convert(model, method=method, flops=0.12, calibration=data)
         with torch.no_grad():
             assert (single.model(x) - want).norm() / want.norm() > 0.05
+
+
+def test_auto_predicts_by_als_only_at_ranks_the_refit_fits(monkeypatch):
+    """pw-dw-pw's predicted error is measured only at ranks whose depthwise conv the refit's ALS fits (here bounded
+    at R·P ≤ 72: R ≤ 8 of the 56 saving ranks); above, the curve goes on from there with the weight-space curve's
+    shape: continuous, non-increasing, its ratios those of the weight-space curve."""
+    from separify.calibration import als
+    from separify.planning import forms, ranks
+
+    monkeypatch.setattr(als, "_ALS_MAX_CP", 8 * P)
+    conv = nn.Conv2d(C, C, 3, padding=1).double()
+    predicted = []
+    plain = forms.predicted_error
+    monkeypatch.setattr(forms, "predicted_error",
+                        lambda mod, *a, **k: predicted.append(mod.rank) or plain(mod, *a, **k))
+    saving = np.arange(1, 57)
+    curve = forms.form_curve(conv, "pw-dw-pw", saving, None, options=lambda m, r: {"seed": 0}, iters=4, ridge=1e-6)
+    assert max(predicted) == 8 and len(predicted) == forms.SAMPLE_RANKS
+    errors = curve(saving)
+    assert np.all(np.diff(errors) <= 1e-12) and np.all(errors > 0)
+    weight_space = ranks.error_curve("pw-dw-pw", conv.weight, saving[7:])
+    np.testing.assert_allclose(errors[7:] / errors[7], weight_space / weight_space[0], rtol=1e-9)
+    assert forms.measured_ranks(conv, "dw-pw", np.arange(1, 10)).tolist() == list(range(1, 10))
 
 
 def test_auto_refuses_a_rule_that_fixes_a_rank():

@@ -120,25 +120,28 @@ def test_held_out_range_test_bounds_and_non_finite_losses():
     assert defaults.lr_from_held_out([1e-9, 1e-9], 0.0, steps) == defaults.LR_BOUNDS[0]  # at the teacher: clipped
 
 
-def test_held_out_range_test_picks_the_end_of_the_best_agreements_plateau_before_harm():
-    """With the held-out agreement with the teacher: among the updates before training hurt, the rate of the last
-    one within 0.01 of the best agreement, where that best beats the start by at least 0.03; harm is the loss rising
-    or the agreement falling 0.02 below its start, two updates in a row, whichever comes first."""
+def test_held_out_range_test_gives_a_student_with_much_to_win_the_far_rate_capped_below_harm():
+    """With the held-out agreement with the teacher: where the best agreement before training hurt beats the start
+    by at least 0.03, the rate is 1e-3, at most 5 times the rate of the first update that hurt; harm is the loss
+    rising or the agreement falling 0.02 below its start, two updates in a row, whichever comes first."""
     steps, start, agree0 = 30, 2.0, 0.80
     lrs = [defaults.range_lr(i, steps) for i in range(steps)]
-    loss = [start * (0.9 if i < 20 else 2.0) for i in range(steps)]  # hurts from update 20
+    assert defaults.FAR_LR == 1e-3 and defaults.ABOVE_HARM == 5.0
+    late = next(i for i, lr in enumerate(lrs) if lr >= 1e-3)  # harm at a rate at or above 1e-3: 1e-3 itself
+    loss = [start * (0.9 if i < late else 2.0) for i in range(steps)]
     agreement = [agree0 + 0.004 * min(i, 12) for i in range(steps)]  # rises to update 12 (+0.048), then flat
-    agreement[10] = agree0 + 0.055  # an early best; the plateau within 0.01 of it ends at update 19, before harm
-    assert defaults.harmed(loss, start, agreement, agree0) == 20
-    assert defaults.plateau_end(agreement[:20], agree0) == 19
-    assert defaults.lr_from_held_out(loss, start, steps, agreement, agree0) == pytest.approx(lrs[19])
-    rising = [agree0 + 0.004 * min(i, 12) for i in range(15)]  # falls from update 15, before the loss hurts:
-    falling = rising + [agree0 - 0.05] * (steps - 15)  # the plateau ends where the fall starts
-    assert defaults.falls(falling, agree0) == 15 and defaults.harmed(loss, start, falling, agree0) == 15
-    assert defaults.lr_from_held_out(loss, start, steps, falling, agree0) == pytest.approx(lrs[14])
-    peak = list(agreement)
-    peak[10] = agree0 + 0.1  # a best far above the rest: the plateau is that update alone
-    assert defaults.lr_from_held_out(loss, start, steps, peak, agree0) == pytest.approx(lrs[10])
+    assert defaults.harmed(loss, start, agreement, agree0) == late
+    assert defaults.lr_from_held_out(loss, start, steps, agreement, agree0) == pytest.approx(1e-3)
+    rising = [agree0 + 0.004 * i for i in range(10)]  # +0.036, then falls from update 10, before the loss hurts:
+    falling = rising + [agree0 - 0.05] * (steps - 10)  # capped at 5 times the rate of update 10
+    assert defaults.falls(falling, agree0) == 10 and defaults.harmed(loss, start, falling, agree0) == 10
+    assert lrs[10] * 5 < 1e-3
+    assert defaults.lr_from_held_out(loss, start, steps, falling, agree0) == pytest.approx(5 * lrs[10])
+    never = [start * 0.9] * steps  # no harm over the whole sweep: 1e-3
+    assert defaults.lr_from_held_out(never, start, steps, agreement, agree0) == pytest.approx(1e-3)
+    gain_after_harm = [agree0] * 15 + [agree0 + 0.1] * (steps - 15)  # a gain only after the loss hurt counts not
+    assert defaults.lr_from_held_out(loss[:15] + [2 * start] * (steps - 15), start, steps, gain_after_harm,
+                                     agree0) == defaults.LR_BOUNDS[0]
     one_dip = list(agreement)
     one_dip[5] = agree0 - 0.05  # one value below the bar alone is noise
     assert defaults.falls(one_dip, agree0) is None
@@ -151,7 +154,7 @@ def test_held_out_range_test_takes_the_lowest_rate_without_a_clear_gain(gain):
     steps, start, agree0 = 30, 2.0, 0.90
     loss = [start * 0.9] * steps
     agreement = [agree0 + gain * min(i, 10) / 10 for i in range(steps)]
-    assert defaults.plateau_end(agreement, agree0) is None
+    assert not defaults.much_to_win(agreement, agree0)
     assert defaults.lr_from_held_out(loss, start, steps, agreement, agree0) == defaults.LR_BOUNDS[0]
 
 

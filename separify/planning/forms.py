@@ -10,6 +10,12 @@ pass). pw-dw-pw's depthwise conv reads ``h = A x`` (``A (R, M)`` its first 1×1 
 statistics are ``K S Kᵀ``, ``Yu Kᵀ`` and ``K us``, from those of ``x`` without another pass. Without calibration
 data the yardstick is the weight error of the decomposition. Between sample ranks the error is interpolated
 (log error, linear in rank).
+
+The sample ranks end where the refit's ALS still runs (:func:`~separify.calibration.als_runs`: pw-dw-pw's depthwise
+conv reads ``R·P ≤ 8,192`` values per pixel). Beyond, a prediction by ALS would promise a fit the refit never makes,
+and it is the costliest to make (the statistics grow as ``(R·P)²``; on ResNet-50's 512-channel layers the useful ranks
+reach 2,283); the curve continues from its last sample with the shape of the form's weight-space curve
+(:func:`~separify.planning.ranks.error_curve`, non-increasing).
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from separify.calibration import PatchStatistics, als_fit
+from separify.calibration import PatchStatistics, als_fit, als_runs
 from separify.core.modules import FORMS
+from separify.planning.ranks import error_curve
 
-__all__ = ["AUTO_FORMS", "SAMPLE_RANKS", "form_curve", "sample_ranks"]
+__all__ = ["AUTO_FORMS", "SAMPLE_RANKS", "form_curve", "measured_ranks", "sample_ranks"]
 
 AUTO_FORMS = ("dw-pw", "pw-dw-pw")
 SAMPLE_RANKS = 5  # ranks per form and layer at which the predicted error is measured
@@ -61,18 +68,35 @@ def predicted_error(mod: nn.Module, stats: PatchStatistics | None, *, iters: int
     return float(als_fit(mod.conv_dw, mod._last(), _statistics_of(mod, stats), iters=iters, ridge=ridge)[1])
 
 
+def measured_ranks(conv: nn.Conv2d, method: str, ranks: np.ndarray) -> np.ndarray:
+    """The ranks of ``ranks`` at which ``method``'s error is predicted by ALS (module docstring): those where the
+    refit's ALS runs, at least the first."""
+    if method != "pw-dw-pw":
+        return ranks
+    taps = conv.kernel_size[0] * conv.kernel_size[1]
+    fits = np.asarray([als_runs(int(r) * taps) for r in ranks], dtype=bool)
+    return ranks[fits] if fits.any() else ranks[:1]
+
+
 def form_curve(conv: nn.Conv2d, method: str, ranks: np.ndarray, stats: PatchStatistics | None, *,
                options: Callable[[str, int], dict[str, Any]], iters: int, ridge: float
                ) -> Callable[[np.ndarray], np.ndarray]:
     """The predicted relative error of ``method`` as a function of rank (module docstring): measured at
-    :func:`sample_ranks` of ``ranks`` (``from_conv(conv, r, **options(method, r))``), interpolated between them,
-    non-increasing."""
-    at = sample_ranks(ranks)
+    :func:`sample_ranks` of :func:`measured_ranks` (``from_conv(conv, r, **options(method, r))``), interpolated
+    between them, non-increasing; above the last, that error times the weight-space curve's ratio to its value
+    there."""
+    ranks = np.asarray(ranks, dtype=np.int64)
+    at = sample_ranks(measured_ranks(conv, method, ranks))
     errors = []
     for r in at:
         mod = FORMS[method].from_conv(copy.deepcopy(conv), int(r), **options(method, int(r)))
         errors.append(max(predicted_error(mod, stats, iters=min(iters, ALS_ITERS), ridge=ridge), 1e-12))
     log = np.minimum.accumulate(np.log(np.asarray(errors)))
+    beyond = np.concatenate([at[-1:], ranks[ranks > at[-1]]])  # the last sample and the ranks above it
+    if len(beyond) > 1:  # the weight-space curve's shape from the last sample on, as log ratios (at most 0)
+        shape = np.log(np.maximum(error_curve(method, conv.weight, beyond), 1e-300))
+        at = np.concatenate([at, beyond[1:]])
+        log = np.concatenate([log, log[-1] + np.minimum(shape[1:] - shape[0], 0.0)])
 
     def curve(r: np.ndarray) -> np.ndarray:
         return np.exp(np.interp(np.asarray(r, dtype=np.float64), at.astype(np.float64), log))
