@@ -30,7 +30,6 @@ SHAPES = [(3, 224, 7, 2, 1), (64, 56, 3, 1, 3), (128, 56, 3, 2, 1), (128, 28, 3,
           (256, 14, 3, 1, 5), (512, 14, 3, 2, 1), (512, 7, 3, 1, 2)]
 
 
-
 def _time(module, conv: nn.Conv2d, x: torch.Tensor, calls: int) -> float:
     acc = module._Moments(256)
     with torch.autocast("cpu", enabled=False):

@@ -35,7 +35,6 @@ from separify.core.measure import count_flops, cpu_name
 from _common import load_base
 
 
-
 def _setup(name: str):
     """``(original model, calibration samples, method)``."""
     if name == "ocr":

@@ -32,7 +32,6 @@ from _common import load_base
 SHAPES = [(64, 56, 1), (128, 56, 2), (128, 28, 1), (256, 14, 1), (512, 7, 1)]  # (channels, input size, stride)
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path, help="a checkout of another commit to compare with")
