@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("method", nargs="?", default="pw-dw-pw")
     parser.add_argument("--ocr", action="store_true")
     parser.add_argument("--flops", type=float, default=0.5)
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="calib_seconds (default: the library's; 0: no time budget)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     TorchBackend.observe = _count_kept(TorchBackend.observe)
@@ -95,13 +97,20 @@ def main() -> None:
     _timed(output, "_steps", "_fit_output/steps")
     model, x, evaluate = _data(args.ocr, args.n)
     start = time.perf_counter()
+    budget = {} if args.seconds is None else {"calib_seconds": args.seconds or None}
     res = separify.convert(model, example_inputs=x[:1], objective="flops", method=args.method, flops=args.flops,
-                           calibration=x)
+                           calibration=x, **budget)
     what = "words" if args.ocr else "images"
     print(f"{args.method}, {args.n} {what}: {time.perf_counter() - start:.1f} s in all; FLOPs {res.flops_ratio:.3f}")
     errors = [r.calib_error_after for r in res.converted if r.calib_error_after is not None]
     print(f"  mean layer error after the refit {sum(errors) / max(len(errors), 1):.4f} over {len(errors)} layers; "
           f"kept outputs {KEPT[0] / 2**30:.2f} GiB")
+    fit = res.output_fit
+    cut = [r.name for r in res.converted if any("time budget" in n.text for n in r.notes)]
+    budget = getattr(res.config.calibration, "seconds", None)  # (a checkout from before the budget: none)
+    print(f"  time budget {budget}: layer-wise reconstruction stopped early in {len(cut)} layers; output "
+          f"reconstruction {fit.steps} of {getattr(fit, 'planned', 0) or fit.steps} steps, held-out error "
+          f"{fit.error_before} -> {fit.error_after}")
     for label, seconds in sorted(TIMES.items(), key=lambda kv: -kv[1]):
         print(f"  {label}: {seconds:.1f} s")
     if evaluate is not None:

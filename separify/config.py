@@ -302,6 +302,13 @@ class Calibration:
             least :data:`~separify.calibration.precision.AUTO_FLOPS`, else float32
             (:mod:`separify.calibration.precision`). The same rule, on the stage's own FLOPs, sets the number
             format of the output reconstruction's steps (:func:`separify.calibration.output.step_dtype`).
+        seconds: a time budget for the conversion (wall clock from its start, less any time spent timing layers on
+            a latency target): the two reconstructions' steps (``steps``, ``output_steps``), the only work that can
+            stop early, stop where it ends (:mod:`separify.calibration.budget`); the result says how many ran.
+            Everything else runs in full, so a conversion whose passes alone take longer ends later, with fewer or
+            no steps. ``None`` (the default): no budget, every step runs. A budget makes the result depend on the
+            machine's speed and load; on the OCR benchmark network, 30 s cost about 1 point of word accuracy on a
+            2-core CPU (benchmarks/RESULTS.md).
     """
 
     limit: int = 1000
@@ -321,6 +328,7 @@ class Calibration:
     output_lr: float = 6e-4
     input_key: str | None = None
     precision: str = "auto"
+    seconds: float | None = None
 
     def __post_init__(self) -> None:
         # messages name the flat keywords (calib_limit...), which are also the CLI's option names
@@ -338,6 +346,10 @@ class Calibration:
         _check_number(self.lr, "calib_lr", positive=True)
         _check_int(self.output_steps, "calib_output_steps")
         _check_number(self.output_lr, "calib_output_lr", positive=True)
+        if self.seconds is not None and (isinstance(self.seconds, bool) or not isinstance(self.seconds, (int, float))
+                                         or not self.seconds > 0):
+            raise ConfigError(f"calib_seconds must be a positive number of seconds or None (no time budget), "
+                              f"got {self.seconds!r}")
         if self.loss not in ("fisher", "mse"):
             raise ConfigError(f"calib_loss must be 'fisher' or 'mse', got {self.loss!r}")
         check_class_dim(self.class_dim, "calib_class_dim")
@@ -425,7 +437,8 @@ FLAT: dict[str, tuple[str, str]] = {
     **{n: ("ranks", n) for n in ("method", "rank", "energy", "flops", "latency", "require_saving")},
     **{f"calib_{n}": ("calibration", n) for n in ("limit", "ridge", "whiten", "damp", "ranks", "loss_aware",
                                                     "loss", "class_dim", "memory_gb", "steps", "als", "lr",
-                                                    "batch_size", "output_steps", "output_lr", "precision")},
+                                                    "batch_size", "output_steps", "output_lr", "precision",
+                                                    "seconds")},
     "objective": ("latency", "objective"), "target": ("latency", "target"), "margin": ("latency", "margin"),
     "latency_cache": ("latency", "cache"), "input_key": ("calibration", "input_key"),
     "cp_max_iter": ("cp", "max_iter"), "cp_tol": ("cp", "tol"),

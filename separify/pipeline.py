@@ -28,6 +28,7 @@ from separify.planning import latency
 from separify.planning.plan import Candidate, choose_ranks, from_conv_options, keep_faster, meet_latency, planned
 from separify.records import ConvertResult, LayerRecord, NoteCode, Plan, Reason, Skip, new_record
 from separify.calibration import PIXELS_PER_INPUT, LayerFit
+from separify.calibration.budget import Budget
 from separify.calibration.output import HOLD_EVERY, OutputFit, fit_output, step_dtype, too_few
 from separify.search import Memo, check_search, fastest_within
 
@@ -162,18 +163,24 @@ def run(backend: Backend, cfg: ConvertConfig, *, calibration: Any = None,
     """The conversion of one model through its backend (module docstring). ``memo`` shares measurements between
     conversions of the same model; ``keep`` leaves every candidate dense with that reason."""
     start = time.perf_counter()
+    budget = Budget.starting_now(cfg.calibration.seconds)
     memo = memo if memo is not None else Memo()
     samples = backend.set_calibration(calibration, cfg.calibration) if calibration is not None else 0
     records, cands = _check(backend, cfg, keep)
+    observing = time.perf_counter()
     with _count_bar(progress if samples else False, f"calibration: the original on {samples} samples",
                     samples) as on_samples:
         covs, whitened, patches = _observe(backend, cfg, cands, memo, on_samples) if samples else ({}, {}, {})
+    observed = time.perf_counter() - observing  # the cost of one pass over the data: the budget's yardstick
     msgs: list[str] = []
     if samples and cands:
         _weigh(backend, cfg, cands, memo, msgs, progress)
     clock = Clock(backend, cfg, timer, memo) if cfg.objective == "latency" and cands else None
-    budget, plan_msgs = _plan(backend, cfg, cands, whitened, patches, clock, progress)
+    planning = time.perf_counter()
+    flops_budget, plan_msgs = _plan(backend, cfg, cands, whitened, patches, clock, progress)
     msgs += plan_msgs
+    if clock is not None:  # timing layers on the target is not calibration: the time budget does not count it
+        budget = budget.extended(time.perf_counter() - planning)
     pixels = backend.output_pixels(planned(cands)) if samples else {}
     replacements = _decompose(cfg, cands, covs, pixels, calibrated=samples > 0, progress=progress)
     by_name = {r.name: r for r in records}
@@ -184,12 +191,13 @@ def run(backend: Backend, cfg: ConvertConfig, *, calibration: Any = None,
     output_fit = None
     if samples and replacements:
         with _layer_bar(progress, "calibrating", len(replacements), counted=False) as on_layer:
-            fits = backend.refit(replacements, by_name, cfg, pixels, on_layer)
+            fits = backend.refit(replacements, by_name, cfg, pixels, on_layer, budget=budget.layer_steps(observed))
         _record_fits(by_name, fits)
         _scarce_warning(records, samples, msgs)
-        output_fit = _fit_output(backend, cfg, replacements, samples, progress)
+        output_fit = _fit_output(backend, cfg, replacements, samples, progress, budget)
+        _budget_warning(cfg, fits, output_fit, msgs)
     _layouts(backend, cands, replacements)
-    result = backend.result(records, cfg, budget)
+    result = backend.result(records, cfg, flops_budget)
     result.output_fit = output_fit
     if clock is not None:
         with _step_bar(progress, f"checking: timing both whole models on {clock.where}"):
@@ -486,9 +494,9 @@ def _record_fits(records: dict[str, LayerRecord], fits: list[LayerFit]) -> None:
 
 
 def _fit_output(backend: Backend, cfg: ConvertConfig, replacements: dict[str, SeparableConv2d], samples: int,
-                progress) -> OutputFit | None:
+                progress, budget: Budget) -> OutputFit | None:
     """The output reconstruction (:mod:`separify.calibration.output`) after the layer pass, on ``samples``
-    calibration samples; ``None`` when off."""
+    calibration samples, within what is left of the time ``budget``; ``None`` when off."""
     cal = cfg.calibration
     if cal.output_steps == 0:
         return None
@@ -507,7 +515,7 @@ def _fit_output(backend: Backend, cfg: ConvertConfig, replacements: dict[str, Se
                            flops_per_value=models.flops_per_value)
         fit = fit_output(models.student, models.params, models.teacher, models.groups, steps=cal.output_steps,
                          lr=cal.output_lr, batch_size=cal.batch_size, seed=cfg.seed, fixed_batch=models.fixed_batch,
-                         dtype=dtype, channels_last=models.channels_last, on_step=on_step)
+                         dtype=dtype, channels_last=models.channels_last, on_step=on_step, until=budget.output_until())
     if fit.kept:
         models.write_back()
     return dataclasses.replace(fit, seconds=time.perf_counter() - start)
@@ -550,6 +558,19 @@ def _check_latency(clock: Clock, result: ConvertResult, msgs: list[str]) -> None
     if ratio is not None and ratio >= 1.0 and result.converted:
         msgs.append(f"on {where} the converted model measured {ratio:.2f}× the original's time although its plan "
                     "measured faster; time it again on an idle machine, or convert with a larger --margin")
+
+
+def _budget_warning(cfg: ConvertConfig, fits: Sequence[LayerFit], output_fit: OutputFit | None,
+                    msgs: list[str]) -> None:
+    """Warn when the time budget stopped reconstruction steps (each layer's note and the output reconstruction's
+    line say how many ran)."""
+    layers = [f.name for f in fits if f.note and "time budget" in f.note]
+    output = output_fit is not None and output_fit.steps < output_fit.planned
+    if layers or output:
+        what = [f"the layer-wise reconstruction of {len(layers)} layer(s)"] if layers else []
+        what += ["the output reconstruction"] if output else []
+        msgs.append(f"the time budget (calib_seconds={cfg.calibration.seconds:g}) stopped {' and '.join(what)} "
+                    "before all steps; a larger budget (calib_seconds, --calib-seconds) or none runs them all")
 
 
 def _scarce_warning(records: Sequence[LayerRecord], samples: int, msgs: list[str]) -> None:

@@ -536,6 +536,9 @@ def test_config_file_settings_and_overrides(tmp_path, monkeypatch):
     assert (cfg.calibration.loss_aware, cfg.calibration.loss, cfg.calibration.class_dim) == (True, "mse", 1)
     cfg = _config_used(monkeypatch, tmp_path, "--calib", tmp_path / "x.npy", "--calib-precision", "float32")
     assert cfg.calibration.precision == "float32"
+    cfg = _config_used(monkeypatch, tmp_path, "--calib", tmp_path / "x.npy", "--calib-seconds", "12.5")
+    assert cfg.calibration.seconds == 12.5
+    assert _config_used(monkeypatch, tmp_path, "--calib-seconds", "0").calibration.seconds is None  # no budget
     assert _config_used(monkeypatch, tmp_path, "--calib-class-dim", "2").calibration.class_dim == 2  # the old name
     _bad(None, "-o", tmp_path / "o.pt2", "--class-dim", "1", "--calib-class-dim", "1",
          match="give --class-dim or --calib-class-dim, not both")

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import separify
-from separify.calibration.output import (HOLD_EVERY, MIN_HELD, _partition, _split, fit_output, output_error,
-                                        step_dtype)
+from separify.calibration.output import (CHECK_VALUES, HOLD_EVERY, MIN_HELD, _partition, _split, fit_output,
+                                        output_error, step_dtype)
 from separify.errors import SeparifyError
 
 
@@ -113,6 +113,17 @@ def test_held_out_samples_are_spread_over_shape_groups():
     assert sum(len(h) for h in held) == 17 // HOLD_EVERY
     assert sum(len(t) for t in train) + sum(len(h) for h in held) == 17
     assert [tuple(t.shape[1:]) for t in train] == [(1, 2, 3), (1, 2, 4), (1, 2, 5)]
+
+
+def test_held_out_samples_stop_at_the_check_values():
+    """Large samples: the check reads at most CHECK_VALUES input values (at least MIN_HELD samples, whole fixed
+    batches); the every-8th samples past them train."""
+    big = torch.zeros(256, 3, 224, 224, dtype=torch.uint8)  # (the values count, not their type)
+    train, held = _split([big])
+    assert sum(len(h) for h in held) == CHECK_VALUES // big[0].numel() == 16 and sum(len(t) for t in train) == 240
+    huge = torch.zeros(64, 3, 460, 460, dtype=torch.uint8)  # 3 of them would exceed CHECK_VALUES
+    assert sum(len(h) for h in _split([huge])[1]) == MIN_HELD and sum(len(h) for h in _split([huge], 3)[1]) == 6
+    assert sum(len(h) for h in _split([torch.zeros(256, 1, 64, 192)])[1]) == 256 // HOLD_EVERY  # OCR words: all
 
 
 @pytest.mark.parametrize("cache, calls", [(2**28, 7), (0, 20)], ids=["outputs-kept", "outputs-too-large"])

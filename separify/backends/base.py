@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from separify.calibration import LayerFit, PatchStatistics
+from separify.calibration.budget import StepTime
 from separify.config import Calibration, ConvertConfig, LatencyTarget
 from separify.core.decompose import InputCovariance
 from separify.core.measure import Timing
@@ -116,9 +117,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def refit(self, replacements: dict[str, SeparableConv2d], records: dict[str, LayerRecord], cfg: ConvertConfig,
-              pixels: dict[str, int], progress=None) -> list[LayerFit]:
+              pixels: dict[str, int], progress=None, budget: StepTime | None = None) -> list[LayerFit]:
         """Fit each applied replacement to the original layer's outputs on the calibration data, in graph order,
-        on the converted model's own inputs; the factors are updated in the backend's model."""
+        on the converted model's own inputs; the factors are updated in the backend's model. The layer-wise
+        reconstruction's steps share the ``budget`` of their time (:mod:`~separify.calibration.budget`)."""
 
     @abc.abstractmethod
     def output_models(self, replacements: dict[str, SeparableConv2d]) -> OutputModels | str:

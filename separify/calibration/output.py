@@ -28,9 +28,9 @@ their weights in bfloat16 for the steps instead of casting them at every call (t
 that cannot run channels-last the replacements alone run in it, in the steps and the check (CPU; oneDNN may sum in
 another order there).
 
-Undone where it did not help on samples it did not train on: one sample in :data:`HOLD_EVERY` is held out; ``E``
-on them is measured before and after, and the parameters are restored where the steps did not lower it (or gave a
-non-finite value). With fewer than :data:`MIN_HELD` held-out samples the stage is skipped with a note; so is a model
+Undone where it did not help on samples it did not train on: one sample in :data:`HOLD_EVERY` is held out (at
+most :data:`CHECK_VALUES` input values' worth); ``E`` on them is measured before and after, and the parameters are
+restored where the steps did not lower it (or gave a non-finite value). With fewer than :data:`MIN_HELD` held-out samples the stage is skipped with a note; so is a model
 the steps cannot train (its backward raises: e.g. an output detached from the factors), with the error in the note.
 """
 
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -49,14 +50,19 @@ from separify.calibration.precision import (fast_layout, forward_precision, froz
 from separify.calibration.reconstruct import _rows
 from separify.errors import first_line
 
-__all__ = ["CACHE_BYTES", "HOLD_EVERY", "MINIBATCH_VALUES", "MIN_HELD", "OutputFit", "fit_output", "output_error",
-           "step_dtype", "too_few"]
+__all__ = ["CACHE_BYTES", "CHECK_VALUES", "HOLD_EVERY", "MINIBATCH_VALUES", "MIN_HELD", "OutputFit", "fit_output",
+           "output_error", "step_dtype", "too_few"]
 
 #: one sample in this many is held out of the steps, to check them on
 HOLD_EVERY = 8
 
 #: fewer held-out samples than this: the stage is skipped (too few to tell a better state from a worse one)
 MIN_HELD = 4
+
+#: input values of held-out samples at most (and at least :data:`MIN_HELD` samples): 16 RGB images of 224², about
+#: 200 OCR words of 64×192. The check costs three forwards of them in full precision (on ResNet-50 at 224², 4–5 s
+#: for 32 images on 2 cores); a paired comparison of the same samples before and after needs no more
+CHECK_VALUES = 16 * 3 * 224 * 224
 
 #: input values per minibatch above which it takes fewer than ``batch_size`` samples: 8 OCR words of 64×192, one
 #: 224² RGB image (large inputs: their pixels already average the gradient, and each step costs a whole model)
@@ -65,10 +71,14 @@ MINIBATCH_VALUES = 131_072
 #: bytes of the original's outputs on the training minibatches kept between visits (beyond it: computed again)
 CACHE_BYTES = 2**28
 
+#: the note of a stage the time budget left no time for
+SPENT = "no output reconstruction: the time budget (calib_seconds) was spent before it"
+
 
 @dataclass(frozen=True)
 class OutputFit:
-    """What :func:`fit_output` did: ``steps`` taken, the relative output error ``E`` on the ``held`` held-out
+    """What :func:`fit_output` did: ``steps`` taken of the ``planned`` (fewer where the time budget ended them;
+    0: as many as taken), the relative output error ``E`` on the ``held`` held-out
     samples before and after (``after == before`` where the steps were undone), whether the new state was ``kept``,
     why nothing was done (``note``), the number format the steps computed in (``precision``: ``"float32"`` or
     ``"bfloat16"``), and the wall-clock ``seconds`` of the stage (set by the pipeline)."""
@@ -81,12 +91,13 @@ class OutputFit:
     note: str | None = None
     seconds: float | None = None
     precision: str = "float32"
+    planned: int = 0
 
 
 def fit_output(student: nn.Module, params: Sequence[nn.Parameter], teacher: Callable[[torch.Tensor], Any],
                groups: Sequence[torch.Tensor], *, steps: int, lr: float, batch_size: int, seed: int,
                fixed_batch: int | None = None, dtype: torch.dtype | None = None, channels_last: bool = False,
-               on_step: Callable[[int, int], None] | None = None) -> OutputFit:
+               on_step: Callable[[int, int], None] | None = None, until: float | None = None) -> OutputFit:
     """Fit ``student``'s output to ``teacher``'s on ``groups`` (one tensor ``(n_g, ...)`` per sample shape) by
     ``steps`` Adam steps on ``params`` (module docstring); fixed minibatches of ``batch_size`` samples from one
     group (fewer where they would hold more than :data:`MINIBATCH_VALUES` input values, at least one), cut and
@@ -96,8 +107,10 @@ def fit_output(student: nn.Module, params: Sequence[nn.Parameter], teacher: Call
     :func:`step_dtype` chooses it); they and the held-out check get their inputs channels-last where
     ``channels_last`` (else the trained parts alone run in that layout, module docstring). Both models run as they
     are (the caller sets eval mode); ``requires_grad`` flags are restored and gradients cleared on exit.
-    ``on_step(done, steps)`` after every step."""
-    train, held = _split(groups)
+    ``on_step(done, steps)`` after every step. ``until``: a :func:`time.perf_counter` deadline
+    (:mod:`~separify.calibration.budget`) for the whole stage: the steps stop in time for the closing check (as long
+    as the opening one), the cosine following the time spent where that comes first (:func:`_steps`)."""
+    train, held = _split(groups, fixed_batch)
     if fixed_batch is not None:
         held = [h[i:i + fixed_batch] for h in held for i in range(0, len(h) - fixed_batch + 1, fixed_batch)]
     n_held = sum(len(h) for h in held)
@@ -105,11 +118,17 @@ def fit_output(student: nn.Module, params: Sequence[nn.Parameter], teacher: Call
     note = too_few(sum(len(g) for g in groups), n_held)
     if note or not train:
         return OutputFit(0, n_held, note=note)
+    if until is not None and time.perf_counter() >= until:
+        return OutputFit(0, n_held, note=SPENT, planned=steps)
     chosen = {id(p) for p in params}
     with contextlib.nullcontext() if channels_last else trained_channels_last(student, chosen):
         with torch.no_grad():
             targets = [teacher(h) for h in held]
+        check = time.perf_counter()
         before = output_error(student, held, targets)
+        end = None if until is None else until - (time.perf_counter() - check)
+        if end is not None and time.perf_counter() >= end:
+            return OutputFit(0, n_held, before, before, note=SPENT, planned=steps)
         saved = [p.detach().clone() for p in params]
         flags = [(p, p.requires_grad) for p in student.parameters()]
         try:
@@ -117,8 +136,9 @@ def fit_output(student: nn.Module, params: Sequence[nn.Parameter], teacher: Call
                 p.requires_grad_(id(p) in chosen)
             models = [m for m in (student, teacher) if isinstance(m, nn.Module)]
             with frozen_lowered(dtype, models, chosen):
-                _steps(student, params, teacher, train, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                       fixed_batch=fixed_batch, dtype=dtype, channels_last=channels_last, on_step=on_step)
+                taken = _steps(student, params, teacher, train, steps=steps, lr=lr, batch_size=batch_size,
+                               seed=seed, fixed_batch=fixed_batch, dtype=dtype, channels_last=channels_last,
+                               on_step=on_step, end=end)
             after = output_error(student, held, targets)
         except RuntimeError as exc:  # autograd's errors: nothing to train through
             _restore(params, saved)
@@ -132,7 +152,7 @@ def fit_output(student: nn.Module, params: Sequence[nn.Parameter], teacher: Call
     if not kept:
         _restore(params, saved)
     precision = "float32" if dtype is None else str(dtype).removeprefix("torch.")
-    return OutputFit(steps, n_held, before, after if kept else before, kept, precision=precision)
+    return OutputFit(taken, n_held, before, after if kept else before, kept, precision=precision, planned=steps)
 
 
 def too_few(samples: int, held: int | None = None) -> str | None:
@@ -171,13 +191,22 @@ def _restore(params: Sequence[nn.Parameter], saved: Sequence[torch.Tensor]) -> N
             p.copy_(s)
 
 
-def _split(groups: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _split(groups: Sequence[torch.Tensor],
+           fixed_batch: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Every :data:`HOLD_EVERY`-th sample (counted through the groups in order) held out, the rest to train on;
-    per group, empty parts dropped. Samples of a shape too rare to be held out still train."""
+    per group, empty parts dropped. Samples of a shape too rare to be held out still train. At most
+    :data:`CHECK_VALUES` input values' worth are held out (counted at the largest sample; at least :data:`MIN_HELD`
+    samples, a whole number of ``fixed_batch``\ es): the every-:data:`HOLD_EVERY`-th samples past them train too."""
+    values = max((g[0].numel() for g in groups if len(g)), default=1)
+    limit = max(MIN_HELD, CHECK_VALUES // max(1, values))
+    if fixed_batch:
+        limit = -(-limit // fixed_batch) * fixed_batch
     train, held, seen = [], [], 0
     for g in groups:
         mask = (torch.arange(seen, seen + len(g)) % HOLD_EVERY) == HOLD_EVERY - 1
         seen += len(g)
+        mask[mask.nonzero().flatten()[max(0, limit):]] = False  # past the limit: train
+        limit -= int(mask.sum())
         for part, keep in ((train, ~mask), (held, mask)):
             if keep.any():
                 part.append(g[keep.to(g.device)] if not keep.all() else g)
@@ -187,17 +216,19 @@ def _split(groups: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[tor
 def _steps(student: nn.Module, params: Sequence[nn.Parameter], teacher: Callable[[torch.Tensor], Any],
            train: Sequence[torch.Tensor], *, steps: int, lr: float, batch_size: int, seed: int,
            fixed_batch: int | None, dtype: torch.dtype | None, channels_last: bool,
-           on_step: Callable[[int, int], None] | None) -> None:
-    """The Adam steps of :func:`fit_output`, with the cosine schedule, over the fixed minibatches of
-    :func:`_partition` in a fresh random order each round."""
+           on_step: Callable[[int, int], None] | None, end: float | None = None) -> int:
+    """The Adam steps of :func:`fit_output` over the fixed minibatches of :func:`_partition` in a fresh random order
+    each round; returns how many ran. The learning rate follows a cosine from ``lr`` to 0 over the progress, the
+    steps' fraction of ``steps`` or, where a deadline ``end`` (:func:`time.perf_counter`) comes first, the time's
+    fraction until it: the steps stop where the progress reaches 1."""
     gen = torch.Generator().manual_seed(seed)
     # the fused kernel: one pass over all the factors per step instead of several (CPU and CUDA have it)
     opt = torch.optim.Adam(params, lr=lr, fused=all(p.device.type in ("cpu", "cuda") for p in params))
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
     batches = _partition(train, batch_size, fixed_batch, gen)
     targets: dict[int, Any] = {}  # minibatch index -> the original's output on it, while within CACHE_BYTES
     kept = 0
     order: list[int] = []
+    start, step = time.perf_counter(), 0
     with torch.enable_grad():
         for step in range(steps):
             order = order or torch.randperm(len(batches), generator=gen).tolist()
@@ -218,9 +249,15 @@ def _steps(student: nn.Module, params: Sequence[nn.Parameter], teacher: Callable
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            schedule.step()
+            now = time.perf_counter()
+            done = max((step + 1) / steps, 0.0 if end is None else (now - start) / max(end - start, 1e-9))
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
             if on_step is not None:
                 on_step(step + 1, steps)
+            if done >= 1:
+                break
+    return min(step + 1, steps)
 
 
 def _partition(train: Sequence[torch.Tensor], batch_size: int, fixed_batch: int | None,

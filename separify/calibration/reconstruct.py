@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
@@ -20,14 +21,14 @@ MINIBATCH_PIXELS = 8192
 
 
 def reconstruct(module: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *, steps: int, lr: float,
-                batch_size: int, seed: int) -> None:
+                batch_size: int, seed: int, until: float | None = None) -> int:
     """``steps`` Adam steps (learning rate ``lr``) on all of ``module``'s parameters (every factor, not only the
     last 1×1 conv), minimising ``mean((module(x_B) − y_B)²) / mean(y²)`` over random minibatches ``B`` of
     ``batch_size`` samples (fewer for large images, :data:`MINIBATCH_PIXELS`). ``xs``, ``ys``: the inputs
     ``(n_g, ...)`` and targets ``(n_g, N, H_g, W_g)`` of each group of samples of one shape; a minibatch is drawn from
-    one group, chosen with probability proportional to its size (a generator seeded by ``seed``). On a CPU each
-    minibatch runs in the channels-last layout (:func:`~separify.calibration.precision.fast_layout`), whichever
-    layout the pass gave.
+    one group, chosen with probability proportional to its size (a generator seeded by ``seed``). On a CPU the
+    steps run in the channels-last layout (:func:`~separify.calibration.precision.fast_layout`), whichever layout
+    the pass gave: the groups are laid out so once, at a copy each where the pass gave another layout.
 
     Never worse: the loss on up to :data:`CHECK_SAMPLES` samples of each group is measured before and after, and
     the parameters are restored where the steps did not lower it (Adam's steps have the size ``lr`` however small the
@@ -35,9 +36,17 @@ def reconstruct(module: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torc
     steps run in full precision, also where the calibration passes run under bfloat16 autocast
     (:mod:`~separify.calibration.precision`): bfloat16 rounds the weights to 8 bits, below which Adam's small
     steps do not show (on the OCR benchmark network it cost 12 points of word accuracy). ``requires_grad`` flags
-    are restored and the gradients cleared on exit."""
+    are restored and the gradients cleared on exit.
+
+    ``until``: a :func:`time.perf_counter` deadline (:mod:`~separify.calibration.budget`); no step starts after it
+    (none where it has passed). Returns the number of steps taken."""
+    if until is not None and time.perf_counter() >= until:
+        return 0
     params = list(module.parameters())
     saved = [p.detach().clone() for p in params]
+    # once per layer, not per step: inputs and targets channels-last on a CPU (depthwise and 1×1 convs: 20–35%
+    # faster per step in it for 64–256 channels); no copy where the pass gave them so
+    xs, ys = [fast_layout(x) for x in xs], [fast_layout(y) for y in ys]
     before = _check_loss(module, xs, ys)
     flags = [p.requires_grad for p in params]
     gen = torch.Generator().manual_seed(seed)
@@ -45,25 +54,26 @@ def reconstruct(module: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torc
     opt = torch.optim.Adam(params, lr=lr, fused=all(p.device.type in ("cpu", "cuda") for p in params))
     sizes = torch.tensor([float(len(x)) for x in xs])
     scale = (sum(sq_norm(y) for y in ys) / sum(y.numel() for y in ys)) or 1e-30
+    taken = 0
     try:
         with torch.enable_grad():
             for p in params:
                 p.requires_grad_(True)
-            for _ in range(steps):
+            for taken in range(1, steps + 1):
                 g = int(torch.multinomial(sizes, 1, generator=gen)) if len(xs) > 1 else 0
                 x, y = xs[g], ys[g]
                 idx = torch.randint(0, len(x), (_minibatch(batch_size, x, y),), generator=gen).tolist()
-                # the minibatch channels-last on a CPU, whatever the pass gave (depthwise and 1×1 convs: 20–35%
-                # faster per step in it for 64–256 channels)
-                out = module(fast_layout(_rows(x, idx)))
+                out = module(_rows(x, idx))
                 # the loss of the docstring, Σ (out − y)² / (numel · mean(y²)), has the gradient 2 (out − y) /
                 # (numel · mean(y²)) with respect to out: handed to the backward directly, scaled in place (no loss
                 # value to reduce, no second copy)
-                target = fast_layout(_rows(y, idx)).to(out.device, out.dtype)
+                target = _rows(y, idx).to(out.device, out.dtype)
                 grad = (out.detach() - target).mul_(2.0 / (out.numel() * scale))
                 opt.zero_grad(set_to_none=True)
                 out.backward(grad)
                 opt.step()
+                if until is not None and time.perf_counter() >= until:
+                    break
         after = _check_loss(module, xs, ys)
         if not after < before:  # NaN included
             with torch.no_grad():
@@ -73,6 +83,7 @@ def reconstruct(module: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torc
         for p, f in zip(params, flags):
             p.requires_grad_(f)
             p.grad = None
+    return taken
 
 
 def _rows(t: torch.Tensor, idx: list[int]) -> torch.Tensor:

@@ -15,13 +15,14 @@ error left upstream, in one pass instead of one pass per layer. Where the data i
 from __future__ import annotations
 
 import dataclasses
-
+import time
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from separify.calibration.als import PatchStatistics, als_fit, als_skip_reason
+from separify.calibration.budget import StepTime, cut_note
 from separify.calibration.lockstep import Finished, Lockstep, run_lockstep
 from separify.calibration.memory import reuse_freed_memory
 from separify.calibration.precision import fast_layout, forward_precision, full_precision, widened
@@ -68,7 +69,8 @@ class _RefitPass:
 
     def __init__(self, outputs: dict[str, list[torch.Tensor]], layers: int, step: Lockstep, *, ridge: float,
                  steps: int | None, lr: float, batch_size: int, seed: int, als: int,
-                 progress: Callable[[str], None] | None, autocast: bool = False) -> None:
+                 progress: Callable[[str], None] | None, autocast: bool = False,
+                 budget: StepTime | None = None) -> None:
         # steps=None: the default per layer (layer_plan); autocast: the forward runs under it
         self.outputs, self.step, self.ridge, self.steps, self.lr = outputs, step, ridge, steps, lr
         self.autocast = autocast
@@ -81,6 +83,7 @@ class _RefitPass:
         self.busy: set[str] = set()  # running inside its own ALS/reconstruction: its hooks wait
         self.first_error: dict[str, float] = {}  # error before anything, for layers fitted before their refit
         self.notes: dict[str, str] = {}
+        self.budget, self.started = budget or StepTime(), 0  # the reconstruction's steps' time; layers reached
 
     def enter_hook(self, name: str):
         """Pre-hook on the replacement: progress, then the ALS and the reconstruction where they run."""
@@ -106,6 +109,7 @@ class _RefitPass:
         shape group), once every pass has reached it."""
         if self.progress is not None:
             self.progress(name)
+        self.started += 1
         ys = self.outputs[name]
         layer_als, layer_steps, skip = layer_plan(mod, _pixels(ys), als=self.als, steps=self.steps)
         if skip:
@@ -125,7 +129,13 @@ class _RefitPass:
                 zs = [last_input(mod, x) for x in xs]
                 self.first_error[name] = solve(mod._last(), zs, ys, self.ridge, name).error_before
             if layer_steps > 0:
-                reconstruct(mod, xs, ys, steps=layer_steps, lr=self.lr, batch_size=self.batch_size, seed=self.seed)
+                start = time.perf_counter()
+                taken = reconstruct(mod, xs, ys, steps=layer_steps, lr=self.lr, batch_size=self.batch_size,
+                                    seed=self.seed, until=self.budget.until(self.layers - self.started + 1))
+                self.budget.spend(time.perf_counter() - start)
+                cut = cut_note("layer-wise reconstruction", taken, layer_steps)
+                if cut:
+                    self.notes[name] = "; ".join(filter(None, (self.notes.get(name), cut)))
         finally:
             self.busy.discard(name)
 
@@ -159,14 +169,14 @@ def refit_pointwise(
     progress: Callable[[str], None] | None = None,
     dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    budget: StepTime | None = None,
 ) -> list[LayerFit]:
     """Refit the last 1×1 conv of each replacement to the original outputs, in one forward pass (module docstring).
 
     With ``steps > 0`` (``None``: on pw-dw-pw replacements only, :func:`layer_plan`), each replacement is first
-    *reconstructed*: ``steps`` Adam steps (learning rate ``lr``,
-    minibatches of ``batch_size`` samples) on all of its factors against the same targets, on the inputs the
-    converted model really gives it, followed by the least-squares refit of its last 1×1 conv. This costs ``steps``
-    forward/backward passes of each layer.
+    *reconstructed*: ``steps`` Adam steps (learning rate ``lr``, minibatches of ``batch_size`` samples) on all of
+    its factors against the same targets, on the inputs the converted model really gives it, followed by the
+    least-squares refit of its last 1×1 conv: ``steps`` forward/backward passes of each layer.
 
     With ``als > 0``, each replacement's depthwise conv and last 1×1 conv are first fitted jointly to the original
     outputs by up to ``als`` iterations of alternating least squares (:func:`~separify.calibration.als_fit`; for
@@ -185,6 +195,7 @@ def refit_pointwise(
             precision); the fits and the reconstruction's steps in float32 or float64.
         channels_last: the samples run in the channels-last layout on a CPU
             (:func:`~separify.calibration.precision.runs_channels_last` says whether the model takes it).
+        budget: the reconstruction's steps' time (:mod:`~separify.calibration.budget`), shared out over the layers.
 
     Returns:
         One :class:`LayerFit` per layer, in the order the forward pass reached them (errors before anything and
@@ -195,7 +206,7 @@ def refit_pointwise(
     names = list(layers)
     step = Lockstep(len(groups))
     state = _RefitPass(outputs, len(set(names)), step, ridge=ridge, steps=steps, lr=lr, batch_size=batch_size,
-                       seed=seed, als=als, progress=progress, autocast=dtype is not None)
+                       seed=seed, als=als, progress=progress, autocast=dtype is not None, budget=budget)
     device = groups[0].device
 
     def forward(x: torch.Tensor) -> None:  # in each group's thread: autocast is thread-local

@@ -55,6 +55,7 @@ def convert(
     calib_limit: int = opt.CALIB_LIMIT,
     calib_steps: Optional[int] = opt.CALIB_STEPS,
     calib_output_steps: int = opt.CALIB_OUTPUT_STEPS,
+    calib_seconds: Optional[float] = opt.CALIB_SECONDS,
     calib_precision: str = opt.CALIB_PRECISION,
     calib_als: int = opt.CALIB_ALS,
     calib_loss: str = opt.CALIB_LOSS,
@@ -111,7 +112,8 @@ def run_convert(params: Mapping[str, Any], explicit: frozenset[str]) -> None:
     tune = FinetuneSettings(data=o.finetune, epochs=o.epochs, steps=o.steps, lr=o.lr, temperature=o.temperature,
                             batch_size=o.finetune_batch_size, checkpoint=o.checkpoint, **outputs)
     for name, flag in (("calib_steps", "--calib-steps"), ("calib_als", "--calib-als"), ("calib_loss", "--calib-loss"),
-                       ("calib_output_steps", "--calib-output-steps"), ("calib_precision", "--calib-precision")):
+                       ("calib_output_steps", "--calib-output-steps"), ("calib_precision", "--calib-precision"),
+                       ("calib_seconds", "--calib-seconds")):
         if name in explicit and params[name] and o.calib is None:
             raise SeparifyError(f"{flag} needs --calib DATA")
     tune.check()
@@ -159,7 +161,7 @@ def _unalias(params: Mapping[str, Any], explicit: frozenset[str]) -> tuple[dict,
 CONFIG_KEYS = {"method": "method", "rank": "rank", "energy": "energy", "flops": "flops", "cp_iters": "cp_max_iter",
                "seed": "seed", "exclude": "exclude", "fold_bn": "fold_bn", "calib_limit": "calib_limit",
                "calib_steps": "calib_steps", "calib_als": "calib_als", "calib_output_steps": "calib_output_steps",
-               "calib_precision": "calib_precision", "class_dim": "calib_class_dim"}
+               "calib_precision": "calib_precision", "calib_seconds": "calib_seconds", "class_dim": "calib_class_dim"}
 #: parameters that only apply under the latency objective → their option names
 LATENCY_ONLY = {"target_batch": "--batch-size", "dtype": "--dtype",
                 "channels_last": "--channels-last/--contiguous",
@@ -180,6 +182,8 @@ def build_config(params: Mapping[str, Any], explicit: frozenset[str]) -> Convert
         if loss not in ("fisher", "mse", "off"):
             raise SeparifyError(f"--calib-loss must be fisher, mse or off, got {loss!r}")
         changes.update(calib_loss_aware=loss != "off", **({"calib_loss": loss} if loss != "off" else {}))
+    if "calib_seconds" in explicit and params["calib_seconds"] == 0:  # --calib-seconds 0: no time budget
+        changes["calib_seconds"] = None
     if "calib_precision" in explicit and params["calib_precision"] not in PRECISIONS:
         raise SeparifyError(f"--calib-precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
                             f"got {params['calib_precision']!r}")

@@ -156,6 +156,11 @@ CALIB_OUTPUT_STEPS = typer.Option(CALIB_DEFAULTS.output_steps, "--calib-output-s
                                   "replacements together against the original model's outputs (output "
                                   "reconstruction; one sample in 8 held out to check it, undone where it did not "
                                   "lower their error; ONNX models through onnx2torch); 0 turns it off.")
+CALIB_SECONDS = typer.Option(CALIB_DEFAULTS.seconds, "--calib-seconds", rich_help_panel=CALIBRATION,
+                             help="With --calib: a time budget for the conversion in seconds; the layer-wise and "
+                             "output reconstructions' steps stop where it ends (the report says how many ran; the "
+                             "result then depends on the machine's speed). Default and 0: no budget, every step "
+                             "runs.", show_default=False)
 CALIB_PRECISION = typer.Option(CALIB_DEFAULTS.precision, "--calib-precision", rich_help_panel=CALIBRATION,
                                help="With --calib: the number format of the calibration passes and the output "
                                "reconstruction's steps on PyTorch models (the output reconstruction's on ONNX models): "

@@ -291,7 +291,8 @@ def conversion_doc(result: ConvertResult | None) -> dict[str, Any] | None:
         doc["search"] = search_doc(result.search)
     fit = getattr(result, "output_fit", None)
     if fit is not None:
-        doc["output_reconstruction"] = {"steps": fit.steps, "held_out_samples": fit.held, "kept": fit.kept,
+        doc["output_reconstruction"] = {"steps": fit.steps, "planned_steps": fit.planned or fit.steps,
+                                        "held_out_samples": fit.held, "kept": fit.kept,
                                         "error_before": fit.error_before, "error_after": fit.error_after,
                                         "note": fit.note, "seconds": fit.seconds, "precision": fit.precision}
     return doc

@@ -171,7 +171,10 @@ def _output_reconstruction_line(fit: Mapping[str, Any] | None) -> list[str]:
     errors = f"relative output error on {fit['held_out_samples']} held-out calibration samples"
     took = f", {fit['seconds']:.1f} s" if fit.get("seconds") is not None else ""
     took += ", bfloat16" if fit.get("precision") == "bfloat16" else ""
-    what = f"output reconstruction ({fit['steps']} steps{took})"
+    planned = fit.get("planned_steps") or fit["steps"]
+    steps = f"{fit['steps']} steps" if planned == fit["steps"] else \
+        f"{fit['steps']} of {planned} steps, stopped by the time budget"
+    what = f"output reconstruction ({steps}{took})"
     if fit["kept"]:
         return [f"{what}: {errors} {fit['error_before']:.4f} → {fit['error_after']:.4f}"]
     return [f"{what} undone: it did not lower the {errors} ({fit['error_before']:.4f})"]

@@ -30,6 +30,7 @@ from separify.backends.onnx.pairing import source_names
 from separify.backends.onnx.rewrite import (_factors, _output_name, _rewrite, _update, _write_layout, check,
                                             kernel_conv, layer_spec, match)
 from separify.calibration import as_batches, sensitivity, shape_groups
+from separify.calibration.budget import StepTime
 from separify.calibration.data import first_samples
 from separify.calibration.sensitivity import SAMPLES, unweighted_note
 from separify.config import Calibration, ConvertConfig, LatencyTarget
@@ -153,10 +154,11 @@ class OnnxBackend(Backend):
         return onnx_calibrate.calibration_pixels(self.work, [self.sites[c.name] for c in cands], self.batches,
                                                  self.fixed_batch, self.threads)
 
-    def refit(self, replacements, records, cfg: ConvertConfig, pixels, progress=None):
+    def refit(self, replacements, records, cfg: ConvertConfig, pixels, progress=None,
+              budget: StepTime | None = None):
         return onnx_calibrate.refit(self.original, self.work, self.replaced, self.batches, self.fixed_batch,
                                     cfg.calibration, self.threads, pixels=pixels, seed=cfg.seed,
-                                    pads={n: self.sites[n].input_pads for n in self.replaced})
+                                    pads={n: self.sites[n].input_pads for n in self.replaced}, budget=budget)
 
     def output_models(self, replacements: dict[str, SeparableConv2d]) -> OutputModels | str:
         """Both graphs imported into PyTorch (onnx2torch); the factors are the imported modules of the Conv nodes the

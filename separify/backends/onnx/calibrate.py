@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Mapping, Sequence
 
 import onnx_ir as ir
@@ -25,6 +26,7 @@ from torch import nn
 from separify.backends.onnx.graph import _EXTERNAL_KEY, _chunks, _value_shapes, _with_outputs, graph_inputs, session
 from separify.backends.onnx.rewrite import OnnxConvSite, _last_input_name, _output_name, _update
 from separify.calibration import LayerFit, PatchStatistics, PointwiseRefit, _accumulate, _Moments, als_fit
+from separify.calibration.budget import StepTime, cut_note
 from separify.calibration.observation import add_patches
 from separify.calibration.reconstruct import reconstruct
 from separify.calibration.refit_pass import layer_plan
@@ -94,18 +96,20 @@ def _prefix(model: ir.Model, outputs: Sequence[str]) -> ir.Model:
 
 
 def refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, cal: Calibration, threads, *,
-          pixels: Mapping[str, int], seed: int = 0, pads=None) -> list[LayerFit]:
+          pixels: Mapping[str, int], seed: int = 0, pads=None,
+          budget: StepTime | None = None) -> list[LayerFit]:
     """Least-squares refit of every replacement's last 1×1 conv, layer by layer in graph order (module docstring):
     for each layer, onnxruntime runs the original model up to that layer's output and the converted model, with every
     earlier layer already refitted, up to the input of the layer's last 1×1 conv; the sums are streamed. Before the
     refit, as :func:`~separify.calibration.refit_pass.layer_plan` says (``cal.als``, ``cal.steps``): the
     alternating least squares on patch statistics of the depthwise conv's input (padded by the layer's ``pads``),
     streamed in a first pass, then the layer-wise reconstruction on the layer's inputs and outputs (held for that
-    layer only). ``replaced`` maps layer names to ``(module, initializers, dtype)`` in graph order; the
-    initializers are updated in place."""
+    layer only), its steps stopped at an equal part of the ``budget`` left for each layer
+    (:mod:`~separify.calibration.budget`). ``replaced`` maps layer names to ``(module, initializers, dtype)`` in
+    graph order; the initializers are updated in place."""
     input_name = graph_inputs(original)[0].name
     fits = []
-    for name, (mod, inits, dtype) in replaced.items():  # graph order
+    for i, (name, (mod, inits, dtype)) in enumerate(replaced.items()):  # graph order
         # the replacement's output carries the original conv output's name: the same name in both models
         orig_sess = session(_prefix(original, [_output_name(inits)]), threads=threads)
         run_y = lambda chunk, _s=orig_sess, _n=_output_name(inits): _s.run([_n], {input_name: chunk})[0]  # noqa: E731
@@ -116,8 +120,10 @@ def refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, cal
                           list(pads[name]), als=layer_als, ridge=cal.ridge, seed=seed, threads=threads)
         ys = None  # the original layer's outputs per chunk, where the reconstruction read them
         if steps > 0:
-            ys = _reconstruct(converted, mod, inits, dtype, run_y, batches, fixed, input_name, list(pads[name]), cal,
-                              steps=steps, seed=seed, threads=threads)
+            ys, taken = _reconstruct(converted, mod, inits, dtype, run_y, batches, fixed, input_name,
+                                     list(pads[name]), cal, steps=steps, seed=seed, threads=threads,
+                                     budget=budget, parts=len(replaced) - i)
+            skip = "; ".join(filter(None, (skip, cut_note("layer-wise reconstruction", taken, steps)))) or None
         conv_sess = session(_prefix(converted, [_last_input_name(inits)]), threads=threads)  # after the updates
         fit = PointwiseRefit(mod._last(), name, ridge=cal.ridge)
         for i, chunk in enumerate(_chunks(batches, fixed)):
@@ -132,12 +138,14 @@ def refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, cal
 
 
 def _reconstruct(converted, mod, inits, dtype, run_y, batches, fixed, input_name, p, cal: Calibration, *, steps,
-                 seed, threads) -> list[torch.Tensor]:
+                 seed, threads, budget: StepTime | None = None, parts: int = 1) -> tuple[list[torch.Tensor], int]:
     """Layer-wise reconstruction (:func:`~separify.calibration.reconstruct.reconstruct`) of one replacement on the
     input the converted model gives it (every earlier layer refitted) and the original layer's outputs, grouped by
     sample shape; the graph's padding (ONNX ``[top, left, bottom, right]``) is applied to the depthwise conv's input,
-    as the graph does. The graph's initializers are updated. Returns the original outputs, one per chunk of
-    ``_chunks(batches, fixed)``, for the refit that follows."""
+    as the graph does; the steps within the next of ``parts`` equal parts of ``budget``'s time (spent by them).
+    The graph's initializers are updated. Returns the
+    original outputs, one per chunk of ``_chunks(batches, fixed)``, for the refit that follows, and the steps
+    taken."""
     x_name = _first_node(inits).inputs[0].name
     sess = session(_prefix(converted, [x_name]), threads=threads)
     xs: dict[tuple, list[torch.Tensor]] = {}
@@ -149,13 +157,16 @@ def _reconstruct(converted, mod, inits, dtype, run_y, batches, fixed, input_name
         xs.setdefault(key, []).append(torch.from_numpy(sess.run([x_name], {input_name: chunk})[0]).float())
         ys.setdefault(key, []).append(per_chunk[-1])
     pad = mod.conv_dw.register_forward_pre_hook(lambda _m, a: (F.pad(a[0], (p[1], p[3], p[0], p[2])),))
+    budget = budget or StepTime()
+    start = time.perf_counter()
     try:
-        reconstruct(mod, [torch.cat(v) for v in xs.values()], [torch.cat(v) for v in ys.values()], steps=steps,
-                    lr=cal.lr, batch_size=cal.batch_size, seed=seed)
+        taken = reconstruct(mod, [torch.cat(v) for v in xs.values()], [torch.cat(v) for v in ys.values()],
+                            steps=steps, lr=cal.lr, batch_size=cal.batch_size, seed=seed, until=budget.until(parts))
     finally:
         pad.remove()
+        budget.spend(time.perf_counter() - start)
     _update(inits, mod, dtype)
-    return per_chunk
+    return per_chunk, taken
 
 
 def _first_node(inits):

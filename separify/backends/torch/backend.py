@@ -13,6 +13,7 @@ from separify.backends.base import Backend, Found, Kernel, OutputModels
 from separify.backends.torch import fx_pass
 from separify.calibration import (LayerFit, Observation, as_batches, observe, refit_pointwise, sensitivity,
                                   shape_groups)
+from separify.calibration.budget import StepTime
 from separify.calibration.data import first_samples
 from separify.calibration.precision import pass_dtype, runs_channels_last
 from separify.calibration.sensitivity import SAMPLES, unweighted_note
@@ -161,12 +162,13 @@ class TorchBackend(Backend):
         obs = self.obs
         return {c.name: obs.pixels(c.name) for c in cands if obs is not None and c.name in obs.outputs}
 
-    def refit(self, replacements, records, cfg: ConvertConfig, pixels, progress=None) -> list[LayerFit]:
+    def refit(self, replacements, records, cfg: ConvertConfig, pixels, progress=None,
+              budget: StepTime | None = None) -> list[LayerFit]:
         cal = cfg.calibration
         return refit_pointwise(self.converted, list(replacements), self.obs.outputs, shape_groups(self.batches),
                                ridge=cal.ridge, steps=cal.steps, lr=cal.lr, batch_size=cal.batch_size, als=cal.als,
                                seed=cfg.seed, progress=progress, dtype=self.dtype,
-                               channels_last=self.channels_last)
+                               channels_last=self.channels_last, budget=budget)
 
     def output_models(self, replacements: dict[str, SeparableConv2d]) -> OutputModels:
         params = [p for mod in replacements.values() for p in mod.parameters()]
