@@ -3,14 +3,15 @@
 Run from the repository root (``pip install -e '.[bench]'``; for ``--ocr`` also ``pip install --no-deps
 ddddocr==1.6.1`` and Debian's ``fonts-dejavu-core``)::
 
-    python benchmarks/profile_calibration.py [N] [METHOD] [--ocr] [--flops F]
+    python benchmarks/profile_calibration.py [N] [METHOD] [--ocr] [--flops F] [--seconds S]
 
 torchvision ResNet-50 with random weights (the time does not depend on them) on ``N`` random 224² calibration
 images (default 256), or with ``--ocr`` the OCR network (ddddocr ``common.onnx`` through onnx2torch) on ``N``
 rendered words (its word accuracy on the held-out words is printed too);
 ``separify.convert(..., objective="flops", method=METHOD, flops=F, calibration=data)`` with the calibration
-defaults (``METHOD`` default pw-dw-pw, ``F`` default 0.5), 2 threads. Also printed: the mean relative output error
-of the layers after the refit and the memory the observation's kept outputs take. The backend's steps
+defaults (``METHOD`` default pw-dw-pw, ``F`` default 0.5; ``--seconds S``: ``calib_seconds=S``, 0 for none), 2
+threads. Also printed: the mean relative output error of the layers after the refit, the memory the observation's
+kept outputs take and how many reconstruction steps the time budget left. The backend's steps
 (observation, loss-aware weights, refit pass) and the pipeline's (plan, decompose, output reconstruction) are
 wrapped with timers, and inside the refit pass the layer-wise reconstruction and the least-squares refits of the
 last 1×1 convs, inside the output reconstruction its steps; what the refit pass spends outside those is mostly the

@@ -100,27 +100,22 @@ def test_reconstruct_takes_no_step_past_its_deadline():
     assert reconstruct(mod, xs, ys, steps=5, lr=1e-3, batch_size=4, seed=0) == 5
 
 
-def test_output_steps_end_at_the_deadline_with_the_learning_rate_at_zero():
+def test_output_steps_end_at_the_deadline_with_the_learning_rate_at_zero(monkeypatch):
     """A deadline already reached: one step, after which the cosine over the time has reached its end."""
     torch.manual_seed(0)
     student, teacher = nn.Linear(4, 3), nn.Linear(4, 3)
     seen = []
-    adam = torch.optim.Adam
 
-    class Spy(adam):
+    class Spy(torch.optim.Adam):
         def step(self, *a, **k):
             seen.append(self.param_groups[0]["lr"])
             return super().step(*a, **k)
 
-    torch.optim.Adam = Spy
-    try:
-        taken = _steps(student, list(student.parameters()), teacher, [torch.randn(32, 4)], steps=50, lr=1e-2,
-                       batch_size=8, seed=0, fixed_batch=None, dtype=None, channels_last=False, on_step=None,
-                       end=time.perf_counter() - 1)
-        full = _steps(student, list(student.parameters()), teacher, [torch.randn(32, 4)], steps=4, lr=1e-2,
-                      batch_size=8, seed=0, fixed_batch=None, dtype=None, channels_last=False, on_step=None)
-    finally:
-        torch.optim.Adam = adam
+    monkeypatch.setattr(torch.optim, "Adam", Spy)
+    kw = dict(batch_size=8, seed=0, fixed_batch=None, dtype=None, channels_last=False, on_step=None)
+    taken = _steps(student, list(student.parameters()), teacher, [torch.randn(32, 4)], steps=50, lr=1e-2,
+                   end=time.perf_counter() - 1, **kw)
+    full = _steps(student, list(student.parameters()), teacher, [torch.randn(32, 4)], steps=4, lr=1e-2, **kw)
     assert taken == 1 and full == 4
     # the first step at the full rate; without a deadline the cosine over the steps: 1, cos² of π/8, π/4, 3π/8
     assert seen[0] == pytest.approx(1e-2) and seen[1:] == pytest.approx([1e-2, 8.536e-3, 5e-3, 1.464e-3], rel=1e-3)

@@ -30,8 +30,9 @@ another order there).
 
 Undone where it did not help on samples it did not train on: one sample in :data:`HOLD_EVERY` is held out (at
 most :data:`CHECK_VALUES` input values' worth); ``E`` on them is measured before and after, and the parameters are
-restored where the steps did not lower it (or gave a non-finite value). With fewer than :data:`MIN_HELD` held-out samples the stage is skipped with a note; so is a model
-the steps cannot train (its backward raises: e.g. an output detached from the factors), with the error in the note.
+restored where the steps did not lower it (or gave a non-finite value). With fewer than :data:`MIN_HELD` held-out
+samples the stage is skipped with a note; so is a model the steps cannot train (its backward raises: e.g. an output
+detached from the factors), with the error in the note.
 """
 
 from __future__ import annotations
