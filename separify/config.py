@@ -307,8 +307,8 @@ class Calibration:
             stop early, stop where it ends (:mod:`separify.calibration.budget`); the result says how many ran.
             Everything else runs in full, so a conversion whose passes alone take longer ends later, with fewer or
             no steps. ``None`` (the default): no budget, every step runs. A budget makes the result depend on the
-            machine's speed and load; on the OCR benchmark network, 30 s cost about 1 point of word accuracy on a
-            2-core CPU (benchmarks/RESULTS.md).
+            machine's speed and load; on the OCR benchmark network, 30 s cost 0.7–2.6 points of word accuracy on
+            a 2-core CPU (benchmarks/RESULTS.md).
     """
 
     limit: int = 1000
