@@ -28,7 +28,7 @@ from separify.planning import latency
 from separify.planning.plan import Candidate, choose_ranks, from_conv_options, keep_faster, meet_latency, planned
 from separify.records import ConvertResult, LayerRecord, NoteCode, Plan, Reason, Skip, new_record
 from separify.calibration import PIXELS_PER_INPUT, LayerFit
-from separify.calibration.budget import Budget
+from separify.calibration.budget import STOPPED, Budget
 from separify.calibration.output import HOLD_EVERY, OutputFit, fit_output, step_dtype, too_few
 from separify.search import Memo, check_search, fastest_within
 
@@ -564,7 +564,7 @@ def _budget_warning(cfg: ConvertConfig, fits: Sequence[LayerFit], output_fit: Ou
                     msgs: list[str]) -> None:
     """Warn when the time budget stopped reconstruction steps (each layer's note and the output reconstruction's
     line say how many ran)."""
-    layers = [f.name for f in fits if f.note and "time budget" in f.note]
+    layers = [f.name for f in fits if f.note and STOPPED in f.note]
     output = output_fit is not None and output_fit.steps < output_fit.planned
     if layers or output:
         what = [f"the layer-wise reconstruction of {len(layers)} layer(s)"] if layers else []

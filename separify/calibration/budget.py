@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
-__all__ = ["Budget", "FIXED_PASSES", "LAYER_SHARE", "StepTime", "TAIL", "cut_note"]
+__all__ = ["Budget", "FIXED_PASSES", "LAYER_SHARE", "STOPPED", "StepTime", "TAIL", "cut_note"]
 
 #: the part of the steps' time that the layer-wise reconstruction may take: on the OCR benchmark network its first
 #: ~50 steps per layer win most of what its 200 do, and past them the output reconstruction wins more per second
@@ -32,6 +34,9 @@ TAIL = 1.0
 #: the fixed work after the plan, in observation passes: the layer pass's forward over the calibration data (about
 #: one), the output reconstruction's held-out checks (three forwards of an eighth of the data in full precision)
 FIXED_PASSES = 1.5
+
+#: how a note says that the budget stopped a reconstruction's steps
+STOPPED = "stopped by the time budget"
 
 
 @dataclass
@@ -47,6 +52,15 @@ class StepTime:
     def spend(self, seconds: float) -> None:
         if self.seconds is not None:
             self.seconds -= seconds
+
+    @contextmanager
+    def part(self, parts: int) -> Iterator[float | None]:
+        """The deadline of the next of ``parts`` layers (:meth:`until`); the time the block takes is spent."""
+        start = time.perf_counter()
+        try:
+            yield self.until(parts)
+        finally:
+            self.spend(time.perf_counter() - start)
 
 
 @dataclass(frozen=True)
@@ -85,4 +99,4 @@ def cut_note(what: str, taken: int, planned: int) -> str | None:
     stopped)."""
     if taken >= planned:
         return None
-    return f"{what}: {taken} of {planned} steps, stopped by the time budget (calib_seconds)"
+    return f"{what}: {taken} of {planned} steps, {STOPPED} (calib_seconds)"

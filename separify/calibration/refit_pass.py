@@ -15,7 +15,6 @@ error left upstream, in one pass instead of one pass per layer. Where the data i
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -129,10 +128,9 @@ class _RefitPass:
                 zs = [last_input(mod, x) for x in xs]
                 self.first_error[name] = solve(mod._last(), zs, ys, self.ridge, name).error_before
             if layer_steps > 0:
-                start = time.perf_counter()
-                taken = reconstruct(mod, xs, ys, steps=layer_steps, lr=self.lr, batch_size=self.batch_size,
-                                    seed=self.seed, until=self.budget.until(self.layers - self.started + 1))
-                self.budget.spend(time.perf_counter() - start)
+                with self.budget.part(self.layers - self.started + 1) as until:
+                    taken = reconstruct(mod, xs, ys, steps=layer_steps, lr=self.lr, batch_size=self.batch_size,
+                                        seed=self.seed, until=until)
                 cut = cut_note("layer-wise reconstruction", taken, layer_steps)
                 if cut:
                     self.notes[name] = "; ".join(filter(None, (self.notes.get(name), cut)))

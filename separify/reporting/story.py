@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from separify.calibration.budget import STOPPED
 from separify.core.measure import Timing
 from separify.reporting.data import FROM_CHECK, Latency, NotMeasured, Report
 
@@ -173,7 +174,7 @@ def _output_reconstruction_line(fit: Mapping[str, Any] | None) -> list[str]:
     took += ", bfloat16" if fit.get("precision") == "bfloat16" else ""
     planned = fit.get("planned_steps") or fit["steps"]
     steps = f"{fit['steps']} steps" if planned == fit["steps"] else \
-        f"{fit['steps']} of {planned} steps, stopped by the time budget"
+        f"{fit['steps']} of {planned} steps, {STOPPED}"
     what = f"output reconstruction ({steps}{took})"
     if fit["kept"]:
         return [f"{what}: {errors} {fit['error_before']:.4f} → {fit['error_after']:.4f}"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Mapping, Sequence
 
 import onnx_ir as ir
@@ -109,7 +108,7 @@ def refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, cal
     graph order; the initializers are updated in place."""
     input_name = graph_inputs(original)[0].name
     fits = []
-    for i, (name, (mod, inits, dtype)) in enumerate(replaced.items()):  # graph order
+    for done, (name, (mod, inits, dtype)) in enumerate(replaced.items()):  # graph order
         # the replacement's output carries the original conv output's name: the same name in both models
         orig_sess = session(_prefix(original, [_output_name(inits)]), threads=threads)
         run_y = lambda chunk, _s=orig_sess, _n=_output_name(inits): _s.run([_n], {input_name: chunk})[0]  # noqa: E731
@@ -122,7 +121,7 @@ def refit(original: ir.Model, converted: ir.Model, replaced, batches, fixed, cal
         if steps > 0:
             ys, taken = _reconstruct(converted, mod, inits, dtype, run_y, batches, fixed, input_name,
                                      list(pads[name]), cal, steps=steps, seed=seed, threads=threads,
-                                     budget=budget, parts=len(replaced) - i)
+                                     budget=budget, parts=len(replaced) - done)
             skip = "; ".join(filter(None, (skip, cut_note("layer-wise reconstruction", taken, steps)))) or None
         conv_sess = session(_prefix(converted, [_last_input_name(inits)]), threads=threads)  # after the updates
         fit = PointwiseRefit(mod._last(), name, ridge=cal.ridge)
@@ -157,14 +156,12 @@ def _reconstruct(converted, mod, inits, dtype, run_y, batches, fixed, input_name
         xs.setdefault(key, []).append(torch.from_numpy(sess.run([x_name], {input_name: chunk})[0]).float())
         ys.setdefault(key, []).append(per_chunk[-1])
     pad = mod.conv_dw.register_forward_pre_hook(lambda _m, a: (F.pad(a[0], (p[1], p[3], p[0], p[2])),))
-    budget = budget or StepTime()
-    start = time.perf_counter()
     try:
-        taken = reconstruct(mod, [torch.cat(v) for v in xs.values()], [torch.cat(v) for v in ys.values()],
-                            steps=steps, lr=cal.lr, batch_size=cal.batch_size, seed=seed, until=budget.until(parts))
+        with (budget or StepTime()).part(parts) as until:
+            taken = reconstruct(mod, [torch.cat(v) for v in xs.values()], [torch.cat(v) for v in ys.values()],
+                                steps=steps, lr=cal.lr, batch_size=cal.batch_size, seed=seed, until=until)
     finally:
         pad.remove()
-        budget.spend(time.perf_counter() - start)
     _update(inits, mod, dtype)
     return per_chunk, taken
 
