@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import separify
-from separify.calibration.output import (CHECK_VALUES, HOLD_EVERY, MIN_HELD, _partition, _split, fit_output,
-                                        output_error, step_dtype)
+from separify.calibration.output import (CHECK_VALUES, HOLD_EVERY, MIN_HELD, _crop_size, _partition, _split,
+                                        fit_output, output_error, step_dtype)
 from separify.errors import SeparifyError
 
 
@@ -291,3 +291,74 @@ def test_the_steps_number_format_follows_the_calibration_precision(monkeypatch, 
     double = step_dtype(precision, nn.Linear(2, 2).double(), [torch.zeros(64, 3, 64, 64)], steps=100, batch_size=8,
                         fixed_batch=None, flops_per_value=flops_per_value)
     assert double is None  # only a float32 model is cast
+
+
+def _recorded(model: nn.Module, shapes: list) -> nn.Module:
+    model.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape[2:])))
+    return model
+
+
+@pytest.fixture
+def small_crops(monkeypatch):
+    """12² RGB images count as large (one fills a minibatch); their crops are 6²."""
+    import separify.calibration.output as output
+
+    monkeypatch.setattr(output, "MINIBATCH_VALUES", 3 * 12 * 12 - 1)
+    monkeypatch.setattr(output, "CROP_VALUES", 3 * 6 * 6)
+
+
+def test_large_images_train_on_the_same_crops_in_both_models_and_check_on_whole_ones(net, small_crops):
+    import copy
+
+    calib = _images(64, 1)
+    student = copy.deepcopy(_convert(net, calib, calib_output_steps=0).model)
+    seen_t, seen_s = [], []
+    teacher, student = _recorded(copy.deepcopy(net), seen_t), _recorded(student, seen_s)
+    params = [p for m in student.modules() if isinstance(m, separify.SeparableConv2d) for p in m.parameters()]
+    fit = fit_output(student, params, teacher, [calib], steps=30, lr=1e-3, batch_size=8, seed=0)
+    assert fit.steps == 30
+    # the teacher: the held-out targets (whole), the crop probe, then one crop per fixed minibatch it first sees
+    assert seen_t[0] == (12, 12) and set(seen_t[1:]) == {(6, 6)}
+    # the student: the check before (whole), 30 steps on crops, the check after (whole)
+    assert seen_s[0] == seen_s[-1] == (12, 12) and seen_s[1:-1] == [(6, 6)] * 30
+
+
+def test_crops_lower_the_whole_images_error_through_the_pipeline(net, small_crops):
+    calib, test = _images(128, 1), _images(64, 2)
+    off = _convert(net, calib, calib_output_steps=0)
+    on = _convert(net, calib, calib_output_steps=100)
+    assert on.output_fit.kept and _error(on.model, net, test) < _error(off.model, net, test)
+
+
+def test_a_model_of_one_input_size_trains_on_whole_images(small_crops):
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 12 * 12, 5))
+    seen: list = []
+    student = _recorded(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 12 * 12, 5)), seen)
+    fit = fit_output(student, list(student[0].parameters()), teacher, [_images(64, 1)], steps=10, lr=1e-3,
+                     batch_size=8, seed=0)
+    assert fit.steps == 10 and set(seen) == {(12, 12)}
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ((3, 224, 224), (128, 128)),  # ResNet-50's input: a third of the values
+    ((1, 448, 448), (222, 222)),
+    ((3, 100, 400), None),  # fits a minibatch: whole
+    ((1, 64, 192), None),  # OCR words: whole
+    ((200_000,), None),  # not an image
+], ids=["rgb-224", "gray-448", "fits", "ocr-word", "vector"])
+def test_crop_size(shape, expected):
+    assert _crop_size(torch.empty(shape, dtype=torch.uint8)) == expected
+
+
+def test_the_steps_number_format_counts_the_crops(monkeypatch):
+    """224² images at 3e4 FLOPs per input value: 1.8e12 FLOPs for 100 steps on whole images, bfloat16; on their
+    128² crops 5.9e11, below AUTO_FLOPS: float32."""
+    import separify.calibration.precision as prec
+
+    monkeypatch.setattr(prec, "native_bfloat16", lambda device: True)
+    big = [torch.zeros(4, 3, 224, 224, dtype=torch.uint8)]
+    assert step_dtype("auto", nn.Linear(2, 2), big, steps=100, batch_size=8, fixed_batch=None,
+                      flops_per_value=3e4) is None
+    assert step_dtype("auto", nn.Linear(2, 2), big, steps=100, batch_size=8, fixed_batch=1,
+                      flops_per_value=3e4) == torch.bfloat16  # a fixed batch: whole images

@@ -14,7 +14,12 @@ learning rate follows a cosine from ``lr`` to 0. The training samples are split 
 seeded shuffle per shape group; a group's last minibatch filled up with other samples of it), visited in a fresh
 random order each round, so the original's outputs of a minibatch are computed once, when it is first drawn, and
 kept while they take at most :data:`CACHE_BYTES` (a classifier's logits, a recogniser's sequence scores); larger
-outputs (dense maps) are computed again at every visit.
+outputs (dense maps) are computed again at every visit. Images so large that one fills a minibatch (more than
+:data:`MINIBATCH_VALUES` values, e.g. 224² RGB) are trained on crops: each minibatch gets one crop window of about
+:data:`CROP_VALUES` values, drawn once, the same for both models (where the original runs on a crop of that size;
+else whole images), so a step costs a fraction of a whole image. The original's output on a crop is as valid a
+target as on the whole image, and the held-out check, on whole images, keeps the steps only where they lowered the
+whole images' error.
 
 The steps run under bfloat16 autocast where the calibration precision allows it (:func:`step_dtype`: the rule of
 :mod:`~separify.calibration.precision` applied to the stage's own FLOPs), and on images in the channels-last layout
@@ -51,7 +56,7 @@ from separify.calibration.precision import (fast_layout, forward_precision, froz
 from separify.calibration.reconstruct import _rows
 from separify.errors import first_line
 
-__all__ = ["CACHE_BYTES", "CHECK_VALUES", "HOLD_EVERY", "MINIBATCH_VALUES", "MIN_HELD", "OutputFit", "fit_output",
+__all__ = ["CACHE_BYTES", "CHECK_VALUES", "CROP_VALUES", "HOLD_EVERY", "MINIBATCH_VALUES", "MIN_HELD", "OutputFit", "fit_output",
            "output_error", "step_dtype", "too_few"]
 
 #: one sample in this many is held out of the steps, to check them on
@@ -68,6 +73,10 @@ CHECK_VALUES = 16 * 3 * 224 * 224
 #: input values per minibatch above which it takes fewer than ``batch_size`` samples: 8 OCR words of 64×192, one
 #: 224² RGB image (large inputs: their pixels already average the gradient, and each step costs a whole model)
 MINIBATCH_VALUES = 131_072
+
+#: values of the crop a step takes of one sample larger than :data:`MINIBATCH_VALUES` (4-D images; both sides scaled
+#: alike): a 128² crop of a 224² RGB image, which costs ResNet-50's steps about a third of the whole image's FLOPs
+CROP_VALUES = 3 * 128 * 128
 
 #: bytes of the original's outputs on the training minibatches kept between visits (beyond it: computed again)
 CACHE_BYTES = 2**28
@@ -171,12 +180,16 @@ def step_dtype(precision: str, student: nn.Module, groups: Sequence[torch.Tensor
     """The autocast dtype of :func:`fit_output`'s steps: :func:`~separify.calibration.precision.pass_dtype` of
     the calibration ``precision`` for the stage's FLOPs, ``4 · steps · v · flops_per_value`` (a step: the forward
     and the backward of the converted model, about three forwards, and a forward of the original, on a minibatch
-    of ``v`` input values, the largest group's; ``flops_per_value``: the original's forward FLOPs per input
+    of ``v`` input values, the largest group's, or its crop (:func:`_crop_size`); ``flops_per_value``: the original's forward FLOPs per input
     value, 0 where unknown)."""
     if not groups:
         return None
-    sample = max(g[0].numel() for g in groups)
-    values = sample * _minibatch(sample, batch_size, fixed_batch)
+    largest = max((g[0] for g in groups), key=torch.numel)
+    crop = None if fixed_batch else _crop_size(largest)
+    if crop is None:
+        values = largest.numel() * _minibatch(largest.numel(), batch_size, fixed_batch)
+    else:  # one crop per step
+        values = largest.shape[0] * math.prod(crop)
     return pass_dtype(precision, student, groups[0].device, 4 * steps * values * flops_per_value)
 
 
@@ -226,6 +239,9 @@ def _steps(student: nn.Module, params: Sequence[nn.Parameter], teacher: Callable
     # the fused kernel: one pass over all the factors per step instead of several (CPU and CUDA have it)
     opt = torch.optim.Adam(params, lr=lr, fused=all(p.device.type in ("cpu", "cuda") for p in params))
     batches = _partition(train, batch_size, fixed_batch, gen)
+    crops = _crops(train, fixed_batch, teacher, dtype)
+    # one crop window per fixed minibatch: both models see the same, and the original's output stays cacheable
+    windows = [_window(train[g], crops[g], gen) for g, _ in batches]
     targets: dict[int, Any] = {}  # minibatch index -> the original's output on it, while within CACHE_BYTES
     kept = 0
     order: list[int] = []
@@ -235,7 +251,7 @@ def _steps(student: nn.Module, params: Sequence[nn.Parameter], teacher: Callable
             order = order or torch.randperm(len(batches), generator=gen).tolist()
             b = order.pop()
             g, idx = batches[b]
-            x = _rows(train[g], idx)
+            x = _rows(_cropped(train[g], windows[b]), idx)
             x = fast_layout(x) if channels_last else x
             with forward_precision(dtype, x.device):
                 target = targets.get(b)
@@ -275,6 +291,50 @@ def _partition(train: Sequence[torch.Tensor], batch_size: int, fixed_batch: int 
             fill = torch.randint(0, len(x), (n - len(idx),), generator=gen).tolist()
             batches.append((g, idx + fill))
     return batches
+
+
+def _crop_size(sample: torch.Tensor) -> tuple[int, int] | None:
+    """``(h, w)`` of the crops the steps train on for a sample ``(C, H, W)`` of more than :data:`MINIBATCH_VALUES`
+    values: both sides scaled by ``√(CROP_VALUES / (C·H·W))``; ``None`` (whole samples) for any other sample."""
+    if sample.dim() != 3 or sample.numel() <= MINIBATCH_VALUES:
+        return None
+    scale = math.sqrt(CROP_VALUES / sample.numel())
+    return max(1, round(sample.shape[1] * scale)), max(1, round(sample.shape[2] * scale))
+
+
+def _crops(train: Sequence[torch.Tensor], fixed_batch: int | None, teacher: Callable[[torch.Tensor], Any],
+           dtype: torch.dtype | None) -> list[tuple[int, int] | None]:
+    """Per group, the crop size of its minibatches (:func:`_crop_size`) where the original runs on a crop of it, tried
+    once; ``None`` (whole samples) where it does not (a model of a fixed input size) or runs at a ``fixed_batch``."""
+    sizes: list[tuple[int, int] | None] = []
+    for x in train:
+        size = None if fixed_batch else _crop_size(x[0])
+        if size is not None:
+            try:
+                with torch.no_grad(), forward_precision(dtype, x.device):
+                    teacher(x[:1, :, :size[0], :size[1]])
+            except Exception:  # noqa: BLE001 - any failure means: this model takes whole samples only
+                size = None
+        sizes.append(size)
+    return sizes
+
+
+def _window(x: torch.Tensor, size: tuple[int, int] | None,
+            gen: torch.Generator) -> tuple[int, int, int, int] | None:
+    """``(top, left, h, w)``: a crop of ``size`` at a place drawn by ``gen`` in the samples of ``x (n, C, H, W)``."""
+    if size is None:
+        return None
+    top = int(torch.randint(0, x.shape[2] - size[0] + 1, (1,), generator=gen))
+    left = int(torch.randint(0, x.shape[3] - size[1] + 1, (1,), generator=gen))
+    return top, left, *size
+
+
+def _cropped(x: torch.Tensor, window: tuple[int, int, int, int] | None) -> torch.Tensor:
+    """The view of ``window`` (:func:`_window`) in every sample of ``x``; ``x`` for ``None``."""
+    if window is None:
+        return x
+    top, left, h, w = window
+    return x[:, :, top:top + h, left:left + w]
 
 
 def output_error(student: nn.Module, xs: Sequence[torch.Tensor], targets: Sequence[Any]) -> float:
