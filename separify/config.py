@@ -286,11 +286,11 @@ class Calibration:
         batch_size: samples per minibatch of the layer-wise reconstruction (fewer where they would hold more than
             :data:`~separify.calibration.reconstruct.MINIBATCH_PIXELS` output pixels).
         output_steps: after the layer pass, this many Adam steps (learning rate ``output_lr``, minibatches of
-            ``batch_size`` samples, a cosine to 0; images as large as 224² RGB: one crop of one per step) on the
+            ``batch_size`` samples, a cosine to 0; images as large as 224² RGB: a crop of one per step) on the
             factors of all replacements together against the original model's outputs (output reconstruction,
             :mod:`separify.calibration.output`; an eighth of the samples held out to check that it lowered the
-            output error, else undone). Costs ``output_steps`` forward and
-            backward passes of the converted model and forwards of the original on a minibatch; 0 turns it off.
+            output error, else undone). Costs ``output_steps`` forward and backward passes of the converted model
+            and forwards of the original on a minibatch; 0 turns it off.
         output_lr: learning rate of the output reconstruction.
         input_key: which entry of the calibration data's items is the model input, where they are dicts (as a
             ``DataLoader`` over a dict dataset yields); the CLI's ``--calib-key`` names the array of a ``.npz``/``.pt``

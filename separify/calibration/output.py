@@ -56,8 +56,8 @@ from separify.calibration.precision import (fast_layout, forward_precision, froz
 from separify.calibration.reconstruct import _rows
 from separify.errors import first_line
 
-__all__ = ["CACHE_BYTES", "CHECK_VALUES", "CROP_VALUES", "HOLD_EVERY", "MINIBATCH_VALUES", "MIN_HELD", "OutputFit", "fit_output",
-           "output_error", "step_dtype", "too_few"]
+__all__ = ["CACHE_BYTES", "CHECK_VALUES", "CROP_VALUES", "HOLD_EVERY", "MINIBATCH_VALUES", "MIN_HELD", "OutputFit",
+           "fit_output", "output_error", "step_dtype", "too_few"]
 
 #: one sample in this many is held out of the steps, to check them on
 HOLD_EVERY = 8
@@ -180,8 +180,9 @@ def step_dtype(precision: str, student: nn.Module, groups: Sequence[torch.Tensor
     """The autocast dtype of :func:`fit_output`'s steps: :func:`~separify.calibration.precision.pass_dtype` of
     the calibration ``precision`` for the stage's FLOPs, ``4 · steps · v · flops_per_value`` (a step: the forward
     and the backward of the converted model, about three forwards, and a forward of the original, on a minibatch
-    of ``v`` input values, the largest group's, or its crop (:func:`_crop_size`); ``flops_per_value``: the original's forward FLOPs per input
-    value, 0 where unknown)."""
+    of ``v`` input values, the largest group's, or one crop of it where its samples are large enough for crops,
+    :func:`_crop_size`; a model that turns out to take whole samples only then costs more than estimated;
+    ``flops_per_value``: the original's forward FLOPs per input value, 0 where unknown)."""
     if not groups:
         return None
     largest = max((g[0] for g in groups), key=torch.numel)
