@@ -202,6 +202,26 @@ def test_observation_in_small_forwards_gives_the_same_outputs_and_moments(monkey
         torch.testing.assert_close(split.covariances[name].channel, whole.covariances[name].channel)
 
 
+@pytest.mark.parametrize("shape, kernel, stride, dilation, dtype, channels_last", [
+    ((3, 8, 12, 12), (3, 3), (1, 1), (1, 1), torch.float32, False),
+    ((3, 8, 12, 12), (3, 3), (1, 1), (1, 1), torch.bfloat16, True),
+    ((2, 5, 13, 11), (3, 5), (2, 1), (1, 2), torch.float32, True),
+    ((2, 4, 9, 10), (1, 3), (1, 3), (1, 1), torch.float64, False),
+], ids=["3x3", "3x3-bf16-channels-last", "3x5-strided-dilated", "1x3-float64"])
+def test_every_patch_moments_equal_those_of_unfold_exactly(shape, kernel, stride, dilation, dtype, channels_last):
+    """The patches copied from a strided view are unfold's, in its order: the same sums to the last bit."""
+    import separify.calibration.observation as cal
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    conv = nn.Conv2d(shape[1], 2, kernel, stride=stride, dilation=dilation)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    p = kernel[0] * kernel[1]
+    u = nn.functional.unfold(x.to(work), kernel, dilation=dilation, stride=stride).view(shape[0] * shape[1], p, -1)
+    expected = torch.bmm(u, u.transpose(1, 2)).view(shape[0], shape[1], p, p).sum(0).double()
+    torch.testing.assert_close(cal._all_patch_moments(conv, x, work), expected, rtol=0, atol=0)
+
+
 def test_patch_moments_from_a_sample_are_close_deterministic_and_exact_per_channel(monkeypatch):
     """Beyond ``_MOMENT_PATCHES`` patches in all, the spatial moments come from a seeded sample scaled to the full
     count: close to the exact ones, the same on every run; the channel moments still use every pixel."""
